@@ -1,0 +1,60 @@
+"""underfire: ADV² attacks on interpretable deep learning systems (Zhang et al., USENIX Security 2020).
+
+Work in [0, 1] NCHW pixel space; a ``Classifier`` owns normalisation and the model's state.
+"""
+
+__version__ = "0.1.0"
+
+from .data import (  # noqa: E402
+    SHAPE_CLASSES,
+    ImageFolderDataset,
+    ShapesDataset,
+    export_dataset,
+    load_images,
+    open_dataset,
+    read_image,
+)
+from .errors import (  # noqa: E402
+    CheckpointError,
+    ImageReadError,
+    InputError,
+    ModelStructureError,
+    SpecError,
+    UnderfireError,
+)
+from .evaluation import EvaluationResult, evaluate  # noqa: E402
+from .models import (  # noqa: E402
+    BUILTIN_MODELS,
+    Classifier,
+    ModelOptions,
+    TrainConfig,
+    load_model,
+    parse_model_spec,
+    train_classifier,
+)
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "SHAPE_CLASSES",
+    "CheckpointError",
+    "Classifier",
+    "EvaluationResult",
+    "ImageFolderDataset",
+    "ImageReadError",
+    "InputError",
+    "ModelOptions",
+    "ModelStructureError",
+    "ShapesDataset",
+    "SpecError",
+    "TrainConfig",
+    "UnderfireError",
+    "__version__",
+    "evaluate",
+    "export_dataset",
+    "load_images",
+    "load_model",
+    "open_dataset",
+    "parse_model_spec",
+    "read_image",
+    "train_classifier",
+]

@@ -1,0 +1,155 @@
+"""The ``underfire`` command line.
+
+Every user error (``UnderfireError``) is printed as one line on stderr with exit status 2; a
+traceback means a bug in underfire.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from .errors import UnderfireError
+
+app = typer.Typer(
+    name="underfire",
+    help="ADV² attacks on interpretable deep learning systems: explain, attack, measure, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(help="Train the models underfire needs.", no_args_is_help=True)
+data_app = typer.Typer(help="Work with datasets.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(data_app, name="data")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model spec: shapes-resnet, shapes-densenet, PATH.safetensors, torchvision:NAME@WEIGHTS, torchscript:PATH, module:function.")]
+WeightsArg = Annotated[Optional[str], typer.Option("--weights", help="Local weights file for the model spec.")]
+
+
+def user_errors(command: F) -> F:
+    """Turn ``UnderfireError`` into a one-line message and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UnderfireError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@user_errors
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the built-in models with their metadata."""
+    from .models.checkpoint import load_checkpoint
+    from .models.specs import BUILTIN_MODELS, builtin_weights_path
+
+    rows = []
+    for name in BUILTIN_MODELS:
+        _, meta = load_checkpoint(builtin_weights_path(name))
+        rows.append({"name": name, **{k: meta.get(k) for k in ("architecture", "input_size", "class_names", "test_accuracy", "parameters", "train_seconds")}})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(
+            f"{row['name']:<18} {row['architecture']:<9} {row['input_size']}×{row['input_size']}  "
+            f"{len(row['class_names'])} classes  {row['parameters']:,} parameters  "
+            f"test accuracy {row['test_accuracy']:.2%}"
+        )
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: ModelArg = "shapes-resnet",
+    data: Annotated[str, typer.Option("--data", "-d", help="shapes:test|val|train, or a folder with one subfolder per class.")] = "shapes:test",
+    weights: WeightsArg = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (field 'accuracy').")] = False,
+) -> None:
+    """Print a model's accuracy and per-class accuracy on a labelled dataset."""
+    from torch.utils.data import Subset
+
+    from .data import open_dataset
+    from .evaluation import evaluate as run_evaluation
+    from .models import load_model
+
+    classifier = load_model(model, weights=weights)
+    dataset = open_dataset(data, size=classifier.input_size or 224, class_names=classifier.class_names)
+    if limit is not None:
+        if limit <= 0:
+            raise UnderfireError(f"--limit must be positive, got {limit}")
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    result = run_evaluation(classifier, dataset, data_name=data, batch_size=batch_size, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    typer.echo(f"{result.model} on {result.data}: accuracy {result.accuracy:.2%} ({result.images} images)")
+    for name, accuracy in result.per_class.items():
+        shown = "—" if accuracy is None else f"{accuracy:.2%}"
+        typer.echo(f"  {name:<12} {shown:>8}  ({result.counts[name]} images)")
+
+
+@train_app.command("classifier")
+@user_errors
+def train_classifier_command(
+    arch: Annotated[str, typer.Option(help="resnet or densenet.")] = "resnet",
+    dataset: Annotated[str, typer.Option(help="Training data (the built-in 'shapes').")] = "shapes",
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 12,
+    seed: Annotated[int, typer.Option(help="Seed for data, initialisation and batch order.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    train_size: Annotated[Optional[int], typer.Option(help="Use only the first N training images.")] = None,
+    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it).")] = Path("shapes-model.safetensors"),
+) -> None:
+    """Train a built-in classifier architecture; writes safetensors weights + JSON metadata."""
+    from .models.training import TrainConfig, train_classifier
+
+    config = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, seed=seed, batch_size=batch_size, train_size=train_size)
+    result = train_classifier(config, out)
+    typer.echo(
+        f"wrote {result.path}: test accuracy {result.test_accuracy:.2%}, "
+        f"val accuracy {result.val_accuracy:.2%}, {result.seconds:.0f} s"
+    )
+
+
+@data_app.command("export")
+@user_errors
+def export_command(
+    data: Annotated[str, typer.Argument(help="Dataset spec, e.g. shapes:test.")],
+    out: Annotated[Path, typer.Argument(help="Output folder.")],
+    limit: Annotated[Optional[int], typer.Option(help="Export only the first N images.")] = None,
+    size: Annotated[int, typer.Option(help="Image side length.")] = 64,
+    seed: Annotated[int, typer.Option(help="Dataset seed.")] = 0,
+) -> None:
+    """Write a dataset as PNGs in class subfolders (images/CLASS/*.png, masks/CLASS/*.png)."""
+    from .data import export_dataset, open_dataset
+
+    dataset = open_dataset(data, size=size, seed=seed)
+    path = export_dataset(dataset, out, limit=limit, progress=sys.stderr.isatty())
+    typer.echo(f"wrote {min(limit or len(dataset), len(dataset))} images to {path}")
+
+
+@app.command()
+def version() -> None:
+    """Print the underfire version."""
+    from . import __version__
+
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,393 @@
+"""The classifier wrapper: one object that owns pixel space, normalisation and the model's state.
+
+Everything in underfire works on images in [0, 1], NCHW, unnormalised (foolbox's lesson: the model
+wrapper owns bounds and preprocessing, so attacks never round-trip through normalised space).
+The wrapper normalises inside ``forward``, runs the model frozen (eval mode, no parameter
+gradients) and restores every module's training flag and every parameter's ``requires_grad``
+afterwards — also when an exception is raised — so a user's model is never changed by an
+explanation or an attack (the BatchNorm-statistics pitfall of torchattacks and captum users).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError, ModelStructureError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Tolerance for the [0, 1] range check: images that went through float arithmetic
+#: (e.g. ``x + delta`` then clamping in another dtype) may overshoot by rounding error.
+RANGE_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class CamLayers:
+    """Where CAM reads a model: the last conv feature map and the linear head it feeds.
+
+    ``post_relu`` is True when the model applies a (functional) ReLU between the feature module and
+    global average pooling, as torchvision's DenseNet does after ``features``.
+    """
+
+    feature_name: str
+    feature_module: nn.Module
+    head_name: str
+    head: nn.Linear
+    post_relu: bool
+
+
+class Classifier(nn.Module):
+    """Wrap any model that maps normalised images to logits so callers work in [0, 1] pixels.
+
+    Args:
+        model: an ``nn.Module`` (or any callable) returning logits of shape (N, classes).
+        mean, std: per-channel normalisation applied inside ``forward``; ``None`` = identity.
+        class_names: optional names, index = class id.
+        input_size: the side length the model was trained at (used for resizing user images and
+            for probing the model); ``None`` if unknown.
+        feature_layer, head: module names overriding CAM layer discovery.
+        name: a label for reports (e.g. the model spec).
+        metadata: free-form facts about the model (training accuracy, seed, versions, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        input_size: int | None = None,
+        in_channels: int = 3,
+        feature_layer: str | None = None,
+        head: str | None = None,
+        name: str = "model",
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(model):
+            raise InputError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+        if isinstance(model, nn.Module):
+            self.model = model
+        else:  # a plain callable: keep it out of the module tree
+            object.__setattr__(self, "_callable", model)
+        self.in_channels = in_channels
+        mean_t = _channel_vector(mean, 0.0, in_channels, "mean")
+        std_t = _channel_vector(std, 1.0, in_channels, "std")
+        if (std_t <= 0).any():
+            raise InputError(f"std must be positive, got {std_t.flatten().tolist()}")
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
+        self.class_names = list(class_names) if class_names is not None else None
+        if num_classes is None and self.class_names is not None:
+            num_classes = len(self.class_names)
+        if (
+            num_classes is not None
+            and self.class_names is not None
+            and len(self.class_names) != num_classes
+        ):
+            raise InputError(
+                f"{len(self.class_names)} class names given for a model with {num_classes} classes"
+            )
+        self._num_classes = num_classes
+        self.input_size = input_size
+        self.name = name
+        self.metadata = dict(metadata or {})
+        self._layer_overrides = (feature_layer, head)
+        self._cam_layers: CamLayers | None = None
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def network(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The wrapped model (module or callable)."""
+        return self.model if "model" in self._modules else self._callable
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map [0, 1] pixels to the model's input space."""
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of [0, 1] images. Unvalidated and differentiable: the attacks' hot path."""
+        logits = self.network(self.normalize(images))
+        if not isinstance(logits, torch.Tensor):
+            raise ModelStructureError(
+                f"the model returned {type(logits).__name__}, not a logits tensor; wrap it in a "
+                "module that returns the logits alone"
+            )
+        return logits
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Validated, frozen, batched logits of [0, 1] images (no gradient)."""
+        images = self.check_images(images)
+        with self.frozen():
+            return torch.cat([self(chunk) for chunk in images.split(batch_size)])
+
+    # ------------------------------------------------------------------ state
+    @contextmanager
+    def frozen(self) -> Iterator[Classifier]:
+        """Run the model in eval mode with frozen parameters; restore every flag on exit.
+
+        Each module's ``training`` flag and each parameter's ``requires_grad`` is recorded and put
+        back individually, so partially-frozen or partially-training models come back exactly as
+        they were, also after an exception.
+        """
+        modules = list(self.modules())
+        params = list(self.parameters())
+        training = [m.training for m in modules]
+        requires_grad = [p.requires_grad for p in params]
+        if any(training[1:]):
+            warnings.warn(
+                f"{self.name} is in training mode; underfire runs it in eval mode and restores "
+                "training mode afterwards",
+                stacklevel=3,
+            )
+        try:
+            for module in modules:
+                module.training = False
+            for param in params:
+                param.requires_grad_(False)
+            yield self
+        finally:
+            for module, flag in zip(modules, training):
+                module.training = flag
+            for param, flag in zip(params, requires_grad):
+                param.requires_grad_(flag)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes (probed with one forward pass if not known)."""
+        if self._num_classes is None:
+            size = self.input_size or 224
+            probe = torch.full((1, self.in_channels, size, size), 0.5, device=self.device)
+            self._num_classes = int(self.predict(probe).shape[1])
+        return self._num_classes
+
+    # ------------------------------------------------------------------ validation
+    def check_images(self, images: Any) -> torch.Tensor:
+        """Return ``images`` if they are a valid (N, C, H, W) float batch in [0, 1], else raise.
+
+        Every failure is an ``InputError`` with a one-line message saying what to do.
+        """
+        if not isinstance(images, torch.Tensor):
+            raise InputError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() == 3:
+            raise InputError(
+                f"images must be a batch (N, C, H, W), got shape {tuple(images.shape)}; "
+                "add a batch dimension with images.unsqueeze(0)"
+            )
+        if images.dim() != 4:
+            raise InputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise InputError("images is an empty batch")
+        if images.shape[1] != self.in_channels:
+            raise InputError(
+                f"images have {images.shape[1]} channels, the model expects {self.in_channels} "
+                "(NCHW layout; convert RGBA/grayscale to RGB)"
+            )
+        if not images.is_floating_point():
+            raise InputError(
+                f"images must be floating point in [0, 1], got {images.dtype}; "
+                "convert 8-bit images with images.float() / 255"
+            )
+        finite = torch.isfinite(images)
+        if not bool(finite.all()):
+            bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+            raise InputError(f"images contain NaN or Inf values (batch indices {bad[:10]})")
+        low, high = float(images.min()), float(images.max())
+        if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+            raise InputError(
+                f"images must be in [0, 1] pixel space, got values in [{low:.3g}, {high:.3g}]; "
+                "pass unnormalised images (the Classifier normalises internally)"
+            )
+        return images
+
+    def check_classes(self, classes: Any, batch_size: int) -> torch.Tensor:
+        """Turn an int, a sequence of ints or names, or a tensor into a (N,) long tensor of valid ids."""
+        if isinstance(classes, str) or (
+            isinstance(classes, Sequence) and classes and isinstance(classes[0], str)
+        ):
+            names = [classes] if isinstance(classes, str) else list(classes)
+            classes = [self.class_index(name) for name in names]
+        if isinstance(classes, int):
+            classes = [classes] * batch_size
+        tensor = torch.as_tensor(classes)
+        if tensor.is_floating_point() or tensor.dtype == torch.bool:
+            raise InputError(f"classes must be integers, got {tensor.dtype}")
+        tensor = tensor.long().flatten()
+        if tensor.numel() == 1 and batch_size > 1:
+            tensor = tensor.expand(batch_size)
+        if tensor.numel() != batch_size:
+            raise InputError(f"got {tensor.numel()} classes for {batch_size} images")
+        n = self.num_classes
+        bad = tensor[(tensor < 0) | (tensor >= n)]
+        if bad.numel():
+            raise InputError(f"unknown class {int(bad[0])}: the model has {n} classes (0..{n - 1})")
+        return tensor.to(self.device)
+
+    def class_index(self, name: str) -> int:
+        """Class id of a class name (or of a decimal string)."""
+        if self.class_names and name in self.class_names:
+            return self.class_names.index(name)
+        if name.isdigit():
+            return int(name)
+        known = ", ".join(self.class_names) if self.class_names else "none (use class ids)"
+        raise InputError(f"unknown class {name!r}; known classes: {known}")
+
+    # ------------------------------------------------------------------ CAM support
+    def cam_layers(self) -> CamLayers:
+        """The last conv feature map and the linear head (found once, then cached)."""
+        if self._cam_layers is None:
+            if "model" not in self._modules:
+                raise ModelStructureError(
+                    "CAM needs an nn.Module model; a plain callable has no layers to read"
+                )
+            feature_layer, head = self._layer_overrides
+            size = self.input_size or 224
+            generator = torch.Generator().manual_seed(0)
+            probe = torch.rand((2, self.in_channels, size, size), generator=generator)
+            with self.frozen(), torch.no_grad():
+                self._cam_layers = find_cam_layers(
+                    self.model, self.normalize(probe.to(self.device)), feature_layer, head
+                )
+        return self._cam_layers
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass returning (CAM feature map (N, K, h, w), logits), both differentiable.
+
+        The feature map is the one global average pooling reduces (ReLU applied where the model
+        applies it after the feature module). The hook lives only for this call.
+        """
+        layers = self.cam_layers()
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output.clone())  # clone: the model may modify it in place next
+
+        handle = layers.feature_module.register_forward_hook(keep)
+        try:
+            logits = self(images)
+        finally:
+            handle.remove()
+        features = captured[-1]
+        if layers.post_relu:
+            features = torch.relu(features)
+        return features, logits
+
+
+def find_cam_layers(
+    model: nn.Module,
+    probe: torch.Tensor,
+    feature_layer: str | None = None,
+    head: str | None = None,
+) -> CamLayers:
+    """Find the feature module whose global-average-pooled output feeds the logits' linear head.
+
+    Discovery is by verification, not by family names: one probe forward records every module's
+    output; the head is the last ``nn.Linear`` whose output is the logits, and the feature map is
+    the last 4-D output (spatial > 1×1) whose spatial mean — as is, or after a ReLU — equals the
+    head's input. This covers ResNet and DenseNet (ours and torchvision's) and any GAP→linear net.
+    ``feature_layer`` / ``head`` restrict the search to the named modules.
+    """
+    modules = dict(model.named_modules())
+    for label, wanted in (("feature layer", feature_layer), ("head", head)):
+        if wanted is not None and wanted not in modules:
+            raise ModelStructureError(f"{label} {wanted!r} is not a module of the model")
+
+    records: list[tuple[str, torch.Tensor]] = []
+    head_inputs: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                records.append((name, output.detach().clone()))
+            if isinstance(module, nn.Linear) and inputs and isinstance(inputs[0], torch.Tensor):
+                head_inputs[name] = inputs[0].detach().clone()
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in modules.items():
+            if name:
+                handles.append(module.register_forward_hook(recorder(name)))
+    except RuntimeError as error:  # e.g. TorchScript modules refuse Python hooks
+        for handle in handles:
+            handle.remove()
+        raise ModelStructureError(f"cannot inspect the model's layers for CAM: {error}") from None
+    try:
+        logits = model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    head_name = _find_head(records, modules, logits, head)
+    pooled = head_inputs[head_name]
+    if pooled.dim() != 2:
+        raise ModelStructureError(
+            f"the head {head_name!r} receives a {pooled.dim()}-D input; CAM needs a vector of "
+            "globally average-pooled features"
+        )
+    seen: set[str] = set()
+    for name, output in reversed(records):
+        if name in seen or (feature_layer is not None and name != feature_layer):
+            continue
+        seen.add(name)
+        if output.dim() != 4 or output.shape[2] * output.shape[3] <= 1:
+            continue
+        if output.shape[:2] != pooled.shape:
+            continue
+        for post_relu in (False, True):
+            activation = torch.relu(output) if post_relu else output
+            if torch.allclose(activation.mean((2, 3)), pooled, rtol=1e-4, atol=1e-5):
+                return CamLayers(name, modules[name], head_name, modules[head_name], post_relu)
+    where = f"module {feature_layer!r}" if feature_layer else "no module"
+    raise ModelStructureError(
+        f"{where} outputs a feature map whose global average pool feeds the linear head "
+        f"{head_name!r}; CAM needs a GAP→linear head (name the layers with feature_layer=/head=)"
+    )
+
+
+def _find_head(
+    records: list[tuple[str, torch.Tensor]],
+    modules: dict[str, nn.Module],
+    logits: Any,
+    head: str | None,
+) -> str:
+    if head is not None:
+        if not isinstance(modules[head], nn.Linear):
+            raise ModelStructureError(f"head {head!r} is a {type(modules[head]).__name__}, not nn.Linear")
+        return head
+    if isinstance(logits, torch.Tensor):
+        for name, output in reversed(records):
+            if isinstance(modules[name], nn.Linear) and output.shape == logits.shape:
+                if torch.equal(output, logits.detach()):
+                    return name
+    raise ModelStructureError(
+        "no nn.Linear layer produces the model's logits; CAM needs a GAP→linear head "
+        "(name it with head=)"
+    )
+
+
+def _channel_vector(values: Sequence[float] | None, default: float, channels: int, what: str) -> torch.Tensor:
+    if values is None:
+        values = [default] * channels
+    vector = torch.as_tensor(list(values), dtype=torch.float32).flatten()
+    if vector.numel() == 1:
+        vector = vector.expand(channels)
+    if vector.numel() != channels:
+        raise InputError(f"{what} has {vector.numel()} values for {channels} channels")
+    return vector.reshape(1, channels, 1, 1).clone()

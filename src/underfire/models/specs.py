@@ -1,0 +1,221 @@
+"""Model specification strings: one string names a model everywhere (CLI, configs, Python).
+
+Accepted forms (nothing is ever downloaded):
+
+* ``shapes-resnet``, ``shapes-densenet`` — the built-in models shipped with the package;
+* ``PATH.safetensors`` or ``checkpoint:PATH`` — a checkpoint written by ``underfire train``;
+* ``torchvision:NAME@WEIGHTS`` — a torchvision architecture with a local weights file
+  (``@random`` for random weights, useful for benchmarks);
+* ``torchscript:PATH`` — a TorchScript archive;
+* ``module:function`` or ``path/to/file.py:function`` — a user factory returning an ``nn.Module``,
+  optionally ``...@WEIGHTS``.
+
+A weights file can also be passed separately (``weights=``, the CLI's ``--weights``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, SpecError
+from .architectures import build_architecture
+from .checkpoint import load_checkpoint, load_weights
+from .classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from .torchvision_compat import import_torchvision
+
+BUILTIN_MODELS: dict[str, str] = {
+    "shapes-resnet": "shapes-resnet.safetensors",
+    "shapes-densenet": "shapes-densenet.safetensors",
+}
+
+SPEC_FORMS = (
+    "a built-in name (" + ", ".join(BUILTIN_MODELS) + "), PATH.safetensors, "
+    "torchvision:NAME@WEIGHTS, torchscript:PATH, or module:function"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model specification."""
+
+    kind: str  # builtin | checkpoint | torchvision | torchscript | factory
+    target: str
+    weights: str | None = None
+
+    def __str__(self) -> str:
+        prefix = "" if self.kind in ("builtin", "checkpoint", "factory") else f"{self.kind}:"
+        suffix = f"@{self.weights}" if self.weights else ""
+        return f"{prefix}{self.target}{suffix}"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Overrides for what a spec does not say (user models rarely carry their metadata)."""
+
+    weights: str | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    class_names: Sequence[str] | None = None
+    input_size: int | None = None
+    feature_layer: str | None = None
+    head: str | None = None
+    device: str = "cpu"
+
+
+def builtin_weights_path(name: str) -> Path:
+    """Location of a built-in model's weights inside the installed package."""
+    return Path(str(resources.files("underfire.models") / "weights" / BUILTIN_MODELS[name]))
+
+
+def parse_model_spec(spec: str, weights: str | None = None) -> ModelSpec:
+    """Parse a spec string into a ``ModelSpec``; raise ``SpecError`` naming the accepted forms."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(f"empty model spec; use {SPEC_FORMS}")
+    spec = spec.strip()
+    if spec in BUILTIN_MODELS:
+        return ModelSpec("builtin", spec, weights)
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("torchvision", "torchscript", "checkpoint"):
+        target, inline = _split_weights(rest) if kind == "torchvision" else (rest, None)
+        if not target:
+            raise SpecError(f"model spec {spec!r} names no {'architecture' if kind == 'torchvision' else 'file'}")
+        return ModelSpec(kind, target, weights or inline)
+    if spec.endswith(".safetensors"):
+        return ModelSpec("checkpoint", spec, weights)
+    if sep:
+        target, inline = _split_weights(spec)
+        module, _, function = target.rpartition(":")
+        if module and function.isidentifier():
+            return ModelSpec("factory", target, weights or inline)
+    raise SpecError(f"cannot parse model spec {spec!r}; use {SPEC_FORMS}")
+
+
+def load_model(spec: str | ModelSpec, options: ModelOptions | None = None, **overrides: Any) -> Classifier:
+    """Build a ``Classifier`` from a spec. ``overrides`` are ``ModelOptions`` fields."""
+    options = options or ModelOptions()
+    if overrides:
+        options = ModelOptions(**{**options.__dict__, **overrides})
+    parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec, options.weights)
+    if parsed.kind in ("builtin", "checkpoint"):
+        path = builtin_weights_path(parsed.target) if parsed.kind == "builtin" else Path(parsed.target)
+        state, meta = load_checkpoint(path)
+        model = build_architecture(meta["architecture"], len(meta["class_names"]))
+        _load_state(model, state, path)
+        defaults = {
+            "mean": meta.get("mean"),
+            "std": meta.get("std"),
+            "class_names": meta["class_names"],
+            "input_size": meta.get("input_size"),
+        }
+        metadata = meta
+    elif parsed.kind == "torchvision":
+        model = _torchvision_model(parsed)
+        defaults = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 224}
+        metadata = {"weights": parsed.weights}
+    elif parsed.kind == "torchscript":
+        model = _torchscript_model(parsed.target)
+        defaults, metadata = {}, {}
+    else:
+        model = _factory_model(parsed.target)
+        if parsed.weights:
+            _load_state(model, load_weights(parsed.weights), Path(parsed.weights))
+        defaults, metadata = {}, {"weights": parsed.weights}
+
+    def pick(field: str) -> Any:
+        value = getattr(options, field)
+        return value if value is not None else defaults.get(field)
+
+    classifier = Classifier(
+        model,
+        pick("mean"),
+        pick("std"),
+        class_names=pick("class_names"),
+        input_size=pick("input_size"),
+        feature_layer=options.feature_layer,
+        head=options.head,
+        name=str(parsed),
+        metadata=metadata,
+    )
+    return classifier.to(options.device)
+
+
+def _split_weights(text: str) -> tuple[str, str | None]:
+    target, sep, weights = text.rpartition("@")
+    return (target, weights or None) if sep else (text, None)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(f"weights {str(path)!r} do not fit the architecture: {detail}") from None
+
+
+def _torchvision_model(spec: ModelSpec) -> nn.Module:
+    if spec.weights is None:
+        raise SpecError(
+            f"torchvision:{spec.target} needs a local weights file (torchvision:{spec.target}@PATH, "
+            "or @random); underfire never downloads weights"
+        )
+    torchvision = import_torchvision()
+    try:
+        builder = torchvision.models.get_model_builder(spec.target)
+    except ValueError:
+        raise SpecError(f"torchvision has no model named {spec.target!r}") from None
+    if spec.weights == "random":
+        return builder(weights=None)
+    state = load_weights(spec.weights)
+    model = builder(weights=None)
+    heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    key = f"{heads[-1]}.weight" if heads else None
+    if key in state and state[key].shape[0] != model.get_submodule(heads[-1]).out_features:
+        model = builder(weights=None, num_classes=int(state[key].shape[0]))
+    _load_state(model, state, Path(spec.weights))
+    return model
+
+
+def _torchscript_model(path: str) -> nn.Module:
+    if not Path(path).is_file():
+        raise SpecError(f"TorchScript file {path!r} does not exist")
+    try:
+        return torch.jit.load(path, map_location="cpu")
+    except (RuntimeError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpecError(f"cannot load TorchScript file {path!r}: {message}") from None
+
+
+def _factory_model(target: str) -> nn.Module:
+    module_name, _, function_name = target.rpartition(":")
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise SpecError(f"factory file {module_name!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"underfire_user_{path.stem}", path)
+        if module_spec is None or module_spec.loader is None:
+            raise SpecError(f"cannot import {module_name!r}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise SpecError(f"cannot import module {module_name!r}: {error}") from None
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise SpecError(f"{module_name!r} has no callable {function_name!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{target} returned {type(model).__name__}, not an nn.Module")
+    return model

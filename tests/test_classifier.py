@@ -1,0 +1,254 @@
+"""The classifier wrapper: normalisation inside, state restored, inputs validated, CAM layers found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from underfire import Classifier, InputError, ModelStructureError
+from underfire.models import ShapesDenseNet, ShapesResNet
+from underfire.models.torchvision_compat import import_torchvision
+
+
+class Recorder(nn.Module):
+    """Records exactly what the wrapped network receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: torch.Tensor | None = None
+        self.linear = nn.Linear(3, 4)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = x.detach().clone()
+        return self.linear(x.mean((2, 3)))
+
+
+def mixed_state_model() -> nn.Module:
+    """A model whose modules and parameters start in a deliberately mixed state."""
+    model = ShapesResNet()
+    model.train()
+    model.layer2.eval()
+    model.conv1.weight.requires_grad_(False)
+    return model
+
+
+def snapshot(model: nn.Module) -> tuple[list[bool], list[bool], dict[str, torch.Tensor]]:
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+    )
+
+
+def assert_same_state(model: nn.Module, before: tuple) -> None:
+    training, requires_grad, state = before
+    assert [m.training for m in model.modules()] == training
+    assert [p.requires_grad for p in model.parameters()] == requires_grad
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} changed"
+
+
+def test_normalisation_happens_inside_forward() -> None:
+    net = Recorder()
+    clf = Classifier(net, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+    images = torch.rand(2, 3, 5, 5)
+    clf(images)
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    torch.testing.assert_close(net.seen, (images - mean) / std)
+
+
+def test_identity_normalisation_by_default() -> None:
+    net = Recorder()
+    clf = Classifier(net)
+    images = torch.rand(1, 3, 4, 4)
+    clf(images)
+    assert torch.equal(net.seen, images)
+
+
+def test_frozen_sets_eval_and_restores_after_success() -> None:
+    model = mixed_state_model()
+    before = snapshot(model)
+    clf = Classifier(model, name="mixed")
+    with pytest.warns(UserWarning, match="training mode"), clf.frozen():
+        assert not any(m.training for m in model.modules())
+        assert not any(p.requires_grad for p in model.parameters())
+        clf(torch.rand(4, 3, 64, 64))  # BatchNorm statistics must not move
+    assert_same_state(model, before)
+
+
+def test_frozen_restores_after_exception() -> None:
+    model = mixed_state_model()
+    before = snapshot(model)
+    clf = Classifier(model)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="boom"):
+        with clf.frozen():
+            clf(torch.rand(2, 3, 64, 64))
+            raise RuntimeError("boom")
+    assert_same_state(model, before)
+
+
+def test_predict_leaves_a_training_model_unchanged() -> None:
+    model = mixed_state_model()
+    before = snapshot(model)
+    clf = Classifier(model)
+    with pytest.warns(UserWarning, match="training mode"):
+        first = clf.predict(torch.rand(3, 3, 64, 64))
+    assert first.shape == (3, 10)
+    assert_same_state(model, before)
+
+
+def test_eval_model_does_not_warn(recwarn: pytest.WarningsRecorder) -> None:
+    clf = Classifier(ShapesResNet().eval())
+    clf.predict(torch.rand(1, 3, 64, 64))
+    assert not [w for w in recwarn if "training mode" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ([[0.0]], "must be a torch.Tensor"),
+        (torch.rand(3, 8, 8), "add a batch dimension"),
+        (torch.rand(2, 8, 8), "must be a batch"),
+        (torch.rand(1, 1, 3, 8, 8), "shape"),
+        (torch.rand(0, 3, 8, 8), "empty batch"),
+        (torch.rand(1, 4, 8, 8), "4 channels, the model expects 3"),
+        ((torch.rand(1, 3, 8, 8) * 255).to(torch.uint8), "floating point"),
+        (torch.full((2, 3, 8, 8), float("nan")), "NaN or Inf"),
+        (torch.full((1, 3, 8, 8), float("inf")), "NaN or Inf"),
+        (torch.rand(1, 3, 8, 8) * 2 - 1, r"must be in \[0, 1\]"),
+        (torch.rand(1, 3, 8, 8) + 1.5, r"must be in \[0, 1\]"),
+    ],
+)
+def test_bad_images_get_one_line_errors(images: object, message: str) -> None:
+    clf = Classifier(Recorder())
+    with pytest.raises(InputError, match=message) as info:
+        clf.check_images(images)
+    assert "\n" not in str(info.value)
+
+
+def test_nan_error_names_the_bad_images() -> None:
+    images = torch.rand(4, 3, 8, 8)
+    images[2, 0, 1, 1] = float("nan")
+    with pytest.raises(InputError, match=r"batch indices \[2\]"):
+        Classifier(Recorder()).check_images(images)
+
+
+def test_valid_images_pass_unchanged() -> None:
+    images = torch.rand(2, 3, 8, 8)
+    assert Classifier(Recorder()).check_images(images) is images
+
+
+def test_classes_are_checked() -> None:
+    clf = Classifier(Recorder(), class_names=["a", "b", "c", "d"])
+    assert clf.check_classes(2, 3).tolist() == [2, 2, 2]
+    assert clf.check_classes(["b", "d"], 2).tolist() == [1, 3]
+    assert clf.check_classes(torch.tensor([0, 3]), 2).tolist() == [0, 3]
+    with pytest.raises(InputError, match="unknown class 4: the model has 4 classes"):
+        clf.check_classes([1, 4], 2)
+    with pytest.raises(InputError, match="unknown class -1"):
+        clf.check_classes(-1, 1)
+    with pytest.raises(InputError, match="unknown class 'zebra'"):
+        clf.check_classes("zebra", 1)
+    with pytest.raises(InputError, match="3 classes for 2 images"):
+        clf.check_classes([0, 1, 2], 2)
+    with pytest.raises(InputError, match="integers"):
+        clf.check_classes(torch.tensor([0.5]), 1)
+
+
+def test_num_classes_is_probed_when_unknown() -> None:
+    assert Classifier(Recorder()).num_classes == 4
+
+
+def test_bad_normalisation_is_refused() -> None:
+    with pytest.raises(InputError, match="std must be positive"):
+        Classifier(Recorder(), std=(0.2, 0.0, 0.2))
+    with pytest.raises(InputError, match="mean has 2 values for 3 channels"):
+        Classifier(Recorder(), mean=(0.2, 0.2))
+
+
+def test_plain_callables_are_accepted() -> None:
+    linear = nn.Linear(3, 2)
+    clf = Classifier(lambda x: linear(x.mean((2, 3))))
+    assert clf.predict(torch.rand(2, 3, 4, 4)).shape == (2, 2)
+    with pytest.raises(ModelStructureError, match="nn.Module"):
+        clf.cam_layers()
+
+
+def test_tuple_output_gets_a_clear_error() -> None:
+    class Pair(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x.mean((2, 3)), x
+
+    with pytest.raises(ModelStructureError, match="not a logits tensor"):
+        Classifier(Pair().eval()).predict(torch.rand(1, 3, 4, 4))
+
+
+# --------------------------------------------------------------------------- CAM discovery
+
+
+def torchvision_models() -> object:
+    return import_torchvision().models
+
+
+@pytest.mark.parametrize(
+    ("build", "size", "feature", "head", "post_relu", "side"),
+    [
+        (lambda: ShapesResNet(), 64, "layer4", "fc", False, 8),
+        (lambda: ShapesDenseNet(), 64, "features", "classifier", True, 8),
+        (lambda: torchvision_models().resnet18(num_classes=7), 64, "layer4", "fc", False, 2),
+        (lambda: torchvision_models().densenet121(num_classes=5), 64, "features", "classifier", True, 2),
+    ],
+    ids=["shapes-resnet", "shapes-densenet", "tv-resnet18", "tv-densenet121"],
+)
+def test_cam_layers_are_found(build, size, feature, head, post_relu, side) -> None:
+    model = build().eval()
+    clf = Classifier(model, input_size=size)
+    layers = clf.cam_layers()
+    assert (layers.feature_name, layers.head_name, layers.post_relu) == (feature, head, post_relu)
+    # The defining property of CAM's layers: GAP of the feature map through the head = logits.
+    images = torch.rand(2, 3, size, size)
+    features, logits = clf.features_and_logits(images)
+    assert features.shape[2:] == (side, side)
+    torch.testing.assert_close(layers.head(features.mean((2, 3))), logits, rtol=1e-4, atol=1e-4)
+    assert not model._forward_hooks and not layers.feature_module._forward_hooks
+
+
+def test_features_carry_gradient_to_the_input() -> None:
+    clf = Classifier(ShapesDenseNet().eval(), input_size=64)
+    images = torch.rand(1, 3, 64, 64, requires_grad=True)
+    with clf.frozen():
+        features, _ = clf.features_and_logits(images)
+        (grad,) = torch.autograd.grad(features.sum(), images)
+    assert grad.abs().sum() > 0
+
+
+def test_layer_overrides_and_errors() -> None:
+    clf = Classifier(ShapesResNet().eval(), input_size=64, feature_layer="layer4", head="fc")
+    assert clf.cam_layers().feature_name == "layer4"
+    with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
+        Classifier(ShapesResNet().eval(), input_size=64, feature_layer="layer3").cam_layers()
+    with pytest.raises(ModelStructureError, match="'nope' is not a module"):
+        Classifier(ShapesResNet().eval(), input_size=64, head="nope").cam_layers()
+    with pytest.raises(ModelStructureError, match="not nn.Linear"):
+        Classifier(ShapesResNet().eval(), input_size=64, head="conv1").cam_layers()
+
+
+def test_model_without_gap_linear_head_is_refused() -> None:
+    flatten_head = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    with pytest.raises(ModelStructureError, match="GAP→linear head"):
+        Classifier(flatten_head, input_size=8).cam_layers()
+    conv_only = nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with pytest.raises(ModelStructureError, match="no nn.Linear layer produces the model's logits"):
+        Classifier(conv_only, input_size=8).cam_layers()
+
+
+def test_discovery_leaves_no_hooks_and_no_state_change() -> None:
+    model = mixed_state_model()
+    before = snapshot(model)
+    with pytest.warns(UserWarning):
+        Classifier(model, input_size=64).cam_layers()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert_same_state(model, before)
