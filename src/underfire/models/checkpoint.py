@@ -128,6 +128,7 @@ class _atomic_path:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is None:
+            os.chmod(self.tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
             os.replace(self.tmp, self.target)
         else:
             self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,72 @@
+"""The one contract every interpreter follows.
+
+An interpreter explains a ``Classifier``: images (N, C, H, W) in [0, 1] and classes (N,) → maps
+(N, 1, h, w) in [0, 1], "high = important". Calling it validates the inputs, runs the model frozen
+(eval mode, no parameter gradients, every flag restored afterwards), leaves no hook behind and
+returns detached maps. ``surrogate`` is the same map as a differentiable function of the images:
+what the ADV² attack optimises (DESIGN §2). Adding an interpreter = one module with one subclass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from ..models.classifier import Classifier
+
+#: Added to the max−min range so a constant map normalises to zeros instead of NaN.
+NORMALISE_EPS = 1e-12
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map of a (N, 1, h, w) batch to [0, 1], differentiably."""
+    flat = maps.flatten(1)
+    low = flat.min(1, keepdim=True).values
+    high = flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low + NORMALISE_EPS)).view_as(maps)
+
+
+class Interpreter(ABC):
+    """Base class: subclasses implement ``surrogate`` (and may override ``explain``)."""
+
+    #: Registry name used by the CLI (``--interpreter NAME``).
+    name: ClassVar[str]
+
+    def __init__(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+
+    def __call__(
+        self, images: torch.Tensor, classes: Any = None, *, seed: int | None = None
+    ) -> torch.Tensor:
+        """Maps (N, 1, h, w) in [0, 1] for ``classes`` (default: the predicted classes)."""
+        clf = self.classifier
+        images = clf.check_images(images).to(clf.device)
+        with clf.frozen():
+            if classes is None:
+                with torch.no_grad():
+                    classes = clf(images).argmax(1)
+            classes = clf.check_classes(classes, images.shape[0])
+            generator = None if seed is None else torch.Generator(images.device).manual_seed(seed)
+            maps = self.explain(images, classes, generator=generator)
+        return maps.detach()
+
+    def explain(
+        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The benign map; by default the surrogate evaluated without keeping a graph."""
+        with torch.enable_grad():
+            maps, _ = self.surrogate(images, classes)
+        return maps
+
+    @abstractmethod
+    def surrogate(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Differentiable maps (N, 1, h, w) in [0, 1] of ``images`` for ``classes``, and a state.
+
+        Called inside ``classifier.frozen()``. The maps must carry gradient back to ``images``
+        (the ADV² interpretation loss depends on it). Stateless interpreters return ``None`` as
+        state; iterative ones (MASK) take the state of the previous call and return the next.
+        """

@@ -1,0 +1,114 @@
+"""The command line, run in-process through typer's runner on real data and real checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from underfire import load_model
+from underfire.cli import app
+from underfire.data import ShapesDataset
+from underfire.models.specs import BUILTIN_MODELS, builtin_weights_path
+
+runner = CliRunner()
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_models_lists_the_builtins() -> None:
+    code, out, _ = run("models", "--json")
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert set(rows) == set(BUILTIN_MODELS)
+    assert all(row["test_accuracy"] >= 0.97 for row in rows.values())
+    code, out, _ = run("models")
+    assert code == 0 and "shapes-densenet" in out
+
+
+@pytest.mark.parametrize("model", list(BUILTIN_MODELS))
+def test_evaluate_json_reports_accuracy(model: str) -> None:
+    code, out, _ = run("evaluate", "--model", model, "--limit", "300", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["images"] == 300 and report["accuracy"] >= 0.95
+    assert len(report["per_class"]) == 10 and sum(report["counts"].values()) == 300
+
+
+def test_export_then_evaluate_the_folder(tmp_path: Path) -> None:
+    out = tmp_path / "png"
+    code, text, _ = run("data", "export", "shapes:test", str(out), "--limit", "40")
+    assert code == 0 and "40 images" in text
+    pngs = sorted((out / "images").rglob("*.png"))
+    assert len(pngs) == 40 and len(list((out / "masks").rglob("*.png"))) == 40
+    first = np.asarray(Image.open(pngs[0]))
+    assert first.shape == (64, 64, 3) and first.dtype == np.uint8
+    code, text, _ = run("evaluate", "--model", "shapes-resnet", "--data", str(out), "--json")
+    assert code == 0
+    folder = json.loads(text)
+    _, direct, _ = run("evaluate", "--model", "shapes-resnet", "--limit", "40", "--json")
+    # PNG export is lossless, and folder classes map to the model's classes by name
+    assert folder["accuracy"] == json.loads(direct)["accuracy"]
+
+
+def test_evaluate_plain_output() -> None:
+    code, out, _ = run("evaluate", "--model", "shapes-densenet", "--limit", "50")
+    assert code == 0 and "accuracy" in out and "circle" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("evaluate", "--model", "no-such-model"), "cannot parse model spec"),
+        (("evaluate", "--data", "shapes:nope"), "shapes"),
+        (("evaluate", "--data", "/no/such/folder"), "/no/such/folder"),
+        (("evaluate", "--limit", "0"), "--limit must be positive"),
+        (("evaluate", "--model", "torchvision:resnet18"), "needs a local weights file"),
+        (("train", "classifier", "--arch", "vgg"), "unknown architecture 'vgg'"),
+        (("train", "classifier", "--epochs", "0"), "epochs must be positive"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(args: tuple[str, ...], message: str) -> None:
+    code, out, err = run(*args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in out + err
+
+
+def test_corrupt_image_in_a_folder_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs" / "circle"
+    folder.mkdir(parents=True)
+    image, _ = ShapesDataset("test", length=1)[0]
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code, _, err = run("evaluate", "--data", str(tmp_path / "imgs"))
+    assert code == 2 and "broken.png" in err
+
+
+def test_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.safetensors"
+    code, text, _ = run(
+        "train", "classifier", "--arch", "densenet", "--epochs", "1", "--train-size", "256", "--seed", "3", "--out", str(out)
+    )
+    assert code == 0 and "test accuracy" in text
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["architecture"] == "densenet" and meta["config"]["seed"] == 3
+    assert {"torch", "underfire", "numpy"} <= set(meta["versions"])
+    clf = load_model(str(out))
+    assert clf.class_names == meta["class_names"] and clf.input_size == 64
+
+
+def test_shipped_metadata_records_how_it_was_made() -> None:
+    for name in BUILTIN_MODELS:
+        meta = json.loads(builtin_weights_path(name).with_suffix(".json").read_text())
+        assert meta["config"]["dataset"] == "shapes"
+        assert meta["test_accuracy"] >= 0.97
+        assert meta["train_seconds"] <= 15 * 60
