@@ -79,9 +79,14 @@ def evaluate(
     weights: WeightsArg = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    interpreter: Annotated[Optional[str], typer.Option("--interpreter", "-i", help="Also score this interpreter's maps against the object masks.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (field 'accuracy').")] = False,
 ) -> None:
-    """Print a model's accuracy and per-class accuracy on a labelled dataset."""
+    """Print a model's accuracy and per-class accuracy on a labelled dataset.
+
+    With --interpreter, also the pointing game and object IoU of that interpreter's maps for the
+    true class (the dataset needs object masks: shapes, or an exported folder).
+    """
     from torch.utils.data import Subset
 
     from .data import open_dataset
@@ -94,14 +99,100 @@ def evaluate(
         if limit <= 0:
             raise UnderfireError(f"--limit must be positive, got {limit}")
         dataset = Subset(dataset, range(min(limit, len(dataset))))
-    result = run_evaluation(classifier, dataset, data_name=data, batch_size=batch_size, progress=not as_json and sys.stderr.isatty())
+    explainer = None
+    if interpreter is not None:
+        from .interpreters import build_interpreter
+
+        explainer = build_interpreter(interpreter, classifier)
+    progress = not as_json and sys.stderr.isatty()
+    result = run_evaluation(classifier, dataset, data_name=data, batch_size=batch_size, progress=progress)
+    report = result.as_dict()
+    if explainer is not None:
+        from .evaluation import localisation
+
+        source = dataset.dataset if isinstance(dataset, Subset) else dataset
+        quality = localisation(explainer, source, limit=len(dataset), progress=progress)
+        report.update(interpreter=interpreter, pointing_game=quality.pointing_game, object_iou=quality.object_iou)
     if as_json:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
+        typer.echo(json.dumps(report, indent=2))
         return
     typer.echo(f"{result.model} on {result.data}: accuracy {result.accuracy:.2%} ({result.images} images)")
     for name, accuracy in result.per_class.items():
         shown = "—" if accuracy is None else f"{accuracy:.2%}"
         typer.echo(f"  {name:<12} {shown:>8}  ({result.counts[name]} images)")
+    if explainer is not None:
+        typer.echo(f"{interpreter}: pointing game {report['pointing_game']:.2%}, object IoU {report['object_iou']:.3f}")
+
+
+@app.command()
+def interpreters() -> None:
+    """List the interpreters."""
+    from .interpreters import DESCRIPTIONS
+
+    for name, text in DESCRIPTIONS.items():
+        typer.echo(f"{name:<11} {text}")
+
+
+@app.command()
+@user_errors
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for maps (.npy) and overlays (.png).")],
+    model: ModelArg = "shapes-resnet",
+    interpreter: Annotated[str, typer.Option("--interpreter", "-i", help="grad, smoothgrad, cam, gradcam, rts or mask.")] = "cam",
+    weights: WeightsArg = None,
+    target: Annotated[Optional[str], typer.Option("--class", help="Explain this class (name or id) instead of the prediction.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for stochastic interpreters (SmoothGrad, MASK).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: per image the predicted class and the paths.")] = False,
+) -> None:
+    """Explain predictions: one saliency map per image, saved as .npy (float32, h×w) and a jet overlay PNG."""
+    import numpy as np
+    import torch
+
+    from .data import read_image
+    from .interpreters import build_interpreter
+    from .models import load_model
+    from .visualize import overlay, save_png
+
+    classifier = load_model(model, weights=weights)
+    explainer = build_interpreter(interpreter, classifier)
+    size = classifier.input_size or 224
+    pictures = torch.stack([read_image(path, size) for path in images])  # every file read before any work
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start in range(0, len(images), batch_size):
+        batch = pictures[start : start + batch_size]
+        probabilities = classifier.predict(batch).softmax(1)
+        predicted = probabilities.argmax(1)
+        classes = predicted if target is None else classifier.check_classes(classifier.class_index(target), len(batch))
+        maps = explainer(batch, classes, seed=seed + start)
+        for offset, path in enumerate(images[start : start + batch_size]):
+            index = start + offset
+            stem = f"{index:03d}-{path.stem}"
+            saliency = maps[offset, 0].cpu().numpy().astype(np.float32)
+            map_path = out / f"{stem}.{interpreter}.npy"
+            np.save(map_path, saliency)
+            scale = max(1, 256 // size)
+            overlay_path = save_png(overlay(batch[offset], maps[offset]), out / f"{stem}.{interpreter}.png", scale)
+            label = int(predicted[offset])
+            rows.append(
+                {
+                    "image": str(path),
+                    "predicted_class": label,
+                    "predicted_name": classifier.class_names[label] if classifier.class_names else str(label),
+                    "confidence": round(float(probabilities[offset, label]), 5),
+                    "explained_class": int(classes[offset]),
+                    "map": str(map_path),
+                    "overlay": str(overlay_path),
+                    "map_shape": list(saliency.shape),
+                }
+            )
+    if as_json:
+        typer.echo(json.dumps({"model": classifier.name, "interpreter": interpreter, "images": rows}, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['image']}: {row['predicted_name']} ({row['confidence']:.1%}) → {row['overlay']}")
 
 
 @train_app.command("classifier")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -64,4 +65,60 @@ def evaluate(
         accuracy=round(float(correct.sum()) / n, 5) if n else 0.0,
         per_class=per_class,
         counts=dict(zip(names, total.tolist())),
+    )
+
+
+@dataclass(frozen=True)
+class LocalisationResult:
+    """How well benign maps of the true class point at the object (needs ground-truth masks)."""
+
+    model: str
+    interpreter: str
+    images: int
+    pointing_game: float
+    object_iou: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "interpreter": self.interpreter,
+            "images": self.images,
+            "pointing_game": self.pointing_game,
+            "object_iou": self.object_iou,
+        }
+
+
+def localisation(
+    interpreter: Any,
+    dataset: Any,
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> LocalisationResult:
+    """Pointing game and object IoU of ``interpreter``'s maps for the true class.
+
+    The dataset must provide ``tensors(indices)`` → (images, labels, masks) with object masks,
+    as the shapes benchmark and exported folders do.
+    """
+    from .errors import InputError
+    from .metrics import object_iou, pointing_game
+
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    hits: list[torch.Tensor] = []
+    ious: list[torch.Tensor] = []
+    for start in tqdm(range(0, count, batch_size), desc=f"localise {interpreter.name}", disable=not progress, unit="batch"):
+        images, labels, masks = dataset.tensors(range(start, min(start + batch_size, count)))
+        if masks is None:
+            raise InputError("this dataset has no object masks; localisation needs them")
+        maps = interpreter(images, labels, seed=seed + start)
+        hits.append(pointing_game(maps, masks))
+        ious.append(object_iou(maps, masks))
+    return LocalisationResult(
+        model=interpreter.classifier.name,
+        interpreter=interpreter.name,
+        images=count,
+        pointing_game=round(float(torch.cat(hits).float().mean()), 5),
+        object_iou=round(float(torch.cat(ious).mean()), 5),
     )

@@ -146,7 +146,8 @@ def load_model(spec: str | ModelSpec, options: ModelOptions | None = None, **ove
         name=str(parsed),
         metadata=metadata,
     )
-    return classifier.to(options.device)
+    # load_model built this module itself, so inference mode is the right state to hand back
+    return classifier.eval().to(options.device)
 
 
 def _split_weights(text: str) -> tuple[str, str | None]:

@@ -1,0 +1,129 @@
+"""The measures of the paper and its peers (DESIGN §1.6), per sample, on maps in [0, 1].
+
+All functions take batches of maps (N, 1, h, w) and return one value per sample, so results can be
+stored row by row. Maps of different resolutions are compared after bilinear resizing to the
+larger of the two (object masks: to the mask's resolution).
+
+* L1 = mean |Δ| over map pixels, L2 = ‖Δ‖₂ / √n (Zhang et al. 2020).
+* IoU test: binarise both maps by keeping their top-k % pixels, IoU per k (Zhang et al. 2020;
+  the official code has none, this is the reference implementation here).
+* Top-k intersection and Spearman rank correlation (Ghorbani et al., "Interpretation of Neural
+  Networks is Fragile", AAAI 2019).
+* Pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016) and
+  top-k IoU with ground-truth object masks, for benign maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+from .errors import InputError
+
+#: The IoU test's default grid: keep the top 5 %, 10 %, …, 50 % pixels.
+DEFAULT_K: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 11))
+
+
+def _check_maps(maps: torch.Tensor, what: str = "maps") -> torch.Tensor:
+    if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or maps.shape[1] != 1:
+        shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+        raise InputError(f"{what} must be a tensor of shape (N, 1, h, w), got {shape}")
+    if not torch.isfinite(maps).all():
+        raise InputError(f"{what} contain NaN or Inf values")
+    return maps.detach().float()
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (no-op when already at ``size``)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = _check_maps(a, "first maps"), _check_maps(b, "second maps")
+    if a.shape[0] != b.shape[0]:
+        raise InputError(f"cannot compare {a.shape[0]} maps with {b.shape[0]} maps")
+    size = max(a.shape[-2:], b.shape[-2:], key=lambda s: s[0] * s[1])
+    return resize_maps(a, size).flatten(1), resize_maps(b, size).flatten(1)
+
+
+def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference per sample."""
+    a, b = _pair(a, b)
+    return (a - b).abs().mean(1)
+
+
+def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square difference per sample (‖Δ‖₂ / √n)."""
+    a, b = _pair(a, b)
+    return (a - b).pow(2).mean(1).sqrt()
+
+
+def top_k_mask(flat: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean mask of the ``fraction`` highest pixels of each row (exactly k pixels; ties by index)."""
+    if not 0 < fraction <= 1:
+        raise InputError(f"top-k fraction must be in (0, 1], got {fraction}")
+    k = max(1, int(round(fraction * flat.shape[1])))
+    index = flat.topk(k, dim=1, sorted=False).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, index, True)
+
+
+def iou_top_k(a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float] = DEFAULT_K) -> torch.Tensor:
+    """IoU of the top-k% pixel sets of two maps: (N, len(fractions))."""
+    a, b = _pair(a, b)
+    columns = []
+    for fraction in fractions:
+        ma, mb = top_k_mask(a, fraction), top_k_mask(b, fraction)
+        columns.append((ma & mb).sum(1).float() / (ma | mb).sum(1).float())
+    return torch.stack(columns, 1)
+
+
+def top_k_intersection(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """Fraction of the top-k% pixels of ``a`` that are also top-k% in ``b``."""
+    a, b = _pair(a, b)
+    ma, mb = top_k_mask(a, fraction), top_k_mask(b, fraction)
+    return (ma & mb).sum(1).float() / ma.sum(1).float()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation per sample (NaN-free: a constant map correlates 0)."""
+    a, b = _pair(a, b)
+    values = []
+    for row_a, row_b in zip(a.cpu().numpy(), b.cpu().numpy()):
+        if np.ptp(row_a) == 0 or np.ptp(row_b) == 0:
+            values.append(0.0)
+        else:
+            values.append(float(spearmanr(row_a, row_b).statistic))
+    return torch.tensor(values)
+
+
+def _against_objects(maps: torch.Tensor, objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    maps = _check_maps(maps)
+    if objects.dim() != 4 or objects.shape[1] != 1 or objects.shape[0] != maps.shape[0]:
+        raise InputError(f"object masks must have shape ({maps.shape[0]}, 1, H, W), got {tuple(objects.shape)}")
+    return resize_maps(maps, tuple(objects.shape[-2:])).flatten(1), objects.flatten(1).bool().to(maps.device)
+
+
+def pointing_game(maps: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """Whether each map's maximum (after resizing to the mask) falls inside the object: bool (N,)."""
+    flat, inside = _against_objects(maps, objects)
+    return inside.gather(1, flat.argmax(1, keepdim=True)).squeeze(1)
+
+
+def object_iou(maps: torch.Tensor, objects: torch.Tensor, fraction: float | None = None) -> torch.Tensor:
+    """IoU between a map's top pixels and the object mask.
+
+    ``fraction=None`` keeps as many pixels as the object covers (a parameter-free score).
+    """
+    flat, inside = _against_objects(maps, objects)
+    scores = []
+    for row, obj in zip(flat, inside):
+        share = fraction if fraction is not None else max(float(obj.float().mean()), 1 / obj.numel())
+        top = top_k_mask(row[None], share)[0]
+        scores.append((top & obj).sum().float() / (top | obj).sum().float())
+    return torch.stack(scores)
