@@ -112,3 +112,44 @@ def test_shipped_metadata_records_how_it_was_made() -> None:
         assert meta["config"]["dataset"] == "shapes"
         assert meta["test_accuracy"] >= 0.97
         assert meta["train_seconds"] <= 15 * 60
+
+
+@pytest.mark.parametrize("interpreter", ["grad", "cam"])
+def test_explain_writes_maps_and_overlays(tmp_path: Path, interpreter: str) -> None:
+    source = tmp_path / "png"
+    run("data", "export", "shapes:test", str(source), "--limit", "3")
+    files = sorted(str(p) for p in (source / "images").rglob("*.png"))
+    code, out, _ = run("explain", "--model", "shapes-resnet", "-i", interpreter, *files, "--out", str(tmp_path / "maps"), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["interpreter"] == interpreter and len(report["images"]) == 3
+    for row, file in zip(report["images"], files):
+        assert row["image"] == file
+        assert Path(file).parent.name == row["predicted_name"]  # the shipped model is right on these
+        saliency = np.load(row["map"])
+        assert saliency.dtype == np.float32 and saliency.ndim == 2 and list(saliency.shape) == row["map_shape"]
+        assert 0 <= saliency.min() and saliency.max() <= 1
+        picture = Image.open(row["overlay"])
+        assert picture.mode == "RGB" and picture.size == (256, 256)
+
+
+def test_explain_refuses_a_corrupt_image_before_any_work(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "maps"
+    code, _, err = run("explain", "-i", "cam", str(broken), "--out", str(out))
+    assert code == 2 and "broken.jpg" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_interpreters_are_listed() -> None:
+    code, out, _ = run("interpreters")
+    assert code == 0
+    assert [line.split()[0] for line in out.strip().splitlines()] == ["grad", "smoothgrad", "cam", "gradcam", "rts", "mask"]
+
+
+def test_evaluate_with_an_interpreter_reports_localisation() -> None:
+    code, out, _ = run("evaluate", "--model", "shapes-resnet", "--limit", "40", "-i", "cam", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["pointing_game"] >= 0.9 and 0 < report["object_iou"] <= 1

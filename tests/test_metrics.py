@@ -115,3 +115,19 @@ def test_iou_reference_on_random_maps() -> None:
             top_a = set(np.argsort(-a[i].ravel())[:k])
             top_b = set(np.argsort(-b[i].ravel())[:k])
             assert ours[i, j].item() == pytest.approx(len(top_a & top_b) / len(top_a | top_b))
+
+
+def test_pointing_game_tolerance() -> None:
+    """15 px at 224 (Zhang et al. 2016), scaled: 4.3 px at 64; Euclidean distance."""
+    objects = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    objects[..., 20:40, 20:40] = True
+    near = torch.zeros(1, 1, 64, 64)
+    near[..., 29, 43] = 1.0  # 4 px right of the object
+    diagonal = torch.zeros(1, 1, 64, 64)
+    diagonal[..., 43, 43] = 1.0  # 4 px right and 4 px down: 5.66 px away
+    assert pointing_game(near, objects).item()
+    assert not pointing_game(near, objects, tolerance=0).item()
+    assert not pointing_game(diagonal, objects).item()
+    assert pointing_game(diagonal, objects, tolerance=6).item()
+    with pytest.raises(InputError, match="tolerance"):
+        pointing_game(near, objects, tolerance=-1)

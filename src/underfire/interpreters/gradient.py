@@ -1,0 +1,214 @@
+"""GRAD and SmoothGrad: back-propagation-guided interpreters (DESIGN §1.2).
+
+* GRAD, the vanilla gradient saliency of Simonyan, Vedaldi & Zisserman (ICLR workshop 2014):
+  map = max over colour channels of |∂score_c/∂x|. The score is the class logit z_c by default
+  (Simonyan's definition and captum's ``Saliency``); ``score="ce"`` differentiates the class's
+  cross-entropy instead, as the official ADV² code does. Optionally average-pooled (the official
+  code pools ×4, 224 → 56), then min-max normalised per image.
+* SmoothGrad (Smilkov et al., 2017): the same map from the gradient averaged over noisy copies
+  x + N(0, σ²), σ = noise × (pixel range = 1).
+
+Benign maps (``explain``) use the exact gradient. The ADV² attack needs ∂map/∂x, a second
+derivative, which is zero almost everywhere in a ReLU network; ``surrogate`` therefore computes the
+map inside :func:`underfire.smoothing.relu_surrogate` (Zhang et al. 2020, §3.2: ReLU's value, a
+smooth function's derivative) with ``torch.autograd.grad(..., create_graph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..models.classifier import Classifier
+from ..smoothing import ReluSurrogate, as_relu_surrogate, relu_surrogate
+from .base import Interpreter, normalize_maps
+
+Score = Literal["logit", "ce"]
+SCORES: tuple[str, ...] = ("logit", "ce")
+
+
+class Grad(Interpreter):
+    """Vanilla gradient saliency (Simonyan et al. 2014) with a smoothed second-order surrogate.
+
+    Args:
+        classifier: the model to explain.
+        score: ``"logit"`` (z_c, default) or ``"ce"`` (cross-entropy of class c, ADV² official).
+        pool: average-pooling factor applied to the map (1 = full resolution).
+        relu: the ReLU-gradient surrogate used by ``surrogate`` (default: the paper's ``h``).
+    """
+
+    name: ClassVar[str] = "grad"
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        score: Score = "logit",
+        pool: int = 1,
+        relu: ReluSurrogate | str = "h",
+    ) -> None:
+        super().__init__(classifier)
+        self.score = _check_score(score)
+        self.pool = _check_pool(pool)
+        self.relu = as_relu_surrogate(relu)
+
+    def explain(
+        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Exact-gradient maps (true ReLU derivative, no graph kept)."""
+        x = images.detach().requires_grad_(True)
+        with torch.enable_grad(), relu_surrogate("none"):
+            grad = _input_gradient(self.classifier, x, x, classes, self.score, create_graph=False)
+        return _gradient_maps(grad.detach(), self.pool)
+
+    def surrogate(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Maps differentiable w.r.t. ``images`` through the smoothed ReLU derivative.
+
+        ``images`` should require grad (the attack's iterate); if it does not, a fresh leaf copy
+        is differentiated and the maps carry a graph to that copy.
+        """
+        x = _differentiable(images)
+        with torch.enable_grad(), relu_surrogate(self.relu):
+            grad = _input_gradient(self.classifier, x, x, classes, self.score, create_graph=True)
+        return _gradient_maps(grad, self.pool), None
+
+
+class SmoothGrad(Interpreter):
+    """SmoothGrad (Smilkov et al. 2017) on top of GRAD's score, pooling and ReLU surrogate.
+
+    The map is |mean over samples of ∂score_c/∂x(x + noise)|, max over colour channels: the raw
+    gradients are averaged *before* the absolute value, as in Smilkov et al.'s reference code
+    (PAIR ``saliency``: ``GetSmoothedMask`` averages raw masks, visualisation takes |·|), so noise
+    cancels where the gradient's sign is unstable. (captum's ``NoiseTunnel`` over
+    ``Saliency(abs=True)`` averages |grad| instead.) Noisy copies are not clipped to [0, 1], as in
+    the original. All N × samples copies go through the model in one batch.
+
+    Args:
+        samples: noisy copies per image.
+        noise: σ as a fraction of the pixel range [0, 1] (Smilkov et al. recommend 10–20 %).
+        score, pool, relu: as for :class:`Grad`.
+    """
+
+    name: ClassVar[str] = "smoothgrad"
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        samples: int = 16,
+        noise: float = 0.15,
+        score: Score = "logit",
+        pool: int = 1,
+        relu: ReluSurrogate | str = "h",
+    ) -> None:
+        super().__init__(classifier)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise InputError(f"samples must be an integer >= 1, got {samples!r}")
+        if (
+            isinstance(noise, bool)
+            or not isinstance(noise, (int, float))
+            or not math.isfinite(noise)
+            or noise < 0
+        ):
+            raise InputError(f"noise must be a finite number >= 0, got {noise!r}")
+        self.samples = samples
+        self.noise = float(noise)
+        self.score = _check_score(score)
+        self.pool = _check_pool(pool)
+        self.relu = as_relu_surrogate(relu)
+
+    def explain(
+        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Exact-gradient SmoothGrad maps; the noise is drawn from ``generator``."""
+        x = images.detach().requires_grad_(True)
+        with torch.enable_grad(), relu_surrogate("none"):
+            grad = self._mean_gradient(x, classes, generator, create_graph=False)
+        return _gradient_maps(grad.detach(), self.pool)
+
+    def surrogate(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Differentiable SmoothGrad maps. ``state`` may be a ``torch.Generator`` for the noise
+        (returned unchanged, so an attack loop that feeds the state back draws a seeded,
+        fresh noise sample every step); ``None`` uses torch's global generator."""
+        if state is not None and not isinstance(state, torch.Generator):
+            raise InputError(
+                f"SmoothGrad's state must be None or a torch.Generator, got {type(state).__name__}"
+            )
+        x = _differentiable(images)
+        with torch.enable_grad(), relu_surrogate(self.relu):
+            grad = self._mean_gradient(x, classes, state, create_graph=True)
+        return _gradient_maps(grad, self.pool), state
+
+    def _mean_gradient(
+        self,
+        x: torch.Tensor,
+        classes: torch.Tensor,
+        generator: torch.Generator | None,
+        create_graph: bool,
+    ) -> torch.Tensor:
+        # d/dx Σ_s score(x + n_s) = Σ_s ∇score(x + n_s): one backward gives the sum of gradients.
+        noisy = x.repeat_interleave(self.samples, 0)
+        if self.noise > 0:
+            noise = torch.randn(
+                noisy.shape, generator=generator, device=noisy.device, dtype=noisy.dtype
+            )
+            noisy = noisy + self.noise * noise
+        repeated = classes.repeat_interleave(self.samples, 0)
+        grad = _input_gradient(self.classifier, noisy, x, repeated, self.score, create_graph)
+        return grad / self.samples
+
+
+def _check_score(score: str) -> str:
+    if score not in SCORES:
+        raise InputError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    return score
+
+
+def _check_pool(pool: int) -> int:
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+        raise InputError(f"pool must be an integer >= 1, got {pool!r}")
+    return pool
+
+
+def _differentiable(images: torch.Tensor) -> torch.Tensor:
+    """The images themselves when they carry a graph (never detach them: DESIGN §3 pitfall 6)."""
+    return images if images.requires_grad else images.detach().requires_grad_(True)
+
+
+def _input_gradient(
+    classifier: Classifier,
+    inputs: torch.Tensor,
+    wrt: torch.Tensor,
+    classes: torch.Tensor,
+    score: str,
+    create_graph: bool,
+) -> torch.Tensor:
+    """∂ Σ_i score_{c_i}(inputs_i) / ∂ wrt: samples do not interact (eval mode), so each row is
+    that sample's own gradient."""
+    logits = classifier(inputs)
+    if score == "logit":
+        total = logits.gather(1, classes.view(-1, 1)).sum()
+    else:
+        total = F.cross_entropy(logits, classes, reduction="sum")
+    (grad,) = torch.autograd.grad(total, wrt, create_graph=create_graph)
+    return grad
+
+
+def _gradient_maps(grad: torch.Tensor, pool: int) -> torch.Tensor:
+    """|grad| max over channels (Simonyan et al.), average-pooled ×``pool``, min-max normalised."""
+    maps = grad.abs().amax(1, keepdim=True)
+    if pool > 1:
+        if pool > min(maps.shape[-2:]):
+            raise InputError(
+                f"pool={pool} is larger than the {maps.shape[-2]}x{maps.shape[-1]} gradient map"
+            )
+        maps = F.avg_pool2d(maps, pool)
+    return normalize_maps(maps)

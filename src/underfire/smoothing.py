@@ -1,0 +1,166 @@
+"""ReLU-gradient surrogates: ReLU's forward value, a smooth function's derivative.
+
+A ReLU network is piecewise linear, so the gradient of a gradient map (what the ADV² attack on
+GRAD needs, DESIGN §1.2) is zero almost everywhere. Zhang et al. (USENIX Security 2020, §3.2) fix
+this by back-propagating, during the attack, the derivative of a smooth approximation of ReLU
+while the forward pass stays the exact ReLU. This module offers their ``h`` (τ = 1e-4), the sigmoid
+they compare it with, softplus(β) (Dombrowski et al., NeurIPS 2019, "Explanations can be
+manipulated and geometry is to blame") and ``none`` (the true ReLU), and one context manager,
+:func:`relu_surrogate`, that applies a surrogate to every ReLU of any model.
+
+How: a :class:`torch.overrides.TorchFunctionMode` scoped by the context sees every call of
+``F.relu`` (hence every ``nn.ReLU`` module, in-place or reused), ``F.relu_``, ``torch.relu``,
+``torch.relu_``, ``Tensor.relu`` and ``Tensor.relu_`` and replaces it by the straight-through form
+
+    relu(z).detach() + (g(z) − g(z).detach())
+
+where ``g`` is an antiderivative of the surrogate derivative. The bracket is exactly zero, so the
+value is bit-for-bit ReLU's; its first derivative is ``g'`` and its second ``g''`` — no custom
+``autograd.Function`` and no hooks. (The form ``g + (relu − g).detach()`` would round.)
+
+Limits: TorchScript models and ``torch.ops.aten.relu`` calls bypass Python-level torch functions
+and are not reached; the mode is thread-local (like every torch function mode); a non-finite
+pre-activation (±inf) gives NaN instead of ReLU's value under a smooth surrogate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .errors import InputError
+
+SurrogateKind = Literal["h", "sigmoid", "softplus", "none"]
+SURROGATE_KINDS: tuple[str, ...] = ("h", "sigmoid", "softplus", "none")
+
+
+@dataclass(frozen=True)
+class ReluSurrogate:
+    """Which derivative ReLU back-propagates inside :func:`relu_surrogate`.
+
+    ``kind``:
+      * ``"h"`` — Zhang et al. 2020: g(z) = z + √(z²+τ) (z < 0), √(z²+τ) (z ≥ 0);
+        g'(z) = 1 + z/√(z²+τ) (z < 0), z/√(z²+τ) (z ≥ 0); g''(z) = τ/(z²+τ)^{3/2}.
+        (As in the paper, g' jumps from 1 to 0 at z = 0; it dips only for |z| ≲ √τ.)
+      * ``"sigmoid"`` — g = softplus, g' = σ(z) (the paper's comparison).
+      * ``"softplus"`` — Dombrowski et al. 2019: g = softplus(βz)/β, g' = σ(βz).
+      * ``"none"`` — the true ReLU derivative (second derivative zero).
+    """
+
+    kind: SurrogateKind = "h"
+    tau: float = 1e-4
+    beta: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SURROGATE_KINDS:
+            raise InputError(
+                f"unknown ReLU surrogate {self.kind!r}; choose one of {', '.join(SURROGATE_KINDS)}"
+            )
+        for field, value in (("tau", self.tau), ("beta", self.beta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{field} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value) or value <= 0:
+                raise InputError(f"{field} must be a positive finite number, got {value}")
+
+    def antiderivative(self, z: torch.Tensor) -> torch.Tensor:
+        """g(z): a function whose derivative is the surrogate derivative (``none``: ReLU itself)."""
+        if self.kind == "h":
+            # hypot(z, √τ) = √(z²+τ) without overflow for large |z|; the where() adds z on z < 0
+            # only, so g'(0) = 0 exactly as the paper's z ≥ 0 branch says.
+            root = torch.hypot(z, z.new_tensor(math.sqrt(self.tau)))
+            return root + torch.where(z < 0, z, 0.0)
+        if self.kind == "sigmoid":
+            return F.softplus(z)
+        if self.kind == "softplus":
+            return F.softplus(z, beta=self.beta)
+        return torch.relu(z)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """ReLU of ``z`` (exact value) whose gradient is this surrogate's derivative; out of place."""
+        if self.kind == "none":
+            return torch.relu(z)
+        with torch.no_grad():
+            value = torch.relu(z)
+        g = self.antiderivative(z)
+        return value + (g - g.detach())
+
+
+def as_relu_surrogate(surrogate: ReluSurrogate | str) -> ReluSurrogate:
+    """Accept a :class:`ReluSurrogate` or a kind name (``"h"``, ``"sigmoid"``, ...)."""
+    if isinstance(surrogate, ReluSurrogate):
+        return surrogate
+    if isinstance(surrogate, str):
+        return ReluSurrogate(kind=surrogate)  # type: ignore[arg-type]
+    raise InputError(
+        f"relu surrogate must be a ReluSurrogate or one of {', '.join(SURROGATE_KINDS)}, "
+        f"got {type(surrogate).__name__}"
+    )
+
+
+_OUT_OF_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu, torch.Tensor.relu})
+_IN_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu_, torch.Tensor.relu_})
+# F.relu_ is torch.relu_; nn.ReLU calls F.relu(input, inplace=...).
+_RELU_FUNCS = _OUT_OF_PLACE | _IN_PLACE | {F.relu}
+
+
+class _ReluSurrogateMode(TorchFunctionMode):
+    """Replaces every ReLU call while active; all other torch functions pass through."""
+
+    def __init__(self, surrogate: ReluSurrogate) -> None:
+        super().__init__()
+        self.surrogate = surrogate
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func not in _RELU_FUNCS:
+            return func(*args, **kwargs)
+        z = args[0] if args else kwargs.get("input")
+        if (
+            self.surrogate.kind == "none"
+            or not isinstance(z, torch.Tensor)
+            or not (z.requires_grad and torch.is_grad_enabled())
+        ):
+            # The true ReLU, hidden from any enclosing surrogate mode: the innermost context wins.
+            with torch._C.DisableTorchFunction():
+                return func(*args, **kwargs)
+        inplace = func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", False)))
+        # An in-place call overwrites z, which g's backward must not have saved: work on a copy,
+        # then write the result into z (autograd records the copy like any in-place op).
+        source = z.clone() if inplace else z
+        with torch.no_grad(), torch._C.DisableTorchFunction():
+            value = torch.relu(source)
+        g = self.surrogate.antiderivative(source)
+        out = value + (g - g.detach())
+        if inplace:
+            return z.copy_(out)
+        return out
+
+
+@contextmanager
+def relu_surrogate(surrogate: ReluSurrogate | str = "h") -> Iterator[ReluSurrogate]:
+    """Inside this context every ReLU keeps its value but back-propagates ``surrogate``'s derivative.
+
+    Reaches ``nn.ReLU`` modules (in-place and reused ones), ``F.relu`` (also ``inplace=True``),
+    ``F.relu_``, ``torch.relu``, ``torch.relu_``, ``Tensor.relu`` and ``Tensor.relu_``. In-place
+    calls still modify their argument. The graph is twice differentiable, so
+    ``torch.autograd.grad(..., create_graph=True)`` inside the context yields the smoothed second
+    derivative (Zhang et al. 2020, §3.2). Contexts nest (the innermost surrogate applies, so
+    ``relu_surrogate("none")`` restores exact gradients locally) and are removed on exit, also
+    after an exception. Yields the resolved :class:`ReluSurrogate`.
+    """
+    spec = as_relu_surrogate(surrogate)
+    with _ReluSurrogateMode(spec):
+        yield spec
