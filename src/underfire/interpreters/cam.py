@@ -1,0 +1,167 @@
+"""Representation-guided interpreters: CAM and Grad-CAM (DESIGN §1.3).
+
+* **CAM** (Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016; the
+  ADV² paper's Eq. 7): for a network whose last conv feature maps ``a_k`` feed global average
+  pooling and a linear head with weights ``w_{k,c}``, the map of class ``c`` is
+  ``m_c[i, j] = Σ_k w_{k,c} a_k[i, j]``. As in the official ADV² code: no ReLU, no head bias,
+  min-max normalised per image, kept at feature resolution (8×8 for the built-in models at 64 px,
+  7×7 for ResNet-50 at 224). The map is a differentiable function of the input, so the attack's
+  surrogate is the map itself.
+* **Grad-CAM** (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
+  Gradient-based Localization", ICCV 2017): ``α_k = mean_ij ∂z_c/∂a_k[i, j]``,
+  ``map = ReLU(Σ_k α_k a_k)``, min-max normalised.
+
+Where the model applies a ReLU between the feature module and the pooling (``post_relu``, as in
+torchvision's DenseNet), both interpreters use the post-ReLU map ``a = relu(features)``: the tensor
+global average pooling actually reduces, so Grad-CAM is taken with respect to it.
+
+How Grad-CAM gets ∂z_c/∂a: ``Classifier.features_and_logits`` returns a *clone* of the hooked
+feature map, so the classifier's logits do not depend on that tensor. The wrapper only accepts
+models whose logits are exactly ``head(mean_ij(a))`` (``find_cam_layers`` verifies it), so Grad-CAM
+recomputes the logits from the returned features through the head and differentiates those; the
+recomputed logits are checked against the classifier's own on every call (a ``ModelStructureError``
+otherwise). For such a GAP→linear head ``∂z_c/∂a_k[i, j] = w_{k,c}/(h·w)``, hence
+``Grad-CAM = ReLU(CAM)/(h·w)`` exactly (a test checks it); Grad-CAM therefore differs from CAM
+only by the ReLU, which zeroes the negative evidence before normalisation.
+
+Convention notes against the usual libraries (all checked by the tests): torch-cam's ``CAM``
+computes the same un-rectified ``Σ_k w_{k,c} a_k`` (its docstring shows a ReLU, its code applies
+none); captum's ``LayerGradCam`` equals our raw Grad-CAM with ``relu_attributions=True`` (its
+default is False); pytorch-grad-cam's ``GradCAM`` applies the ReLU and then normalises and resizes
+the map to the input size, which we do not (maps stay at feature resolution).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ModelStructureError
+from ..models.classifier import Classifier
+from .base import Interpreter, normalize_maps
+
+__all__ = ["CAM", "GradCAM"]
+
+#: Relative tolerance for the check that head(mean(features)) reproduces the model's logits.
+HEAD_CHECK_RTOL = 1e-4
+
+
+class _RepresentationInterpreter(Interpreter):
+    """Shared plumbing: eager layer discovery and the validated, frozen ``raw`` entry point."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__(classifier)
+        # Find the feature layer and the head now, so a model without a GAP→linear head fails
+        # when the interpreter is built (ModelStructureError), not in the middle of an attack.
+        classifier.cam_layers()
+
+    def raw(self, images: torch.Tensor, classes: Any = None) -> torch.Tensor:
+        """Un-normalised maps (N, 1, h, w) for ``classes`` (default: the predicted classes).
+
+        Validated and run frozen like calling the interpreter; returns detached maps.
+        """
+        clf = self.classifier
+        images = clf.check_images(images).to(clf.device)
+        with clf.frozen():
+            if classes is None:
+                with torch.no_grad():
+                    classes = clf(images).argmax(1)
+            classes = clf.check_classes(classes, images.shape[0])
+            maps = self._raw_benign(images, classes)
+        return maps.detach()
+
+    def explain(
+        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The benign map, computed without building a graph to the input (deterministic)."""
+        return normalize_maps(self._raw_benign(images, classes))
+
+    def surrogate(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, None]:
+        """The normalised map with its graph to ``images``: the map itself is differentiable."""
+        return normalize_maps(self._raw_differentiable(images, classes)), None
+
+    def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _raw_differentiable(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CAM(_RepresentationInterpreter):
+    """Class activation mapping (Zhou et al. 2016; ADV² Eq. 7): ``Σ_k w_{k,c} a_k``, no ReLU.
+
+    Maps are min-max normalised per image and stay at the feature map's resolution.
+    """
+
+    name = "cam"
+
+    def _raw_differentiable(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        features, _ = self.classifier.features_and_logits(images)
+        return _class_map(features, self.classifier.cam_layers().head.weight, classes)
+
+    def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._raw_differentiable(images, classes)
+
+
+class GradCAM(_RepresentationInterpreter):
+    """Gradient-weighted class activation mapping (Selvaraju et al. 2017).
+
+    ``α_k`` is the spatial mean of ``∂z_c/∂a_k``, the map is ``ReLU(Σ_k α_k a_k)``, min-max
+    normalised, at feature resolution. The surrogate keeps the graph of the gradient
+    (``create_graph=True``) so the map is differentiable with respect to the input; for the
+    GAP→linear heads the wrapper accepts it equals ``ReLU(CAM)/(h·w)``.
+    """
+
+    name = "gradcam"
+
+    def _raw_differentiable(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        features, logits = self.classifier.features_and_logits(images)
+        return self._grad_cam(features, logits, classes, create_graph=True)
+
+    def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features, logits = self.classifier.features_and_logits(images)
+        return self._grad_cam(features, logits, classes, create_graph=False).detach()
+
+    def _grad_cam(
+        self,
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        classes: torch.Tensor,
+        *,
+        create_graph: bool,
+    ) -> torch.Tensor:
+        head = self.classifier.cam_layers().head
+        with torch.enable_grad():
+            # Without a graph to the input (benign maps), differentiate w.r.t. a detached leaf.
+            source = features if features.requires_grad else features.detach().requires_grad_(True)
+            scores = head(source.mean((2, 3)))
+            _check_head_logits(scores.detach(), logits.detach(), self.classifier)
+            picked = scores.gather(1, classes.view(-1, 1)).sum()  # samples are independent
+            (grads,) = torch.autograd.grad(picked, source, create_graph=create_graph)
+        alpha = grads.mean((2, 3), keepdim=True)
+        return torch.relu((alpha * features).sum(1, keepdim=True))
+
+
+def _class_map(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_{k,c} a_k[i, j] for each sample's class: (N, K, h, w) → (N, 1, h, w)."""
+    w = weight.to(features.dtype)[classes]  # (N, K)
+    return torch.einsum("nkhw,nk->nhw", features, w).unsqueeze(1)
+
+
+def _check_head_logits(scores: torch.Tensor, logits: torch.Tensor, clf: Classifier) -> None:
+    """Refuse to differentiate logits that are not the model's (the recomputation is only exact
+    for a GAP→linear head)."""
+    scale = max(1.0, float(logits.abs().max()))
+    if scores.shape != logits.shape or not torch.allclose(
+        scores, logits.to(scores.dtype), rtol=HEAD_CHECK_RTOL, atol=HEAD_CHECK_RTOL * scale
+    ):
+        layers = clf.cam_layers()
+        raise ModelStructureError(
+            f"Grad-CAM: the logits of {clf.name} are not {layers.head_name}(mean of "
+            f"{layers.feature_name}); Grad-CAM needs a GAP→linear head"
+        )
