@@ -217,6 +217,35 @@ def train_classifier_command(
     )
 
 
+@train_app.command("rts")
+@user_errors
+def train_rts_command(
+    model: ModelArg = "shapes-resnet",
+    dataset: Annotated[str, typer.Option(help="Training data (the built-in 'shapes').")] = "shapes",
+    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, batch order and fake selectors.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    train_size: Annotated[int, typer.Option(help="Training images.")] = 8000,
+    encoder: Annotated[Optional[Path], typer.Option(help="Encoder checkpoint (a resnet classifier); default: the shipped one.")] = None,
+    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it).")] = Path("rts.safetensors"),
+) -> None:
+    """Train a real-time saliency (RTS) network that explains MODEL; writes safetensors + JSON."""
+    from .interpreters.rts_training import RtsTrainConfig, train_rts
+
+    config = RtsTrainConfig(
+        model=model,
+        dataset=dataset,
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        train_size=train_size,
+        encoder=None if encoder is None else str(encoder),
+    )
+    result = train_rts(config, out)
+    scores = ", ".join(f"{key} {value:.3f}" for key, value in result.metrics.items())
+    typer.echo(f"wrote {result.path}: {scores}; {result.seconds:.0f} s")
+
+
 @data_app.command("export")
 @user_errors
 def export_command(

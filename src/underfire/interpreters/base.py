@@ -60,6 +60,14 @@ class Interpreter(ABC):
             maps, _ = self.surrogate(images, classes)
         return maps
 
+    def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
+        """(h, w) of the maps this interpreter makes for ``images``' size.
+
+        The default explains one image; interpreters whose map size follows from their settings
+        override it with arithmetic.
+        """
+        return tuple(self(images[:1]).shape[-2:])  # type: ignore[return-value]
+
     @abstractmethod
     def surrogate(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None

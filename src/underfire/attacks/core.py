@@ -1,0 +1,263 @@
+"""Targeted L∞ PGD and ADV², sharing one projected sign-gradient loop.
+
+ADV² (Zhang et al., "Interpretable Deep Learning under Fire", USENIX Security 2020) minimises
+    ℓ_prd(f(x), c_t) + λ · ℓ_int(g(x; f), m_t)   s.t. ‖x − x°‖∞ ≤ ε, x ∈ [0, 1]
+with projected sign-gradient steps (Madry et al. 2018), in two stages: plain targeted PGD as a
+warm start, then the joint objective. ℓ_int is the per-pixel mean squared distance between the
+interpreter's differentiable map and the target map (maps min-max normalised to [0, 1]).
+
+Every iterate is scored; PGD keeps the iterate with the lowest ℓ_prd, ADV² the iterate that is
+classified as c_t with probability ≥ ``confidence`` and has the smallest map distance (the
+official GRAD code's rule, applied to every interpreter). Results are projected onto the 8-bit
+grid inside the ε-ball, so what is returned is what a PNG file holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..interpreters.base import Interpreter
+from ..models.classifier import Classifier
+from .config import AttackConfig
+
+#: objective(x, step) → (loss per sample, selection score per sample (lower is better), eligible)
+Objective = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """What an attack returns, per sample.
+
+    ``adversarial`` lies on the 8-bit grid inside the ε-ball and [0, 1]; ``success`` and
+    ``confidence`` (p(c_t)) are measured on it. ``last`` is the final iterate before selection
+    (useful to compare trajectories); ``map_distance`` is ℓ_int of the chosen iterate (ADV²);
+    ``chosen_step`` is its step index counted over both stages (−1: none qualified, the warm
+    start's result is returned).
+    """
+
+    adversarial: torch.Tensor
+    targets: torch.Tensor
+    success: torch.Tensor
+    confidence: torch.Tensor
+    last: torch.Tensor
+    chosen_step: torch.Tensor
+    map_distance: torch.Tensor | None = None
+
+
+def project(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
+    """Closest point of the ε-ball around ``origin`` intersected with [0, 1]."""
+    return torch.minimum(torch.maximum(x, origin - eps), origin + eps).clamp(0.0, 1.0)
+
+
+def quantize(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
+    """Round to the 8-bit grid, staying inside the ε-ball and [0, 1].
+
+    Rounding to the nearest level can leave the ball by up to half a level when ``origin`` is not
+    itself on the grid; such pixels move one level back toward ``origin`` (the ball is at least one
+    level wide for ε ≥ 1/255, so a grid point always exists inside it).
+    """
+    level = 1.0 / 255.0
+    q = torch.round(x.clamp(0, 1) * 255.0) / 255.0
+    slack = 1e-6
+    q = torch.where(q - origin > eps + slack, q - level, q)
+    q = torch.where(origin - q > eps + slack, q + level, q)
+    return q.clamp(0.0, 1.0)
+
+
+def _check_batch(classifier: Classifier, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    images = classifier.check_images(images).to(classifier.device)
+    targets = classifier.check_classes(targets, images.shape[0])
+    return images, targets
+
+
+def _descend(
+    origin: torch.Tensor,
+    start: torch.Tensor,
+    steps: int,
+    config: AttackConfig,
+    objective: Objective,
+    best: torch.Tensor,
+    best_score: torch.Tensor,
+    best_step: torch.Tensor,
+    step_offset: int = 0,
+) -> torch.Tensor:
+    """``steps`` projected sign-gradient steps from ``start``; updates best/best_score in place.
+
+    Every iterate, including the final one, is scored; returns the final iterate.
+    """
+    x = start.detach().clone()
+    for step in range(steps + 1):
+        x.requires_grad_(True)
+        loss, score, eligible = objective(x, step)
+        if step < steps:
+            (gradient,) = torch.autograd.grad(loss.sum(), x)
+        with torch.no_grad():
+            score = score.detach()
+            improved = eligible & (score < best_score)
+            best[improved] = x.detach()[improved]
+            best_score[improved] = score[improved]
+            best_step[improved] = step + step_offset
+            if step < steps:
+                x = project(x.detach() - config.alpha * gradient.sign(), origin, config.eps)
+    return x.detach()
+
+
+def _targeted_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing)
+
+
+class PGD:
+    """Targeted L∞ projected gradient descent on the cross-entropy towards c_t (Madry et al. 2018).
+
+    ``config.pgd_steps`` steps of size ``alpha`` inside the ``eps`` ball; the iterate with the
+    lowest loss is kept per sample.
+    """
+
+    name = "pgd"
+
+    def __init__(self, classifier: Classifier, config: AttackConfig | None = None) -> None:
+        self.classifier = classifier
+        self.config = config or AttackConfig()
+
+    def __call__(self, images: torch.Tensor, targets: Any) -> AttackResult:
+        clf, config = self.classifier, self.config
+        images, targets = _check_batch(clf, images, targets)
+        with clf.frozen():
+            best, best_score, best_step, last = self._stage_one(images, targets)
+            return _finish(clf, images, targets, best, best_step, last, config)
+
+    def _stage_one(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        clf, config = self.classifier, self.config
+        start = images
+        if config.random_start:
+            generator = torch.Generator(images.device).manual_seed(config.seed)
+            noise = torch.rand(images.shape, generator=generator, device=images.device) * 2 - 1
+            start = project(images + config.eps * noise, images, config.eps)
+
+        def objective(x: torch.Tensor, _step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            loss = _targeted_ce(clf(x), targets)
+            return loss, loss, torch.ones_like(loss, dtype=torch.bool)
+
+        best = start.detach().clone()
+        best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
+        best_step = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
+        last = _descend(images, start, config.pgd_steps, config, objective, best, best_score, best_step)
+        return best, best_score, best_step, last
+
+
+class ADV2(PGD):
+    """The ADV² attack against one interpreter (Zhang et al. 2020), sharing PGD's loop.
+
+    Args:
+        classifier: the model under attack.
+        interpreter: the interpreter whose map must keep looking benign; its ``surrogate`` supplies
+            the differentiable map (GRAD: smoothed second order; CAM: itself; RTS: itself, plus
+            its encoder's logits as an extra term; MASK: the unrolled inner optimisation).
+        config: budgets and schedules (see ``attacks.config.preset``).
+    """
+
+    name = "adv2"
+
+    def __init__(self, classifier: Classifier, interpreter: Interpreter, config: AttackConfig | None = None) -> None:
+        super().__init__(classifier, config)
+        if interpreter.classifier is not classifier:
+            raise InputError("the interpreter explains a different classifier than the one attacked")
+        self.interpreter = interpreter
+
+    def __call__(self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None) -> AttackResult:
+        """Attack ``images`` toward ``targets`` keeping the map close to ``target_maps``.
+
+        ``target_maps`` default to the benign maps of ``images`` (the paper's headline setting);
+        otherwise they must have the interpreter's map shape (N or 1, 1, h, w).
+        """
+        clf, config, interpreter = self.classifier, self.config, self.interpreter
+        images, targets = _check_batch(clf, images, targets)
+        if target_maps is None:
+            target_maps = interpreter(images, seed=config.seed)
+        target_maps = self._check_target_maps(images, target_maps)
+        with clf.frozen():
+            best, _, best_step, last = self._stage_one(images, targets)
+            state: Any = None
+            if config.seed is not None and interpreter.name == "smoothgrad":
+                state = torch.Generator(images.device).manual_seed(config.seed)
+            encoder = getattr(interpreter, "encoder_logits", None)
+            lam = config.lam
+            # the stage-1 result stays the answer for samples that never qualify in stage 2
+            best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
+            distances = torch.full((images.shape[0],), float("nan"), device=images.device)
+
+            def objective(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                nonlocal state
+                logits = clf(x)
+                maps, state = interpreter.surrogate(x, targets, state)
+                distance = (maps - target_maps).pow(2).flatten(1).mean(1)
+                loss = _targeted_ce(logits, targets, config.label_smoothing)
+                loss = loss + lam.at(min(step, config.adv_steps - 1), config.adv_steps) * distance
+                if encoder is not None and config.encoder_weight > 0:
+                    loss = loss + config.encoder_weight * _targeted_ce(encoder(x), targets)
+                with torch.no_grad():
+                    probability = logits.softmax(1).gather(1, targets[:, None]).squeeze(1)
+                    eligible = (logits.argmax(1) == targets) & (probability >= config.confidence)
+                return loss, distance, eligible
+
+            if config.adv_steps > 0:
+                stage_two_best = best.clone()
+                last = _descend(
+                    images, best, config.adv_steps, config, objective, stage_two_best, best_score, best_step,
+                    step_offset=config.pgd_steps,
+                )
+                qualified = torch.isfinite(best_score)
+                best = torch.where(qualified[:, None, None, None], stage_two_best, best)
+                distances = torch.where(qualified, best_score, distances)
+            return _finish(clf, images, targets, best, best_step, last, config, distances)
+
+    def _check_target_maps(self, images: torch.Tensor, target_maps: torch.Tensor) -> torch.Tensor:
+        if not isinstance(target_maps, torch.Tensor):
+            raise InputError(f"target maps must be a tensor, got {type(target_maps).__name__}")
+        expected = self.interpreter.map_shape(images)
+        target_maps = target_maps.detach().to(images.device, torch.float32)
+        if target_maps.dim() == 2:
+            target_maps = target_maps[None, None]
+        n = images.shape[0]
+        if target_maps.dim() != 4 or tuple(target_maps.shape[1:]) != (1, *expected):
+            raise InputError(
+                f"target maps have shape {tuple(target_maps.shape)}, the {self.interpreter.name} "
+                f"interpreter makes maps of shape ({n}, 1, {expected[0]}, {expected[1]})"
+            )
+        if target_maps.shape[0] not in (1, n):
+            raise InputError(f"got {target_maps.shape[0]} target maps for {n} images")
+        if not torch.isfinite(target_maps).all() or target_maps.min() < 0 or target_maps.max() > 1:
+            raise InputError("target maps must be finite and in [0, 1]")
+        return target_maps.expand(n, -1, -1, -1)
+
+
+def _finish(
+    classifier: Classifier,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    best: torch.Tensor,
+    best_step: torch.Tensor,
+    last: torch.Tensor,
+    config: AttackConfig,
+    distances: torch.Tensor | None = None,
+) -> AttackResult:
+    adversarial = quantize(best, images, config.eps)
+    with torch.no_grad():
+        probabilities = classifier(adversarial).softmax(1)
+    return AttackResult(
+        adversarial=adversarial,
+        targets=targets,
+        success=probabilities.argmax(1) == targets,
+        confidence=probabilities.gather(1, targets[:, None]).squeeze(1),
+        last=last,
+        chosen_step=best_step,
+        map_distance=distances,
+    )
