@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..interpreters.base import Interpreter
 from ..models.classifier import Classifier
 from .config import AttackConfig
+from .targets import check_targets
 
 #: objective(x, step) → (loss per sample, selection score per sample (lower is better), eligible)
 Objective = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -70,9 +71,13 @@ def quantize(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
     return q.clamp(0.0, 1.0)
 
 
-def _check_batch(classifier: Classifier, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_batch(
+    classifier: Classifier, images: torch.Tensor, targets: Any, labels: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     images = classifier.check_images(images).to(classifier.device)
     targets = classifier.check_classes(targets, images.shape[0])
+    if labels is not None:
+        check_targets(classifier.check_classes(labels, images.shape[0]), targets)
     return images, targets
 
 
@@ -125,9 +130,10 @@ class PGD:
         self.classifier = classifier
         self.config = config or AttackConfig()
 
-    def __call__(self, images: torch.Tensor, targets: Any) -> AttackResult:
+    def __call__(self, images: torch.Tensor, targets: Any, *, labels: Any = None) -> AttackResult:
+        """Attack ``images`` toward ``targets``; ``labels`` (optional) refuses targets = true class."""
         clf, config = self.classifier, self.config
-        images, targets = _check_batch(clf, images, targets)
+        images, targets = _check_batch(clf, images, targets, labels)
         with clf.frozen():
             best, best_score, best_step, last = self._stage_one(images, targets)
             return _finish(clf, images, targets, best, best_step, last, config)
@@ -172,14 +178,16 @@ class ADV2(PGD):
             raise InputError("the interpreter explains a different classifier than the one attacked")
         self.interpreter = interpreter
 
-    def __call__(self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None) -> AttackResult:
+    def __call__(
+        self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None, *, labels: Any = None
+    ) -> AttackResult:
         """Attack ``images`` toward ``targets`` keeping the map close to ``target_maps``.
 
         ``target_maps`` default to the benign maps of ``images`` (the paper's headline setting);
         otherwise they must have the interpreter's map shape (N or 1, 1, h, w).
         """
         clf, config, interpreter = self.classifier, self.config, self.interpreter
-        images, targets = _check_batch(clf, images, targets)
+        images, targets = _check_batch(clf, images, targets, labels)
         if target_maps is None:
             target_maps = interpreter(images, seed=config.seed)
         target_maps = self._check_target_maps(images, target_maps)

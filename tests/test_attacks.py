@@ -1,0 +1,258 @@
+"""PGD and ADV²: the budget is never left, targets are reached, selection and λ behave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from underfire import Classifier, InputError
+from underfire.attacks import ADV2, PGD, AttackConfig, LambdaSchedule, parse_fraction, preset, project, quantize
+from underfire.attacks.core import _descend
+from underfire.attacks.targets import check_targets, load_user_map, random_targets, shape_maps
+from underfire.data import read_image
+from underfire.interpreters import build_interpreter
+from underfire.visualize import save_png, to_uint8
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_classifier(seed: int = 0) -> Classifier:
+    """A small conv net with a GAP→linear head, so every interpreter applies."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    ).eval()
+    with torch.no_grad():
+        net[-1].weight.mul_(30)  # make the logits depend strongly on the input
+    return Classifier(net, input_size=SIZE, num_classes=4)
+
+
+def batch(n: int = 6, seed: int = 0) -> torch.Tensor:
+    """Off-grid float images (not multiples of 1/255), the hard case for 8-bit projection."""
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def in_budget(adversarial: torch.Tensor, origin: torch.Tensor, eps: float) -> bool:
+    return bool(((adversarial - origin).abs().max() <= eps + 1e-6) and adversarial.min() >= 0 and adversarial.max() <= 1)
+
+
+def on_grid(x: torch.Tensor) -> bool:
+    return bool(torch.allclose(x * 255, torch.round(x * 255), atol=1e-4))
+
+
+def test_parse_fraction() -> None:
+    assert parse_fraction("8/255") == pytest.approx(8 / 255)
+    assert parse_fraction("0.031") == pytest.approx(0.031)
+    assert parse_fraction(0.5) == 0.5
+    with pytest.raises(InputError, match="8/255"):
+        parse_fraction("eight")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"eps": 0.0}, "eps must be in"),
+        ({"eps": -0.1}, "eps must be in"),
+        ({"eps": 1.5}, "eps must be in"),
+        ({"alpha": 0.0}, "alpha must be in"),
+        ({"pgd_steps": -1}, "pgd_steps"),
+        ({"pgd_steps": 0, "adv_steps": 0}, "at least one step"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"bogus": 1}, "unknown attack option"),
+    ],
+)
+def test_bad_configurations_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        AttackConfig().with_overrides(**overrides)
+
+
+def test_presets_and_their_errors() -> None:
+    quick, paper = preset("quick", "cam"), preset("paper", "cam")
+    assert quick.pgd_steps + quick.adv_steps < paper.pgd_steps + paper.adv_steps
+    assert quick.eps == paper.eps == pytest.approx(8 / 255)
+    assert preset("quick", "grad", eps=4 / 255).eps == pytest.approx(4 / 255)
+    with pytest.raises(InputError, match="unknown preset"):
+        preset("fast", "cam")
+    with pytest.raises(InputError, match="unknown interpreter 'lime'"):
+        preset("quick", "lime")
+
+
+def test_lambda_schedules() -> None:
+    linear = LambdaSchedule((5.0, 10.0))
+    assert linear.at(0, 11) == 5.0 and linear.at(10, 11) == 10.0 and linear.at(5, 11) == 7.5
+    staged = LambdaSchedule((1.0, 2.0, 3.0), "staged", (2, 1, 1))
+    assert [staged.at(step, 8) for step in range(8)] == [1, 1, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(InputError):
+        LambdaSchedule((1.0,), "staged", None)
+
+
+def test_project_and_quantize_keep_the_budget() -> None:
+    origin = batch()
+    eps = 8 / 255
+    wild = origin + torch.randn(origin.shape, generator=torch.Generator().manual_seed(1))
+    projected = project(wild, origin, eps)
+    assert in_budget(projected, origin, eps)
+    quantized = quantize(projected, origin, eps)
+    assert in_budget(quantized, origin, eps) and on_grid(quantized)
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_pgd_reaches_targets_on_a_tiny_model_within_budget(random_start: bool) -> None:
+    clf = tiny_classifier()
+    images = batch()
+    logits = clf.predict(images)
+    labels = logits.argmax(1)
+    targets = logits.topk(2, dim=1).indices[:, 1]  # the runner-up: reachable on a random net
+    config = AttackConfig(eps=0.25, alpha=0.02, pgd_steps=40, adv_steps=0, random_start=random_start)
+    result = PGD(clf, config)(images, targets, labels=labels)
+    assert result.success.all()
+    assert in_budget(result.adversarial, images, config.eps) and on_grid(result.adversarial)
+    # success and confidence are those of the returned (8-bit) images
+    probabilities = clf.predict(result.adversarial).softmax(1)
+    torch.testing.assert_close(result.confidence, probabilities.gather(1, targets[:, None]).squeeze(1))
+
+
+@pytest.mark.parametrize("interpreter", ["grad", "cam", "gradcam", "smoothgrad", "rts", "mask"])
+def test_adv2_stays_within_budget_after_png_round_trip(interpreter: str, tmp_path: Path) -> None:
+    clf = tiny_classifier()
+    options = {"samples": 2} if interpreter == "smoothgrad" else {}
+    if interpreter == "rts":
+        from underfire.interpreters import SaliencyNetwork
+
+        options = {"network": SaliencyNetwork(4).eval()}
+    if interpreter == "mask":
+        from underfire.interpreters import MaskConfig
+
+        options = {"config": MaskConfig(iterations=4, init_steps=2)}
+    explainer = build_interpreter(interpreter, clf, **options)
+    images = batch(3)
+    targets = (clf.predict(images).argmax(1) + 1) % 4
+    config = AttackConfig(eps=8 / 255, alpha=2 / 255, pgd_steps=3, adv_steps=3)
+    result = ADV2(clf, explainer, config)(images, targets)
+    assert in_budget(result.adversarial, images, config.eps) and on_grid(result.adversarial)
+    # what is saved is what is measured: PNG → reload gives the same tensor, still in budget
+    for i in range(3):
+        path = save_png(to_uint8(result.adversarial[i]), tmp_path / f"{i}.png")
+        reloaded = read_image(path)
+        assert torch.equal(reloaded, result.adversarial[i])
+        assert in_budget(reloaded[None], images[i : i + 1], config.eps)
+
+
+def test_best_iterate_selection() -> None:
+    """The iterate with the lowest score among the eligible ones is kept, not the last."""
+    origin = torch.full((2, 1, 2, 2), 0.5)
+    config = AttackConfig(eps=0.5, alpha=0.05, pgd_steps=6, adv_steps=0)
+    scores = {0: [5, 4, 1, 3, 3, 3, 2], 1: [5, 4, 3, 2, 9, 0.5, 7]}
+    eligible = {0: [True] * 7, 1: [True, True, True, True, True, False, True]}
+
+    def objective(x: torch.Tensor, step: int):
+        loss = x.flatten(1).sum(1)  # descends: every step lowers x by alpha
+        score = torch.tensor([scores[0][step], scores[1][step]], dtype=torch.float32)
+        ok = torch.tensor([eligible[0][step], eligible[1][step]])
+        return loss, score, ok
+
+    best = origin.clone()
+    best_score = torch.full((2,), float("inf"))
+    best_step = torch.full((2,), -1)
+    last = _descend(origin, origin, config.pgd_steps, config, objective, best, best_score, best_step)
+    assert best_step.tolist() == [2, 3]  # sample 1's step 5 scores lower but is not eligible
+    torch.testing.assert_close(best[0], torch.full((1, 2, 2), 0.5 - 2 * 0.05))
+    torch.testing.assert_close(best[1], torch.full((1, 2, 2), 0.5 - 3 * 0.05))
+    torch.testing.assert_close(last, torch.full((2, 1, 2, 2), 0.5 - 6 * 0.05))
+
+
+def test_lambda_zero_is_exactly_pgd_and_lambda_positive_is_not() -> None:
+    clf = tiny_classifier()
+    explainer = build_interpreter("cam", clf)
+    images = batch(4)
+    targets = (clf.predict(images).argmax(1) + 2) % 4
+    base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=4, adv_steps=8)
+    pgd = PGD(clf, base.with_overrides(pgd_steps=12, adv_steps=0))(images, targets)
+    zero = ADV2(clf, explainer, base.with_overrides(lam=LambdaSchedule((0.0,))))(images, targets)
+    positive = ADV2(clf, explainer, base.with_overrides(lam=LambdaSchedule((50.0,))))(images, targets)
+    assert torch.equal(zero.last, pgd.last)
+    assert not torch.equal(positive.last, pgd.last)
+
+
+def test_adv2_keeps_the_map_closer_than_pgd_on_the_shipped_model() -> None:
+    """A small end-to-end check on the real model: same images, targets and budget."""
+    from underfire import ShapesDataset, load_model
+    from underfire.metrics import l1_distance
+
+    clf = load_model("shapes-resnet")
+    images, labels, _ = ShapesDataset("test").tensors(range(6))
+    targets = random_targets(labels, 10, seed=0)
+    explainer = build_interpreter("cam", clf)
+    benign = explainer(images, labels)
+    config = preset("quick", "cam", pgd_steps=20, adv_steps=40)
+    adv2 = ADV2(clf, explainer, config)(images, targets, benign, labels=labels)
+    pgd = PGD(clf, config.with_overrides(pgd_steps=60, adv_steps=0))(images, targets)
+    assert adv2.success.float().mean() >= 5 / 6 and pgd.success.float().mean() >= 5 / 6
+    adv2_distance = l1_distance(explainer(adv2.adversarial, targets), benign).mean()
+    pgd_distance = l1_distance(explainer(pgd.adversarial, targets), benign).mean()
+    assert adv2_distance < 0.7 * pgd_distance
+
+
+def test_argument_errors() -> None:
+    clf = tiny_classifier()
+    images = batch(2)
+    labels = clf.predict(images).argmax(1)
+    explainer = build_interpreter("cam", clf)
+    attack = ADV2(clf, explainer, AttackConfig(pgd_steps=1, adv_steps=1))
+    with pytest.raises(InputError, match="equals the true class for image"):
+        attack(images, labels, labels=labels)
+    with pytest.raises(InputError, match="target maps have shape"):
+        attack(images, (labels + 1) % 4, torch.zeros(2, 1, 5, 5))
+    with pytest.raises(InputError, match=r"in \[0, 1\]"):
+        attack(images, (labels + 1) % 4, torch.full((2, 1, 16, 16), 2.0))
+    with pytest.raises(InputError, match="unknown class 9"):
+        attack(images, [9, 9])
+    with pytest.raises(InputError, match="different classifier"):
+        ADV2(tiny_classifier(1), explainer)
+    with pytest.raises(InputError, match="unknown interpreter"):
+        build_interpreter("occlusion", clf)
+
+
+def test_random_targets_never_hit_the_label_and_are_seeded() -> None:
+    labels = torch.arange(100) % 10
+    first, second = random_targets(labels, 10, 3), random_targets(labels, 10, 3)
+    assert torch.equal(first, second) and not (first == labels).any()
+    assert not torch.equal(first, random_targets(labels, 10, 4))
+    check_targets(labels, first)
+
+
+def test_target_maps(tmp_path: Path) -> None:
+    circles = shape_maps("circle", 3, (16, 16), seed=0)
+    assert circles.shape == (3, 1, 16, 16) and set(circles.unique().tolist()) <= {0.0, 1.0}
+    assert (circles.flatten(1).sum(1) > 0).all()
+    assert torch.equal(circles, shape_maps("circle", 3, (16, 16), seed=0))
+    with pytest.raises(InputError, match="circle"):
+        shape_maps("star", 1, (8, 8), 0)
+    path = tmp_path / "m.npy"
+    np.save(path, np.arange(12, dtype=np.float64).reshape(3, 4))
+    loaded = load_user_map(path)
+    assert loaded.shape == (1, 1, 3, 4) and loaded.min() == 0 and loaded.max() == 1
+    np.save(path, np.zeros((2, 2, 2)))
+    with pytest.raises(InputError, match="2-D"):
+        load_user_map(path)
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"nope")
+    with pytest.raises(InputError, match="cannot read target map"):
+        load_user_map(bad)
+    Image.new("RGB", (2, 2)).save(tmp_path / "x.png")  # not reachable as a map: wrong format
+    with pytest.raises(InputError):
+        load_user_map(tmp_path / "x.png")
