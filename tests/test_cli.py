@@ -153,3 +153,46 @@ def test_evaluate_with_an_interpreter_reports_localisation() -> None:
     assert code == 0
     report = json.loads(out)
     assert report["pointing_game"] >= 0.9 and 0 < report["object_iou"] <= 1
+
+
+def test_attack_on_files_saves_measured_pngs(tmp_path: Path) -> None:
+    source = tmp_path / "png"
+    run("data", "export", "shapes:test", str(source), "--limit", "2")
+    files = sorted(str(p) for p in (source / "images").rglob("*.png"))
+    out = tmp_path / "attack"
+    code, text, _ = run(
+        "attack", *files, "--model", "shapes-resnet", "-i", "cam", "--eps", "8/255",
+        "--pgd-steps", "8", "--adv-steps", "8", "--out", str(out), "--json",
+    )
+    assert code == 0
+    report = json.loads(text)
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["summary"]["images"] == 2
+    for row in report["images"]:
+        assert row["target_class"] != row["true_class"]
+        assert row["linf"] <= 8 / 255 + 1e-6
+        assert set(row) >= {"success", "confidence", "l1", "l2", "iou", "iou_by_k", "predicted_class"}
+        assert len(row["iou_by_k"]) == 10
+        stem = Path(row["adversarial"]).stem
+        assert (out / "maps" / f"{stem}.benign.npy").is_file() and (out / "maps" / f"{stem}.adversarial.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--eps", "0"), "eps must be in"),
+        (("--eps", "2"), "eps must be in"),
+        (("--eps", "abc"), "cannot read 'abc'"),
+        (("-i", "lime"), "unknown interpreter 'lime'"),
+        (("--target", "circle"), "equals the true class"),
+        (("--target", "zebra"), "unknown class 'zebra'"),
+        (("--attack", "fgsm"), "attack must be"),
+        (("--target-map", "nope.npy"), "does not exist"),
+    ],
+)
+def test_attack_argument_errors(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    image = tmp_path / "circle.png"
+    picture, _ = ShapesDataset("test", length=1)[0]  # test image 0 is a circle
+    Image.fromarray((picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(image)
+    code, _, err = run("attack", str(image), "--out", str(tmp_path / "o"), "--pgd-steps", "1", "--adv-steps", "1", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
