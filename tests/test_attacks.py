@@ -21,14 +21,6 @@ from underfire.visualize import save_png, to_uint8
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_classifier(seed: int = 0) -> Classifier:
     """A small conv net with a GAP→linear head, so every interpreter applies."""
     torch.manual_seed(seed)

@@ -29,15 +29,6 @@ from underfire.models.specs import builtin_weights_path
 INTERPRETERS: list[type[Interpreter]] = [CAM, GradCAM]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """Tiny ops on a shared 2-core machine: intra-op threads only spin (10–100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- tiny hand-built net
 class HandNet(nn.Module):
     """1×1 conv (3 → 2 channels) → ReLU → GAP → linear (2 → 3 classes), fixed weights.

@@ -4,7 +4,7 @@ the differentiable surrogate the ADV² attack needs, state hygiene and captum as
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+
 
 import pytest
 import torch
@@ -19,15 +19,6 @@ from underfire.smoothing import ReluSurrogate, relu_surrogate
 
 SIZE = 32
 CLASSES = 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster (and far faster on a shared, loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_classifier(seed: int = 0) -> Classifier:

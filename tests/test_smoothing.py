@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -52,15 +52,6 @@ def derivatives(z: torch.Tensor, relu: Callable[[torch.Tensor], torch.Tensor]) -
     else:  # a true ReLU's derivative does not depend on z at all
         second = torch.zeros_like(z)
     return first.detach(), second
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster (and far faster on a shared, loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mode_depth() -> int:

@@ -10,6 +10,7 @@ what the ADV² attack optimises (DESIGN §2). Adding an interpreter = one module
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +42,20 @@ class Interpreter(ABC):
         self, images: torch.Tensor, classes: Any = None, *, seed: int | None = None
     ) -> torch.Tensor:
         """Maps (N, 1, h, w) in [0, 1] for ``classes`` (default: the predicted classes)."""
+
+        def benign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
+            return self.explain(x, c, generator=generator)
+
+        return self.run_frozen(images, classes, benign)
+
+    def run_frozen(
+        self,
+        images: torch.Tensor,
+        classes: Any,
+        compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Validate, default the classes to the predictions, run ``compute`` frozen, detach."""
         clf = self.classifier
         images = clf.check_images(images).to(clf.device)
         with clf.frozen():
@@ -48,8 +63,7 @@ class Interpreter(ABC):
                 with torch.no_grad():
                     classes = clf(images).argmax(1)
             classes = clf.check_classes(classes, images.shape[0])
-            generator = None if seed is None else torch.Generator(images.device).manual_seed(seed)
-            maps = self.explain(images, classes, generator=generator)
+            maps = compute(images, classes)
         return maps.detach()
 
     def explain(

@@ -61,15 +61,7 @@ class _RepresentationInterpreter(Interpreter):
 
         Validated and run frozen like calling the interpreter; returns detached maps.
         """
-        clf = self.classifier
-        images = clf.check_images(images).to(clf.device)
-        with clf.frozen():
-            if classes is None:
-                with torch.no_grad():
-                    classes = clf(images).argmax(1)
-            classes = clf.check_classes(classes, images.shape[0])
-            maps = self._raw_benign(images, classes)
-        return maps.detach()
+        return self.run_frozen(images, classes, self._raw_benign)
 
     def explain(
         self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
