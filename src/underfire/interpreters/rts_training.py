@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
+from ..metrics import object_iou, pointing_game
 from ..models.architectures import ShapesResNet
 from ..models.checkpoint import library_versions, load_checkpoint
 from ..models.classifier import Classifier
@@ -65,11 +66,9 @@ __all__ = [
     "area_loss",
     "evaluate_rts",
     "gaussian_blur",
-    "pointing_game",
     "pretrain_encoder",
     "rts_loss",
     "smoothness_loss",
-    "topk_iou",
     "train_rts",
 ]
 
@@ -185,41 +184,6 @@ def rts_loss(
 # ---------------------------------------------------------------------------------- evaluation
 
 
-def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if maps.shape[-2:] == size:
-        return maps.float()
-    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
-
-
-def pointing_game(maps: torch.Tensor, object_masks: torch.Tensor) -> torch.Tensor:
-    """Per-image hits (N,) bool: the maximum of the map, upsampled to the mask, lies on the object."""
-    up = _upsample(maps, tuple(object_masks.shape[-2:])).flatten(1)
-    best = up.argmax(1)
-    return object_masks.flatten(1).gather(1, best[:, None]).squeeze(1).bool()
-
-
-def topk_iou(
-    maps: torch.Tensor, object_masks: torch.Tensor, fraction: float | None = None
-) -> torch.Tensor:
-    """Per-image IoU (N,) between the top-k map pixels (upsampled) and the object mask.
-
-    ``k`` = the object's area by default, else ``fraction`` of the pixels.
-    """
-    objects = object_masks.flatten(1).bool()
-    up = _upsample(maps, tuple(object_masks.shape[-2:])).flatten(1)
-    order = torch.sort(up, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(up.shape[1], device=up.device).expand_as(order))
-    if fraction is None:
-        k = objects.sum(1, keepdim=True)
-    else:
-        k = torch.full((up.shape[0], 1), max(1, round(fraction * up.shape[1])), device=up.device)
-    top = ranks < k
-    inter = (top & objects).sum(1).float()
-    union = (top | objects).sum(1).float()
-    return inter / union.clamp_min(1)
-
-
 @torch.no_grad()
 def evaluate_rts(
     network: SaliencyNetwork,
@@ -242,9 +206,9 @@ def evaluate_rts(
     fakes = torch.cat(fake_masks)
     grid = [0.1, 0.2, 0.3, 0.4, 0.5]
     return {
-        "pointing_game": float(pointing_game(masks, object_masks).float().mean()),
-        "iou_object_area": float(topk_iou(masks, object_masks).mean()),
-        "iou_grid_10_50": float(torch.stack([topk_iou(masks, object_masks, f) for f in grid]).mean()),
+        "pointing_game": float(pointing_game(masks, object_masks, tolerance=0).float().mean()),
+        "iou_object_area": float(object_iou(masks, object_masks).mean()),
+        "iou_grid_10_50": float(torch.stack([object_iou(masks, object_masks, f) for f in grid]).mean()),
         "true_mask_area": float(masks.mean()),
         "fake_mask_area": float(fakes.mean()),
     }
