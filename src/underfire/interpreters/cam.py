@@ -33,6 +33,8 @@ the map to the input size, which we do not (maps stay at feature resolution).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from typing import Any
 
 import torch
@@ -75,11 +77,13 @@ class _RepresentationInterpreter(Interpreter):
         """The normalised map with its graph to ``images``: the map itself is differentiable."""
         return normalize_maps(self._raw_differentiable(images, classes)), None
 
+    @abstractmethod
     def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The un-normalised map without a graph to the input."""
 
+    @abstractmethod
     def _raw_differentiable(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The un-normalised map with its graph to the input."""
 
 
 class CAM(_RepresentationInterpreter):
