@@ -51,7 +51,7 @@ from torch import nn
 from ..errors import CheckpointError, InputError
 from ..models.architectures import ShapesResNet
 from ..models.checkpoint import load_checkpoint, save_checkpoint
-from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, frozen_module
 from .base import Interpreter, normalize_maps
 
 __all__ = [
@@ -229,21 +229,8 @@ class SaliencyNetwork(nn.Module):
     @contextmanager
     def frozen(self) -> Iterator[SaliencyNetwork]:
         """Eval mode and frozen parameters inside; every module flag and ``requires_grad`` restored."""
-        modules = list(self.modules())
-        params = list(self.parameters())
-        training = [m.training for m in modules]
-        requires_grad = [p.requires_grad for p in params]
-        try:
-            for module in modules:
-                module.training = False
-            for param in params:
-                param.requires_grad_(False)
+        with frozen_module(self):
             yield self
-        finally:
-            for module, flag in zip(modules, training):
-                module.training = flag
-            for param, flag in zip(params, requires_grad):
-                param.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------------------------- checkpoints

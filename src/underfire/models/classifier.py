@@ -141,27 +141,14 @@ class Classifier(nn.Module):
         back individually, so partially-frozen or partially-training models come back exactly as
         they were, also after an exception.
         """
-        modules = list(self.modules())
-        params = list(self.parameters())
-        training = [m.training for m in modules]
-        requires_grad = [p.requires_grad for p in params]
-        if any(training[1:]):
+        if any(m.training for m in list(self.modules())[1:]):
             warnings.warn(
                 f"{self.name} is in training mode; underfire runs it in eval mode and restores "
                 "training mode afterwards",
                 stacklevel=3,
             )
-        try:
-            for module in modules:
-                module.training = False
-            for param in params:
-                param.requires_grad_(False)
+        with frozen_module(self):
             yield self
-        finally:
-            for module, flag in zip(modules, training):
-                module.training = flag
-            for param, flag in zip(params, requires_grad):
-                param.requires_grad_(flag)
 
     @property
     def device(self) -> torch.device:
@@ -286,6 +273,27 @@ class Classifier(nn.Module):
         if layers.post_relu:
             features = torch.relu(features)
         return features, logits
+
+
+@contextmanager
+def frozen_module(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters inside; each module's ``training`` flag and each
+    parameter's ``requires_grad`` restored individually on exit, also after an exception."""
+    modules = list(module.modules())
+    params = list(module.parameters())
+    training = [m.training for m in modules]
+    requires_grad = [p.requires_grad for p in params]
+    try:
+        for child in modules:
+            child.training = False
+        for param in params:
+            param.requires_grad_(False)
+        yield module
+    finally:
+        for child, flag in zip(modules, training):
+            child.training = flag
+        for param, flag in zip(params, requires_grad):
+            param.requires_grad_(flag)
 
 
 def find_cam_layers(
