@@ -19,7 +19,14 @@ from torch import nn
 from underfire import Classifier, InputError
 from underfire.data import ShapesDataset
 from underfire.interpreters.base import normalize_maps
-from underfire.interpreters.mask import Mask, MaskConfig, MaskSolution, MaskState, gaussian_blur, total_variation
+from underfire.interpreters.mask import (
+    Mask,
+    MaskConfig,
+    MaskSolution,
+    MaskState,
+    gaussian_blur,
+    total_variation,
+)
 from underfire.models import IMAGENET_MEAN, IMAGENET_STD, ShapesResNet, load_model
 from underfire.models.specs import builtin_weights_path
 
@@ -48,7 +55,8 @@ def tiny_classifier(fail_at: int | None = None) -> Classifier:
         net.train()
         net(torch.rand(8, 3, SIZE, SIZE))
     net.eval()
-    return Classifier(Tripwire(net, fail_at), IMAGENET_MEAN, IMAGENET_STD, input_size=SIZE, num_classes=10).eval()
+    clf = Classifier(Tripwire(net, fail_at), IMAGENET_MEAN, IMAGENET_STD, input_size=SIZE, num_classes=10)
+    return clf.eval()
 
 
 def images(n: int = 3, seed: int = 1, size: int = SIZE) -> torch.Tensor:
@@ -108,7 +116,8 @@ def test_objective_at_the_extremes_is_the_class_probability_plus_penalties() -> 
         keep = interpreter.objective(torch.ones(3, 1, 8, 8), x, classes)
         delete = interpreter.objective(torch.zeros(3, 1, 8, 8), x, classes)
         p_x = torch.softmax(clf(x), 1)[torch.arange(3), classes]
-        p_blur = torch.softmax(clf(gaussian_blur(x, interpreter.config.image_sigma(SIZE, SIZE))), 1)[torch.arange(3), classes]
+        blurred = gaussian_blur(x, interpreter.config.image_sigma(SIZE, SIZE))
+        p_blur = torch.softmax(clf(blurred), 1)[torch.arange(3), classes]
     torch.testing.assert_close(keep, p_x)
     torch.testing.assert_close(delete, p_blur + 2e-3 * 784)
 
@@ -244,7 +253,9 @@ def _assert_unchanged(model: nn.Module, before: tuple) -> None:
     assert [p.requires_grad for p in model.parameters()] == requires_grad
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    hooks = sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
     assert hooks == 0
 
 
