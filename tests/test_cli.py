@@ -196,3 +196,17 @@ def test_attack_argument_errors(tmp_path: Path, args: tuple[str, ...], message: 
     Image.fromarray((picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(image)
     code, _, err = run("attack", str(image), "--out", str(tmp_path / "o"), "--pgd-steps", "1", "--adv-steps", "1", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_rts_writes_a_usable_network(tmp_path: Path) -> None:
+    from underfire.interpreters import Rts
+
+    out = tmp_path / "rts.safetensors"
+    code, text, _ = run("train", "rts", "--model", "shapes-resnet", "--epochs", "1", "--train-size", "32", "--out", str(out))
+    assert code == 0 and "pointing_game" in text
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["config"]["model"] == "shapes-resnet" and meta["config"]["train_size"] == 32
+    clf = load_model("shapes-resnet")
+    images, labels, _ = ShapesDataset("test", length=2).tensors()
+    maps = Rts(clf, checkpoint=out)(images, labels)
+    assert maps.shape == (2, 1, 16, 16)
