@@ -9,6 +9,7 @@ from torch import nn
 from underfire import Classifier, InputError, ModelStructureError
 from underfire.models import ShapesDenseNet, ShapesResNet
 from underfire.models.torchvision_compat import import_torchvision
+from model_state import assert_unchanged, snapshot
 
 
 class Recorder(nn.Module):
@@ -32,22 +33,6 @@ def mixed_state_model() -> nn.Module:
     model.layer2.eval()
     model.conv1.weight.requires_grad_(False)
     return model
-
-
-def snapshot(model: nn.Module) -> tuple[list[bool], list[bool], dict[str, torch.Tensor]]:
-    return (
-        [m.training for m in model.modules()],
-        [p.requires_grad for p in model.parameters()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-    )
-
-
-def assert_same_state(model: nn.Module, before: tuple) -> None:
-    training, requires_grad, state = before
-    assert [m.training for m in model.modules()] == training
-    assert [p.requires_grad for p in model.parameters()] == requires_grad
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), f"{key} changed"
 
 
 def test_normalisation_happens_inside_forward() -> None:
@@ -76,7 +61,7 @@ def test_frozen_sets_eval_and_restores_after_success() -> None:
         assert not any(m.training for m in model.modules())
         assert not any(p.requires_grad for p in model.parameters())
         clf(torch.rand(4, 3, 64, 64))  # BatchNorm statistics must not move
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
 def test_frozen_restores_after_exception() -> None:
@@ -87,7 +72,7 @@ def test_frozen_restores_after_exception() -> None:
         with clf.frozen():
             clf(torch.rand(2, 3, 64, 64))
             raise RuntimeError("boom")
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
 def test_predict_leaves_a_training_model_unchanged() -> None:
@@ -97,7 +82,7 @@ def test_predict_leaves_a_training_model_unchanged() -> None:
     with pytest.warns(UserWarning, match="training mode"):
         first = clf.predict(torch.rand(3, 3, 64, 64))
     assert first.shape == (3, 10)
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
 def test_eval_model_does_not_warn(recwarn: pytest.WarningsRecorder) -> None:
@@ -251,4 +236,4 @@ def test_discovery_leaves_no_hooks_and_no_state_change() -> None:
     with pytest.warns(UserWarning):
         Classifier(model, input_size=64).cam_layers()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert_same_state(model, before)
+    assert_unchanged(model, before)

@@ -18,6 +18,7 @@ from torch import nn
 from underfire import Classifier, InputError
 from underfire.interpreters import INTERPRETERS, Interpreter, Mask, MaskConfig, Rts, SaliencyNetwork, build_interpreter
 from underfire.models import IMAGENET_MEAN, IMAGENET_STD, ShapesDenseNet, ShapesResNet
+from model_state import assert_unchanged, snapshot
 
 SIZE = 32
 
@@ -76,30 +77,6 @@ def images(n: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-def hooks_left(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
-        for m in model.modules()
-    )
-
-
-def state_of(model: nn.Module) -> tuple[list[bool], list[bool], dict[str, torch.Tensor]]:
-    return (
-        [m.training for m in model.modules()],
-        [p.requires_grad for p in model.parameters()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-    )
-
-
-def assert_unchanged(model: nn.Module, before: tuple) -> None:
-    training, requires_grad, state = before
-    assert [m.training for m in model.modules()] == training
-    assert [p.requires_grad for p in model.parameters()] == requires_grad
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), f"{key} changed"
-    assert hooks_left(model) == 0
-
-
 @pytest.fixture(params=sorted(FACTORIES), name="name")
 def interpreter_name(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -150,7 +127,7 @@ def test_no_state_change_and_no_hooks_after_success(name: str) -> None:
     clf = make_classifier()
     clf.network.net.train()  # a user's model left in training mode
     clf.network.net.layer2.eval()
-    before = state_of(clf)
+    before = snapshot(clf)
     with pytest.warns(UserWarning, match="training mode"):
         FACTORIES[name](clf)(images(), [0, 1, 2], seed=0)
     assert_unchanged(clf, before)
@@ -173,7 +150,7 @@ def test_no_state_change_and_no_hooks_after_an_exception(name: str, when: str) -
         watched.append(network)
     else:
         clf.network.calls, clf.network.fail_at = 0, (1 if when == "first" else calls)
-    before = [state_of(module) for module in watched]
+    before = [snapshot(module) for module in watched]
     with pytest.raises(RuntimeError, match="tripwire"):
         interpreter(images(), [0, 1, 2], seed=0)
     for module, state in zip(watched, before):
@@ -183,7 +160,7 @@ def test_no_state_change_and_no_hooks_after_an_exception(name: str, when: str) -
 
 def test_invalid_class_is_refused_without_side_effects(name: str) -> None:
     clf = make_classifier()
-    before = state_of(clf)
+    before = snapshot(clf)
     with pytest.raises(InputError, match="unknown class 10"):
         FACTORIES[name](clf)(images(), [0, 10, 2])
     assert_unchanged(clf, before)

@@ -19,6 +19,7 @@ from torch import nn
 from underfire import Classifier, InputError
 from underfire.data import ShapesDataset
 from underfire.interpreters.base import normalize_maps
+from model_state import assert_unchanged, snapshot
 from underfire.interpreters.mask import (
     Mask,
     MaskConfig,
@@ -239,33 +240,13 @@ def test_resolve_every_restarts_the_inner_solve() -> None:
 
 
 # ---------------------------------------------------------------------- the model is left alone
-def _snapshot(model: nn.Module) -> tuple[list[bool], list[bool], dict[str, torch.Tensor]]:
-    return (
-        [m.training for m in model.modules()],
-        [p.requires_grad for p in model.parameters()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-    )
-
-
-def _assert_unchanged(model: nn.Module, before: tuple) -> None:
-    training, requires_grad, state = before
-    assert [m.training for m in model.modules()] == training
-    assert [p.requires_grad for p in model.parameters()] == requires_grad
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert all(p.grad is None for p in model.parameters())
-    hooks = sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
-    assert hooks == 0
-
-
 @pytest.mark.parametrize("fail_at", [None, 1, 5])
 def test_model_flags_and_state_restored_after_success_and_exception(fail_at: int | None) -> None:
     clf = tiny_classifier(fail_at)
     clf.network.net.train()
     clf.network.net.layer2.eval()
     clf.network.net.fc.weight.requires_grad_(False)
-    before = _snapshot(clf)
+    before = snapshot(clf)
     interpreter = Mask(clf, SMALL)
     with pytest.warns(UserWarning, match="training mode"):
         if fail_at is None:
@@ -273,7 +254,7 @@ def test_model_flags_and_state_restored_after_success_and_exception(fail_at: int
         else:
             with pytest.raises(RuntimeError, match="tripwire"):
                 interpreter(images(), [0, 1, 2], seed=0)
-    _assert_unchanged(clf, before)
+    assert_unchanged(clf, before, no_grads=True)
 
 
 # ---------------------------------------------------------------------- validation
