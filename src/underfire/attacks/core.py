@@ -193,9 +193,7 @@ class ADV2(PGD):
         target_maps = self._check_target_maps(images, target_maps)
         with clf.frozen():
             best, _, best_step, last = self._stage_one(images, targets)
-            state: Any = None
-            if config.seed is not None and interpreter.name == "smoothgrad":
-                state = torch.Generator(images.device).manual_seed(config.seed)
+            state: Any = interpreter.initial_state(config.seed, images.device)
             encoder = getattr(interpreter, "encoder_logits", None)
             lam = config.lam
             # the stage-1 result stays the answer for samples that never qualify in stage 2

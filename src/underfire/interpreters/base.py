@@ -74,6 +74,10 @@ class Interpreter(ABC):
             maps, _ = self.surrogate(images, classes)
         return maps
 
+    def initial_state(self, seed: int, device: torch.device) -> Any:
+        """The ``state`` an attack passes to the first ``surrogate`` call (stateless: ``None``)."""
+        return None
+
     def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
         """(h, w) of the maps this interpreter makes for ``images``' size.
 

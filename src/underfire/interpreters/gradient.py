@@ -62,7 +62,7 @@ class Grad(Interpreter):
         """Exact-gradient maps (true ReLU derivative, no graph kept)."""
         x = images.detach().requires_grad_(True)
         with torch.enable_grad(), relu_surrogate("none"):
-            grad = _input_gradient(self.classifier, x, x, classes, self.score, create_graph=False)
+            grad = self._gradient(x, classes, generator, create_graph=False)
         return _gradient_maps(grad.detach(), self.pool)
 
     def surrogate(
@@ -71,15 +71,22 @@ class Grad(Interpreter):
         """Maps differentiable w.r.t. ``images`` through the smoothed ReLU derivative.
 
         ``images`` should require grad (the attack's iterate); if it does not, a fresh leaf copy
-        is differentiated and the maps carry a graph to that copy.
+        is differentiated and the maps carry a graph to that copy. GRAD keeps no state (``None``
+        in, ``None`` out).
         """
         x = _differentiable(images)
         with torch.enable_grad(), relu_surrogate(self.relu):
-            grad = _input_gradient(self.classifier, x, x, classes, self.score, create_graph=True)
-        return _gradient_maps(grad, self.pool), None
+            grad = self._gradient(x, classes, state, create_graph=True)
+        return _gradient_maps(grad, self.pool), state
+
+    def _gradient(
+        self, x: torch.Tensor, classes: torch.Tensor, generator: torch.Generator | None, create_graph: bool
+    ) -> torch.Tensor:
+        """∂score/∂x (N, C, H, W); ``generator`` is for subclasses that draw noise."""
+        return _input_gradient(self.classifier, x, x, classes, self.score, create_graph)
 
 
-class SmoothGrad(Interpreter):
+class SmoothGrad(Grad):
     """SmoothGrad (Smilkov et al. 2017) on top of GRAD's score, pooling and ReLU surrogate.
 
     The map is |mean over samples of ∂score_c/∂x(x + noise)|, max over colour channels: the raw
@@ -107,7 +114,6 @@ class SmoothGrad(Interpreter):
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
     ) -> None:
-        super().__init__(classifier)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise InputError(f"samples must be an integer >= 1, got {samples!r}")
         if (
@@ -117,20 +123,13 @@ class SmoothGrad(Interpreter):
             or noise < 0
         ):
             raise InputError(f"noise must be a finite number >= 0, got {noise!r}")
+        super().__init__(classifier, score=score, pool=pool, relu=relu)
         self.samples = samples
         self.noise = float(noise)
-        self.score = _check_score(score)
-        self.pool = _check_pool(pool)
-        self.relu = as_relu_surrogate(relu)
 
-    def explain(
-        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Exact-gradient SmoothGrad maps; the noise is drawn from ``generator``."""
-        x = images.detach().requires_grad_(True)
-        with torch.enable_grad(), relu_surrogate("none"):
-            grad = self._mean_gradient(x, classes, generator, create_graph=False)
-        return _gradient_maps(grad.detach(), self.pool)
+    def initial_state(self, seed: int, device: torch.device) -> torch.Generator:
+        """A seeded noise generator: an attack feeding it back draws fresh, reproducible noise."""
+        return torch.Generator(device).manual_seed(seed)
 
     def surrogate(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
@@ -142,18 +141,12 @@ class SmoothGrad(Interpreter):
             raise InputError(
                 f"SmoothGrad's state must be None or a torch.Generator, got {type(state).__name__}"
             )
-        x = _differentiable(images)
-        with torch.enable_grad(), relu_surrogate(self.relu):
-            grad = self._mean_gradient(x, classes, state, create_graph=True)
-        return _gradient_maps(grad, self.pool), state
+        return super().surrogate(images, classes, state)
 
-    def _mean_gradient(
-        self,
-        x: torch.Tensor,
-        classes: torch.Tensor,
-        generator: torch.Generator | None,
-        create_graph: bool,
+    def _gradient(
+        self, x: torch.Tensor, classes: torch.Tensor, generator: torch.Generator | None, create_graph: bool
     ) -> torch.Tensor:
+        """Mean gradient over the noisy copies; the noise comes from ``generator``."""
         # d/dx Σ_s score(x + n_s) = Σ_s ∇score(x + n_s): one backward gives the sum of gradients.
         noisy = x.repeat_interleave(self.samples, 0)
         if self.noise > 0:
