@@ -5,6 +5,8 @@ save 8-bit PNGs, re-load them and measure — what a real attacker's file would 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,13 @@ from ..data import ShapesDataset, read_image
 from ..data.shapes import SHAPE_CLASSES
 from ..errors import InputError
 from ..interpreters import Interpreter, build_interpreter
+from ..metrics import resize_maps
 from ..models.classifier import Classifier
-from ..visualize import overlay, save_png, to_uint8
+from ..store.files import save_npy_atomic, save_png_atomic
+from ..visualize import overlay, to_uint8
 from .config import AttackConfig
-from .core import ADV2, PGD
-from .measure import measure_attack
+from .core import ADV2, PGD, AttackResult
+from .measure import AttackMeasures, measure_attack
 from .targets import check_targets, load_user_map, other_image_maps, random_targets, shape_maps
 
 
@@ -58,14 +62,20 @@ def images_from_files(classifier: Classifier, paths: list[Path]) -> tuple[torch.
     return images, labels, [str(path) for path in paths]
 
 
-def images_from_dataset(classifier: Classifier, dataset: Any, limit: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The first ``limit`` correctly classified images of a labelled dataset."""
+def images_from_dataset(
+    classifier: Classifier, dataset: Any, limit: int, exclude: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The first ``limit`` correctly classified images of a labelled dataset (none of class
+    ``exclude``: a fixed target class would be vacuous for them)."""
     chosen: list[int] = []
     step = max(64, limit)
     for start in range(0, len(dataset), step):
         indices = list(range(start, min(start + step, len(dataset))))
         images, labels, _ = dataset.tensors(indices)
-        correct = (classifier.predict(images).argmax(1).cpu() == labels).nonzero().flatten().tolist()
+        keep = classifier.predict(images).argmax(1).cpu() == labels
+        if exclude is not None:
+            keep &= labels != exclude
+        correct = keep.nonzero().flatten().tolist()
         chosen += [indices[i] for i in correct]
         if len(chosen) >= limit:
             break
@@ -98,36 +108,25 @@ def run_attack(
         chunk = slice(start, start + job.batch_size)
         x, y, t = images[chunk], labels[chunk], targets[chunk]
         benign = interpreter(x, y, seed=job.seed)
-        wanted = _target_maps(interpreter, job, benign, t, start)
-        if job.attack == "adv2":
-            result = ADV2(classifier, interpreter, job.config)(x, t, wanted, labels=y)
-        else:
-            result = PGD(classifier, job.config)(x, t, labels=y)
+        wanted = make_target_maps(interpreter, job.target_map, benign, t, job.seed + start)
         stems = [_stem(start + i, name) for i, name in enumerate(names[chunk])]
-        saved = [save_png(to_uint8(result.adversarial[i]), out / "adversarial" / f"{stem}.png") for i, stem in enumerate(stems)]
-        reloaded = torch.stack([read_image(path) for path in saved])  # measure the file, not the tensor
-        measures = measure_attack(interpreter, reloaded, t, benign, seed=job.seed)
-        scale = max(1, 256 // x.shape[-1])
+        crafted = craft_and_reload(
+            classifier, interpreter if job.attack == "adv2" else None, job.config, x, y, t, wanted,
+            [out / "adversarial" / f"{stem}.png" for stem in stems],
+        )
+        # compared with what the attacker wanted: the benign maps by default, else the target maps
+        measures = measure_attack(interpreter, crafted.reloaded, t, wanted, seed=job.seed)
         for i, stem in enumerate(stems):
-            for kind, maps, picture in (("benign", benign, x), ("adversarial", measures.maps, reloaded)):
-                np.save(out / "maps" / f"{stem}.{kind}.npy", maps[i, 0].cpu().numpy().astype(np.float32))
-                save_png(overlay(picture[i], maps[i]), out / "maps" / f"{stem}.{kind}.png", scale)
+            for kind, maps, picture in (("benign", benign, x), ("adversarial", measures.maps, crafted.reloaded)):
+                save_map_files(maps[i], picture[i], out / "maps" / f"{stem}.{kind}.npy", out / "maps" / f"{stem}.{kind}.png")
+            fields = measure_fields(measures, i, x[i], crafted.reloaded[i])
             rows.append(
                 {
                     "image": names[start + i],
-                    "adversarial": str(saved[i]),
+                    "adversarial": str(crafted.paths[i]),
                     "true_class": int(y[i]),
                     "target_class": int(t[i]),
-                    "predicted_class": int(measures.predicted[i]),
-                    "success": bool(measures.success[i]),
-                    "confidence": round(float(measures.confidence[i]), 5),
-                    "l1": round(float(measures.l1[i]), 5),
-                    "l2": round(float(measures.l2[i]), 5),
-                    "iou": round(float(measures.iou[i]), 5),
-                    "iou_by_k": {f"{k:.2f}": round(float(v), 5) for k, v in zip(measures.ks, measures.iou_by_k[i])},
-                    "top_k_intersection": round(float(measures.top_k_intersection[i]), 5),
-                    "spearman": round(float(measures.spearman[i]), 5),
-                    "linf": round(float((reloaded[i] - x[i]).abs().max()), 6),
+                    **_rounded(fields),
                 }
             )
         bar.update(len(stems))
@@ -162,29 +161,118 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def _targets(classifier: Classifier, job: AttackJob, labels: torch.Tensor) -> torch.Tensor:
-    if job.target == "random":
-        return random_targets(labels, classifier.num_classes, job.seed)
-    return classifier.check_classes(classifier.class_index(job.target), len(labels)).cpu()
+@dataclass(frozen=True)
+class CraftedBatch:
+    """One attacked batch as saved: the attack's result, the PNG files, the images read back from
+    them (what every measure uses) and the attack's wall time for the whole batch."""
+
+    result: AttackResult
+    paths: list[Path]
+    reloaded: torch.Tensor
+    seconds: float
 
 
-def _target_maps(interpreter: Interpreter, job: AttackJob, benign: torch.Tensor, targets: torch.Tensor, offset: int) -> torch.Tensor:
-    kind = job.target_map
+def craft_and_reload(
+    classifier: Classifier,
+    interpreter: Interpreter | None,
+    config: AttackConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    target_maps: torch.Tensor | None,
+    paths: Sequence[Path],
+) -> CraftedBatch:
+    """Attack one batch (ADV² against ``interpreter``, or PGD when it is None), write each
+    adversarial image as an 8-bit PNG (atomically) and read the files back, so the measures see
+    exactly what an attacker's file holds — the one code path ``attack`` and ``run`` share."""
+    started = time.perf_counter()
+    if interpreter is not None:
+        result = ADV2(classifier, interpreter, config)(images, targets, target_maps, labels=labels)
+    else:
+        result = PGD(classifier, config)(images, targets, labels=labels)
+    seconds = time.perf_counter() - started
+    saved = [save_png_atomic(to_uint8(result.adversarial[i]), path) for i, path in enumerate(paths)]
+    reloaded = torch.stack([read_image(path) for path in saved])
+    return CraftedBatch(result, saved, reloaded, seconds)
+
+
+def save_map_files(saliency: torch.Tensor, picture: torch.Tensor, npy_path: Path, png_path: Path) -> None:
+    """A (1, h, w) map as float32 ``.npy`` and as a jet overlay on ``picture`` (3, H, W), enlarged
+    to about 256 px so small maps stay readable; both written atomically."""
+    save_npy_atomic(saliency[0].detach().cpu().numpy().astype(np.float32), npy_path)
+    save_png_atomic(overlay(picture, saliency), png_path, max(1, 256 // picture.shape[-1]))
+
+
+def measure_fields(measures: AttackMeasures, i: int, benign: torch.Tensor, reloaded: torch.Tensor) -> dict[str, Any]:
+    """Sample ``i``'s measures as plain Python values (unrounded); ``linf`` is taken between the
+    benign image and the re-loaded PNG."""
+    return {
+        "predicted_class": int(measures.predicted[i]),
+        "success": bool(measures.success[i]),
+        "confidence": float(measures.confidence[i]),
+        "l1": float(measures.l1[i]),
+        "l2": float(measures.l2[i]),
+        "iou": float(measures.iou[i]),
+        "iou_by_k": {f"{k:.2f}": float(v) for k, v in zip(measures.ks, measures.iou_by_k[i])},
+        "top_k_intersection": float(measures.top_k_intersection[i]),
+        "spearman": float(measures.spearman[i]),
+        "linf": float((reloaded - benign).abs().max()),
+    }
+
+
+def _rounded(fields: dict[str, Any]) -> dict[str, Any]:
+    def rounded(key: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: round(v, 5) for k, v in value.items()}
+        if isinstance(value, float):
+            return round(value, 6 if key == "linf" else 5)
+        return value
+
+    return {key: rounded(key, value) for key, value in fields.items()}
+
+
+def make_target_maps(
+    interpreter: Interpreter,
+    kind: str,
+    benign: torch.Tensor,
+    targets: torch.Tensor,
+    seed: int,
+    *,
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    resize: bool = False,
+) -> torch.Tensor:
+    """The maps the attacker wants for a batch: ``benign`` (its own benign maps), ``other`` (the
+    map of another image of the target class, drawn from ``pool`` or the shapes val split),
+    ``shape``/``circle``/``rectangle`` (seeded random shapes) or a ``.npy`` file (resized to the
+    interpreter's map size when ``resize``, else it must match)."""
     if kind == "benign":
         return benign
     size = tuple(benign.shape[-2:])
     if kind in ("shape", "circle", "rectangle"):
-        return shape_maps("circle" if kind == "shape" else kind, len(targets), size, job.seed + offset)
+        return shape_maps("circle" if kind == "shape" else kind, len(targets), size, seed)
     if kind == "other":
-        classifier = interpreter.classifier
-        if classifier.class_names != list(SHAPE_CLASSES):
-            raise InputError("--target-map other draws its maps from the shapes benchmark; use a shapes model")
-        pool, pool_labels, _ = ShapesDataset("val", classifier.input_size or 64).tensors(range(500))
-        return other_image_maps(interpreter, pool, pool_labels, targets, job.seed + offset)
+        pool_images, pool_labels = pool if pool is not None else other_pool(interpreter.classifier)
+        return other_image_maps(interpreter, pool_images, pool_labels, targets, seed)
     user = load_user_map(kind)
     if tuple(user.shape[-2:]) != size:
-        raise InputError(f"target map {kind!r} is {tuple(user.shape[-2:])}, the {job.interpreter} maps are {size}")
+        if not resize:
+            raise InputError(f"target map {kind!r} is {tuple(user.shape[-2:])}, the {interpreter.name} maps are {size}")
+        user = resize_maps(user, size).clamp(0, 1)  # type: ignore[arg-type]
     return user.expand(len(targets), -1, -1, -1)
+
+
+def other_pool(classifier: Classifier) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``other`` target maps come from: 500 images of the shapes benchmark's val split."""
+    if classifier.class_names != list(SHAPE_CLASSES):
+        raise InputError("target map 'other' draws its maps from the shapes benchmark; use a shapes model")
+    images, labels, _ = ShapesDataset("val", classifier.input_size or 64).tensors(range(500))
+    return images, labels
+
+
+def _targets(classifier: Classifier, job: AttackJob, labels: torch.Tensor) -> torch.Tensor:
+    if job.target == "random":
+        return random_targets(labels, classifier.num_classes, job.seed)
+    return classifier.check_classes(classifier.class_index(job.target), len(labels)).cpu()
 
 
 def _stem(index: int, name: str) -> str:

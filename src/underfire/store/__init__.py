@@ -1,0 +1,20 @@
+"""Results of runs: a SQLite database (``results.sqlite``) plus image and map files, written so a
+killed run can be restarted and finish with every row exactly once and every file whole."""
+
+from .database import DATABASE_NAME, SCHEMA, ImageRecord, ResultRecord, ResultStore, TransferRecord
+from .files import remove_temporary_files, save_npy_atomic, save_png_atomic, write_atomic
+from .lock import run_lock
+
+__all__ = [
+    "DATABASE_NAME",
+    "SCHEMA",
+    "ImageRecord",
+    "ResultRecord",
+    "ResultStore",
+    "TransferRecord",
+    "remove_temporary_files",
+    "run_lock",
+    "save_npy_atomic",
+    "save_png_atomic",
+    "write_atomic",
+]

@@ -1,0 +1,281 @@
+"""The results database of a run: ``RUN_DIR/results.sqlite`` (stdlib ``sqlite3``, WAL mode).
+
+Why SQLite: one file, transactions, and concurrent readers (the report) while a run writes. A
+unit of work inserts all its rows in one transaction, so after a crash a unit is either wholly
+present or wholly absent; plain ``INSERT`` (never ``OR REPLACE``) makes a duplicate row an error
+instead of a silent overwrite.
+
+Tables (paths are relative to the run folder; the schema is a contract with the report):
+
+- ``meta(key, value)``: ``config`` (JSON of the experiment config), ``versions`` (JSON),
+  ``created`` (ISO time) and ``attack_configs`` (JSON: the resolved AttackConfig per interpreter
+  and for ``pgd``).
+- ``images``: the benign images attacked per model (stable id, position, classes, PNG path).
+- ``results``: one row per (model, interpreter, attack, target_map, image).
+- ``transfer``: ADV² examples crafted against one interpreter, explained by another.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+DATABASE_NAME = "results.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+  model TEXT NOT NULL, image TEXT NOT NULL,
+  position INTEGER NOT NULL, true_class INTEGER NOT NULL, target_class INTEGER NOT NULL,
+  image_path TEXT NOT NULL,
+  PRIMARY KEY (model, image));
+CREATE TABLE IF NOT EXISTS results (
+  model TEXT NOT NULL, interpreter TEXT NOT NULL, attack TEXT NOT NULL,
+  target_map TEXT NOT NULL, image TEXT NOT NULL,
+  true_class INTEGER NOT NULL, target_class INTEGER NOT NULL, predicted_class INTEGER NOT NULL,
+  success INTEGER NOT NULL, confidence REAL NOT NULL, l1 REAL NOT NULL, l2 REAL NOT NULL,
+  iou REAL NOT NULL, iou_by_k TEXT NOT NULL,
+  top_k_intersection REAL NOT NULL, spearman REAL NOT NULL, linf REAL NOT NULL,
+  adversarial_path TEXT NOT NULL,
+  map_path TEXT NOT NULL, overlay_path TEXT NOT NULL,
+  benign_map_path TEXT NOT NULL, benign_overlay_path TEXT NOT NULL,
+  seconds REAL NOT NULL,
+  seed INTEGER NOT NULL, config TEXT NOT NULL,
+  PRIMARY KEY (model, interpreter, attack, target_map, image));
+CREATE TABLE IF NOT EXISTS transfer (
+  model TEXT NOT NULL, source_interpreter TEXT NOT NULL, target_interpreter TEXT NOT NULL,
+  target_map TEXT NOT NULL, image TEXT NOT NULL,
+  l1 REAL NOT NULL, l2 REAL NOT NULL, iou REAL NOT NULL,
+  PRIMARY KEY (model, source_interpreter, target_interpreter, target_map, image));
+"""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A row of ``images``: one benign image attacked on one model."""
+
+    model: str
+    image: str
+    position: int
+    true_class: int
+    target_class: int
+    image_path: str
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """A row of ``results``; ``iou_by_k`` maps "0.05" … "0.50" to the IoU at that top-k share,
+    ``config`` is the JSON of the ``AttackConfig`` used."""
+
+    model: str
+    interpreter: str
+    attack: str
+    target_map: str
+    image: str
+    true_class: int
+    target_class: int
+    predicted_class: int
+    success: bool
+    confidence: float
+    l1: float
+    l2: float
+    iou: float
+    iou_by_k: dict[str, float]
+    top_k_intersection: float
+    spearman: float
+    linf: float
+    adversarial_path: str
+    map_path: str
+    overlay_path: str
+    benign_map_path: str
+    benign_overlay_path: str
+    seconds: float
+    seed: int
+    config: str
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.model, self.interpreter, self.attack, self.target_map, self.image)
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """A row of ``transfer``: the ADV² image crafted against ``source_interpreter``, explained by
+    ``target_interpreter`` and compared with that interpreter's reference map of the image."""
+
+    model: str
+    source_interpreter: str
+    target_interpreter: str
+    target_map: str
+    image: str
+    l1: float
+    l2: float
+    iou: float
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.model, self.source_interpreter, self.target_interpreter, self.target_map, self.image)
+
+
+def _columns(record_type: type) -> list[str]:
+    return [f.name for f in fields(record_type)]
+
+
+def _values(record: Any) -> tuple[Any, ...]:
+    row = asdict(record)
+    for name, value in row.items():
+        if isinstance(value, dict):
+            row[name] = json.dumps(value, sort_keys=True)
+        elif isinstance(value, bool):
+            row[name] = int(value)
+    return tuple(row.values())
+
+
+class ResultStore:
+    """The database of one run folder. Use as a context manager (closes the connection)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / DATABASE_NAME
+        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE … COMMIT) in ``_transaction``
+        self.connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes
+        self.connection.executescript(SCHEMA)
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.connection.close()
+
+    # ------------------------------------------------------------------------------- meta
+    def meta(self) -> dict[str, str]:
+        return dict(self.connection.execute("SELECT key, value FROM meta").fetchall())
+
+    def claim(
+        self, config: dict[str, Any], versions: dict[str, str], created: str, settings: dict[str, Any] | None = None
+    ) -> bool:
+        """Record the run's config on first use; later, refuse a different one.
+
+        ``settings`` (meta key ``attack_configs``: the resolved attack configuration per
+        interpreter) is checked too, so a preset that changed between underfire versions cannot
+        mix two schedules in one run. Returns True when the meta was written now.
+        """
+        meta = self.meta()
+        if "config" in meta:
+            _refuse_change(self.run_dir, "a different config", json.loads(meta["config"]), config)
+            if settings is not None and "attack_configs" in meta:
+                _refuse_change(self.run_dir, "other attack settings (did the preset change?)", json.loads(meta["attack_configs"]), settings)
+            return False
+        rows = {"config": json.dumps(config, sort_keys=True), "versions": json.dumps(versions, sort_keys=True), "created": created}
+        if settings is not None:
+            rows["attack_configs"] = json.dumps(settings, sort_keys=True)
+        with self._transaction() as cursor:
+            cursor.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows.items())
+        return True
+
+    # ----------------------------------------------------------------------------- images
+    def images(self, model: str) -> list[ImageRecord]:
+        """The images recorded for ``model``, in position order."""
+        names = _columns(ImageRecord)
+        rows = self.connection.execute(
+            f"SELECT {', '.join(names)} FROM images WHERE model = ? ORDER BY position", (model,)
+        ).fetchall()
+        return [ImageRecord(*row) for row in rows]
+
+    def insert_images(self, records: Sequence[ImageRecord]) -> None:
+        """A model's images, all in one transaction."""
+        with self._transaction() as cursor:
+            _insert(cursor, "images", records)
+
+    # ---------------------------------------------------------------------------- results
+    def result_keys(self) -> set[tuple[str, ...]]:
+        """Primary keys present in ``results``."""
+        return set(self.connection.execute("SELECT model, interpreter, attack, target_map, image FROM results"))
+
+    def transfer_keys(self) -> set[tuple[str, ...]]:
+        """Primary keys present in ``transfer``."""
+        return set(
+            self.connection.execute("SELECT model, source_interpreter, target_interpreter, target_map, image FROM transfer")
+        )
+
+    def insert_unit(self, results: Sequence[ResultRecord], transfer: Sequence[TransferRecord] = ()) -> None:
+        """All rows of one unit of work in one transaction: all of them land, or none."""
+        with self._transaction() as cursor:
+            _insert(cursor, "results", results)
+            _insert(cursor, "transfer", transfer)
+
+    def count(self, table: str) -> int:
+        if table not in ("meta", "images", "results", "transfer"):
+            raise InputError(f"no table {table!r} in the results database")
+        return int(self.connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of a table as dicts (``iou_by_k`` decoded), for summaries and tests."""
+        if table not in ("images", "results", "transfer"):
+            raise InputError(f"no table {table!r} in the results database")
+        cursor = self.connection.execute(f"SELECT * FROM {table}")
+        names = [column[0] for column in cursor.description]
+        out = []
+        for values in cursor:
+            row = dict(zip(names, values))
+            if "iou_by_k" in row:
+                row["iou_by_k"] = json.loads(row["iou_by_k"])
+            out.append(row)
+        return out
+
+    # ---------------------------------------------------------------------------- helpers
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.connection)
+
+
+def _refuse_change(run_dir: Path, what: str, before: Any, now: Any) -> None:
+    if before == now:
+        return
+    old, new = _flatten(before), _flatten(now)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = ", ".join(f"{k}: {json.dumps(old.get(k))} → {json.dumps(new.get(k))}" for k in changed[:4])
+    raise InputError(f"{str(run_dir)!r} holds a run with {what} ({shown}); use another output folder or the same config")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}: config differences named by their TOML key."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def _insert(cursor: sqlite3.Cursor, table: str, records: Sequence[Any]) -> None:
+    if records:
+        names = _columns(type(records[0]))
+        cursor.executemany(
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+            [_values(record) for record in records],
+        )
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def __enter__(self) -> sqlite3.Cursor:
+        self.connection.execute("BEGIN IMMEDIATE")
+        return self.connection.cursor()
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.connection.execute("ROLLBACK" if kind is not None else "COMMIT")
