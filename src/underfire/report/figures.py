@@ -1,0 +1,129 @@
+"""The report's figures, drawn with matplotlib's Agg canvas and returned as PNG bytes.
+
+Figures are built as ``matplotlib.figure.Figure`` objects, never through ``pyplot``: no global
+figure registry, no backend switch, nothing left open after a report.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .data import ATTACK_LABELS, interpreter_sort_key
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+@dataclass(frozen=True)
+class FigureStyle:
+    """Sizes of the report's figures (inches at ``dpi``)."""
+
+    panel_width: float = 4.2
+    panel_height: float = 3.2
+    cell_size: float = 0.85
+    transfer_columns: int = 2  # heat maps side by side
+    dpi: int = 100
+
+
+def _png(figure: Figure, dpi: int) -> bytes:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)  # constrained layout: one draw, no bbox pass
+    return buffer.getvalue()
+
+
+def interpreter_colours(names: Sequence[str]) -> dict[str, str]:
+    """One stable colour per interpreter, shared by every panel and figure of a report."""
+    ordered = sorted(set(names), key=interpreter_sort_key)
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(ordered)}
+
+
+def iou_curves_figure(curves: list[dict[str, Any]], style: FigureStyle = FigureStyle()) -> bytes:
+    """IoU against the top-k fraction: one panel per model, one colour per interpreter,
+    PGD dashed and ADV² solid (a marker per target map when a run has several)."""
+    models = sorted({curve["model"] for curve in curves})
+    colours = interpreter_colours([curve["interpreter"] for curve in curves])
+    target_maps = sorted({curve["target_map"] for curve in curves}, key=lambda name: (name != "benign", name))
+    figure = Figure(figsize=(style.panel_width * len(models) + 1.4, style.panel_height), layout="constrained")
+    axes = figure.subplots(1, len(models), squeeze=False)[0]
+    for axis, model in zip(axes, models):
+        for curve in (c for c in curves if c["model"] == model):
+            axis.plot(
+                [100 * k for k in curve["k"]],
+                curve["iou"],
+                color=colours[curve["interpreter"]],
+                linestyle="-" if curve["attack"] == "adv2" else "--",
+                linewidth=2.0 if curve["attack"] == "adv2" else 1.4,
+                marker=MARKERS[target_maps.index(curve["target_map"]) % len(MARKERS)],
+                markersize=3.5,
+            )
+        axis.set_title(model, fontsize=11)
+        axis.set_xlabel("top-k pixels kept (%)")
+        axis.set_ylabel("IoU with the target map")
+        axis.set_ylim(0, 1.02)
+        axis.grid(True, alpha=0.3)
+    # one legend for all panels, by encoding: colour = interpreter, line = attack, marker = target map
+    handles = [Line2D([], [], color=colour, linewidth=2.5, label=name) for name, colour in colours.items()]
+    handles += [Line2D([], [], color="#333333", linestyle="-" if a == "adv2" else "--", label=ATTACK_LABELS[a]) for a in ("adv2", "pgd")]
+    if len(target_maps) > 1:
+        handles += [
+            Line2D([], [], color="#333333", linestyle="", marker=MARKERS[i % len(MARKERS)], label=f"target map {name}")
+            for i, name in enumerate(target_maps)
+        ]
+    figure.legend(handles=handles, fontsize=8, loc="outside right upper", frameon=False)
+    return _png(figure, style.dpi)
+
+
+def transfer_figure(panels: dict[str, list[dict[str, Any]]], style: FigureStyle = FigureStyle()) -> bytes:
+    """Heat maps of mean IoU, one panel per title (model, or model and target map): rows = the
+    interpreter the ADV² example was crafted against, columns = the interpreter that explains it;
+    each cell annotated with its mean and row count. One figure: drawing is the report's main cost."""
+    titles = list(panels)
+    columns = min(len(titles), style.transfer_columns)
+    lines = -(-len(titles) // columns)
+    sizes = [len({c["target_interpreter"] for c in cells}) for cells in panels.values()]
+    width = columns * (style.cell_size * max(sizes) + 1.4) + 1.0
+    height = lines * (style.cell_size * max(sizes) + 1.3)
+    figure = Figure(figsize=(max(width, 3.6), max(height, 2.8)), layout="constrained")
+    axes = figure.subplots(lines, columns, squeeze=False).ravel()
+    image = None
+    for axis, title in zip(axes, titles):
+        image = _heat_map(axis, panels[title], title)
+    for axis in axes[len(titles) :]:
+        axis.set_visible(False)
+    if image is not None:
+        figure.colorbar(image, ax=list(axes[: len(titles)]), shrink=0.8, label="mean IoU")
+    return _png(figure, style.dpi)
+
+
+def _heat_map(axis: Any, cells: list[dict[str, Any]], title: str) -> Any:
+    sources = sorted({cell["source_interpreter"] for cell in cells}, key=interpreter_sort_key)
+    targets = sorted({cell["target_interpreter"] for cell in cells}, key=interpreter_sort_key)
+    values = np.full((len(sources), len(targets)), np.nan)
+    counts = np.zeros((len(sources), len(targets)), dtype=int)
+    for cell in cells:
+        i, j = sources.index(cell["source_interpreter"]), targets.index(cell["target_interpreter"])
+        values[i, j] = np.nan if cell["iou"] is None else cell["iou"]
+        counts[i, j] = cell["n"]
+    image = axis.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0)
+    axis.set_xticks(range(len(targets)), targets)
+    axis.set_yticks(range(len(sources)), sources)
+    axis.set_xlabel("explained by")
+    axis.set_ylabel("ADV² crafted against")
+    axis.set_title(title, fontsize=10)
+    for i in range(len(sources)):
+        for j in range(len(targets)):
+            if np.isnan(values[i, j]):
+                axis.text(j, i, "—", ha="center", va="center", fontsize=9, color="#555555")
+                continue
+            colour = "black" if values[i, j] > 0.6 else "white"
+            axis.text(j, i, f"{values[i, j]:.3f}\nn={counts[i, j]}", ha="center", va="center", fontsize=8.5, color=colour)
+    return image

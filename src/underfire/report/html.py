@@ -1,0 +1,386 @@
+"""The self-contained HTML page: inline CSS, every picture a base64 data URI, no script.
+
+A report must open from a mail attachment or an archive years later, so nothing is fetched: the
+page is one file. Every string that comes from the database is escaped with ``html.escape``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..data.shapes import SHAPE_CLASSES
+from .data import ATTACK_LABELS, ATTACKS, MEASURES, RunData, formatted, summary_key
+
+if TYPE_CHECKING:  # figures (matplotlib) are imported only when a page is drawn
+    from .figures import FigureStyle
+
+
+@dataclass(frozen=True)
+class PageOptions:
+    """What the page shows: how many images per grid, how large thumbnails are embedded."""
+
+    grid_images: int = 4
+    thumbnail_px: int = 128  # shown size of each grid picture (CSS pixels)
+    max_embed_px: int = 256  # larger pictures are downscaled before embedding
+    figures: FigureStyle | None = None  # None: the default ``FigureStyle``
+
+
+CSS = """
+*{box-sizing:border-box}
+body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#1d2330;
+ background:#f4f6f9;margin:0;padding:24px 32px;line-height:1.4;font-size:14px}
+h1{margin:0 0 4px;font-size:26px} h2{margin:28px 0 10px;font-size:19px;border-bottom:2px solid #d8dee8;padding-bottom:4px}
+h3{margin:18px 0 8px;font-size:15px}
+.sub{color:#5b6474;margin:0 0 16px}
+.card{background:#fff;border:1px solid #dfe3ea;border-radius:8px;padding:14px 18px;margin:0 0 14px;box-shadow:0 1px 2px rgba(0,0,0,.04)}
+.head{display:flex;gap:16px;align-items:stretch;flex-wrap:wrap}
+.head>.card{flex:1 1 380px}
+pre.config{margin:0;max-height:230px;overflow:auto;font-size:12px;background:#f7f8fb;border:1px solid #e6e9ef;padding:8px;border-radius:4px}
+table{border-collapse:collapse}
+table.kv td{padding:2px 12px 2px 0;vertical-align:top} table.kv td:first-child{color:#5b6474;white-space:nowrap}
+table.summary{width:100%;background:#fff;font-variant-numeric:tabular-nums}
+table.summary th,table.summary td{border:1px solid #dfe3ea;padding:5px 8px;text-align:right;white-space:nowrap}
+table.summary th{background:#eef1f6;text-align:center;font-weight:600}
+table.summary td.text{text-align:left}
+table.summary th.pgd,table.summary td.pgd{background:#fbfbfd;color:#444b58}
+table.summary td.adv2{background:#fff}
+table.summary tr:hover td{background:#f3f7ff}
+td.better{background:#dff3e4 !important;font-weight:700;color:#13592b !important}
+td.gain{font-weight:600} td.gain.up{color:#13592b} td.gain.down{color:#b3261e}
+.badge{display:inline-block;font-size:11px;padding:0 6px;border-radius:8px;background:#fff1c2;color:#7a5a00;margin-left:6px}
+.callout{border-left:4px solid #2e8b57;background:#eef8f1;padding:8px 12px;margin:10px 0;border-radius:0 6px 6px 0}
+.note{color:#5b6474;font-size:12px}
+img.figure{max-width:100%;background:#fff;border:1px solid #dfe3ea;border-radius:6px}
+.figrow{display:flex;flex-wrap:wrap;gap:0 32px;align-items:flex-start}
+.figsec{flex:0 1 auto;max-width:100%}
+.figsec .note{max-width:560px}
+table.grid{background:#fff;border:1px solid #dfe3ea}
+table.grid th{font-size:12px;background:#eef1f6;padding:4px 6px;font-weight:600}
+table.grid th.row{text-align:left;font-weight:normal;font-size:12px;background:#fafbfc;width:150px;vertical-align:middle}
+table.grid td{padding:4px 5px;text-align:center;vertical-align:top}
+table.grid img{image-rendering:pixelated;border-radius:3px;display:block;margin:0 auto}
+.missing{display:flex;align-items:center;justify-content:center;background:#eceff3;color:#8a93a3;font-size:11px;border-radius:3px;margin:0 auto}
+.cap{font-size:11px;color:#3a4150;margin-top:2px}
+.ok{color:#1f7a3a;font-weight:600} .fail{color:#b3261e;font-weight:600}
+footer{margin-top:30px;color:#8a93a3;font-size:12px}
+"""
+
+
+def class_label(model: str, index: int | None) -> str:
+    """A class's name where the model's class list is known (the built-in shapes models), else its id."""
+    if index is None:
+        return "?"
+    if model.startswith("shapes-") and 0 <= index < len(SHAPE_CLASSES):
+        return SHAPE_CLASSES[index]
+    return str(index)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _resolve(run_dir: Path, path: str | None) -> Path | None:
+    if not path:
+        return None
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else run_dir / candidate
+
+
+def _load_rgb(path: Path | None) -> Image.Image | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        with Image.open(path) as picture:
+            return picture.convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    """A picture ready for the page: its data URI and pixel size."""
+
+    uri: str
+    width: int
+    height: int
+
+
+def _embed_image(picture: Image.Image, max_side: int) -> _Embedded:
+    if max(picture.size) > max_side:
+        picture = picture.copy()
+        picture.thumbnail((max_side, max_side), Image.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return _Embedded(_data_uri(buffer.getvalue()), *picture.size)
+
+
+def _embed_file(path: Path | None, max_side: int) -> _Embedded | None:
+    """A run's picture file: small PNGs are embedded byte for byte (no decode, no re-encode: the
+    page's main cost), anything else is decoded, downscaled and re-encoded; None if unreadable."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with Image.open(path) as picture:
+            if picture.format == "PNG" and max(picture.size) <= max_side:
+                return _Embedded(_data_uri(path.read_bytes()), *picture.size)
+            return _embed_image(picture.convert("RGB"), max_side)
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
+def _overlay_from_map(map_path: Path | None, base: Image.Image | None) -> Image.Image | None:
+    """A jet overlay drawn from the saved .npy map, for rows whose overlay PNG is missing (the map
+    alone, enlarged, if the image is missing too)."""
+    if map_path is None or not map_path.is_file():
+        return None
+    try:
+        saliency = np.load(map_path, allow_pickle=False).astype(np.float32).squeeze()
+    except (OSError, ValueError):
+        return None
+    if saliency.ndim != 2 or saliency.size == 0:
+        return None
+    from ..visualize import colorize
+
+    size = base.size if base is not None else (saliency.shape[1] * 8, saliency.shape[0] * 8)
+    heat = colorize(np.asarray(Image.fromarray(saliency).resize(size, Image.BILINEAR))).astype(np.float32)
+    blended = heat if base is None else 0.5 * np.asarray(base, dtype=np.float32) + 0.5 * heat
+    return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+
+
+class _Pictures:
+    """Embeds a run's PNG files (and overlays drawn from .npy maps) as data URIs."""
+
+    def __init__(self, run_dir: Path, options: PageOptions) -> None:
+        self.run_dir = run_dir
+        self.options = options
+
+    def file(self, path: str | None) -> _Embedded | None:
+        return _embed_file(_resolve(self.run_dir, path), self.options.max_embed_px)
+
+    def overlay(self, overlay_path: str | None, map_path: str | None, base_path: str | None) -> _Embedded | None:
+        """The overlay PNG, or one drawn from the .npy map where the PNG is missing."""
+        embedded = self.file(overlay_path)
+        if embedded is None:
+            base = _load_rgb(_resolve(self.run_dir, base_path))
+            drawn = _overlay_from_map(_resolve(self.run_dir, map_path), base)
+            embedded = None if drawn is None else _embed_image(drawn, self.options.max_embed_px)
+        return embedded
+
+    def tag(self, picture: _Embedded | None, alt: str, placeholder: str = "missing file") -> str:
+        size = self.options.thumbnail_px
+        if picture is None:
+            return f'<div class="missing" style="width:{size}px;height:{size}px">{escape(placeholder)}</div>'
+        height = round(size * picture.height / picture.width)
+        return f'<img src="{picture.uri}" width="{size}" height="{height}" alt="{escape(alt)}">'
+
+
+def _header(run: RunData) -> str:
+    versions = run.versions
+    if isinstance(versions, dict):
+        version_text = " · ".join(f"{escape(str(k))} {escape(str(v))}" for k, v in versions.items())
+    else:
+        version_text = escape(str(versions)) if versions is not None else "—"
+    counts = run.counts
+    results = counts["results"]
+    rows = [
+        ("run directory", escape(str(run.run_dir))),
+        ("created", escape(run.created or "—")),
+        ("versions", version_text),
+        ("images", str(counts["images"])),
+        ("result rows", " · ".join(f"{ATTACK_LABELS.get(a, a)} {results.get(a, 0)}" for a in ATTACKS)),
+        ("transfer rows", str(counts["transfer"])),
+        ("cells", f"{len(run.summary)} (model × interpreter × target map)"),
+    ]
+    table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    config = json.dumps(run.config, indent=2, sort_keys=True, default=str) if run.config is not None else "no config recorded"
+    return (
+        f"<h1>underfire report — {escape(run.name)}</h1>"
+        '<p class="sub">ADV²: adversarial examples that change the prediction to a target class while the '
+        "interpreter's map stays like the benign one; PGD is the baseline that ignores the map.</p>"
+        '<div class="head">'
+        f'<div class="card"><h3 style="margin-top:0">Run</h3><table class="kv">{table}</table></div>'
+        f'<div class="card"><h3 style="margin-top:0">Configuration</h3><pre class="config">{escape(config)}</pre></div>'
+        "</div>"
+    )
+
+
+def _summary_table(run: RunData) -> str:
+    head_top = '<tr><th rowspan="2">model</th><th rowspan="2">interpreter</th><th rowspan="2">target map</th><th rowspan="2">images</th>'
+    head_top += '<th colspan="2">rows</th>'
+    head_top += "".join(f'<th colspan="2">{escape(m.label)}</th>' for m in MEASURES)
+    head_top += '<th rowspan="2">IoU gain<br><span class="note">ADV² − PGD</span></th></tr>'
+    pair = "".join(f'<th class="{a}">{ATTACK_LABELS[a]}</th>' for a in ATTACKS)
+    head_bottom = "<tr>" + pair * (1 + len(MEASURES)) + "</tr>"
+    body = []
+    for row in run.summary:
+        counts = [row[f"{a}_n"] for a in ATTACKS]
+        partial = counts[0] != counts[1] or min(counts) < row["images"]
+        badge = '<span class="badge" title="the attacks have different numbers of rows">partial</span>' if partial else ""
+        attrs = (
+            f'data-model="{escape(row["model"])}" data-interpreter="{escape(row["interpreter"])}" '
+            f'data-target-map="{escape(row["target_map"])}"'
+        )
+        cells = [
+            f'<td class="text">{escape(row["model"])}</td>',
+            f'<td class="text"><b>{escape(row["interpreter"])}</b></td>',
+            f'<td class="text">{escape(row["target_map"])}{badge}</td>',
+            f'<td data-key="images">{formatted(row["images"], "count")}</td>',
+        ]
+        cells += [f'<td class="{a}" data-key="{a}_n">{formatted(row[f"{a}_n"], "count")}</td>' for a in ATTACKS]
+        for measure in MEASURES:
+            for attack in ATTACKS:
+                key = summary_key(measure.column, attack)
+                css = attack
+                if measure.column == "iou" and attack == "adv2":
+                    pgd, adv2 = row[summary_key("iou", "pgd")], row[key]
+                    if pgd is not None and adv2 is not None and adv2 > pgd:
+                        css += " better"
+                cells.append(f'<td class="{css}" data-key="{key}">{formatted(row[key], measure.kind)}</td>')
+        gain = row["iou_gain"]
+        sign = "+" if gain is not None and gain > 0 else ""
+        trend = "" if gain is None or gain == 0 else (" up" if gain > 0 else " down")
+        cells.append(f'<td class="gain{trend}" data-key="iou_gain">{sign}{formatted(gain, "number")}</td>')
+        body.append(f"<tr {attrs}>{''.join(cells)}</tr>")
+    better = [r for r in run.summary if r["iou_gain"] is not None and r["iou_gain"] > 0]
+    compared = [r for r in run.summary if r["iou_gain"] is not None]
+    callout = ""
+    if compared:
+        gains = [r["iou_gain"] for r in compared]
+        callout = (
+            f'<div class="callout">ADV² keeps the map closer to the target map than PGD does (higher IoU) in '
+            f"<b>{len(better)} of {len(compared)}</b> cells; IoU gain from "
+            f"{formatted(min(gains), 'number')} to {formatted(max(gains), 'number')}. "
+            "Green cells: ADV² IoU above PGD IoU.</div>"
+        )
+    note = (
+        '<p class="note">Means over the rows of each cell (SQL AVG), rounded once: success in %, p(target), '
+        "map L1 and IoU to 3 decimals, seconds to 2. IoU is the mean over top-k fractions of the adversarial "
+        "map against the target map. “rows” says how many rows each cell has (a partial run has fewer).</p>"
+    )
+    return (
+        "<h2>Summary: PGD beside ADV²</h2>"
+        + callout
+        + f'<table class="summary" id="summary"><thead>{head_top}{head_bottom}</thead><tbody>{"".join(body)}</tbody></table>'
+        + note
+    )
+
+
+def _figures(run: RunData, options: PageOptions) -> str:
+    from .figures import FigureStyle, iou_curves_figure, transfer_figure
+
+    style = options.figures or FigureStyle()
+    parts = []
+    if run.curves:
+        png = iou_curves_figure(run.curves, style)
+        parts.append(
+            '<section class="figsec"><h2>IoU against k</h2>'
+            '<p class="note">Mean IoU of the top-k % pixels of the adversarial map and the target map; '
+            "ADV² solid, PGD dashed, one colour per interpreter.</p>"
+            f'<img class="figure" src="{_data_uri(png)}" alt="IoU against top-k fraction"></section>'
+        )
+    if run.transfer:
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for cell in run.transfer:
+            groups.setdefault((cell["model"], cell["target_map"]), []).append(cell)
+        several = len({target_map for _, target_map in groups}) > 1
+        panels = {(f"{model} — target map {target_map}" if several else model): cells for (model, target_map), cells in groups.items()}
+        png = transfer_figure(panels, style)
+        parts.append(
+            '<section class="figsec"><h2>Transfer between interpreters</h2>'
+            '<p class="note">Mean IoU of ADV² examples crafted against the row interpreter, explained by the '
+            "column interpreter, with that interpreter's benign map; the diagonal is the attack itself.</p>"
+            f'<img class="figure" src="{_data_uri(png)}" alt="transfer matrices"></section>'
+        )
+    return f'<div class="figrow">{"".join(parts)}</div>' if parts else ""
+
+
+def _verdict(row: dict[str, Any], model: str) -> str:
+    """Caption of an adversarial image: did it reach the target class, and with what probability."""
+    mark = '<span class="ok">✓</span>' if row.get("success") else '<span class="fail">✗</span>'
+    confidence = formatted(row.get("confidence"), "number")
+    predicted = escape(class_label(model, row.get("predicted_class")))
+    return f'<div class="cap">{mark} predicted {predicted}<br>p(target) {confidence}</div>'
+
+
+def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, options: PageOptions) -> str:
+    target_maps = run.target_maps(model, interpreter)
+    if not target_maps:
+        return ""
+    target_map = target_maps[0]
+
+    def row_for(attack: str, image: str) -> dict[str, Any] | None:
+        return run.results.get((model, interpreter, attack, target_map, image))
+
+    names = {image for (m, i, _, t, image) in run.results if (m, i, t) == (model, interpreter, target_map)}
+    position = {name: (run.images.get((model, name)) or {}).get("position") for name in names}
+    ordered = sorted(names, key=lambda name: (not (row_for("pgd", name) and row_for("adv2", name)), position[name] is None, position[name] or 0, name))
+    chosen = ordered[: options.grid_images]
+    header = "".join(f"<th>{label}</th>" for label in ("", "benign image", "benign map", "PGD image", "PGD map", "ADV² image", "ADV² map"))
+    rows = []
+    for name in chosen:
+        pgd, adv2 = row_for("pgd", name), row_for("adv2", name)
+        any_row = adv2 or pgd or {}
+        image_row = run.images.get((model, name)) or {}
+        true_class = image_row.get("true_class", any_row.get("true_class"))
+        target_class = image_row.get("target_class", any_row.get("target_class"))
+        benign_path = image_row.get("image_path")
+        label = (
+            f'<th class="row"><b>{escape(name)}</b><br>true: {escape(class_label(model, true_class))}'
+            f"<br>target: <b>{escape(class_label(model, target_class))}</b></th>"
+        )
+        benign_overlay = pictures.overlay(any_row.get("benign_overlay_path"), any_row.get("benign_map_path"), benign_path)
+        cells = [
+            f"<td>{pictures.tag(pictures.file(benign_path), f'benign {name}')}"
+            f'<div class="cap">{escape(class_label(model, true_class))}</div></td>',
+            f"<td>{pictures.tag(benign_overlay, f'benign map {name}')}<div class=\"cap\">{escape(interpreter)} map</div></td>",
+        ]
+        for attack, row in (("pgd", pgd), ("adv2", adv2)):
+            label_attack = ATTACK_LABELS[attack]
+            if row is None:
+                cells += [f"<td>{pictures.tag(None, '', placeholder=f'{label_attack} not run')}</td>"] * 2
+                continue
+            adversarial = pictures.file(row.get("adversarial_path"))
+            overlay = pictures.overlay(row.get("overlay_path"), row.get("map_path"), row.get("adversarial_path"))
+            iou = formatted(row.get("iou"), "number")
+            cells.append(f"<td>{pictures.tag(adversarial, f'{label_attack} {name}')}{_verdict(row, model)}</td>")
+            cells.append(
+                f"<td>{pictures.tag(overlay, f'{label_attack} map {name}')}"
+                f'<div class="cap" data-key="{attack}_iou">IoU {iou}</div></td>'
+            )
+        rows.append(f"<tr>{label}{''.join(cells)}</tr>")
+    shown = f"{len(chosen)} of {len(names)} images"
+    return (
+        f'<h3>{escape(model)} · {escape(interpreter)} <span class="note">target map {escape(target_map)}, {shown}</span></h3>'
+        f'<table class="grid" data-model="{escape(model)}" data-interpreter="{escape(interpreter)}">'
+        f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def render_html(run: RunData, options: PageOptions = PageOptions()) -> str:
+    """The whole report page as one string."""
+    pictures = _Pictures(run.run_dir, options)
+    grids = [_grid(run, pictures, model, interpreter, options) for model in run.models for interpreter in run.interpreters(model)]
+    body = (
+        _header(run)
+        + _summary_table(run)
+        + _figures(run, options)
+        + "<h2>Examples</h2>"
+        + '<p class="note">Per interpreter a few images: the benign image and its map, then the PGD and ADV² '
+        "images with their maps for the target class. A good ADV² map looks like the benign one.</p>"
+        + "".join(grids)
+        + "<footer>Generated by underfire from results.sqlite; self-contained (no external resources).</footer>"
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>underfire report — {escape(run.name)}</title>"
+        f"<style>{CSS}</style></head><body>{body}</body></html>\n"
+    )
