@@ -23,6 +23,8 @@ from .errors import (  # noqa: E402
     UnderfireError,
 )
 from .evaluation import EvaluationResult, evaluate  # noqa: E402
+from .runs import ExperimentConfig, RunOutcome, demo_config, load_experiment_config, run_experiment  # noqa: E402
+from .store import ResultStore  # noqa: E402
 from .models import (  # noqa: E402
     BUILTIN_MODELS,
     Classifier,
@@ -32,6 +34,7 @@ from .models import (  # noqa: E402
     parse_model_spec,
     train_classifier,
 )
+from .report import summary_rows, write_report  # noqa: E402
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -39,22 +42,30 @@ __all__ = [
     "CheckpointError",
     "Classifier",
     "EvaluationResult",
+    "ExperimentConfig",
     "ImageFolderDataset",
     "ImageReadError",
     "InputError",
     "ModelOptions",
     "ModelStructureError",
+    "ResultStore",
+    "RunOutcome",
     "ShapesDataset",
     "SpecError",
     "TrainConfig",
     "UnderfireError",
     "__version__",
+    "demo_config",
     "evaluate",
     "export_dataset",
+    "load_experiment_config",
     "load_images",
     "load_model",
     "open_dataset",
     "parse_model_spec",
     "read_image",
+    "run_experiment",
+    "summary_rows",
     "train_classifier",
+    "write_report",
 ]

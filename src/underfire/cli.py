@@ -265,6 +265,68 @@ def attack(
     )
 
 
+@app.command("run")
+@user_errors
+def run_command(
+    config: Annotated[Path, typer.Argument(help="Experiment config (TOML): an experiment table and optional overrides tables (see README).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/NAME). A re-run resumes it.")] = None,
+) -> None:
+    """Run an experiment: models × interpreters × attacks × target maps into RUN_DIR/results.sqlite.
+
+    Resumable: a killed run, started again with the same command, does only what is missing.
+    """
+    from .runs import format_summary, load_experiment_config, run_experiment, summarise_run
+    from .runs.execute import safe_name
+
+    experiment = load_experiment_config(config)
+    run_dir = out if out is not None else Path("runs") / safe_name(experiment.name)
+    outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=sys.stderr.isatty()))
+    _echo_outcome(outcome)
+    typer.echo(format_summary(summarise_run(run_dir)))
+    typer.echo(f"HTML report: underfire report {run_dir}")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; a re-run in the same folder resumes.")] = Path("underfire-demo"),
+    images: Annotated[Optional[int], typer.Option(help="Images per model (default: about 10 minutes on a 2-core CPU).")] = None,
+    preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
+) -> None:
+    """Attack both built-in models with PGD and ADV² against grad, cam, rts and mask; write an HTML report."""
+    from .runs import DEMO_IMAGES, demo_config, format_summary, run_experiment, summarise_run
+
+    experiment = demo_config(DEMO_IMAGES if images is None else images, preset_name)
+    outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=sys.stderr.isatty()))
+    _echo_outcome(outcome)
+    from .report import write_report
+
+    page = write_report(out, "html")
+    typer.echo(format_summary(summarise_run(out), title=f"demo: {outcome.results} results ({preset_name} preset)"))
+    typer.echo(f"report: {page}")
+
+
+def _run_with_interrupt(work: Callable[[], Any]) -> Any:
+    """Ctrl-C keeps every finished unit: say how to resume instead of printing a traceback."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished units are saved; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+def _echo_outcome(outcome: Any) -> None:
+    if outcome.was_complete:
+        typer.echo(f"nothing to do: {outcome.run_dir} is complete ({outcome.units} units)")
+    else:
+        typer.echo(
+            f"ran {outcome.completed} of {outcome.units} units in {outcome.seconds:.0f} s"
+            + (f" ({outcome.skipped} were already done)" if outcome.skipped else "")
+            + f" → {outcome.run_dir / 'results.sqlite'}"
+        )
+    typer.echo(f"{outcome.results} results rows, {outcome.transfer} transfer rows")
+
+
 @train_app.command("classifier")
 @user_errors
 def train_classifier_command(
@@ -331,6 +393,19 @@ def export_command(
     dataset = open_dataset(data, size=size, seed=seed)
     path = export_dataset(dataset, out, limit=limit, progress=sys.stderr.isatty())
     typer.echo(f"wrote {min(limit or len(dataset), len(dataset))} images to {path}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (holds results.sqlite), e.g. from `underfire run`.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="html (self-contained page), json or csv (the summary table).")] = "html",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default: RUN_DIR/report.FORMAT).")] = None,
+) -> None:
+    """Report a run: summary table, IoU-vs-k curves, transfer matrix and image grids (works on partial runs)."""
+    from .report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir, fmt=fmt, out=out)}")
 
 
 @app.command()
