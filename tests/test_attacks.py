@@ -61,6 +61,8 @@ def test_parse_fraction() -> None:
         ({"eps": -0.1}, "eps must be in"),
         ({"eps": 1.5}, "eps must be in"),
         ({"alpha": 0.0}, "alpha must be in"),
+        ({"adv_alpha": 2.0}, "adv_alpha must be in"),
+        ({"adv_alpha_final": -1e-3}, "adv_alpha_final must be in"),
         ({"pgd_steps": -1}, "pgd_steps"),
         ({"pgd_steps": 0, "adv_steps": 0}, "at least one step"),
         ({"confidence": 1.0}, "confidence"),
@@ -70,6 +72,17 @@ def test_parse_fraction() -> None:
 def test_bad_configurations_are_refused(overrides: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
         AttackConfig().with_overrides(**overrides)
+
+
+def test_stage_two_step_size_decays_from_adv_alpha_to_adv_alpha_final() -> None:
+    constant = AttackConfig(alpha=2 / 255, adv_steps=11)
+    assert [constant.stage_two_alpha(i) for i in (0, 5, 10)] == [2 / 255] * 3
+    decaying = constant.with_overrides(adv_alpha=1 / 255, adv_alpha_final=0.1 / 255)
+    sizes = [decaying.stage_two_alpha(i) for i in range(11)]
+    assert sizes[0] == pytest.approx(1 / 255) and sizes[-1] == pytest.approx(0.1 / 255)
+    assert sizes[5] == pytest.approx(0.55 / 255)  # cosine: half way at the middle step
+    assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+    assert decaying.stage_two_alpha(50) == pytest.approx(0.1 / 255)  # past the end: the final size
 
 
 def test_presets_and_their_errors() -> None:
@@ -165,6 +178,30 @@ def test_best_iterate_selection() -> None:
     torch.testing.assert_close(best[0], torch.full((1, 2, 2), 0.5 - 2 * 0.05))
     torch.testing.assert_close(best[1], torch.full((1, 2, 2), 0.5 - 3 * 0.05))
     torch.testing.assert_close(last, torch.full((2, 1, 2, 2), 0.5 - 6 * 0.05))
+
+
+def test_adv2_selection_prefers_qualifying_iterates_then_the_lowest_cross_entropy() -> None:
+    """Qualified (c_t with p ≥ confidence) iterates win by map distance; a sample that never
+    qualifies returns its lowest-cross-entropy iterate of either stage, not stage 1's by default."""
+    clf = tiny_classifier()
+    explainer = build_interpreter("cam", clf)
+    images = batch(4)
+    targets = (clf.predict(images).argmax(1) + 2) % 4
+    config = AttackConfig(eps=0.3, alpha=0.075, pgd_steps=3, adv_steps=6, confidence=0.6)
+    reachable = ADV2(clf, explainer, config)(images, targets)
+    hopeless = ADV2(clf, explainer, config.with_overrides(confidence=0.999999))(images, targets)
+    with clf.frozen(), torch.no_grad():
+        probability = clf(hopeless.adversarial).softmax(1).gather(1, targets[:, None]).squeeze(1)
+    assert (probability < 0.999999).all()  # nothing qualified at this threshold
+    assert torch.isnan(hopeless.map_distance).all()
+    qualified = ~torch.isnan(reachable.map_distance)
+    assert qualified.any() and (reachable.confidence[qualified] >= 0.6 - 1e-3).all()
+    # without a qualifier the answer is the lowest-CE iterate: at least as good as plain PGD's
+    # stage 1 alone, and here stage 2 keeps lowering the loss so a stage-2 step is chosen
+    stage_one = PGD(clf, config.with_overrides(adv_steps=0))(images, targets)
+    ce = lambda x: torch.nn.functional.cross_entropy(clf.predict(x), targets, reduction="none")  # noqa: E731
+    assert (ce(hopeless.adversarial) <= ce(stage_one.adversarial) + 1e-3).all()
+    assert (hopeless.chosen_step >= config.pgd_steps).any()
 
 
 def test_lambda_zero_is_exactly_pgd_and_lambda_positive_is_not() -> None:

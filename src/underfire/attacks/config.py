@@ -74,6 +74,10 @@ class AttackConfig:
     Attributes:
         eps: L∞ budget in [0, 1] pixel units (default 8/255).
         alpha: step size of the sign-gradient steps (default 1/255).
+        adv_alpha: stage-2 step size at its first step (default: ``alpha``).
+        adv_alpha_final: stage-2 step size at its last step, reached by cosine decay (default:
+            no decay). Small late steps let the map settle instead of jittering by ±α per pixel,
+            which matters most for short schedules.
         pgd_steps: stage 1 (plain targeted PGD, the warm start) — also the whole PGD attack.
         adv_steps: stage 2 (the joint objective); 0 makes ADV² equal to PGD.
         lam: λ schedule for stage 2.
@@ -88,6 +92,8 @@ class AttackConfig:
 
     eps: float = 8 / 255
     alpha: float = 1 / 255
+    adv_alpha: float | None = None
+    adv_alpha_final: float | None = None
     pgd_steps: int = 300
     adv_steps: int = 1000
     lam: LambdaSchedule = field(default_factory=LambdaSchedule)
@@ -100,8 +106,10 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if not (0 < self.eps <= 1):
             raise InputError(f"eps must be in (0, 1] (pixel units; 8/255 ≈ 0.031), got {self.eps}")
-        if not (0 < self.alpha <= 1):
-            raise InputError(f"alpha must be in (0, 1], got {self.alpha}")
+        for name in ("alpha", "adv_alpha", "adv_alpha_final"):
+            value = getattr(self, name)
+            if value is not None and not (0 < value <= 1):
+                raise InputError(f"{name} must be in (0, 1], got {value}")
         for name in ("pgd_steps", "adv_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -114,6 +122,14 @@ class AttackConfig:
             raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.encoder_weight < 0:
             raise InputError(f"encoder_weight must be >= 0, got {self.encoder_weight}")
+
+    def stage_two_alpha(self, step: int) -> float:
+        """Step size at ``step`` (0-based) of stage 2: ``adv_alpha`` cosine-decayed to ``adv_alpha_final``."""
+        start = self.alpha if self.adv_alpha is None else self.adv_alpha
+        if self.adv_alpha_final is None or self.adv_steps <= 1:
+            return start
+        share = min(step, self.adv_steps - 1) / (self.adv_steps - 1)
+        return self.adv_alpha_final + (start - self.adv_alpha_final) * 0.5 * (1 + math.cos(math.pi * share))
 
     def with_overrides(self, **overrides: Any) -> AttackConfig:
         """A copy with some fields replaced (unknown names are an error)."""
@@ -137,14 +153,20 @@ _PAPER: dict[str, dict[str, Any]] = {
     "mask": {"pgd_steps": 300, "adv_steps": 1000, "lam": LambdaSchedule((5.0, 10.0))},
 }
 
-#: The same algorithm with schedules that fit a CPU demo on the built-in 64×64 models.
+#: The same algorithm with schedules that fit a CPU demo on the built-in 64×64 models: 60 PGD
+#: steps, then a shorter stage 2 whose step starts at 2/255 and decays (cosine) to 0.1/255 so the
+#: map settles within the few steps there are. Tuned on 100 shapes test images (issue 4 note):
+#: against 30 + 120 constant-step steps, mean IoU rose 0.498 → 0.614 (GRAD, ResNet) and
+#: 0.594 → 0.66 (RTS). GRAD's and RTS's λ are 3× and 4× the paper's to make up for the shorter
+#: stage 2.
+_QUICK_STEPS: dict[str, Any] = {"pgd_steps": 60, "adv_alpha": 2 / 255, "adv_alpha_final": 0.1 / 255}
 _QUICK: dict[str, dict[str, Any]] = {
-    "grad": {"pgd_steps": 30, "adv_steps": 120, "lam": _GRAD_STAGES.scaled(3136), "label_smoothing": 0.1},
-    "smoothgrad": {"pgd_steps": 30, "adv_steps": 120, "lam": _GRAD_STAGES.scaled(3136), "label_smoothing": 0.1},
-    "cam": {"pgd_steps": 30, "adv_steps": 120, "lam": LambdaSchedule((5.0, 10.0))},
-    "gradcam": {"pgd_steps": 30, "adv_steps": 120, "lam": LambdaSchedule((5.0, 10.0))},
-    "rts": {"pgd_steps": 30, "adv_steps": 120, "lam": LambdaSchedule((5.0, 10.0))},
-    "mask": {"pgd_steps": 30, "adv_steps": 60, "lam": LambdaSchedule((5.0, 10.0))},
+    "grad": {**_QUICK_STEPS, "adv_steps": 300, "lam": _GRAD_STAGES.scaled(3 * 3136), "label_smoothing": 0.1},
+    "smoothgrad": {**_QUICK_STEPS, "adv_steps": 300, "lam": _GRAD_STAGES.scaled(3 * 3136), "label_smoothing": 0.1},
+    "cam": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0))},
+    "gradcam": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0))},
+    "rts": {**_QUICK_STEPS, "adv_steps": 300, "lam": LambdaSchedule((20.0, 40.0))},
+    "mask": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0))},
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": _PAPER, "quick": _QUICK}
