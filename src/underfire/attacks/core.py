@@ -27,6 +27,10 @@ from ..models.classifier import Classifier
 from .config import AttackConfig
 from .targets import check_targets
 
+#: Added to the selection score of ADV² iterates that do not qualify (not c_t with p ≥ confidence),
+#: so any qualifying iterate (score = map distance ≤ 1) ranks before them.
+_UNQUALIFIED = 1000.0
+
 #: objective(x, step) → (loss per sample, selection score per sample (lower is better), eligible)
 Objective = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -63,12 +67,12 @@ def quantize(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
     itself on the grid; such pixels move one level back toward ``origin`` (the ball is at least one
     level wide for ε ≥ 1/255, so a grid point always exists inside it).
     """
-    level = 1.0 / 255.0
-    q = torch.round(x.clamp(0, 1) * 255.0) / 255.0
+    # work in integer levels so the result is exactly k/255, the value a PNG reads back as
+    levels = torch.round(x.clamp(0, 1) * 255.0)
     slack = 1e-6
-    q = torch.where(q - origin > eps + slack, q - level, q)
-    q = torch.where(origin - q > eps + slack, q + level, q)
-    return q.clamp(0.0, 1.0)
+    levels = torch.where(levels / 255.0 - origin > eps + slack, levels - 1, levels)
+    levels = torch.where(origin - levels / 255.0 > eps + slack, levels + 1, levels)
+    return levels.clamp(0, 255) / 255.0
 
 
 def _check_batch(
@@ -91,10 +95,12 @@ def _descend(
     best_score: torch.Tensor,
     best_step: torch.Tensor,
     step_offset: int = 0,
+    step_size: Callable[[int], float] | None = None,
 ) -> torch.Tensor:
     """``steps`` projected sign-gradient steps from ``start``; updates best/best_score in place.
 
-    Every iterate, including the final one, is scored; returns the final iterate.
+    Every iterate, including the final one, is scored; returns the final iterate. ``step_size``
+    maps the step index to α (default: the constant ``config.alpha``).
     """
     x = start.detach().clone()
     for step in range(steps + 1):
@@ -109,7 +115,8 @@ def _descend(
             best_score[improved] = score[improved]
             best_step[improved] = step + step_offset
             if step < steps:
-                x = project(x.detach() - config.alpha * gradient.sign(), origin, config.eps)
+                alpha = config.alpha if step_size is None else step_size(step)
+                x = project(x.detach() - alpha * gradient.sign(), origin, config.eps)
     return x.detach()
 
 
@@ -192,36 +199,52 @@ class ADV2(PGD):
             target_maps = interpreter(images, seed=config.seed)
         target_maps = self._check_target_maps(images, target_maps)
         with clf.frozen():
-            best, _, best_step, last = self._stage_one(images, targets)
+            best, stage_one_loss, best_step, last = self._stage_one(images, targets)
             state: Any = interpreter.initial_state(config.seed, images.device)
-            encoder = getattr(interpreter, "encoder_logits", None)
+            encoder = getattr(interpreter, "encoder_logits", None) if config.encoder_weight > 0 else None
+            # RTS: its maps and its encoder's logits from one encoder pass
+            maps_and_encoder = getattr(interpreter, "surrogate_and_encoder_logits", None) if encoder else None
             lam = config.lam
-            # the stage-1 result stays the answer for samples that never qualify in stage 2
+            # Stage 2 selects lexicographically: an iterate classified as c_t with p ≥ confidence
+            # beats every other one and among those the smallest map distance wins; a sample that
+            # never qualifies keeps its lowest-cross-entropy iterate of either stage.
             best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
             distances = torch.full((images.shape[0],), float("nan"), device=images.device)
 
             def objective(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                 nonlocal state
-                logits = clf(x)
-                maps, state = interpreter.surrogate(x, targets, state)
+                encoder_logits = None
+                if maps_and_encoder is not None:
+                    maps, encoder_logits, state = maps_and_encoder(x, targets, state)
+                    logits = clf(x)
+                else:
+                    # one forward for the map and the logits where the interpreter allows it
+                    maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
+                    if encoder is not None:
+                        encoder_logits = encoder(x)
                 distance = (maps - target_maps).pow(2).flatten(1).mean(1)
                 loss = _targeted_ce(logits, targets, config.label_smoothing)
                 loss = loss + lam.at(min(step, config.adv_steps - 1), config.adv_steps) * distance
-                if encoder is not None and config.encoder_weight > 0:
-                    loss = loss + config.encoder_weight * _targeted_ce(encoder(x), targets)
+                if encoder_logits is not None:
+                    loss = loss + config.encoder_weight * _targeted_ce(encoder_logits, targets)
                 with torch.no_grad():
                     probability = logits.softmax(1).gather(1, targets[:, None]).squeeze(1)
                     eligible = (logits.argmax(1) == targets) & (probability >= config.confidence)
-                return loss, distance, eligible
+                    fallback = _UNQUALIFIED + _targeted_ce(logits, targets)
+                    score = torch.where(eligible, distance.detach(), fallback)
+                return loss, score, torch.ones_like(eligible)
 
             if config.adv_steps > 0:
-                stage_two_best = best.clone()
+                stage_two_best, stage_two_step = best.clone(), best_step.clone()
                 last = _descend(
-                    images, best, config.adv_steps, config, objective, stage_two_best, best_score, best_step,
-                    step_offset=config.pgd_steps,
+                    images, best, config.adv_steps, config, objective, stage_two_best, best_score, stage_two_step,
+                    step_offset=config.pgd_steps, step_size=config.stage_two_alpha,
                 )
-                qualified = torch.isfinite(best_score)
-                best = torch.where(qualified[:, None, None, None], stage_two_best, best)
+                qualified = best_score < _UNQUALIFIED
+                closer = ~qualified & (best_score - _UNQUALIFIED < stage_one_loss)
+                use = qualified | closer
+                best = torch.where(use[:, None, None, None], stage_two_best, best)
+                best_step = torch.where(use, stage_two_step, best_step)
                 distances = torch.where(qualified, best_score, distances)
             return _finish(clf, images, targets, best, best_step, last, config, distances)
 

@@ -4,7 +4,11 @@ An interpreter explains a ``Classifier``: images (N, C, H, W) in [0, 1] and clas
 (N, 1, h, w) in [0, 1], "high = important". Calling it validates the inputs, runs the model frozen
 (eval mode, no parameter gradients, every flag restored afterwards), leaves no hook behind and
 returns detached maps. ``surrogate`` is the same map as a differentiable function of the images:
-what the ADV² attack optimises (DESIGN §2). Adding an interpreter = one module with one subclass.
+what the ADV² attack optimises (DESIGN §2). ``surrogate_and_logits`` adds the classifier's logits
+of the same images, which the attack's prediction loss needs: interpreters that run the classifier
+on the clean images anyway (GRAD, CAM, Grad-CAM) override it to hand back the logits of their own
+forward pass instead of paying for a second one. Adding an interpreter = one module with one
+subclass.
 """
 
 from __future__ import annotations
@@ -85,6 +89,22 @@ class Interpreter(ABC):
         override it with arithmetic.
         """
         return tuple(self(images[:1]).shape[-2:])  # type: ignore[return-value]
+
+    def surrogate_and_logits(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``surrogate``'s maps and state, plus the classifier's logits of ``images``.
+
+        Returns ``(maps, logits, state)``; the logits equal ``classifier(images)`` (the same values)
+        and are differentiable with respect to ``images`` like the maps. The default calls
+        ``surrogate`` and then the classifier: one extra forward pass. Interpreters whose surrogate
+        already runs the classifier on exactly these images override it and return that forward's
+        logits; one whose forward passes see other inputs (SmoothGrad's noisy copies, MASK's
+        perturbed images) or another network (RTS) keeps this default. Called inside
+        ``classifier.frozen()``, like ``surrogate``.
+        """
+        maps, state = self.surrogate(images, classes, state)
+        return maps, self.classifier(images), state
 
     @abstractmethod
     def surrogate(

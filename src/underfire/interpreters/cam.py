@@ -75,15 +75,26 @@ class _RepresentationInterpreter(Interpreter):
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, None]:
         """The normalised map with its graph to ``images``: the map itself is differentiable."""
-        return normalize_maps(self._raw_differentiable(images, classes)), None
+        raw, _ = self._raw_and_logits(images, classes)
+        return normalize_maps(raw), None
+
+    def surrogate_and_logits(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The normalised map and the logits of the one forward pass that produced its features
+        (``Classifier.features_and_logits``): the attack needs no second forward."""
+        raw, logits = self._raw_and_logits(images, classes)
+        return normalize_maps(raw), logits, None
 
     @abstractmethod
     def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """The un-normalised map without a graph to the input."""
 
     @abstractmethod
-    def _raw_differentiable(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """The un-normalised map with its graph to the input."""
+    def _raw_and_logits(
+        self, images: torch.Tensor, classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The un-normalised map with its graph to the input, and the logits of the same forward."""
 
 
 class CAM(_RepresentationInterpreter):
@@ -94,13 +105,15 @@ class CAM(_RepresentationInterpreter):
 
     name = "cam"
 
-    def _raw_differentiable(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        features, _ = self.classifier.features_and_logits(images)
-        return _class_map(features, self.classifier.cam_layers().head.weight, classes)
+    def _raw_and_logits(
+        self, images: torch.Tensor, classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features, logits = self.classifier.features_and_logits(images)
+        return _class_map(features, self.classifier.cam_layers().head.weight, classes), logits
 
     def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self._raw_differentiable(images, classes)
+            return self._raw_and_logits(images, classes)[0]
 
 
 class GradCAM(_RepresentationInterpreter):
@@ -114,9 +127,11 @@ class GradCAM(_RepresentationInterpreter):
 
     name = "gradcam"
 
-    def _raw_differentiable(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def _raw_and_logits(
+        self, images: torch.Tensor, classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.classifier.features_and_logits(images)
-        return self._grad_cam(features, logits, classes, create_graph=True)
+        return self._grad_cam(features, logits, classes, create_graph=True), logits
 
     def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -146,7 +161,10 @@ class GradCAM(_RepresentationInterpreter):
 def _class_map(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Σ_k w_{k,c} a_k[i, j] for each sample's class: (N, K, h, w) → (N, 1, h, w)."""
     w = weight.to(features.dtype)[classes]  # (N, K)
-    return torch.einsum("nkhw,nk->nhw", features, w).unsqueeze(1)
+    # one batched (1, K) × (K, h·w) product: what einsum("nkhw,nk->nhw") computes, bit for bit,
+    # without its per-call planning (6× faster at batch 16, which is a tenth of a CAM call there)
+    n, _, height, width = features.shape
+    return torch.bmm(w.unsqueeze(1), features.flatten(2)).view(n, 1, height, width)
 
 
 def _check_head_logits(scores: torch.Tensor, logits: torch.Tensor, clf: Classifier) -> None:

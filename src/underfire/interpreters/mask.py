@@ -217,6 +217,10 @@ class Mask(Interpreter):
             raise InputError(f"config must be a MaskConfig, got {type(config).__name__}")
         self.config = config
 
+    def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
+        """The mask's cells for this input size (arithmetic: no optimisation is run)."""
+        return self.config.mask_shape(*images.shape[-2:])
+
     # ------------------------------------------------------------------ benign maps
     def explain(
         self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
@@ -323,7 +327,9 @@ class Mask(Interpreter):
         classes = torch.as_tensor(classes, device=images.device).long().view(-1)
         detached = images.detach()
         with torch.enable_grad():
-            blurred = self._blur_images(detached)
+            # one blur: the inner steps use its value, the unrolled steps its graph to ``images``
+            blurred_live = self._blur_images(images)
+            blurred = blurred_live.detach()
             if state is not None:
                 self._check_state(state, images)
             resolve = cfg.resolve_every > 0 and state is not None and state.step > 0
@@ -334,7 +340,6 @@ class Mask(Interpreter):
             state = self._advance(state, detached, classes, blurred, cfg.inner_steps)
 
             unrolled = state.mask.clone().requires_grad_(True)
-            blurred_live = self._blur_images(images)
             for _ in range(cfg.unrolled_steps):
                 loss = self.objective(unrolled, images, classes, blurred=blurred_live).sum()
                 (grad,) = torch.autograd.grad(loss, unrolled, create_graph=True)

@@ -340,6 +340,16 @@ class Rts(Interpreter):
             masks = network(images, classes)
         return normalize_maps(masks), None
 
+    def surrogate_and_encoder_logits(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """``surrogate``'s maps and ``encoder_logits`` from one encoder pass (the ADV² step on RTS
+        needs both; calling the two separately runs the encoder twice)."""
+        network = self._on(images.device)
+        with network.frozen():
+            masks, logits = network.masks_and_logits(images, classes)
+        return normalize_maps(masks), logits, None
+
     def masks(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Raw (un-normalised) masks in [0, 1]: near zero everywhere for a class not in the image."""
         network = self._on(images.device)
