@@ -1,38 +1,37 @@
 """Cost of one ADV² step relative to one PGD step, per interpreter, side by side in one process.
 
-One PGD step = forward + backward of the cross-entropy w.r.t. the input. One ADV² step = the same
-plus the interpreter's differentiable surrogate map and its MSE to a target map (GRAD: second-order
-backward through the smoothed ReLUs; MASK: one inner and one unrolled step; RTS: its network and
-encoder). Medians of repeated runs after warm-up; the ratio is what matters (wall times depend on
-the machine and on whatever else runs on it).
+One PGD step = forward + backward of the cross-entropy w.r.t. the input + projection. One ADV²
+step = the interpreter's ``surrogate_and_logits`` (its differentiable map and the logits, from one
+forward pass where the interpreter allows it: GRAD with ``share_forward``, CAM, Grad-CAM), the MSE
+to a target map, the backward and the projection (GRAD: second-order backward through the smoothed
+ReLUs; MASK: one inner and one unrolled step; RTS: its network, whose encoder also gives the
+encoder-logit term). The steps are ``benchmarks.scaling.make_step``'s; rounds alternate PGD and
+ADV² after warm-up and the ratio is the median of the per-round ratios.
 
     python benchmarks/step_cost.py [--model shapes-resnet] [--batch 32] [--repeats 7] [--out FILE.md]
+
+``python -m benchmarks.run`` runs the fuller suite (peers, limit, scaling).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import os
+import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import underfire as uf
-from underfire.interpreters import MaskConfig, build_interpreter
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
 
-def median_seconds(step, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.common import inputs, interleaved, load_classifier, paired_ratio  # noqa: E402
+from benchmarks.scaling import make_step  # noqa: E402
+
+INTERPRETERS = ("grad", "smoothgrad", "cam", "gradcam", "rts", "mask")
 
 
 def main() -> None:
@@ -40,38 +39,24 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-resnet")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
-    clf = uf.load_model(args.model)
-    images, labels, _ = uf.ShapesDataset("test").tensors(range(args.batch))
-    targets = (labels + 1) % clf.num_classes
+    clf = load_classifier(args.model)
+    images, _, targets = inputs(clf, args.batch)
+    pgd = make_step("pgd", clf, images, targets)
     rows = []
-    with clf.frozen():
-
-        def pgd_step() -> None:
-            x = images.clone().requires_grad_(True)
-            loss = F.cross_entropy(clf(x), targets)
-            torch.autograd.grad(loss, x)
-
-        pgd = median_seconds(pgd_step, args.repeats)
-        for name in ("grad", "smoothgrad", "cam", "gradcam", "rts", "mask"):
-            options = {"config": MaskConfig(init_steps=5)} if name == "mask" else {}
-            interpreter = build_interpreter(name, clf, **options)
-            target_maps = interpreter(images, labels)
-            state = {"value": None}
-
-            def adv2_step() -> None:
-                x = images.clone().requires_grad_(True)
-                maps, state["value"] = interpreter.surrogate(x, targets, state["value"])
-                loss = F.cross_entropy(clf(x), targets) + 5.0 * F.mse_loss(maps, target_maps)
-                torch.autograd.grad(loss, x)
-
-            adv2 = median_seconds(adv2_step, args.repeats)
-            rows.append({"interpreter": name, "pgd_ms": 1000 * pgd, "adv2_ms": 1000 * adv2, "ratio": adv2 / pgd})
+    for name in INTERPRETERS:
+        samples = interleaved({"pgd": pgd, "adv2": make_step(name, clf, images, targets)}, args.repeats, warmup=2)
+        ratio = paired_ratio(samples["adv2"], samples["pgd"])
+        pgd_ms, adv2_ms = (1000 * sorted(samples[k])[len(samples[k]) // 2] for k in ("pgd", "adv2"))
+        rows.append({"interpreter": name, "pgd_ms": pgd_ms, "adv2_ms": adv2_ms, "ratio": ratio.median})
+        print(f"{name}: {ratio.median:.2f}x", file=sys.stderr)
 
     lines = [
-        f"One step on {args.model}, batch {args.batch}, {torch.get_num_threads()} threads (median of {args.repeats})",
+        f"One step on {args.model}, batch {args.batch}, {torch.get_num_threads()} thread(s) (median of {args.repeats})",
         "",
         "| interpreter | PGD step (ms) | ADV² step (ms) | ADV² / PGD |",
         "| --- | --- | --- | --- |",

@@ -1,0 +1,364 @@
+"""Against the limit: one ADV² step in underfire vs the same mathematics written inline in torch.
+
+Ours is ``ADV2(clf, interpreter, config)(x, t, target_maps)``: the marginal cost of one more
+stage-2 step (see ``common``), so validation, target-map checks and the final 8-bit scoring
+cancel. The reference is a plain loop over the same steps, written as one would without a
+framework, from the same start, with the same selection rule (qualifying iterates by map
+distance, then the rest by cross-entropy), constant λ and projection; its final iterate must
+equal ours (the "agreement" column). What the ratio exposes is underfire's overhead per step:
+interpreter objects, contexts, hooks, validation.
+
+The inline mathematics per interpreter:
+
+* GRAD (default, ``share_forward=False``): forward through a copy of the model whose ``nn.ReLU``
+  modules are the smoothed ReLU (ReLU's value, the paper's ``h`` derivative), create-graph
+  backward of the class logit to the input, |·| max over channels, min-max; a second, exact
+  forward for the prediction loss; one backward of the whole loss.
+* GRAD with ``share_forward=True``: the same with the smoothed forward's logits reused (forward +
+  create-graph backward + backward).
+* CAM: forward with a forward hook on the feature layer (registered once), Σ_k w_kc a_k, min-max,
+  backward. Grad-CAM: the same plus the create-graph gradient of the class logit w.r.t. the
+  hooked features.
+* RTS: forward of the classifier, one pass of the saliency network's encoder feeding both its
+  decoder (the mask) and its head (the encoder-logit term), backward.
+* MASK: the inner Adam step(s) on the detached image and the unrolled, preconditioned virtual
+  step (create_graph) of ``Mask.surrogate``, inline; ``gaussian_blur`` and ``total_variation``
+  (pure tensor functions) are reused from ``underfire.interpreters.mask``.
+
+These run on the built-in ResNet (its ReLUs are all ``nn.ReLU`` modules, so the inline smoothed
+copy is exact); the GRAD and CAM targets are ratio ≤ 1.2.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from underfire import Classifier
+from underfire.attacks import ADV2, AttackConfig, LambdaSchedule
+from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts
+from underfire.interpreters.mask import REFERENCE_MASK_PIXELS, gaussian_blur, total_variation
+
+from .common import Row, interleaved, make_row, marginal, max_abs_diff, minmax, untrained_rts
+
+SECTION = "limit"
+LAMBDA = 5.0
+EPS, ALPHA, CONFIDENCE = 8 / 255, 1 / 255, 0.8
+ENCODER_WEIGHT = 0.1
+UNQUALIFIED = 1000.0  # ADV²'s rank offset of iterates that do not qualify
+TAU = 1e-4  # the paper's h surrogate (underfire's default)
+#: interpreter rows: (label, target ratio or None)
+CASES: tuple[tuple[str, float | None], ...] = (
+    ("grad", 1.2),
+    ("grad (share_forward)", 1.2),
+    ("cam", 1.2),
+    ("gradcam", None),
+    ("rts", None),
+    ("mask", None),
+)
+
+
+def run_limit(
+    clf: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    repeats: int,
+    warmup: int,
+    quick: bool,
+    cases: tuple[str, ...] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    rows = []
+    short, extra = 1, (2 if quick else 4)
+    setting = {"model": clf.name, "batch": images.shape[0], "size": images.shape[-1], "lambda": LAMBDA}
+    for name, bound in CASES:
+        if cases is not None and name not in cases:
+            continue
+        log(f"  limit: {name} ...")
+        interpreter = _interpreter(name, clf)
+        generator = torch.Generator().manual_seed(1)
+        maps_shape = (images.shape[0], 1, *interpreter.map_shape(images))
+        target_maps = torch.rand(maps_shape, generator=generator).to(images.device)
+        config = AttackConfig(
+            eps=EPS, alpha=ALPHA, pgd_steps=0, adv_steps=1, lam=LambdaSchedule((LAMBDA,)),
+            confidence=CONFIDENCE, encoder_weight=ENCODER_WEIGHT,
+        )
+
+        def ours(steps: int, interpreter: Any = interpreter, maps: torch.Tensor = target_maps) -> Callable[[], torch.Tensor]:
+            attack = ADV2(clf, interpreter, config.with_overrides(adv_steps=steps))
+            return lambda: attack(images, targets, maps).last
+
+        def raw(steps: int, name: str = name, interpreter: Any = interpreter, maps: torch.Tensor = target_maps) -> Callable[[], torch.Tensor]:
+            return lambda: _raw_attack(clf, _inline(name, clf, interpreter, targets, maps), images, targets, steps)
+
+        contenders = {
+            "ours_short": ours(short), "raw_short": raw(short),
+            "ours_long": ours(short + extra), "raw_long": raw(short + extra),
+        }
+        ours_last, raw_last = contenders["ours_long"](), contenders["raw_long"]()
+        diff = max_abs_diff(ours_last, raw_last)
+        moved = float((ours_last != raw_last).float().mean())
+        text = f"final iterates: max abs diff {diff:.1e}" + (f", {100 * moved:.2f} % of pixels differ" if moved else "")
+        samples = interleaved(contenders, repeats, warmup, images.device)
+        row = make_row(
+            SECTION, f"ADV² step, {name}", f"ADV2(clf, {_label(name)})", "inline torch, same math",
+            marginal(samples["ours_long"], samples["ours_short"], extra),
+            marginal(samples["raw_long"], samples["raw_short"], extra),
+            target=f"ratio <= {bound}" if bound else "", agreement=text,
+            note=f"cost of one more step: (T({short + extra}) - T({short})) / {extra}",
+            setting=setting,
+        )
+        log(f"    {row.name}: {row.ratio:.2f}x ({row.agreement})")
+        rows.append(row)
+    return rows
+
+
+def _label(name: str) -> str:
+    return {
+        "grad": "Grad(clf)",
+        "grad (share_forward)": "Grad(clf, share_forward=True)",
+        "cam": "CAM(clf)",
+        "gradcam": "GradCAM(clf)",
+        "rts": "Rts(clf)",
+        "mask": "Mask(clf, MaskConfig(init_steps=5))",
+    }[name]
+
+
+# ------------------------------------------------------------------------------------------ the loop
+#: step(x) → (loss per sample, map distance per sample, logits); built fresh for every attack
+Step = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _raw_attack(clf: Classifier, inline: Inline, images: torch.Tensor, targets: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` projected sign-gradient steps keeping the best eligible iterate (ADV²'s rule)."""
+    try:
+        with _frozen(clf):
+            x = images.clone()
+            best = images.clone()
+            best_score = torch.full((images.shape[0],), math.inf, device=images.device)
+            for index in range(steps + 1):
+                x.requires_grad_(True)
+                loss, score, logits = inline.step(x)
+                if index < steps:
+                    (gradient,) = torch.autograd.grad(loss.sum(), x)
+                with torch.no_grad():
+                    # ADV²'s selection: qualifying iterates (c_t with p ≥ confidence) by map
+                    # distance, before any other, which rank by cross-entropy
+                    probability = logits.softmax(1).gather(1, targets[:, None]).squeeze(1)
+                    eligible = (logits.argmax(1) == targets) & (probability >= CONFIDENCE)
+                    fallback = UNQUALIFIED + F.cross_entropy(logits, targets, reduction="none")
+                    score = torch.where(eligible, score.detach(), fallback)
+                    improved = score < best_score
+                    best[improved] = x.detach()[improved]
+                    best_score[improved] = score[improved]
+                    if index < steps:
+                        x = x.detach() - ALPHA * gradient.sign()
+                        x = torch.minimum(torch.maximum(x, images - EPS), images + EPS).clamp(0.0, 1.0)
+            return x.detach()
+    finally:
+        inline.close()
+
+
+class _frozen:
+    """Parameters without gradients (what anyone attacking a fixed model does)."""
+
+    def __init__(self, clf: Classifier) -> None:
+        self.params = list(clf.parameters())
+
+    def __enter__(self) -> None:
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p, flag in zip(self.params, self.flags):
+            p.requires_grad_(flag)
+
+
+# ------------------------------------------------------------------------------------------ inline maths
+class SmoothReLU(nn.Module):
+    """ReLU's value, the derivative of h(z) = √(z²+τ) (+ z for z < 0) (Zhang et al. 2020)."""
+
+    def __init__(self, tau: float = TAU) -> None:
+        super().__init__()
+        self.root_tau = math.sqrt(tau)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            value = torch.relu(z)
+        g = torch.hypot(z, z.new_tensor(self.root_tau)) + torch.where(z < 0, z, 0.0)
+        return value + (g - g.detach())
+
+
+def smoothed_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.ReLU`` module replaced by ``SmoothReLU``, frozen."""
+    smooth = copy.deepcopy(model).eval()
+    for module in list(smooth.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, child_name, SmoothReLU())
+    for p in smooth.parameters():
+        p.requires_grad_(False)
+    return smooth
+
+
+def _interpreter(name: str, clf: Classifier) -> Any:
+    if name == "grad":
+        return Grad(clf)
+    if name == "grad (share_forward)":
+        return Grad(clf, share_forward=True)
+    if name == "cam":
+        return CAM(clf)
+    if name == "gradcam":
+        return GradCAM(clf)
+    if name == "rts":
+        try:
+            return Rts(clf)
+        except Exception:  # noqa: BLE001 - no shipped network: an untrained one costs the same
+            return untrained_rts(clf)
+    if name == "mask":
+        return Mask(clf, MaskConfig(init_steps=5))
+    raise ValueError(f"unknown case {name!r}")
+
+
+class Inline:
+    """One attack run's inline step; ``close`` removes what it attached to the model."""
+
+    def __init__(self, step: Step, close: Callable[[], None] = lambda: None) -> None:
+        self.step = step
+        self.close = close
+
+
+#: smoothed copies of a model, made once per model (a deep copy is set-up, not a step)
+_SMOOTHED: dict[int, nn.Module] = {}
+
+
+def _inline(name: str, clf: Classifier, interpreter: Any, targets: torch.Tensor, target_maps: torch.Tensor) -> Inline:
+    mean, std = clf.mean, clf.std
+    model = clf.network
+
+    def normalized(x: torch.Tensor) -> torch.Tensor:
+        return (x - mean) / std
+
+    if name.startswith("grad ") or name == "grad":
+        share = "share_forward" in name
+        smooth = _SMOOTHED.setdefault(id(clf), smoothed_copy(clf.model))
+
+        def grad_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            xn = normalized(x)
+            smooth_logits = smooth(xn)
+            (g,) = torch.autograd.grad(smooth_logits.gather(1, targets[:, None]).sum(), x, create_graph=True)
+            maps = minmax(g.abs().amax(1, keepdim=True))
+            logits = smooth_logits if share else model(xn)
+            return _adv2_loss(logits, maps, targets, target_maps)
+
+        return Inline(grad_step)
+
+    if name in ("cam", "gradcam"):
+        layers = clf.cam_layers()
+        captured: dict[str, torch.Tensor] = {}
+        handle = layers.feature_module.register_forward_hook(lambda _m, _i, out: captured.__setitem__("a", out))
+        weight = layers.head.weight
+
+        def cam_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            logits = model(normalized(x))
+            a = torch.relu(captured["a"]) if layers.post_relu else captured["a"]
+            if name == "cam":
+                raw = torch.einsum("nkhw,nk->nhw", a, weight[targets]).unsqueeze(1)
+            else:
+                (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), a, create_graph=True)
+                raw = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+            return _adv2_loss(logits, minmax(raw), targets, target_maps)
+
+        return Inline(cam_step, handle.remove)
+
+    if name == "rts":
+        network = interpreter.network.eval()
+        for p in network.parameters():
+            p.requires_grad_(False)
+
+        def rts_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            logits = model(normalized(x))
+            features = network.encode(x)
+            masks = network.decode(features, targets)
+            encoder_logits = network.encoder.fc(torch.flatten(network.encoder.avgpool(features[-1]), 1))
+            loss, distance, logits = _adv2_loss(logits, minmax(masks), targets, target_maps)
+            return loss + ENCODER_WEIGHT * F.cross_entropy(encoder_logits, targets, reduction="none"), distance, logits
+
+        return Inline(rts_step)
+
+    if name == "mask":
+        return Inline(_mask_step(clf, interpreter.config, targets, target_maps))
+    raise ValueError(f"unknown case {name!r}")
+
+
+def _adv2_loss(
+    logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    distance = (maps - target_maps).pow(2).flatten(1).mean(1)
+    loss = F.cross_entropy(logits, targets, reduction="none") + LAMBDA * distance
+    return loss, distance, logits
+
+
+def _mask_step(clf: Classifier, cfg: MaskConfig, targets: torch.Tensor, target_maps: torch.Tensor) -> Step:
+    """Mask.surrogate's bilevel step, inline: state kept in this closure (one attack run)."""
+    mean, std, model = clf.mean, clf.std, clf.network
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    state: dict[str, Any] = {}
+
+    def objective(mask: torch.Tensor, images: torch.Tensor, blurred: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        up = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+        up = gaussian_blur(up, cfg.mask_sigma(height, width))
+        perturbed = images * up + blurred * (1.0 - up)
+        probs = torch.softmax(model((perturbed - mean) / std), dim=1)
+        class_term = probs.gather(1, targets.view(-1, 1)).squeeze(1)
+        scale = REFERENCE_MASK_PIXELS / (mask.shape[-2] * mask.shape[-1])
+        l1 = (1.0 - mask).abs().flatten(1).sum(1)
+        return class_term + scale * (cfg.l1_weight * l1 + cfg.tv_weight * total_variation(mask, cfg.tv_beta))
+
+    def adam(images: torch.Tensor, blurred: torch.Tensor, steps: int) -> None:
+        for _ in range(steps):
+            variable = state["mask"].detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(variable, images, blurred).sum(), variable)
+            state["count"] += 1
+            t = state["count"]
+            state["m"] = beta1 * state["m"] + (1 - beta1) * grad
+            state["v"] = beta2 * state["v"] + (1 - beta2) * grad.square()
+            corrected_avg = state["m"] / (1 - beta1**t)
+            corrected_sq = state["v"] / (1 - beta2**t)
+            update = cfg.learning_rate * corrected_avg / (corrected_sq.sqrt() + adam_eps)
+            state["mask"] = (variable.detach() - update).clamp(0.0, 1.0)
+
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        detached = x.detach()
+        height, width = x.shape[-2:]
+        sigma = cfg.image_sigma(height, width)
+        with torch.enable_grad():
+            blurred_live = gaussian_blur(x, sigma)
+            blurred = blurred_live.detach()
+            if not state:
+                rows, cols = cfg.mask_shape(height, width)
+                state["mask"] = torch.full((x.shape[0], 1, rows, cols), cfg.init_value, device=x.device)
+                state["m"], state["v"], state["count"] = torch.zeros_like(state["mask"]), torch.zeros_like(state["mask"]), 0
+                adam(detached, blurred, cfg.iterations if cfg.init_steps is None else cfg.init_steps)
+            adam(detached, blurred, cfg.inner_steps)
+            unrolled = state["mask"].clone().requires_grad_(True)
+            for _ in range(cfg.unrolled_steps):
+                loss = objective(unrolled, x, blurred_live).sum()
+                (grad,) = torch.autograd.grad(loss, unrolled, create_graph=True)
+                scale = (state["v"] / (1 - beta2 ** state["count"])).sqrt() + adam_eps
+                unrolled = unrolled - cfg.xi * (grad / scale)
+            maps = minmax(1.0 - unrolled)
+        logits = model((x - mean) / std)
+        return _adv2_loss(logits, maps, targets, target_maps)
+
+    return step
