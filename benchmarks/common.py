@@ -266,11 +266,12 @@ def environment(threads: int, device: str) -> dict[str, Any]:
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    for package in ("captum", "torchcam", "pytorch_grad_cam", "torchattacks", "torchray", "torchvision"):
+    from importlib import metadata
+
+    for package in ("captum", "torchcam", "grad-cam", "torchattacks", "torchray", "torchvision", "pyinstrument"):
         try:
-            module = __import__(package)
-            info[package] = getattr(module, "__version__", "installed")
-        except Exception:  # noqa: BLE001 - optional extras: record absence, whatever the failure
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
             info[package] = None
     return info
 

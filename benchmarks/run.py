@@ -143,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             scaling.append(result)
             if not args.no_memory and memory_supported(args.device):
-                plan: dict[str, list[int]] = {}
+                plan: dict[str, list[Any]] = {}
                 for point in result["points"]:
                     if point.get("images_per_s") is not None:
-                        plan.setdefault(point["method"], []).append(point["batch"])
+                        plan.setdefault(point["method"], []).append([point["batch"], point["step_ms"]])
                 print(f"  memory: {model} (separate process)")
-                memory[model] = measure_memory(model, plan, args.device, timeout=max(600.0, 40 * args.max_step_s))
+                budget = 3 * sum(ms for batches in plan.values() for _, ms in batches) / 1000 + 300
+                memory[model] = measure_memory(model, plan, args.device, timeout=budget)
 
     env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     env["seconds"] = round(time.time() - started, 1)
@@ -212,7 +213,7 @@ def render_markdown(payload: dict[str, Any], args: argparse.Namespace) -> str:
         f"`{payload['command']}` — {env['date']}, {env['cpu']} ({env['cores']} cores), "
         f"{env['threads']} intra-op thread(s), device {env['device']}, torch {env['torch']}, "
         f"commit {env['git_commit']}, load average at start {', '.join(f'{x:.1f}' for x in load)}; "
-        f"{env['seconds']:.0f} s.",
+        f"{env['seconds']:.0f} s." + (f" Note: {env['note']}." if env.get("note") else ""),
         "",
         "Ratios are medians over rounds of back-to-back runs (quartiles of the rounds in brackets; "
         "at least --repeats rounds, more until a comparison has run --min-time seconds); "

@@ -131,8 +131,9 @@ def run_scaling(
     return {"model": model, "size": size, "points": points}
 
 
-def measure_memory(model: str, plan: dict[str, list[int]], device: str, timeout: float) -> dict[str, dict[int, float]]:
-    """Peak MiB per image for each (method, batch) in ``plan``, from a separate process."""
+def measure_memory(model: str, plan: dict[str, list[Any]], device: str, timeout: float) -> dict[str, dict[int, float]]:
+    """Peak MiB per image for each (method, batch) in ``plan`` ({method: [[batch, step_ms], ...]}),
+    from a separate process; {} if it fails or runs out of time."""
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
@@ -140,6 +141,7 @@ def measure_memory(model: str, plan: dict[str, list[int]], device: str, timeout:
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
+        print(f"  memory: {model} timed out after {timeout:.0f} s", file=sys.stderr)
         return {}
     if done.returncode != 0:
         print(done.stderr[-2000:], file=sys.stderr)
