@@ -13,27 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from underfire import Classifier
+
+from test_surrogate_logits import SIZE, tiny_classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks/ package
 
 common = pytest.importorskip("benchmarks.common")
 
-SIZE = 32
-
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[Classifier, torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
-    ).eval()
-    with torch.no_grad():
-        net[-1].weight.mul_(30)
-    clf = Classifier(net, input_size=SIZE, num_classes=4, name="tiny").eval()
+    clf = tiny_classifier()  # the in-place-ReLU net of test_surrogate_logits
     images = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     labels = clf.predict(images).argmax(1)
     return clf, images, labels, (labels + 1) % 4
