@@ -37,6 +37,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from unittest import mock
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -70,43 +71,26 @@ def plain_logits(interpreter: Interpreter) -> Iterator[None]:
             cls.surrogate_and_encoder_logits = joint  # type: ignore[attr-defined]
 
 
-@contextmanager
-def solving_map_shape() -> Iterator[None]:
+def solving_map_shape() -> Any:
     """Old ``Mask.map_shape``: explain one image to read the map's size."""
-    saved = Mask.map_shape
-    Mask.map_shape = Interpreter.map_shape  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        Mask.map_shape = saved  # type: ignore[method-assign]
+    return mock.patch.object(Mask, "map_shape", Interpreter.map_shape)
 
 
-@contextmanager
-def extra_blur() -> Iterator[None]:
+def extra_blur() -> Any:
     """Old ``Mask.surrogate``: one more blur of the (detached) images per call."""
-    saved = Mask.surrogate
+    current = Mask.surrogate
 
     def surrogate(self: Mask, images: torch.Tensor, classes: Any, state: Any = None) -> Any:
         with torch.enable_grad():
             self._blur_images(images.detach())
-        return saved(self, images, classes, state)
+        return current(self, images, classes, state)
 
-    Mask.surrogate = surrogate  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        Mask.surrogate = saved  # type: ignore[method-assign]
+    return mock.patch.object(Mask, "surrogate", surrogate)
 
 
-@contextmanager
-def always_mode() -> Iterator[None]:
+def always_mode() -> Any:
     """Old ``Grad.explain``: always inside ``relu_surrogate("none")``."""
-    saved = gradient_module._exact_relu
-    gradient_module._exact_relu = lambda: relu_surrogate("none")
-    try:
-        yield
-    finally:
-        gradient_module._exact_relu = saved
+    return mock.patch.object(gradient_module, "_exact_relu", lambda: relu_surrogate("none"))
 
 
 def within(context: Callable[[], Any], work: Callable[[], Any]) -> Callable[[], Any]:

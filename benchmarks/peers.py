@@ -82,6 +82,31 @@ def _skipped(peer: str, why: str, setting: dict[str, Any]) -> Row:
     return Row(SECTION, peer, "-", peer, math.nan, math.nan, math.nan, math.nan, math.nan, note=why, setting=setting)
 
 
+def _map_race(
+    operation: str,
+    ours_text: str,
+    theirs_text: str,
+    ours: Callable[[], torch.Tensor],
+    theirs: Callable[[], torch.Tensor],
+    tolerance: float,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    setting: dict,
+    *,
+    note: str = "",
+    reference: torch.Tensor | None = None,
+) -> Row:
+    """Check that two map computations agree (``reference`` stands for ours when the outputs need
+    aligning first), then time them interleaved: one peer row, target ratio ≤ 1."""
+    text, _ = agreement(ours() if reference is None else reference, theirs(), tolerance)
+    samples = interleaved({"ours": ours, "theirs": theirs}, repeats, warmup, device)
+    return make_row(
+        SECTION, operation, ours_text, theirs_text, samples["ours"], samples["theirs"],
+        target="ratio <= 1.0", agreement=text, note=note, setting=setting,
+    )
+
+
 # ------------------------------------------------------------------------------------------ GRAD
 def grad_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict) -> Row:
     from captum.attr import Saliency
@@ -96,11 +121,9 @@ def grad_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tensor,
         attribution = saliency.attribute(images.clone(), target=classes, abs=True)
         return minmax(attribution.amax(1, keepdim=True))
 
-    text, _ = agreement(ours(), theirs(), 1e-5)
-    samples = interleaved({"ours": ours, "theirs": theirs}, repeats, warmup, images.device)
-    return make_row(
-        SECTION, "GRAD map", "Grad(clf)(x, c)", "captum Saliency + max over channels + min-max",
-        samples["ours"], samples["theirs"], target="ratio <= 1.0", agreement=text, setting=setting,
+    return _map_race(
+        "GRAD map", "Grad(clf)(x, c)", "captum Saliency + max over channels + min-max",
+        ours, theirs, 1e-5, repeats, warmup, images.device, setting,
     )
 
 
@@ -130,14 +153,12 @@ def cam_vs_torchcam(clf: Classifier, images: torch.Tensor, classes: torch.Tensor
             extractor.disable_hooks()
 
     try:
-        text, _ = agreement(ours(), theirs(), 1e-4)
-        samples = interleaved({"ours": ours, "theirs": theirs}, repeats, warmup, images.device)
+        return _map_race(
+            "CAM map", "CAM(clf)(x, c)", "torch-cam CAM (forward + extractor)",
+            ours, theirs, 1e-4, repeats, warmup, images.device, setting, note=note,
+        )
     finally:
         extractor.remove_hooks()
-    return make_row(
-        SECTION, "CAM map", "CAM(clf)(x, c)", "torch-cam CAM (forward + extractor)",
-        samples["ours"], samples["theirs"], target="ratio <= 1.0", agreement=text, note=note, setting=setting,
-    )
 
 
 # ------------------------------------------------------------------------------------------ Grad-CAM
@@ -161,11 +182,9 @@ def gradcam_vs_pytorch_grad_cam(
 
     # theirs: ReLU, min-max (ε 1e-7), bilinear resize to the input (cv2), min-max again; ours the same way
     resized = minmax(F.interpolate(ours(), size=images.shape[-2:], mode="bilinear", align_corners=False))
-    text, _ = agreement(resized, torch.from_numpy(theirs()), 1e-4)
-    samples = interleaved({"ours": ours, "theirs": theirs}, repeats, warmup, images.device)
-    return make_row(
-        SECTION, "Grad-CAM map", "GradCAM(clf)(x, c)", "pytorch-grad-cam GradCAM (resizes to the input)",
-        samples["ours"], samples["theirs"], target="ratio <= 1.0", agreement=text, setting=setting,
+    return _map_race(
+        "Grad-CAM map", "GradCAM(clf)(x, c)", "pytorch-grad-cam GradCAM (resizes to the input)",
+        ours, lambda: torch.from_numpy(theirs()), 1e-4, repeats, warmup, images.device, setting, reference=resized,
     )
 
 
@@ -184,11 +203,9 @@ def gradcam_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tens
         attribution = layer_gradcam.attribute(images, target=classes, relu_attributions=True)
         return minmax(attribution.detach())
 
-    text, _ = agreement(ours(), theirs(), 1e-4)
-    samples = interleaved({"ours": ours, "theirs": theirs}, repeats, warmup, images.device)
-    return make_row(
-        SECTION, "Grad-CAM map", "GradCAM(clf)(x, c)", "captum LayerGradCam + min-max",
-        samples["ours"], samples["theirs"], target="ratio <= 1.0", agreement=text, note=note, setting=setting,
+    return _map_race(
+        "Grad-CAM map", "GradCAM(clf)(x, c)", "captum LayerGradCam + min-max",
+        ours, theirs, 1e-4, repeats, warmup, images.device, setting, note=note,
     )
 
 

@@ -90,6 +90,50 @@ def test_gradcam_equals_hand_computation() -> None:
     np.testing.assert_allclose(gradcam(x, 0)[0, 0].numpy(), [[0, 1 / 3], [1, 2 / 3]], atol=1e-6)
 
 
+class InPlaceReluNet(nn.Module):
+    """1×1 conv whose features can be negative, then a *functional in-place* ReLU (as torchvision's
+    DenseNet applies after ``features``), GAP and a linear head. ``inplace=False`` is the same net
+    without the in-place write."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        self.fc = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, -1.0, 0], [0, 1.0, -0.5]]).view(2, 3, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, -1.0], [2.0, 0.5], [-1.0, 3.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.conv(x)
+        features = torch.relu_(features) if self.inplace else torch.relu(features)
+        return self.fc(features.mean((2, 3)))
+
+
+def test_cam_reads_features_the_model_later_overwrites_in_place() -> None:
+    """The hook keeps the feature tensor without copying it; a model that writes to it in place
+    is detected (version counter), re-run with a copy, and gives the out-of-place model's maps and
+    input gradients."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 4, 4)
+    classes = torch.tensor([0, 1, 2])
+    reference = Classifier(InPlaceReluNet(inplace=False).eval(), input_size=4, name="copy")
+    in_place = Classifier(InPlaceReluNet(inplace=True).eval(), input_size=4, name="in-place")
+    assert in_place.cam_layers().post_relu and reference.cam_layers().post_relu
+    for interpreter in (CAM, GradCAM):
+        torch.testing.assert_close(interpreter(in_place)(x, classes), interpreter(reference)(x, classes))
+        grads = []
+        for clf in (in_place, reference):
+            image = x.clone().requires_grad_(True)
+            with clf.frozen():
+                maps, _ = interpreter(clf).surrogate(image, classes)
+                (grad,) = torch.autograd.grad(maps.square().sum(), image)
+            grads.append(grad)
+        assert grads[1].abs().sum() > 0
+        torch.testing.assert_close(grads[0], grads[1])
+    assert in_place._copy_features and not reference._copy_features
+
+
 @pytest.mark.parametrize("interpreter", INTERPRETERS)
 def test_surrogate_gradient_matches_finite_differences(interpreter: type[Interpreter]) -> None:
     """The surrogate's input gradient is the true one (double precision gradcheck)."""

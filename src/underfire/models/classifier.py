@@ -10,6 +10,7 @@ explanation or an attack (the BatchNorm-statistics pitfall of torchattacks and c
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -104,6 +105,8 @@ class Classifier(nn.Module):
         self.metadata = dict(metadata or {})
         self._layer_overrides = (feature_layer, head)
         self._cam_layers: CamLayers | None = None
+        #: the CAM feature map must be copied in the hook (the model writes to it in place)
+        self._copy_features = False
 
     # ------------------------------------------------------------------ forward
     @property
@@ -141,13 +144,14 @@ class Classifier(nn.Module):
         back individually, so partially-frozen or partially-training models come back exactly as
         they were, also after an exception.
         """
-        if any(m.training for m in list(self.modules())[1:]):
+        modules = list(self.modules())
+        if any(m.training for m in modules[1:]):
             warnings.warn(
                 f"{self.name} is in training mode; underfire runs it in eval mode and restores "
                 "training mode afterwards",
                 stacklevel=3,
             )
-        with frozen_module(self):
+        with frozen_module(self, modules):
             yield self
 
     @property
@@ -190,11 +194,12 @@ class Classifier(nn.Module):
                 f"images must be floating point in [0, 1], got {images.dtype}; "
                 "convert 8-bit images with images.float() / 255"
             )
-        finite = torch.isfinite(images)
-        if not bool(finite.all()):
-            bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+        # one pass over the batch: NaN propagates into the min and max, ±Inf shows in one of them
+        low, high = torch.aminmax(images.detach())
+        low, high = torch.stack((low, high)).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
             raise InputError(f"images contain NaN or Inf values (batch indices {bad[:10]})")
-        low, high = float(images.min()), float(images.max())
         if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
             raise InputError(
                 f"images must be in [0, 1] pixel space, got values in [{low:.3g}, {high:.3g}]; "
@@ -220,8 +225,9 @@ class Classifier(nn.Module):
         if tensor.numel() != batch_size:
             raise InputError(f"got {tensor.numel()} classes for {batch_size} images")
         n = self.num_classes
-        bad = tensor[(tensor < 0) | (tensor >= n)]
-        if bad.numel():
+        low, high = tensor.aminmax()
+        if int(low) < 0 or int(high) >= n:
+            bad = tensor[(tensor < 0) | (tensor >= n)]
             raise InputError(f"unknown class {int(bad[0])}: the model has {n} classes (0..{n - 1})")
         return tensor.to(self.device)
 
@@ -256,44 +262,55 @@ class Classifier(nn.Module):
         """One forward pass returning (CAM feature map (N, K, h, w), logits), both differentiable.
 
         The feature map is the one global average pooling reduces (ReLU applied where the model
-        applies it after the feature module). The hook lives only for this call.
+        applies it after the feature module). The hook lives only for this call. The captured
+        output is used as is unless the model modifies it in place later in the forward (its
+        version counter moves, as with torchvision DenseNet's in-place ReLU); then this forward is
+        run again copying it, and every later call copies it straight away.
         """
         layers = self.cam_layers()
-        captured: list[torch.Tensor] = []
+        captured: list[tuple[torch.Tensor, int]] = []
+        copy = self._copy_features
 
         def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured.append(output.clone())  # clone: the model may modify it in place next
+            captured.append((output.clone() if copy else output, output._version))
 
         handle = layers.feature_module.register_forward_hook(keep)
         try:
             logits = self(images)
         finally:
             handle.remove()
-        features = captured[-1]
+        features, version = captured[-1]
+        if not copy and features._version != version:
+            self._copy_features = True
+            return self.features_and_logits(images)
         if layers.post_relu:
             features = torch.relu(features)
         return features, logits
 
 
 @contextmanager
-def frozen_module(module: nn.Module) -> Iterator[nn.Module]:
+def frozen_module(module: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[nn.Module]:
     """Eval mode and frozen parameters inside; each module's ``training`` flag and each
-    parameter's ``requires_grad`` restored individually on exit, also after an exception."""
-    modules = list(module.modules())
-    params = list(module.parameters())
-    training = [m.training for m in modules]
-    requires_grad = [p.requires_grad for p in params]
+    parameter's ``requires_grad`` restored individually on exit, also after an exception.
+
+    Only the flags that change are written, and only those are put back: a model that is already
+    in eval mode with frozen parameters (the usual case inside an attack) costs one scan.
+    """
+    if modules is None:
+        modules = list(module.modules())
+    training = [m for m in modules if m.training]
+    trainable = [p for p in module.parameters() if p.requires_grad]
     try:
-        for child in modules:
+        for child in training:
             child.training = False
-        for param in params:
+        for param in trainable:
             param.requires_grad_(False)
         yield module
     finally:
-        for child, flag in zip(modules, training):
-            child.training = flag
-        for param, flag in zip(params, requires_grad):
-            param.requires_grad_(flag)
+        for child in training:
+            child.training = True
+        for param in trainable:
+            param.requires_grad_(True)
 
 
 def find_cam_layers(
