@@ -66,6 +66,8 @@ def test_parse_fraction() -> None:
         ({"pgd_steps": -1}, "pgd_steps"),
         ({"pgd_steps": 0, "adv_steps": 0}, "at least one step"),
         ({"confidence": 1.0}, "confidence"),
+        ({"evidence_weight": -1.0}, "evidence_weight must be finite"),
+        ({"encoder_weight": float("nan")}, "encoder_weight must be finite"),
         ({"bogus": 1}, "unknown attack option"),
     ],
 )
@@ -215,6 +217,25 @@ def test_lambda_zero_is_exactly_pgd_and_lambda_positive_is_not() -> None:
     positive = ADV2(clf, explainer, base.with_overrides(lam=LambdaSchedule((50.0,))))(images, targets)
     assert torch.equal(zero.last, pgd.last)
     assert not torch.equal(positive.last, pgd.last)
+
+
+def test_mask_evidence_term_is_part_of_the_interpretation_loss() -> None:
+    """MASK's evidence term sits inside λ·ℓ_int: with λ = 0 ADV² is still exactly PGD; with λ > 0
+    switching the term on changes the trajectory."""
+    from underfire.interpreters import MaskConfig
+
+    clf = tiny_classifier()
+    explainer = build_interpreter("mask", clf, config=MaskConfig(iterations=4, init_steps=2))
+    images = batch(3)
+    targets = (clf.predict(images).argmax(1) + 2) % 4
+    base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=2, adv_steps=4, evidence_weight=1.0)
+    pgd = PGD(clf, base.with_overrides(pgd_steps=6, adv_steps=0))(images, targets)
+    zero = ADV2(clf, explainer, base.with_overrides(lam=LambdaSchedule((0.0,))))(images, targets)
+    assert torch.equal(zero.last, pgd.last)
+    strong = base.with_overrides(lam=LambdaSchedule((50.0,)))
+    with_term = ADV2(clf, explainer, strong)(images, targets)
+    without = ADV2(clf, explainer, strong.with_overrides(evidence_weight=0.0))(images, targets)
+    assert not torch.equal(with_term.last, without.last)
 
 
 def test_adv2_keeps_the_map_closer_than_pgd_on_the_shipped_model() -> None:

@@ -327,3 +327,27 @@ def deletion_wins(clf: Classifier, count: int = 100, fraction: float = 0.10, dra
 @pytest.mark.parametrize("name", ["shapes-resnet", "shapes-densenet"])
 def test_deleting_the_mask_region_beats_random_regions(name: str) -> None:
     assert deletion_wins(builtin(name)) >= 0.9
+
+
+# ---------------------------------------------------------------------- ADV²'s evidence term
+def test_evidence_loss_at_the_extremes_and_its_input_gradient() -> None:
+    """Target map 0 (nothing deleted): φ(x; 1) = x and φ(x; 0) = blur(x), so the term is
+    p_c(x) + 0.1·CE(f(blur(x)), c); target map 1 swaps the two images. It is differentiable in x."""
+    clf = tiny_classifier()
+    interpreter = Mask(clf)
+    x, classes = images(), torch.tensor([1, 4, 7])
+    rows, cols = interpreter.map_shape(x)
+    with clf.frozen():
+        blurred = gaussian_blur(x, interpreter.config.image_sigma(SIZE, SIZE))
+        with torch.no_grad():
+            p = lambda v: torch.softmax(clf(v), 1)[torch.arange(3), classes]  # noqa: E731
+            ce = lambda v: F.cross_entropy(clf(v), classes, reduction="none")  # noqa: E731
+            nothing = interpreter.evidence_loss(x, classes, torch.zeros(3, 1, rows, cols))
+            everything = interpreter.evidence_loss(x, classes, torch.ones(3, 1, rows, cols))
+            torch.testing.assert_close(nothing, p(x) + 0.1 * ce(blurred))
+            torch.testing.assert_close(everything, p(blurred) + 0.1 * ce(x))
+        half = torch.zeros(3, 1, rows, cols)
+        half[..., : rows // 2, :] = 1.0
+        live = x.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(interpreter.evidence_loss(live, classes, half).sum(), live)
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0

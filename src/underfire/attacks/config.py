@@ -86,6 +86,9 @@ class AttackConfig:
             smallest map distance wins (the official GRAD code uses 0.8).
         label_smoothing: for ℓ_prd's cross-entropy (the official GRAD code smooths labels).
         encoder_weight: weight of the extra CE term on RTS's own encoder (0.1 in the paper).
+        evidence_weight: weight, inside ℓ_int (so also scaled by λ), of MASK's deletion-evidence
+            term (``Mask.evidence_loss``, underfire's addition to the paper's bilevel surrogate);
+            0 = the paper's attack. Interpreters without such a term ignore it.
         random_start: begin stage 1 from a uniform random point of the ε-ball.
         seed: seeds the random start and stochastic interpreters.
     """
@@ -100,6 +103,7 @@ class AttackConfig:
     confidence: float = 0.8
     label_smoothing: float = 0.0
     encoder_weight: float = 0.1
+    evidence_weight: float = 0.0
     random_start: bool = False
     seed: int = 0
 
@@ -120,8 +124,10 @@ class AttackConfig:
             raise InputError(f"confidence must be in [0, 1), got {self.confidence}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.encoder_weight < 0:
-            raise InputError(f"encoder_weight must be >= 0, got {self.encoder_weight}")
+        for name in ("encoder_weight", "evidence_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"{name} must be finite and >= 0, got {value}")
 
     def stage_two_alpha(self, step: int) -> float:
         """Step size at ``step`` (0-based) of stage 2: ``adv_alpha`` cosine-decayed to ``adv_alpha_final``."""
@@ -166,7 +172,7 @@ _QUICK: dict[str, dict[str, Any]] = {
     "cam": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0))},
     "gradcam": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0))},
     "rts": {**_QUICK_STEPS, "adv_steps": 300, "lam": LambdaSchedule((20.0, 40.0))},
-    "mask": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0))},
+    "mask": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0)), "evidence_weight": 0.5},
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": _PAPER, "quick": _QUICK}

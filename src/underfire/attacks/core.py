@@ -204,6 +204,8 @@ class ADV2(PGD):
             encoder = getattr(interpreter, "encoder_logits", None) if config.encoder_weight > 0 else None
             # RTS: its maps and its encoder's logits from one encoder pass
             maps_and_encoder = getattr(interpreter, "surrogate_and_encoder_logits", None) if encoder else None
+            # MASK: an extra part of ℓ_int that needs no unrolling (Mask.evidence_loss)
+            evidence = getattr(interpreter, "evidence_loss", None) if config.evidence_weight > 0 else None
             lam = config.lam
             # Stage 2 selects lexicographically: an iterate classified as c_t with p ≥ confidence
             # beats every other one and among those the smallest map distance wins; a sample that
@@ -223,8 +225,11 @@ class ADV2(PGD):
                     if encoder is not None:
                         encoder_logits = encoder(x)
                 distance = (maps - target_maps).pow(2).flatten(1).mean(1)
+                interpretation = distance
+                if evidence is not None:
+                    interpretation = distance + config.evidence_weight * evidence(x, targets, target_maps)
                 loss = _targeted_ce(logits, targets, config.label_smoothing)
-                loss = loss + lam.at(min(step, config.adv_steps - 1), config.adv_steps) * distance
+                loss = loss + lam.at(min(step, config.adv_steps - 1), config.adv_steps) * interpretation
                 if encoder_logits is not None:
                     loss = loss + config.encoder_weight * _targeted_ce(encoder_logits, targets)
                 with torch.no_grad():

@@ -1,0 +1,94 @@
+"""The attack table of issue 4: PGD and ADV² on the built-in models, one JSON line per row.
+
+    python scripts/attack_table.py shapes-resnet --out table.jsonl
+    python scripts/attack_table.py shapes-resnet --out ablation.jsonl --interpreters grad --relus h,sigmoid,none
+
+Setting: the ``quick`` preset, the first ``--images`` correctly classified shapes test images,
+random targets (seed 0), ε = 8/255. Every measure is taken on the returned 8-bit images with the
+full interpreter run afresh for c_t, against the benign map. PGD runs once per model with as many
+steps as the largest ADV² budget of the interpreters asked for, on the same images and targets,
+and is measured against each interpreter's map. Single-threaded by default (``--threads``) so
+several models can run side by side on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from underfire.attacks.config import preset
+from underfire.attacks.core import ADV2, PGD
+from underfire.attacks.measure import AttackMeasures, measure_attack
+from underfire.attacks.runner import images_from_dataset
+from underfire.attacks.targets import random_targets
+from underfire.data import ShapesDataset
+from underfire.interpreters import build_interpreter
+from underfire.models import load_model
+
+
+def summary(measures: list[AttackMeasures]) -> dict[str, float]:
+    def joined(name: str) -> torch.Tensor:
+        return torch.cat([getattr(m, name) for m in measures]).float()
+
+    return {name: round(joined(key).mean().item(), 3)
+            for name, key in (("success", "success"), ("iou", "iou"), ("l1", "l1"), ("confidence", "confidence"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--interpreters", default="cam,rts,grad,mask")
+    parser.add_argument("--relus", default=None, help="GRAD ablation: ADV² on GRAD with each ReLU surrogate (no PGD)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    clf = load_model(args.model)
+    images, labels, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
+    targets = random_targets(labels, clf.num_classes, 0)
+    chunks = [slice(s, s + args.batch) for s in range(0, images.shape[0], args.batch)]
+    names = args.interpreters.split(",")
+    interpreters = {name: build_interpreter(name, clf) for name in names}
+    benign = {name: [interpreters[name](images[c], labels[c], seed=0) for c in chunks] for name in names}
+
+    def log(row: dict) -> None:
+        with args.out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(row, flush=True)
+
+    def adv2(name: str, interpreter_options: dict) -> tuple[list[AttackMeasures], int, int]:
+        interpreter = build_interpreter(name, clf, **interpreter_options)
+        config, start = preset("quick", name), time.time()
+        measures = []
+        for k, c in enumerate(chunks):
+            result = ADV2(clf, interpreter, config)(images[c], targets[c], benign[name][k], labels=labels[c])
+            measures.append(measure_attack(interpreter, result.adversarial, targets[c], benign[name][k], seed=0))
+        return measures, config.pgd_steps + config.adv_steps, round(time.time() - start)
+
+    if args.relus:
+        for relu in args.relus.split(","):
+            measures, steps, seconds = adv2("grad", {"relu": relu})
+            log(dict(model=args.model, interpreter="grad", relu=relu, attack="adv2", steps=steps, seconds=seconds, **summary(measures)))
+        return
+
+    steps = max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
+    config, start = preset("quick", "cam", pgd_steps=steps, adv_steps=0), time.time()
+    pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
+    seconds = round(time.time() - start)
+    for name in names:
+        measures = [measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0) for k, c in enumerate(chunks)]
+        log(dict(model=args.model, interpreter=name, attack="pgd", steps=steps, seconds=seconds, **summary(measures)))
+    for name in names:
+        measures, total, seconds = adv2(name, {})
+        log(dict(model=args.model, interpreter=name, attack="adv2", steps=total, seconds=seconds, **summary(measures)))
+
+
+if __name__ == "__main__":
+    main()
