@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--interpreters", default="cam,rts,grad,mask")
     parser.add_argument("--relus", default=None, help="GRAD ablation: ADV² on GRAD with each ReLU surrogate (no PGD)")
+    parser.add_argument("--no-pgd", action="store_true", help="ADV² rows only")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,13 +79,14 @@ def main() -> None:
             log(dict(model=args.model, interpreter="grad", relu=relu, attack="adv2", steps=steps, seconds=seconds, **summary(measures)))
         return
 
-    steps = max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
-    config, start = preset("quick", "cam", pgd_steps=steps, adv_steps=0), time.time()
-    pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
-    seconds = round(time.time() - start)
-    for name in names:
-        measures = [measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0) for k, c in enumerate(chunks)]
-        log(dict(model=args.model, interpreter=name, attack="pgd", steps=steps, seconds=seconds, **summary(measures)))
+    if not args.no_pgd:
+        steps = max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
+        config, start = preset("quick", "cam", pgd_steps=steps, adv_steps=0), time.time()
+        pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
+        seconds = round(time.time() - start)
+        for name in names:
+            measures = [measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0) for k, c in enumerate(chunks)]
+            log(dict(model=args.model, interpreter=name, attack="pgd", steps=steps, seconds=seconds, **summary(measures)))
     for name in names:
         measures, total, seconds = adv2(name, {})
         log(dict(model=args.model, interpreter=name, attack="adv2", steps=total, seconds=seconds, **summary(measures)))
