@@ -132,6 +132,11 @@ def test_cam_reads_features_the_model_later_overwrites_in_place() -> None:
         assert grads[1].abs().sum() > 0
         torch.testing.assert_close(grads[0], grads[1])
     assert in_place._copy_features and not reference._copy_features
+    # inference tensors have no version counter: the hook copies them, the maps stay the same
+    fresh = Classifier(InPlaceReluNet(inplace=True).eval(), input_size=4, name="inference")
+    with torch.inference_mode():
+        maps = CAM(fresh)(x, classes)
+    torch.testing.assert_close(maps, CAM(reference)(x, classes))
 
 
 @pytest.mark.parametrize("interpreter", INTERPRETERS)

@@ -359,9 +359,10 @@ class Mask(Interpreter):
         The solver returns the target map's region R (mask ``m_t = 1 − target``) for class c only
         if deleting R destroys c and R alone keeps it: ``p_c(φ(x; m_t)) + 0.1·CE(f(φ(x; 1 − m_t)), c)``.
         Unlike the unrolled surrogate this needs no second-order graph and does not depend on the
-        follower mask having reached R; on the built-in ResNet (20 images, quick preset) it raised
-        the full solver's IoU with the benign map from 0.31 to 0.38. Both perturbed images go
-        through the classifier as one batch.
+        follower mask having reached R. With ``evidence_weight`` 0.5 (quick preset, 100 shapes test
+        images) the full solver's IoU with the benign map rose from 0.307 to 0.387 on the built-in
+        ResNet and from 0.251 to 0.265 on the DenseNet. Both perturbed images go through the
+        classifier as one batch.
         """
         keep = 1.0 - target_maps.to(images.dtype)
         blurred = self._blur_images(images)

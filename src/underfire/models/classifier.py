@@ -268,11 +268,14 @@ class Classifier(nn.Module):
         run again copying it, and every later call copies it straight away.
         """
         layers = self.cam_layers()
-        captured: list[tuple[torch.Tensor, int]] = []
+        captured: list[tuple[torch.Tensor, int | None]] = []
         copy = self._copy_features
 
         def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured.append((output.clone() if copy else output, output._version))
+            if copy or output.is_inference():  # inference tensors have no version counter: copy
+                captured.append((output.clone(), None))
+            else:
+                captured.append((output, output._version))
 
         handle = layers.feature_module.register_forward_hook(keep)
         try:
@@ -280,7 +283,7 @@ class Classifier(nn.Module):
         finally:
             handle.remove()
         features, version = captured[-1]
-        if not copy and features._version != version:
+        if version is not None and features._version != version:
             self._copy_features = True
             return self.features_and_logits(images)
         if layers.post_relu:
