@@ -30,7 +30,9 @@ from underfire import Classifier
 from underfire.attacks import PGD, AttackConfig
 from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig
 
-from .common import Row, agreement, import_torchvision_quietly, interleaved, make_row, marginal, max_abs_diff, minmax
+from .common import (
+    Row, agreement, import_torchvision_quietly, interleaved, make_row, marginal, max_abs_diff, minmax, paired_ratio,
+)
 
 SECTION = "peers"
 #: keys of the comparisons, for ``benchmarks.run --peers``
@@ -87,20 +89,35 @@ def _map_race(
     ours_text: str,
     theirs_text: str,
     ours: Callable[[], torch.Tensor],
-    theirs: Callable[[], torch.Tensor],
+    theirs: Callable[[torch.Tensor], torch.Tensor],
     tolerance: float,
     repeats: int,
     warmup: int,
-    device: torch.device,
+    images: torch.Tensor,
     setting: dict,
     *,
+    clf: Classifier,
     note: str = "",
     reference: torch.Tensor | None = None,
 ) -> Row:
     """Check that two map computations agree (``reference`` stands for ours when the outputs need
-    aligning first), then time them interleaved: one peer row, target ratio ≤ 1."""
-    text, _ = agreement(ours() if reference is None else reference, theirs(), tolerance)
-    samples = interleaved({"ours": ours, "theirs": theirs}, repeats, warmup, device)
+    aligning first), then time them interleaved: one peer row, target ratio ≤ 1.
+
+    ``theirs`` gets the NCHW batch a user holds. Where underfire hands the model a channels-last
+    copy (``Classifier.prepare_images``), the peer is also timed on that copy and the note gives
+    that ratio too, so the layout's share of the difference is visible.
+    """
+    text, _ = agreement(ours() if reference is None else reference, theirs(images), tolerance)
+    contenders = {"ours": ours, "theirs": lambda: theirs(images)}
+    prepared = clf.prepare_images(images)
+    same_layout = prepared.is_contiguous() == images.is_contiguous()
+    if not same_layout:
+        contenders["theirs_prepared"] = lambda: theirs(prepared)
+    samples = interleaved(contenders, repeats, warmup, images.device)
+    if not same_layout:
+        layout = paired_ratio(samples["ours"], samples["theirs_prepared"]).median
+        layout_note = f"peer handed the channels-last batch too: ratio {layout:.2f}"
+        note = f"{note}; {layout_note}" if note else layout_note
     return make_row(
         SECTION, operation, ours_text, theirs_text, samples["ours"], samples["theirs"],
         target="ratio <= 1.0", agreement=text, note=note, setting=setting,
@@ -117,13 +134,13 @@ def grad_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tensor,
     def ours() -> torch.Tensor:
         return ours_interpreter(images, classes)
 
-    def theirs() -> torch.Tensor:
-        attribution = saliency.attribute(images.clone(), target=classes, abs=True)
+    def theirs(x: torch.Tensor) -> torch.Tensor:
+        attribution = saliency.attribute(x.clone(), target=classes, abs=True)
         return minmax(attribution.amax(1, keepdim=True))
 
     return _map_race(
         "GRAD map", "Grad(clf)(x, c)", "captum Saliency + max over channels + min-max",
-        ours, theirs, 1e-5, repeats, warmup, images.device, setting,
+        ours, theirs, 1e-5, repeats, warmup, images, setting, clf=clf,
     )
 
 
@@ -143,11 +160,11 @@ def cam_vs_torchcam(clf: Classifier, images: torch.Tensor, classes: torch.Tensor
     def ours() -> torch.Tensor:
         return ours_interpreter(images, classes)
 
-    def theirs() -> torch.Tensor:
+    def theirs(x: torch.Tensor) -> torch.Tensor:
         extractor.enable_hooks()
         try:
             with torch.no_grad():
-                clf(images)
+                clf(x)
             return extractor(class_list, normalized=True)[0]
         finally:
             extractor.disable_hooks()
@@ -155,7 +172,7 @@ def cam_vs_torchcam(clf: Classifier, images: torch.Tensor, classes: torch.Tensor
     try:
         return _map_race(
             "CAM map", "CAM(clf)(x, c)", "torch-cam CAM (forward + extractor)",
-            ours, theirs, 1e-4, repeats, warmup, images.device, setting, note=note,
+            ours, theirs, 1e-4, repeats, warmup, images, setting, clf=clf, note=note,
         )
     finally:
         extractor.remove_hooks()
@@ -176,15 +193,15 @@ def gradcam_vs_pytorch_grad_cam(
     def ours() -> torch.Tensor:
         return ours_interpreter(images, classes)
 
-    def theirs() -> Any:
+    def theirs(x: torch.Tensor) -> torch.Tensor:
         with PGCGradCAM(model=clf, target_layers=[layer]) as cam:
-            return cam(input_tensor=images, targets=cam_targets)
+            return torch.from_numpy(cam(input_tensor=x, targets=cam_targets))
 
     # theirs: ReLU, min-max (ε 1e-7), bilinear resize to the input (cv2), min-max again; ours the same way
     resized = minmax(F.interpolate(ours(), size=images.shape[-2:], mode="bilinear", align_corners=False))
     return _map_race(
         "Grad-CAM map", "GradCAM(clf)(x, c)", "pytorch-grad-cam GradCAM (resizes to the input)",
-        ours, lambda: torch.from_numpy(theirs()), 1e-4, repeats, warmup, images.device, setting, reference=resized,
+        ours, theirs, 1e-4, repeats, warmup, images, setting, clf=clf, reference=resized,
     )
 
 
@@ -199,13 +216,13 @@ def gradcam_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tens
     def ours() -> torch.Tensor:
         return ours_interpreter(images, classes)
 
-    def theirs() -> torch.Tensor:
-        attribution = layer_gradcam.attribute(images, target=classes, relu_attributions=True)
+    def theirs(x: torch.Tensor) -> torch.Tensor:
+        attribution = layer_gradcam.attribute(x, target=classes, relu_attributions=True)
         return minmax(attribution.detach())
 
     return _map_race(
         "Grad-CAM map", "GradCAM(clf)(x, c)", "captum LayerGradCam + min-max",
-        ours, theirs, 1e-4, repeats, warmup, images.device, setting, note=note,
+        ours, theirs, 1e-4, repeats, warmup, images, setting, clf=clf, note=note,
     )
 
 
@@ -228,26 +245,33 @@ def pgd_vs_torchattacks(
         attack = PGD(clf, AttackConfig(eps=eps, alpha=alpha, pgd_steps=steps, adv_steps=0))
         return lambda: attack(images, targets).last
 
-    def theirs(steps: int) -> Callable[[], torch.Tensor]:
+    def theirs(steps: int, x: torch.Tensor = images) -> Callable[[], torch.Tensor]:
         attack = torchattacks.PGD(clf, eps=eps, alpha=alpha, steps=steps, random_start=False)
         attack.set_mode_targeted_by_function(lambda _images, _labels: targets, quiet=True)
-        return lambda: attack(images, labels)
+        return lambda: attack(x, labels)
 
     contenders = {
         "ours_short": ours(short), "theirs_short": theirs(short),
         "ours_long": ours(short + extra), "theirs_long": theirs(short + extra),
     }
+    prepared = clf.prepare_images(images)  # the layout underfire hands the model (see _map_race)
+    same_layout = prepared.is_contiguous() == images.is_contiguous()
+    if not same_layout:
+        contenders["prepared_short"] = theirs(short, prepared)
+        contenders["prepared_long"] = theirs(short + extra, prepared)
     # the same iterates: underfire's last iterate (before 8-bit rounding) vs torchattacks' output
     diff = max_abs_diff(contenders["ours_long"](), contenders["theirs_long"]())
     text = f"iterates after {short + extra} steps: max abs diff {diff:.1e}"
     samples = interleaved(contenders, repeats, warmup, images.device)
     ours_step = marginal(samples["ours_long"], samples["ours_short"], extra)
     theirs_step = marginal(samples["theirs_long"], samples["theirs_short"], extra)
+    note = f"cost of one more step: (T({short + extra} steps) - T({short})) / {extra}; ε 8/255, α 1/255"
+    if not same_layout:
+        prepared_step = marginal(samples["prepared_long"], samples["prepared_short"], extra)
+        note += f"; peer handed the channels-last batch too: ratio {paired_ratio(ours_step, prepared_step).median:.2f}"
     return make_row(
         SECTION, "PGD step (marginal)", "PGD(clf, config)(x, t)", "torchattacks PGD, targeted",
-        ours_step, theirs_step, target="ratio <= 1.0", agreement=text,
-        note=f"cost of one more step: (T({short + extra} steps) - T({short})) / {extra}; ε 8/255, α 1/255",
-        setting=setting,
+        ours_step, theirs_step, target="ratio <= 1.0", agreement=text, note=note, setting=setting,
     )
 
 

@@ -64,7 +64,8 @@ def test_peer_comparisons_agree(tiny) -> None:
 
     clf, images, labels, targets = tiny
     row = grad_vs_captum(clf, images, labels, 1, 0, {})
-    assert row.agreement == "max abs diff 0.0e+00"
+    # equal up to float rounding: underfire's convolutions run on a channels-last copy
+    assert float(row.agreement.split()[3]) < 1e-6, row.agreement  # "max abs diff X (mean Y)"
     row = pgd_vs_torchattacks(clf, images, labels, targets, 1, 0, True, {})
     assert float(row.agreement.rsplit(" ", 1)[1]) < 1e-6
 

@@ -231,7 +231,8 @@ def test_surrogate_equals_explain_and_interpretation_loss_has_input_gradient(
     classes = model.predict(images).argmax(1)
     target = torch.zeros(4, 1, 8, 8)
     target[..., 2:6, 2:6] = 1.0
-    x = images.clone().requires_grad_(True)
+    # the layout the attack hands to the surrogate (prepare_images), so the floats match exactly
+    x = model.prepare_images(images).clone().requires_grad_(True)
     with model.frozen():
         maps, state = explainer.surrogate(x, classes)
         loss = F.mse_loss(maps, target)

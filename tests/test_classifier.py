@@ -126,6 +126,65 @@ def test_valid_images_pass_unchanged() -> None:
     assert Classifier(Recorder()).check_images(images) is images
 
 
+class ViewNet(nn.Module):
+    """A conv net that flattens its feature map with ``.view``: it cannot take NHWC tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.linear = nn.Linear(2 * 8 * 8, 4)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.conv(x)
+        return self.linear(features.view(features.shape[0], -1))
+
+
+def test_prepare_images_picks_channels_last_for_conv_models_on_cpu() -> None:
+    images = torch.rand(2, 3, 8, 8)
+    clf = Classifier(mixed_state_model())
+    before = snapshot(clf)
+    prepared = clf.prepare_images(images)
+    assert prepared.is_contiguous(memory_format=torch.channels_last) and not prepared.is_contiguous()
+    assert torch.equal(prepared, images)  # same values, other strides
+    assert_unchanged(clf, before)  # the probe forward left mode and parameters alone
+    # no convolution (Recorder) or told not to: the batch is handed on as it came
+    assert Classifier(Recorder()).prepare_images(images).is_contiguous()
+    assert Classifier(ShapesResNet().eval(), channels_last=False).prepare_images(images).is_contiguous()
+
+
+def test_model_that_cannot_take_channels_last_falls_back_to_nchw() -> None:
+    images = torch.rand(2, 3, 8, 8)
+    clf = Classifier(ViewNet())
+    with pytest.raises(RuntimeError, match="view"):  # the reason for the probe
+        clf(images.contiguous(memory_format=torch.channels_last))
+    prepared = clf.prepare_images(images)
+    assert prepared.is_contiguous()
+    torch.testing.assert_close(clf.predict(images), clf(images), rtol=0, atol=0)
+
+
+def test_channels_last_changes_no_value_beyond_float_rounding() -> None:
+    from underfire.interpreters import build_interpreter
+
+    torch.manual_seed(0)
+    network = ShapesResNet().eval()
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    fast, plain = Classifier(network), Classifier(network, channels_last=False)
+    assert fast.prepare_images(images).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast.predict(images), plain.predict(images), rtol=1e-5, atol=1e-5)
+    for name in ("grad", "cam"):
+        classes = [1, 2, 3]
+        torch.testing.assert_close(
+            build_interpreter(name, fast)(images, classes), build_interpreter(name, plain)(images, classes),
+            rtol=1e-4, atol=1e-5,
+        )
+
+
+def test_channels_last_option_is_checked() -> None:
+    with pytest.raises(InputError, match="channels_last"):
+        Classifier(Recorder(), channels_last="yes")  # type: ignore[arg-type]
+
+
 def test_classes_are_checked() -> None:
     clf = Classifier(Recorder(), class_names=["a", "b", "c", "d"])
     assert clf.check_classes(2, 3).tolist() == [2, 2, 2]

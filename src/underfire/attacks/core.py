@@ -78,7 +78,7 @@ def quantize(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
 def _check_batch(
     classifier: Classifier, images: torch.Tensor, targets: Any, labels: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    images = classifier.check_images(images).to(classifier.device)
+    images = classifier.prepare_images(images)
     targets = classifier.check_classes(targets, images.shape[0])
     if labels is not None:
         check_targets(classifier.check_classes(labels, images.shape[0]), targets)

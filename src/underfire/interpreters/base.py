@@ -61,7 +61,7 @@ class Interpreter(ABC):
     ) -> torch.Tensor:
         """Validate, default the classes to the predictions, run ``compute`` frozen, detach."""
         clf = self.classifier
-        images = clf.check_images(images).to(clf.device)
+        images = clf.prepare_images(images)
         with clf.frozen():
             if classes is None:
                 with torch.no_grad():
