@@ -107,11 +107,15 @@ def _map_race(
     copy (``Classifier.prepare_images``), the peer is also timed on that copy and the note gives
     that ratio too, so the layout's share of the difference is visible.
     """
-    text, _ = agreement(ours() if reference is None else reference, theirs(images), tolerance)
+    mine = ours() if reference is None else reference
     contenders = {"ours": ours, "theirs": lambda: theirs(images)}
     prepared = clf.prepare_images(images)
     same_layout = prepared.is_contiguous() == images.is_contiguous()
+    text, _ = agreement(mine, theirs(prepared), tolerance)
     if not same_layout:
+        # the same batch as ours for the check; the float rounding of the other layout beside it
+        nchw, _ = agreement(mine, theirs(images), math.inf)
+        text = f"{text}; peer on NCHW: {nchw}"
         contenders["theirs_prepared"] = lambda: theirs(prepared)
     samples = interleaved(contenders, repeats, warmup, images.device)
     if not same_layout:

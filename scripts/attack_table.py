@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--interpreters", default="cam,rts,grad,mask")
     parser.add_argument("--relus", default=None, help="GRAD ablation: ADV² on GRAD with each ReLU surrogate (no PGD)")
     parser.add_argument("--no-pgd", action="store_true", help="ADV² rows only")
+    parser.add_argument("--pgd-only", action="store_true", help="PGD rows only")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,6 +88,8 @@ def main() -> None:
         for name in names:
             measures = [measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0) for k, c in enumerate(chunks)]
             log(dict(model=args.model, interpreter=name, attack="pgd", steps=steps, seconds=seconds, **summary(measures)))
+    if args.pgd_only:
+        return
     for name in names:
         measures, total, seconds = adv2(name, {})
         log(dict(model=args.model, interpreter=name, attack="adv2", steps=total, seconds=seconds, **summary(measures)))
