@@ -22,7 +22,7 @@ The inline mathematics per interpreter:
 * RTS: forward of the classifier, one pass of the saliency network's encoder feeding both its
   decoder (the mask) and its head (the encoder-logit term), backward.
 * MASK: the inner Adam step(s) on the detached image and the unrolled, preconditioned virtual
-  step (create_graph) of ``Mask.surrogate``, inline; ``gaussian_blur`` and ``total_variation``
+  step (create_graph, on the jittered perturbed image) of ``Mask.surrogate``, inline; ``gaussian_blur`` and ``total_variation``
   (pure tensor functions) are reused from ``underfire.interpreters.mask``.
 
 These run on the built-in ResNet (its ReLUs are all ``nn.ReLU`` modules, so the inline smoothed
@@ -317,11 +317,19 @@ def _mask_step(clf: Classifier, cfg: MaskConfig, targets: torch.Tensor, target_m
     beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
     state: dict[str, Any] = {}
 
-    def objective(mask: torch.Tensor, images: torch.Tensor, blurred: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator(targets.device).manual_seed(cfg.seed)
+
+    def objective(
+        mask: torch.Tensor, images: torch.Tensor, blurred: torch.Tensor, shift: tuple[int, int] = (0, 0)
+    ) -> torch.Tensor:
         height, width = images.shape[-2:]
         up = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
         up = gaussian_blur(up, cfg.mask_sigma(height, width))
         perturbed = images * up + blurred * (1.0 - up)
+        if shift != (0, 0):  # the surrogate's jitter: translate, reflecting at the border
+            pad, (dy, dx) = max(abs(shift[0]), abs(shift[1])), shift
+            padded = F.pad(perturbed, (pad, pad, pad, pad), mode="reflect")
+            perturbed = padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
         probs = torch.softmax(model((perturbed - mean) / std), dim=1)
         class_term = probs.gather(1, targets.view(-1, 1)).squeeze(1)
         scale = REFERENCE_MASK_PIXELS / (mask.shape[-2] * mask.shape[-1])
@@ -354,9 +362,14 @@ def _mask_step(clf: Classifier, cfg: MaskConfig, targets: torch.Tensor, target_m
                 state["m"], state["v"], state["count"] = torch.zeros_like(state["mask"]), torch.zeros_like(state["mask"]), 0
                 adam(detached, blurred, cfg.iterations if cfg.init_steps is None else cfg.init_steps)
             adam(detached, blurred, cfg.inner_steps)
+            shift = (0, 0)
+            jitter = cfg.jitter_pixels(height, width)
+            if cfg.surrogate_jitter and jitter > 0:
+                drawn = torch.randint(-jitter, jitter + 1, (2,), generator=generator, device=generator.device)
+                shift = (int(drawn[0]), int(drawn[1]))
             unrolled = state["mask"].clone().requires_grad_(True)
             for _ in range(cfg.unrolled_steps):
-                loss = objective(unrolled, x, blurred_live).sum()
+                loss = objective(unrolled, x, blurred_live, shift).sum()
                 (grad,) = torch.autograd.grad(loss, unrolled, create_graph=True)
                 scale = (state["v"] / (1 - beta2 ** state["count"])).sqrt() + adam_eps
                 unrolled = unrolled - cfg.xi * (grad / scale)

@@ -68,6 +68,7 @@ def test_parse_fraction() -> None:
         ({"confidence": 1.0}, "confidence"),
         ({"evidence_weight": -1.0}, "evidence_weight must be finite"),
         ({"encoder_weight": float("nan")}, "encoder_weight must be finite"),
+        ({"warm_start_encoder_weight": -0.5}, "warm_start_encoder_weight must be finite"),
         ({"bogus": 1}, "unknown attack option"),
     ],
 )
@@ -236,6 +237,44 @@ def test_mask_evidence_term_is_part_of_the_interpretation_loss() -> None:
     with_term = ADV2(clf, explainer, strong)(images, targets)
     without = ADV2(clf, explainer, strong.with_overrides(evidence_weight=0.0))(images, targets)
     assert not torch.equal(with_term.last, without.last)
+
+
+def test_warm_start_encoder_term_steers_stage_one_only_for_interpreters_with_an_encoder() -> None:
+    """``warm_start_encoder_weight`` adds w·CE(RTS encoder, c_t) to stage 1's descent: stage 1 then
+    differs from PGD, equals a hand-written descent on CE(f) + w·CE(enc), and still keeps the
+    iterate the classifier scores best; interpreters without an encoder ignore it."""
+    import torch.nn.functional as F
+
+    from underfire.interpreters import SaliencyNetwork
+
+    clf = tiny_classifier()
+    rts = build_interpreter("rts", clf, network=SaliencyNetwork(4).eval())
+    images = batch(4)
+    targets = (clf.predict(images).argmax(1) + 1) % 4
+    base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=5, adv_steps=0)
+    pgd = PGD(clf, base)(images, targets)
+    plain = ADV2(clf, rts, base)(images, targets)
+    steered = ADV2(clf, rts, base.with_overrides(warm_start_encoder_weight=2.0))(images, targets)
+    assert torch.equal(plain.last, pgd.last)
+    assert not torch.equal(steered.last, pgd.last)
+
+    def objective(x: torch.Tensor, _step: int):
+        ce = F.cross_entropy(clf(x), targets, reduction="none")
+        encoder = F.cross_entropy(rts.encoder_logits(x), targets, reduction="none")
+        return ce + 2.0 * encoder, ce, torch.ones_like(ce, dtype=torch.bool)
+
+    best = images.clone()
+    score = torch.full((4,), float("inf"))
+    step = torch.full((4,), -1, dtype=torch.long)
+    with clf.frozen():
+        last = _descend(images, images, 5, base, objective, best, score, step)
+    torch.testing.assert_close(steered.last, last, rtol=0, atol=1e-6)
+    assert torch.equal(steered.chosen_step, step)
+
+    cam = build_interpreter("cam", clf)
+    assert torch.equal(
+        ADV2(clf, cam, base.with_overrides(warm_start_encoder_weight=2.0))(images, targets).last, pgd.last
+    )
 
 
 def test_adv2_keeps_the_map_closer_than_pgd_on_the_shipped_model() -> None:

@@ -10,6 +10,7 @@ deletion check on 100 built-in test images is ``slow`` (``pytest -m slow``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from underfire.interpreters.mask import (
     MaskConfig,
     MaskSolution,
     MaskState,
+    _shift,
     gaussian_blur,
     total_variation,
 )
@@ -183,17 +185,20 @@ def test_surrogate_has_input_gradient_and_advances_its_state() -> None:
         interpreter.surrogate(x[:2], classes[:2], state)
 
 
-@pytest.mark.parametrize("precondition", [True, False])
-def test_unrolled_map_is_one_virtual_step_from_the_state(precondition: bool) -> None:
-    """maps = normalize(1 − (m − ξ·P·∇_m ℓ_map(m; x))), m the returned state's mask."""
+@pytest.mark.parametrize("precondition,jitter", [(True, True), (False, True), (True, False)])
+def test_unrolled_map_is_one_virtual_step_from_the_state(precondition: bool, jitter: bool) -> None:
+    """maps = normalize(1 − (m − ξ·P·∇_m ℓ_map(m; x))), m the returned state's mask, ℓ_map taken on
+    the perturbed image shifted by the state's jitter (none without ``surrogate_jitter``)."""
     clf = tiny_classifier()
-    config = MaskConfig(init_steps=3, xi=0.3, precondition=precondition)
+    config = MaskConfig(init_steps=3, xi=0.3, precondition=precondition, surrogate_jitter=jitter)
     interpreter = Mask(clf, config)
     x, classes = images(), torch.tensor([0, 5, 8])
     with clf.frozen():
         maps, state = interpreter.surrogate(x, classes)
+        assert (state.shift is not None) == jitter
         m = state.mask.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(interpreter.objective(m, x, classes).sum(), m)
+        objective = interpreter.objective(m, x, classes, shift=state.shift)
+        (grad,) = torch.autograd.grad(objective.sum(), m)
     step = grad
     if precondition:
         step = grad / ((state.exp_avg_sq / (1 - 0.999**state.adam_steps)).sqrt() + 1e-8)
@@ -205,7 +210,8 @@ def test_unrolled_map_is_one_virtual_step_from_the_state(precondition: bool) -> 
 def test_surrogate_input_gradient_matches_finite_differences() -> None:
     """With a fixed state and no inner step the map is a function of x alone: check ∂ℓ/∂x."""
     clf = tiny_classifier().double()
-    interpreter = Mask(clf, MaskConfig(init_steps=4, inner_steps=0, xi=0.2, unrolled_steps=2))
+    # no jitter: each call would draw the next shift, and the two sides of the difference must agree
+    interpreter = Mask(clf, MaskConfig(init_steps=4, inner_steps=0, xi=0.2, unrolled_steps=2, surrogate_jitter=False))
     x = images(2).double()
     classes = torch.tensor([2, 6])
     target = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)).double()
@@ -351,3 +357,49 @@ def test_evidence_loss_at_the_extremes_and_its_input_gradient() -> None:
         live = x.clone().requires_grad_(True)
         (gradient,) = torch.autograd.grad(interpreter.evidence_loss(live, classes, half).sum(), live)
     assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+def test_evidence_loss_under_the_surrogate_jitter() -> None:
+    """With the state's shift s both perturbed images are shifted by s, and CE(f(s(x)), c) is added:
+    the class must survive the solver's jitter. Without a shift the term is unchanged."""
+    clf = tiny_classifier()
+    interpreter = Mask(clf)
+    x, classes = images(), torch.tensor([2, 3, 9])
+    rows, cols = interpreter.map_shape(x)
+    target = torch.zeros(3, 1, rows, cols)
+    target[..., rows // 2 :, : cols // 2] = 1.0
+    with clf.frozen(), torch.no_grad():
+        _, state = interpreter.surrogate(x, classes)
+        state = replace(state, shift=(1, -1))
+        blurred = gaussian_blur(x, interpreter.config.image_sigma(SIZE, SIZE))
+        deleted = interpreter.perturb(x, blurred, 1 - target)
+        kept = interpreter.perturb(x, blurred, target)
+        p = torch.softmax(clf(_shift(deleted, 1, -1)), 1)[torch.arange(3), classes]
+        ce = lambda v: F.cross_entropy(clf(_shift(v, 1, -1)), classes, reduction="none")  # noqa: E731
+        expected = p + 0.1 * ce(kept) + ce(x)
+        torch.testing.assert_close(interpreter.evidence_loss(x, classes, target, state), expected)
+        unshifted = interpreter.evidence_loss(x, classes, target)
+        torch.testing.assert_close(interpreter.evidence_loss(x, classes, target, replace(state, shift=None)), unshifted)
+        assert not torch.allclose(unshifted, expected)
+
+
+def test_surrogate_jitter_is_seeded_and_spans_the_solver_shifts() -> None:
+    """Each call draws one shift per attack step from a generator seeded by ``MaskConfig.seed``; the
+    sequence repeats for the same seed, survives a re-solve, and covers the solver's ±jitter px."""
+    clf = tiny_classifier()
+    x, classes = images(2), torch.tensor([1, 2])
+
+    def shifts(config: MaskConfig, calls: int = 24) -> list[tuple[int, int]]:
+        interpreter, state, drawn = Mask(clf, config), None, []
+        with clf.frozen():
+            for _ in range(calls):
+                _, state = interpreter.surrogate(x, classes, state)
+                drawn.append(state.shift)
+        return drawn
+
+    first = shifts(MaskConfig(init_steps=2, resolve_every=5))
+    assert first == shifts(MaskConfig(init_steps=2, resolve_every=5))
+    assert first != shifts(MaskConfig(init_steps=2, resolve_every=5, seed=1))
+    jitter = MaskConfig().jitter_pixels(SIZE, SIZE)
+    assert {dy for dy, _ in first} == set(range(-jitter, jitter + 1))
+    assert len(set(first)) > 3

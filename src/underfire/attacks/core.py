@@ -2,8 +2,9 @@
 
 ADV² (Zhang et al., "Interpretable Deep Learning under Fire", USENIX Security 2020) minimises
     ℓ_prd(f(x), c_t) + λ · ℓ_int(g(x; f), m_t)   s.t. ‖x − x°‖∞ ≤ ε, x ∈ [0, 1]
-with projected sign-gradient steps (Madry et al. 2018), in two stages: plain targeted PGD as a
-warm start, then the joint objective. ℓ_int is the per-pixel mean squared distance between the
+with projected sign-gradient steps (Madry et al. 2018), in two stages: targeted PGD as a warm
+start (for RTS optionally also fooling RTS's own encoder, ``warm_start_encoder_weight``), then the
+joint objective. ℓ_int is the per-pixel mean squared distance between the
 interpreter's differentiable map and the target map (maps min-max normalised to [0, 1]).
 
 Every iterate is scored; PGD keeps the iterate with the lowest ℓ_prd, ADV² the iterate that is
@@ -146,8 +147,13 @@ class PGD:
             return _finish(clf, images, targets, best, best_step, last, config)
 
     def _stage_one(
-        self, images: torch.Tensor, targets: torch.Tensor
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Targeted PGD; ``extra`` (per-sample loss of x) is added to the descent direction but not
+        to the score, so the kept iterate is still the one the classifier finds closest to c_t."""
         clf, config = self.classifier, self.config
         start = images
         if config.random_start:
@@ -157,7 +163,8 @@ class PGD:
 
         def objective(x: torch.Tensor, _step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             loss = _targeted_ce(clf(x), targets)
-            return loss, loss, torch.ones_like(loss, dtype=torch.bool)
+            descent = loss if extra is None else loss + extra(x)
+            return descent, loss, torch.ones_like(loss, dtype=torch.bool)
 
         best = start.detach().clone()
         best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
@@ -198,10 +205,15 @@ class ADV2(PGD):
         if target_maps is None:
             target_maps = interpreter(images, seed=config.seed)
         target_maps = self._check_target_maps(images, target_maps)
+        encoder_logits_of = getattr(interpreter, "encoder_logits", None)
+        warm_start_extra = None
+        if encoder_logits_of is not None and config.warm_start_encoder_weight > 0:
+            def warm_start_extra(x: torch.Tensor) -> torch.Tensor:
+                return config.warm_start_encoder_weight * _targeted_ce(encoder_logits_of(x), targets)
         with clf.frozen():
-            best, stage_one_loss, best_step, last = self._stage_one(images, targets)
+            best, stage_one_loss, best_step, last = self._stage_one(images, targets, warm_start_extra)
             state: Any = interpreter.initial_state(config.seed, images.device)
-            encoder = getattr(interpreter, "encoder_logits", None) if config.encoder_weight > 0 else None
+            encoder = encoder_logits_of if config.encoder_weight > 0 else None
             # RTS: its maps and its encoder's logits from one encoder pass
             maps_and_encoder = getattr(interpreter, "surrogate_and_encoder_logits", None) if encoder else None
             # MASK: an extra part of ℓ_int that needs no unrolling (Mask.evidence_loss)
@@ -227,7 +239,7 @@ class ADV2(PGD):
                 distance = (maps - target_maps).pow(2).flatten(1).mean(1)
                 interpretation = distance
                 if evidence is not None:
-                    interpretation = distance + config.evidence_weight * evidence(x, targets, target_maps)
+                    interpretation = distance + config.evidence_weight * evidence(x, targets, target_maps, state)
                 loss = _targeted_ce(logits, targets, config.label_smoothing)
                 loss = loss + lam.at(min(step, config.adv_steps - 1), config.adv_steps) * interpretation
                 if encoder_logits is not None:
