@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..imaging import gaussian_blur, upsample_blurred
 from ..models.classifier import Classifier
 from .base import Interpreter, normalize_maps
 
@@ -253,7 +254,7 @@ class Mask(Interpreter):
         gradient is built; only ``torch.autograd.grad`` with respect to the mask is used.
         """
         cfg = self.config
-        images = images.detach()
+        images = images.detach().contiguous()  # NCHW once: ``perturb`` works in it every step
         classes = torch.as_tensor(classes, device=images.device).long().view(-1)
         if generator is None:
             generator = torch.Generator(images.device).manual_seed(cfg.seed)
@@ -295,7 +296,7 @@ class Mask(Interpreter):
         perturbed = self.perturb(images, blurred, mask)
         if shift is not None and shift != (0, 0):
             perturbed = _shift(perturbed, *shift)
-        probs = torch.softmax(self.classifier(perturbed), dim=1)
+        probs = torch.softmax(self.classifier(self.classifier.to_model_layout(perturbed)), dim=1)
         class_term = probs.gather(1, classes.view(-1, 1)).squeeze(1)
         scale = REFERENCE_MASK_PIXELS / (mask.shape[-2] * mask.shape[-1])
         l1 = (1.0 - mask).abs().flatten(1).sum(1)
@@ -303,11 +304,14 @@ class Mask(Interpreter):
         return class_term + scale * (cfg.l1_weight * l1 + cfg.tv_weight * tv)
 
     def perturb(self, images: torch.Tensor, blurred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """φ(x; m) = x·M + blur(x)·(1 − M) with M the upsampled, blurred mask (m = 1 keeps)."""
+        """φ(x; m) = x·M + blur(x)·(1 − M) with M the upsampled, blurred mask (m = 1 keeps).
+
+        Computed in NCHW (a no-op for NCHW inputs): M has one channel, and broadcasting it over
+        the innermost dimension of a channels-last image is a slow elementwise path.
+        """
         height, width = images.shape[-2:]
-        upsampled = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
-        upsampled = gaussian_blur(upsampled, self.config.mask_sigma(height, width))
-        return images * upsampled + blurred * (1.0 - upsampled)
+        upsampled = upsample_blurred(mask, (height, width), self.config.mask_sigma(height, width))
+        return images.contiguous() * upsampled + blurred.contiguous() * (1.0 - upsampled)
 
     def _blur_images(self, images: torch.Tensor) -> torch.Tensor:
         return gaussian_blur(images, self.config.image_sigma(*images.shape[-2:]))
@@ -390,7 +394,7 @@ class Mask(Interpreter):
         shift = None if state is None else state.shift
         if shift is not None:
             batch = [_shift(x, *shift) for x in (*batch, images)]
-        logits = self.classifier(torch.cat(batch))
+        logits = self.classifier(self.classifier.to_model_layout(torch.cat(batch)))
         n = images.shape[0]
         deleted_probability = logits[:n].softmax(1).gather(1, classes.view(-1, 1)).squeeze(1)
         loss = deleted_probability + PRESERVE_WEIGHT * F.cross_entropy(logits[n : 2 * n], classes, reduction="none")
@@ -452,23 +456,6 @@ def total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
     dx = padded[..., :-1, 1:] - mask
     flat = (dy.square() + dx.square() + TV_EPS).pow(beta / 2.0).flatten(1)
     return flat.sum(1) - flat.shape[1] * TV_EPS ** (beta / 2.0)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur (radius ⌈3σ⌉, reflection padding), differentiable; σ = 0 is identity."""
-    if sigma <= 0:
-        return images
-    height, width = images.shape[-2:]
-    radius = min(math.ceil(3.0 * sigma), height - 1, width - 1)
-    if radius < 1:
-        return images
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    return F.conv2d(rows, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
 
 
 def _draw_shift(generator: torch.Generator, jitter: int) -> tuple[int, int]:

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
+from .. import imaging
 from ..metrics import object_iou, pointing_game
 from ..models.architectures import ShapesResNet
 from ..models.checkpoint import library_versions, load_checkpoint
@@ -90,15 +91,7 @@ def smoothness_loss(masks: torch.Tensor) -> torch.Tensor:
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur (±2.5σ kernel, reflect padding) of an (N, C, H, W) batch."""
-    radius = max(1, min(int(math.ceil(2.5 * sigma)), images.shape[-1] - 1, images.shape[-2] - 1))
-    t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = images.shape[1]
-    x = F.pad(images, (radius, radius, 0, 0), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return imaging.gaussian_blur(images, sigma, truncate=2.5)
 
 
 def alternative_images(

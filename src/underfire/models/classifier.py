@@ -117,6 +117,8 @@ class Classifier(nn.Module):
         self._channels_last = channels_last
         #: per device type: whether the auto probe found channels-last inputs usable
         self._channels_last_probed: dict[str, bool] = {}
+        #: mean and std laid out like a channels-last image of one size (``normalize``)
+        self._channels_last_constants: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ forward
     @property
@@ -125,8 +127,36 @@ class Classifier(nn.Module):
         return self.model if "model" in self._modules else self._callable
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Map [0, 1] pixels to the model's input space."""
-        return (images - self.mean) / self.std
+        """Map [0, 1] pixels to the model's input space: ``(images − mean) / std``.
+
+        On a channels-last batch the (1, C, 1, 1) constants broadcast along the innermost, 3-wide
+        dimension, which the elementwise kernels do not vectorise (16×3×64×64 on one thread:
+        0.23 ms against 0.03 ms for NCHW). The same constants materialised in the image's own
+        layout (cached per image size) make it a plain contiguous loop (0.04 ms; forward plus
+        backward 0.31 → 0.09 ms), with bit-identical values.
+        """
+        mean, std = self.mean, self.std
+        if (
+            images.dim() == 4
+            and not images.is_contiguous()
+            and images.is_contiguous(memory_format=torch.channels_last)
+        ):
+            mean, std = self._laid_out_constants(images.shape[-2:])
+        return (images - mean) / std
+
+    def _laid_out_constants(self, size: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(size), self.mean.data_ptr(), self.std.data_ptr(), self.mean.device, self.mean.dtype)
+        constants = self._channels_last_constants.get(key)
+        if constants is None:
+            if len(self._channels_last_constants) >= 8:  # sizes seen in one session are few
+                self._channels_last_constants.clear()
+            shape = (1, self.mean.shape[1], *size)
+            constants = tuple(
+                vector.expand(shape).contiguous(memory_format=torch.channels_last)
+                for vector in (self.mean, self.std)
+            )
+            self._channels_last_constants[key] = constants
+        return constants
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of [0, 1] images. Unvalidated and differentiable: the attacks' hot path."""
@@ -225,9 +255,14 @@ class Classifier(nn.Module):
         input gradient 48.6 → 36.5 ms and 52.1 → 44.8 ms). Only the strides change, never the
         values; everything downstream (attack iterates, gradients) inherits the layout.
         """
-        images = self.check_images(images).to(self.device)
+        return self.to_model_layout(self.check_images(images).to(self.device))
+
+    def to_model_layout(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` in the memory layout ``prepare_images`` hands the model (no validation): for
+        tensors an interpreter builds itself in NCHW (MASK's perturbed images), where elementwise
+        work with (N, 1, H, W) masks is fast, before they enter the model."""
         if self._prefers_channels_last(images):
-            images = images.contiguous(memory_format=torch.channels_last)
+            return images.contiguous(memory_format=torch.channels_last)
         return images
 
     def _prefers_channels_last(self, images: torch.Tensor) -> bool:
