@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--relus", default=None, help="GRAD ablation: ADV² on GRAD with each ReLU surrogate (no PGD)")
     parser.add_argument("--no-pgd", action="store_true", help="ADV² rows only")
     parser.add_argument("--pgd-only", action="store_true", help="PGD rows only")
+    parser.add_argument("--pgd-steps", type=int, default=None, help="PGD's steps (default: the largest ADV² budget of the interpreters asked for)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +82,7 @@ def main() -> None:
         return
 
     if not args.no_pgd:
-        steps = max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
+        steps = args.pgd_steps or max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
         config, start = preset("quick", "cam", pgd_steps=steps, adv_steps=0), time.time()
         pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
         seconds = round(time.time() - start)
