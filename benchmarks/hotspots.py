@@ -27,14 +27,14 @@ same model, inputs and machine state, alternating round by round:
 7. CAM's class map Σ_k w_kc a_k was an ``einsum``, whose per-call planning cost more than the
    product at these sizes. Fix: the same product as one ``bmm`` (bit-identical results).
 8. ``Classifier.normalize`` on a channels-last batch broadcast (1, C, 1, 1) constants along the
-   innermost, 3-wide dimension (no vectorisation): 0.23 ms of every forward at batch 16. Fix: the
-   constants laid out like the image (cached per size; bit-identical). Measured on a CAM map.
+   innermost, 3-wide dimension (no vectorisation). Fix: the constants laid out like the image
+   (cached per size; bit-identical). Measured alone (forward + backward) and on a CAM map.
 9. MASK: the replacement blur and the mask's upsampling + blur ran as depthwise convolutions,
-   whose backward is slow on the CPU (4.6 ms per iteration at batch 16 for the mask alone), and
-   the perturbation mixed a channels-last image with a one-channel mask. Fix: ``underfire.imaging``
-   (separable matrix products, equal up to float rounding) and the mixing done in NCHW, the
-   result handed to the model in its layout. Before = the convolutions and the old mixing put
-   back. Measured on a 20-iteration MASK solve.
+   whose backward is slow on the CPU, and the perturbation mixed a channels-last image with a
+   one-channel mask. Fix: ``underfire.imaging`` (separable matrix products, equal up to float
+   rounding) and the mixing done in NCHW, the result handed to the model in its layout. Before =
+   the convolutions and the old mixing put back. Measured on a 20-iteration MASK solve and on
+   each blur alone (forward + backward).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from underfire.attacks import ADV2, AttackConfig, LambdaSchedule  # noqa: E402
 from underfire.interpreters import CAM, Grad, GradCAM, Interpreter, Mask, MaskConfig, Rts  # noqa: E402
-from underfire.imaging import blur_radius  # noqa: E402
+from underfire.imaging import blur_radius, gaussian_blur, upsample_blurred  # noqa: E402
 from underfire.interpreters import gradient as gradient_module  # noqa: E402
 from underfire.interpreters import mask as mask_module  # noqa: E402
 from underfire.models import Classifier  # noqa: E402
@@ -249,12 +249,54 @@ def main() -> None:
         3 * args.repeats, warmup=2,
     )
     record("8. CAM map: normalisation laid out like the channels-last batch", "ms per call", samples["before"], samples["after"])
+    prepared = clf.prepare_images(images)
+
+    def normalize_fb() -> torch.Tensor:
+        x = prepared.detach().requires_grad_(True)
+        return torch.autograd.grad(clf.normalize(x).sum(), x)[0]
+
+    calls = 50
+    samples = interleaved(
+        {
+            "before": within(broadcast_constants, lambda: [normalize_fb() for _ in range(calls)]),
+            "after": lambda: [normalize_fb() for _ in range(calls)],
+        },
+        3 * args.repeats, warmup=2,
+    )
+    record(
+        "8. normalisation alone, forward + backward", "µs per call",
+        [1000 * t / calls for t in samples["before"]], [1000 * t / calls for t in samples["after"]],
+    )
     solver = Mask(clf, MaskConfig(iterations=20))
     samples = interleaved(
         {"before": within(convolution_mask, lambda: solver(images, labels)), "after": lambda: solver(images, labels)},
         args.repeats, warmup=1,
     )
     record("9. MASK solve (20 iterations): matrix-product blurs, NCHW mixing", "ms per call", samples["before"], samples["after"])
+    height, width = images.shape[-2:]
+    cells = torch.rand((images.shape[0], 1, *solver.map_shape(images)), generator=generator)
+    mask_sigma, image_sigma = solver.config.mask_sigma(height, width), solver.config.image_sigma(height, width)
+
+    def backward_of(function: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor) -> Callable[[], Any]:
+        def run() -> torch.Tensor:
+            x = source.detach().requires_grad_(True)
+            return torch.autograd.grad(function(x).sum(), x)[0]
+
+        return run
+
+    def old_mask_upsampling(m: torch.Tensor) -> torch.Tensor:
+        return conv_blur(F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False), mask_sigma)
+
+    for label, before, after, source in (
+        ("9. mask upsampling + blur, forward + backward", old_mask_upsampling,
+         lambda m: upsample_blurred(m, (height, width), mask_sigma), cells),
+        ("9. replacement-image blur, forward + backward", lambda x: conv_blur(x, image_sigma),
+         lambda x: gaussian_blur(x, image_sigma), images.contiguous()),
+    ):
+        samples = interleaved(
+            {"before": backward_of(before, source), "after": backward_of(after, source)}, 3 * args.repeats, warmup=2
+        )
+        record(label, "ms per call", samples["before"], samples["after"])
 
     lines = [
         f"Hot spots on {args.model}, batch {args.batch}, {torch.get_num_threads()} thread(s), medians of {args.repeats} rounds",

@@ -23,8 +23,8 @@ The inline mathematics per interpreter:
   decoder (the mask) and its head (the encoder-logit term), backward.
 * MASK: the inner Adam step(s) on the detached image and the unrolled, preconditioned virtual
   step (create_graph, on the jittered perturbed image) of ``Mask.surrogate``, inline;
-  ``gaussian_blur``, ``upsample_blurred`` (``underfire.imaging``) and ``total_variation`` (pure
-  tensor functions) are reused.
+  ``gaussian_blur``, ``upsample_blurred``, ``translate`` (``underfire.imaging``) and
+  ``total_variation`` (pure tensor functions) are reused.
 
 These run on the built-in ResNet (its ReLUs are all ``nn.ReLU`` modules, so the inline smoothed
 copy is exact); the GRAD and CAM targets are ratio ≤ 1.2.
@@ -44,7 +44,7 @@ from torch import nn
 from underfire import Classifier
 from underfire.attacks import ADV2, AttackConfig, LambdaSchedule
 from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts
-from underfire.imaging import gaussian_blur, upsample_blurred
+from underfire.imaging import gaussian_blur, translate, upsample_blurred
 from underfire.interpreters.mask import REFERENCE_MASK_PIXELS, total_variation
 
 from .common import Row, interleaved, make_row, marginal, max_abs_diff, minmax, untrained_rts
@@ -330,10 +330,8 @@ def _mask_step(clf: Classifier, cfg: MaskConfig, targets: torch.Tensor, target_m
         # layout its input batch has, as Mask.objective does
         layout = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         perturbed = images.contiguous() * up + blurred.contiguous() * (1.0 - up)
-        if shift != (0, 0):  # the surrogate's jitter: translate, reflecting at the border
-            pad, (dy, dx) = max(abs(shift[0]), abs(shift[1])), shift
-            padded = F.pad(perturbed, (pad, pad, pad, pad), mode="reflect")
-            perturbed = padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+        if shift != (0, 0):  # the surrogate's jitter
+            perturbed = translate(perturbed, *shift)
         perturbed = perturbed.contiguous(memory_format=layout)
         probs = torch.softmax(model((perturbed - mean) / std), dim=1)
         class_term = probs.gather(1, targets.view(-1, 1)).squeeze(1)

@@ -175,9 +175,10 @@ def _mask_all_threads(
     clf: Any, images: torch.Tensor, labels: torch.Tensor, rows: list[Row], args: argparse.Namespace
 ) -> list[Row]:
     """The batched-MASK speed-up again with every core, as a user's CPU runs it; the ≥ 3× target
-    is checked on this row. On one thread a MASK iteration is the model's forward + backward,
-    whose own per-image cost falls only ≈ 2.5× from batch 1 to 16 on the 64-px built-in ResNet
-    (2.27 → 0.91 ms, benchmarks/README.md), so that row is reported without the target."""
+    is checked on this row. On one thread a MASK iteration is mostly the model's forward +
+    backward, whose own per-image cost falls only about as much from batch 1 to 16 as the
+    row's note measures (2.9× in the full run of benchmarks/README.md), so that row is reported
+    without the target."""
     cores = os.cpu_count() or 1
     if args.device != "cpu" or cores <= args.threads:
         return []

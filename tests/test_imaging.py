@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from underfire.imaging import blur_radius, gaussian_blur, upsample_blurred
+from underfire.imaging import blur_radius, gaussian_blur, translate, upsample_blurred
 
 
 def reference_blur(images: torch.Tensor, sigma: float, truncate: float = 3.0) -> torch.Tensor:
@@ -64,3 +64,12 @@ def test_blur_radius() -> None:
     assert blur_radius(1.6, 64, 64) == 5
     assert blur_radius(10.0, 16, 40) == 15
     assert blur_radius(1.0, 64, 64, truncate=2.5) == 3
+
+
+def test_translate_moves_pixels_and_reflects_at_the_border() -> None:
+    x = torch.arange(25.0).view(1, 1, 5, 5)
+    assert torch.equal(translate(x, 0, 0), x)
+    moved = translate(x, 1, -2)  # down one row, left two columns
+    assert torch.equal(moved[..., 1:, :3], x[..., :4, 2:])
+    assert torch.equal(moved[..., 0, :3], x[..., 1, 2:])  # row −1 reflects to row 1
+    assert torch.equal(moved[..., 1:, 3:], x[..., :4, [3, 2]])  # columns 5, 6 reflect to 3, 2

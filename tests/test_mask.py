@@ -19,6 +19,7 @@ from torch import nn
 
 from underfire import Classifier, InputError
 from underfire.data import ShapesDataset
+from underfire.imaging import translate
 from underfire.interpreters.base import normalize_maps
 from model_state import assert_unchanged, snapshot
 from underfire.interpreters.mask import (
@@ -26,7 +27,6 @@ from underfire.interpreters.mask import (
     MaskConfig,
     MaskSolution,
     MaskState,
-    _shift,
     gaussian_blur,
     total_variation,
 )
@@ -374,8 +374,8 @@ def test_evidence_loss_under_the_surrogate_jitter() -> None:
         blurred = gaussian_blur(x, interpreter.config.image_sigma(SIZE, SIZE))
         deleted = interpreter.perturb(x, blurred, 1 - target)
         kept = interpreter.perturb(x, blurred, target)
-        p = torch.softmax(clf(_shift(deleted, 1, -1)), 1)[torch.arange(3), classes]
-        ce = lambda v: F.cross_entropy(clf(_shift(v, 1, -1)), classes, reduction="none")  # noqa: E731
+        p = torch.softmax(clf(translate(deleted, 1, -1)), 1)[torch.arange(3), classes]
+        ce = lambda v: F.cross_entropy(clf(translate(v, 1, -1)), classes, reduction="none")  # noqa: E731
         expected = p + 0.1 * ce(kept) + ce(x)
         torch.testing.assert_close(interpreter.evidence_loss(x, classes, target, state), expected)
         unshifted = interpreter.evidence_loss(x, classes, target)

@@ -2,10 +2,11 @@
 
 A separable operator on an (N, C, H, W) batch is ``rows @ x @ cols.T`` with an (H', H) and a
 (W', W) matrix. On the CPU this is far faster than the usual depthwise convolutions, above all in
-the backward pass that MASK runs every iteration (one thread, forward + backward: a σ = 1.6 px
-blur of a 16×1×64×64 batch 4.6 → 0.39 ms; σ = 5 px on 16×3×64×64 9.1 → 1.1 ms; σ = 10 px on
-4×3×224×224 44 → 11 ms). The matrices are built once per size and σ and cached; values equal the
-convolution's up to float rounding (≈ 3e-7).
+the backward pass that MASK runs every iteration (one thread, forward + backward at batch 16,
+``python -m benchmarks.hotspots`` fix 9: the 16×16 → 64×64 mask upsampling + σ = 1.6 px blur
+5.5 → 0.3 ms, the σ = 5 px blur of the 64-px images 9.4 → 1.6 ms). The matrices are built once
+per size and σ and cached; values equal the convolution's up to float rounding
+(``tests/test_imaging.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blur_radius", "gaussian_blur", "upsample_blurred"]
+__all__ = ["blur_radius", "gaussian_blur", "translate", "upsample_blurred"]
 
 
 def blur_radius(sigma: float, height: int, width: int, truncate: float = 3.0) -> int:
@@ -50,8 +51,8 @@ def _upsample_matrix(size_in: int, size_out: int, dtype: torch.dtype, device: to
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float, truncate: float = 3.0) -> torch.Tensor:
-    """Separable Gaussian blur (radius ⌈truncate·σ⌉, reflection padding), differentiable; σ = 0 is
-    identity. Returns a contiguous (N, C, H, W) tensor."""
+    """Separable Gaussian blur (radius ⌈truncate·σ⌉, reflection padding), differentiable; σ = 0
+    (or a radius below one pixel) returns ``images`` itself, otherwise a contiguous NCHW tensor."""
     if sigma <= 0:
         return images
     height, width = images.shape[-2:]
@@ -81,3 +82,12 @@ def upsample_blurred(masks: torch.Tensor, size: tuple[int, int], sigma: float) -
     rows = _upsample_blur_matrix(masks.shape[-2], height, float(sigma), radius, masks.dtype, masks.device)
     cols = _upsample_blur_matrix(masks.shape[-1], width, float(sigma), radius, masks.dtype, masks.device)
     return rows @ masks @ cols.t()
+
+
+def translate(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift by (dy, dx) px, filling the border by reflection (the jitter of Fong & Vedaldi)."""
+    pad = max(abs(dy), abs(dx))
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    top, left = pad - dy, pad - dx
+    return padded[..., top : top + height, left : left + width]

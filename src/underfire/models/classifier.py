@@ -130,10 +130,10 @@ class Classifier(nn.Module):
         """Map [0, 1] pixels to the model's input space: ``(images − mean) / std``.
 
         On a channels-last batch the (1, C, 1, 1) constants broadcast along the innermost, 3-wide
-        dimension, which the elementwise kernels do not vectorise (16×3×64×64 on one thread:
-        0.23 ms against 0.03 ms for NCHW). The same constants materialised in the image's own
-        layout (cached per image size) make it a plain contiguous loop (0.04 ms; forward plus
-        backward 0.31 → 0.09 ms), with bit-identical values.
+        dimension, which the elementwise kernels do not vectorise. The same constants materialised
+        in the image's own layout (cached per image size) make it a plain contiguous loop, with
+        bit-identical values: forward + backward 0.32 → 0.12 ms at 16×3×64×64 on one thread
+        (``python -m benchmarks.hotspots``, fix 8).
         """
         mean, std = self.mean, self.std
         if (
