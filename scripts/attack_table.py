@@ -2,12 +2,14 @@
 
     python scripts/attack_table.py shapes-resnet --out table.jsonl
     python scripts/attack_table.py shapes-resnet --out ablation.jsonl --interpreters grad --relus h,sigmoid,none
+    python scripts/attack_table.py shapes-resnet --out budget.jsonl --interpreters mask --eps 16/255
 
 Setting: the ``quick`` preset, the first ``--images`` correctly classified shapes test images,
-random targets (seed 0), ε = 8/255. Every measure is taken on the returned 8-bit images with the
-full interpreter run afresh for c_t, against the benign map. PGD runs once per model with as many
-steps as the largest ADV² budget of the interpreters asked for, on the same images and targets,
-and is measured against each interpreter's map. Single-threaded by default (``--threads``) so
+random targets (seed 0), ε = 8/255 unless ``--eps`` says otherwise (rows then carry ``eps``).
+Every measure is taken on the returned 8-bit images with the full interpreter run afresh for c_t,
+against the benign map. PGD runs once per model with as many steps as the largest ADV² budget of
+the interpreters asked for, on the same images and targets, and is measured against each
+interpreter's map. Single-threaded by default (``--threads``) so
 several models can run side by side on a small machine.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from underfire.attacks.config import preset
+from underfire.attacks.config import parse_fraction, preset
 from underfire.attacks.core import ADV2, PGD
 from underfire.attacks.measure import AttackMeasures, measure_attack
 from underfire.attacks.runner import images_from_dataset
@@ -49,9 +51,12 @@ def main() -> None:
     parser.add_argument("--no-pgd", action="store_true", help="ADV² rows only")
     parser.add_argument("--pgd-only", action="store_true", help="PGD rows only")
     parser.add_argument("--pgd-steps", type=int, default=None, help="PGD's steps (default: the largest ADV² budget of the interpreters asked for)")
+    parser.add_argument("--eps", default=None, help="L∞ budget, e.g. 16/255 (default: the preset's 8/255)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    budget = {} if args.eps is None else {"eps": parse_fraction(args.eps)}
+    tag = {} if args.eps is None else {"eps": args.eps}
 
     clf = load_model(args.model)
     images, labels, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
@@ -68,7 +73,7 @@ def main() -> None:
 
     def adv2(name: str, interpreter_options: dict) -> tuple[list[AttackMeasures], int, int]:
         interpreter = build_interpreter(name, clf, **interpreter_options)
-        config, start = preset("quick", name), time.time()
+        config, start = preset("quick", name, **budget), time.time()
         measures = []
         for k, c in enumerate(chunks):
             result = ADV2(clf, interpreter, config)(images[c], targets[c], benign[name][k], labels=labels[c])
@@ -83,17 +88,17 @@ def main() -> None:
 
     if not args.no_pgd:
         steps = args.pgd_steps or max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
-        config, start = preset("quick", "cam", pgd_steps=steps, adv_steps=0), time.time()
+        config, start = preset("quick", "cam", pgd_steps=steps, adv_steps=0, **budget), time.time()
         pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
         seconds = round(time.time() - start)
         for name in names:
             measures = [measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0) for k, c in enumerate(chunks)]
-            log(dict(model=args.model, interpreter=name, attack="pgd", steps=steps, seconds=seconds, **summary(measures)))
+            log(dict(model=args.model, interpreter=name, attack="pgd", **tag, steps=steps, seconds=seconds, **summary(measures)))
     if args.pgd_only:
         return
     for name in names:
         measures, total, seconds = adv2(name, {})
-        log(dict(model=args.model, interpreter=name, attack="adv2", steps=total, seconds=seconds, **summary(measures)))
+        log(dict(model=args.model, interpreter=name, attack="adv2", **tag, steps=total, seconds=seconds, **summary(measures)))
 
 
 if __name__ == "__main__":

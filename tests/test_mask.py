@@ -361,9 +361,10 @@ def test_evidence_loss_at_the_extremes_and_its_input_gradient() -> None:
 
 def test_evidence_loss_under_the_surrogate_jitter() -> None:
     """With the state's shift s both perturbed images are shifted by s, and CE(f(s(x)), c) is added:
-    the class must survive the solver's jitter. Without a shift the term is unchanged."""
+    the class must survive the solver's jitter. Without a shift the term is unchanged (the
+    follower's optimality gap is off here; see the next test)."""
     clf = tiny_classifier()
-    interpreter = Mask(clf)
+    interpreter = Mask(clf, MaskConfig(gap_weight=0.0))
     x, classes = images(), torch.tensor([2, 3, 9])
     rows, cols = interpreter.map_shape(x)
     target = torch.zeros(3, 1, rows, cols)
@@ -381,6 +382,46 @@ def test_evidence_loss_under_the_surrogate_jitter() -> None:
         unshifted = interpreter.evidence_loss(x, classes, target)
         torch.testing.assert_close(interpreter.evidence_loss(x, classes, target, replace(state, shift=None)), unshifted)
         assert not torch.allclose(unshifted, expected)
+
+
+def test_evidence_loss_adds_the_followers_optimality_gap() -> None:
+    """With a state, the term adds w·max(0, ℓ_map(m_t; x) − ℓ_map(m_f; x)) for the follower mask
+    m_f, on the shifted images like the rest of the term; it is zero when the follower is m_t
+    itself, absent without a state or with w = 0, and its input gradient is non-zero."""
+    clf = tiny_classifier()
+    weight = 3.0
+    interpreter, plain = Mask(clf, MaskConfig(gap_weight=weight)), Mask(clf, MaskConfig(gap_weight=0.0))
+    x, classes = images(), torch.tensor([2, 3, 9])
+    rows, cols = interpreter.map_shape(x)
+    target = torch.zeros(3, 1, rows, cols)
+    target[..., rows // 2 :, : cols // 2] = 1.0
+    # one follower that deletes nothing (cheaper than m_t), one rough random mask (dearer), one half of m_t
+    rough = torch.rand(1, 1, rows, cols, generator=torch.Generator().manual_seed(5))
+    follower = torch.cat([torch.ones(1, 1, rows, cols), rough, 1 - 0.5 * target[:1]])
+    with clf.frozen():
+        _, state = interpreter.surrogate(x, classes)
+        state = replace(state, mask=follower, shift=(-1, 1))
+        with torch.no_grad():
+            # ℓ_map by the solver's own objective, under the same shift
+            gap = interpreter.objective(1 - target, x, classes, shift=(-1, 1)) - interpreter.objective(
+                follower, x, classes, shift=(-1, 1)
+            )
+            assert gap[0] > 0 and gap[1] < 0  # the hinge is active on one sample and clips another
+            expected = plain.evidence_loss(x, classes, target, state) + weight * gap.clamp_min(0)
+            torch.testing.assert_close(interpreter.evidence_loss(x, classes, target, state), expected)
+            for same_value in (replace(state, mask=1 - target), None):  # follower = m_t; no state
+                torch.testing.assert_close(
+                    interpreter.evidence_loss(x, classes, target, same_value),
+                    plain.evidence_loss(x, classes, target, same_value),
+                )
+        live = x.clone().requires_grad_(True)
+        undercut = replace(state, mask=torch.ones_like(follower))  # deletes nothing: cheaper than m_t
+        difference = interpreter.evidence_loss(live, classes, target, undercut) - plain.evidence_loss(
+            live, classes, target, undercut
+        )
+        (gradient,) = torch.autograd.grad(difference.sum(), live)
+    assert (difference > 0).all()
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
 
 def test_surrogate_jitter_is_seeded_and_spans_the_solver_shifts() -> None:
