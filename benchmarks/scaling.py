@@ -36,13 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from underfire import Classifier
-from underfire.attacks import project
+from underfire.attacks import preset, project
 from underfire.interpreters import MaskConfig, Rts, build_interpreter
 
 from .common import ROOT, inputs, load_classifier, synchronize, untrained_rts
 
 METHODS = ("pgd", "grad", "smoothgrad", "cam", "gradcam", "rts", "mask")
 EPS, ALPHA, LAMBDA = 8 / 255, 1 / 255, 5.0
+#: MASK as the ``quick`` preset runs it: the paper's surrogate step plus ``Mask.evidence_loss``
+#: (with the follower's optimality gap) inside ℓ_int.
+MASK_WITH_EVIDENCE = "mask+evidence"
 
 
 def interpreter_for(method: str, clf: Classifier) -> Any:
@@ -55,8 +58,9 @@ def interpreter_for(method: str, clf: Classifier) -> Any:
     return build_interpreter(method, clf, **options)
 
 
-def make_step(method: str, clf: Classifier, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
-    """A callable doing one attack step (state carried between calls, as in the attack)."""
+def make_step(method: str, clf: Classifier, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A callable doing one attack step and returning the new iterate (state carried between calls,
+    as in the attack)."""
     current = {"x": images.clone()}
     if method == "pgd":
 
@@ -64,6 +68,9 @@ def make_step(method: str, clf: Classifier, images: torch.Tensor, targets: torch
             return F.cross_entropy(clf(x), targets, reduction="none")
 
     else:
+        evidence_weight = 0.0
+        if method == MASK_WITH_EVIDENCE:
+            method, evidence_weight = "mask", preset("quick", "mask").evidence_weight
         interpreter = interpreter_for(method, clf)
         generator = torch.Generator().manual_seed(1)
         target_maps = torch.rand((images.shape[0], 1, *interpreter.map_shape(images)), generator=generator)
@@ -79,14 +86,18 @@ def make_step(method: str, clf: Classifier, images: torch.Tensor, targets: torch
                 extra = 0.1 * F.cross_entropy(encoder_logits, targets, reduction="none")
             else:
                 maps, logits, state["value"] = interpreter.surrogate_and_logits(x, targets, state["value"])
-            distance = (maps - target_maps).pow(2).flatten(1).mean(1)
-            return F.cross_entropy(logits, targets, reduction="none") + LAMBDA * distance + extra
+            interpretation = (maps - target_maps).pow(2).flatten(1).mean(1)
+            if evidence_weight:
+                evidence = interpreter.evidence_loss(x, targets, target_maps, state["value"])
+                interpretation = interpretation + evidence_weight * evidence
+            return F.cross_entropy(logits, targets, reduction="none") + LAMBDA * interpretation + extra
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with clf.frozen():
             x = current["x"].requires_grad_(True)
             (gradient,) = torch.autograd.grad(loss_of(x).sum(), x)
             current["x"] = project(x.detach() - ALPHA * gradient.sign(), images, EPS)
+        return current["x"]
 
     return step
 

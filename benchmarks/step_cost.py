@@ -4,8 +4,9 @@ One PGD step = forward + backward of the cross-entropy w.r.t. the input + projec
 step = the interpreter's ``surrogate_and_logits`` (its differentiable map and the logits, from one
 forward pass where the interpreter allows it: GRAD with ``share_forward``, CAM, Grad-CAM), the MSE
 to a target map, the backward and the projection (GRAD: second-order backward through the smoothed
-ReLUs; MASK: one inner and one unrolled step; RTS: its network, whose encoder also gives the
-encoder-logit term). The steps are ``benchmarks.scaling.make_step``'s; rounds alternate PGD and
+ReLUs; MASK: one inner and one unrolled step, and in the ``mask+evidence`` row also the ``quick``
+preset's deletion-evidence term with the follower's optimality gap; RTS: its network, whose
+encoder also gives the encoder-logit term). The steps are ``benchmarks.scaling.make_step``'s; rounds alternate PGD and
 ADV² after warm-up and the ratio is the median of the per-round ratios.
 
     python benchmarks/step_cost.py [--model shapes-resnet] [--batch 32] [--repeats 7] [--out FILE.md]
@@ -29,9 +30,9 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 import torch  # noqa: E402
 
 from benchmarks.common import inputs, interleaved, load_classifier, paired_ratio  # noqa: E402
-from benchmarks.scaling import make_step  # noqa: E402
+from benchmarks.scaling import MASK_WITH_EVIDENCE, make_step  # noqa: E402
 
-INTERPRETERS = ("grad", "smoothgrad", "cam", "gradcam", "rts", "mask")
+INTERPRETERS = ("grad", "smoothgrad", "cam", "gradcam", "rts", "mask", MASK_WITH_EVIDENCE)
 
 
 def main() -> None:

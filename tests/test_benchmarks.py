@@ -57,6 +57,26 @@ def test_inline_limit_math_equals_adv2(tiny) -> None:
         assert row.agreement == "final iterates: max abs diff 0.0e+00", (row.name, row.agreement)
 
 
+def test_step_cost_mask_with_evidence_is_the_quick_presets_step(tiny) -> None:
+    """The step-cost row ``mask+evidence`` takes ADV²'s own first stage-2 step with the quick preset's
+    evidence weight (the unrolled surrogate plus ``Mask.evidence_loss``), not a look-alike."""
+    from benchmarks.scaling import ALPHA, EPS, LAMBDA, MASK_WITH_EVIDENCE, make_step
+
+    from underfire.attacks import ADV2, AttackConfig, LambdaSchedule, preset
+    from underfire.interpreters import Mask, MaskConfig
+
+    clf, images, _, targets = tiny
+    step = make_step(MASK_WITH_EVIDENCE, clf, images, targets)
+    interpreter = Mask(clf, MaskConfig(init_steps=5))
+    maps = torch.rand((images.shape[0], 1, *interpreter.map_shape(images)), generator=torch.Generator().manual_seed(1))
+    weight = preset("quick", "mask").evidence_weight
+    config = AttackConfig(eps=EPS, alpha=ALPHA, pgd_steps=0, adv_steps=1, lam=LambdaSchedule((LAMBDA,)), evidence_weight=weight)
+    expected = ADV2(clf, interpreter, config)(images, targets, maps).last
+    plain = make_step("mask", clf, images, targets)()
+    torch.testing.assert_close(step(), expected, rtol=0, atol=0)
+    assert weight > 0 and not torch.equal(plain, expected)
+
+
 def test_peer_comparisons_agree(tiny) -> None:
     pytest.importorskip("captum")
     pytest.importorskip("torchattacks")
