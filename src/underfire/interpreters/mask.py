@@ -300,9 +300,8 @@ class Mask(Interpreter):
         perturbed = self.perturb(images, blurred, mask)
         if shift is not None and shift != (0, 0):
             perturbed = translate(perturbed, *shift)
-        probs = torch.softmax(self.classifier(self.classifier.to_model_layout(perturbed)), dim=1)
-        class_term = probs.gather(1, classes.view(-1, 1)).squeeze(1)
-        return class_term + self.mask_cost(mask)
+        logits = self.classifier(self.classifier.to_model_layout(perturbed))
+        return _class_probability(logits, classes) + self.mask_cost(mask)
 
     def mask_cost(self, mask: torch.Tensor) -> torch.Tensor:
         """The mask part of ℓ_map per sample (N,): (784/cells)·(λ1·Σ|1−m| + λ2·TV_β(m))."""
@@ -414,23 +413,18 @@ class Mask(Interpreter):
         keep = 1.0 - target_maps.to(images.dtype).expand(n, -1, -1, -1)
         blurred = self._blur_images(images)
         batch = [self.perturb(images, blurred, keep), self.perturb(images, blurred, 1.0 - keep)]
-        gap = state is not None and self.config.gap_weight > 0
-        if gap:
-            batch.append(self.perturb(images, blurred, state.mask.detach()))
+        follower = state.mask if state is not None and self.config.gap_weight > 0 else None
+        if follower is not None:
+            batch.append(self.perturb(images, blurred, follower))
         shift = None if state is None else state.shift
         if shift is not None:
             batch = [translate(x, *shift) for x in (*batch, images)]
         logits = self.classifier(self.classifier.to_model_layout(torch.cat(batch)))
         parts = logits.split(n)
-
-        def probability(part: torch.Tensor) -> torch.Tensor:
-            return part.softmax(1).gather(1, classes.view(-1, 1)).squeeze(1)
-
-        deleted = probability(parts[0])
+        deleted = _class_probability(parts[0], classes)
         loss = deleted + PRESERVE_WEIGHT * F.cross_entropy(parts[1], classes, reduction="none")
-        if gap:
-            assert state is not None
-            undercut = deleted - probability(parts[2]) + self.mask_cost(keep) - self.mask_cost(state.mask)
+        if follower is not None:
+            undercut = deleted - _class_probability(parts[2], classes) + self.mask_cost(keep) - self.mask_cost(follower)
             loss = loss + self.config.gap_weight * F.relu(undercut)
         if shift is not None:
             loss = loss + F.cross_entropy(parts[-1], classes, reduction="none")
@@ -491,6 +485,11 @@ def total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
     dx = padded[..., :-1, 1:] - mask
     flat = (dy.square() + dx.square() + TV_EPS).pow(beta / 2.0).flatten(1)
     return flat.sum(1) - flat.shape[1] * TV_EPS ** (beta / 2.0)
+
+
+def _class_probability(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of each sample's class (N,): ℓ_map's class term."""
+    return logits.softmax(1).gather(1, classes.view(-1, 1)).squeeze(1)
 
 
 def _draw_shift(generator: torch.Generator, jitter: int) -> tuple[int, int]:
