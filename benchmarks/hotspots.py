@@ -191,8 +191,9 @@ def main() -> None:
         results.append((label, unit, 1000 * b, 1000 * a, ratio.median))
         print(f"{label}: {1000 * b:.1f} -> {1000 * a:.1f} {unit} (after/before {ratio.median:.2f})", file=sys.stderr)
 
-    step_pair("1. ADV² on CAM: one forward per step", CAM(clf), lambda: plain_logits(CAM(clf)))
-    step_pair("1. ADV² on Grad-CAM: one forward per step", GradCAM(clf), lambda: plain_logits(GradCAM(clf)))
+    cam, gradcam = CAM(clf), GradCAM(clf)  # layer discovery (one probe forward each) is set-up
+    step_pair("1. ADV² on CAM: one forward per step", cam, lambda: plain_logits(cam))
+    step_pair("1. ADV² on Grad-CAM: one forward per step", gradcam, lambda: plain_logits(gradcam))
     try:
         rts = Rts(clf)
         step_pair("2. ADV² on RTS: one encoder pass per step", rts, lambda: plain_logits(rts))
@@ -223,8 +224,8 @@ def main() -> None:
     from underfire.interpreters import cam as cam_module
 
     with torch.no_grad():
-        features, _ = clf.features_and_logits(images)
-    weight = clf.cam_layers().head.weight
+        features, _ = cam.capture.features_and_logits(images)
+    weight = cam.layers.head.weight
 
     def einsum_map() -> torch.Tensor:
         return torch.einsum("nkhw,nk->nhw", features, weight.to(features.dtype)[labels]).unsqueeze(1)

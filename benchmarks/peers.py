@@ -152,11 +152,11 @@ def grad_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tensor,
 def cam_vs_torchcam(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict) -> Row:
     from torchcam.methods import CAM as TorchCamCAM
 
-    layers = clf.cam_layers()
+    ours_interpreter = CAM(clf)
+    layers = ours_interpreter.layers
     note = ""
     if layers.post_relu:
         note = "model applies a ReLU after the feature layer: torch-cam hooks the pre-ReLU map"
-    ours_interpreter = CAM(clf)
     extractor = TorchCamCAM(clf, layers.feature_module, layers.head, input_shape=tuple(images.shape[1:]))
     class_list = classes.tolist()
     extractor.disable_hooks()  # its hook only records while its own side runs
@@ -190,8 +190,8 @@ def gradcam_vs_pytorch_grad_cam(
     from pytorch_grad_cam import GradCAM as PGCGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer = clf.cam_layers().feature_module
     ours_interpreter = GradCAM(clf)
+    layer = ours_interpreter.layers.feature_module
     cam_targets = [ClassifierOutputTarget(int(c)) for c in classes]
 
     def ours() -> torch.Tensor:
@@ -212,8 +212,8 @@ def gradcam_vs_pytorch_grad_cam(
 def gradcam_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict) -> Row:
     from captum.attr import LayerGradCam
 
-    layers = clf.cam_layers()
     ours_interpreter = GradCAM(clf)
+    layers = ours_interpreter.layers
     layer_gradcam = LayerGradCam(clf, layers.feature_module)
     note = "model applies a ReLU after the feature layer: captum sees the pre-ReLU map" if layers.post_relu else ""
 

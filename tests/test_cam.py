@@ -1,6 +1,7 @@
 """CAM (Zhou et al. 2016) and Grad-CAM (Selvaraju et al. 2017): analytic values on a hand-built
 net, the GAP→linear identity Grad-CAM = ReLU(CAM)/(h·w), batching, differentiability, model state
-and hooks, and agreement with torch-cam, captum and pytorch-grad-cam on torchvision models."""
+and hooks, layer discovery and its overrides, and agreement with torch-cam, captum and
+pytorch-grad-cam on torchvision models."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from underfire.errors import InputError, ModelStructureError
 from underfire.interpreters.base import Interpreter
 from underfire.interpreters.cam import CAM, GradCAM
+from underfire.interpreters.cam_layers import FeatureCapture
 from underfire.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,6 +27,9 @@ from underfire.models import (
     load_model,
 )
 from underfire.models.specs import builtin_weights_path
+from underfire.models.torchvision_compat import import_torchvision
+from model_state import assert_unchanged, snapshot
+from test_classifier import mixed_state_model
 
 INTERPRETERS: list[type[Interpreter]] = [CAM, GradCAM]
 
@@ -112,26 +117,27 @@ class InPlaceReluNet(nn.Module):
 
 def test_cam_reads_features_the_model_later_overwrites_in_place() -> None:
     """The hook keeps the feature tensor without copying it; a model that writes to it in place
-    is detected (version counter), re-run with a copy, and gives the out-of-place model's maps and
-    input gradients."""
+    is detected (version counter), re-run with a copy (and copied from then on, by that
+    interpreter), and gives the out-of-place model's maps and input gradients."""
     torch.manual_seed(0)
     x = torch.rand(3, 3, 4, 4)
     classes = torch.tensor([0, 1, 2])
     reference = Classifier(InPlaceReluNet(inplace=False).eval(), input_size=4, name="copy")
     in_place = Classifier(InPlaceReluNet(inplace=True).eval(), input_size=4, name="in-place")
-    assert in_place.cam_layers().post_relu and reference.cam_layers().post_relu
     for interpreter in (CAM, GradCAM):
-        torch.testing.assert_close(interpreter(in_place)(x, classes), interpreter(reference)(x, classes))
+        ours, theirs = interpreter(in_place), interpreter(reference)
+        assert ours.layers.post_relu and theirs.layers.post_relu
+        torch.testing.assert_close(ours(x, classes), theirs(x, classes))
         grads = []
-        for clf in (in_place, reference):
+        for clf, explainer in ((in_place, ours), (reference, theirs)):
             image = x.clone().requires_grad_(True)
             with clf.frozen():
-                maps, _ = interpreter(clf).surrogate(image, classes)
+                maps, _ = explainer.surrogate(image, classes)
                 (grad,) = torch.autograd.grad(maps.square().sum(), image)
             grads.append(grad)
         assert grads[1].abs().sum() > 0
         torch.testing.assert_close(grads[0], grads[1])
-    assert in_place._copy_features and not reference._copy_features
+        assert ours.capture.copy_features and not theirs.capture.copy_features
     # inference tensors have no version counter: the hook copies them, the maps stay the same
     fresh = Classifier(InPlaceReluNet(inplace=True).eval(), input_size=4, name="inference")
     with torch.inference_mode():
@@ -371,6 +377,98 @@ def test_model_without_gap_linear_head_is_refused() -> None:
     assert hook_count(clf) == 0
 
 
+# --------------------------------------------------------------------------- layer discovery
+def torchvision_models() -> object:
+    return import_torchvision().models
+
+
+@pytest.mark.parametrize(
+    ("build", "size", "feature", "head", "post_relu", "side"),
+    [
+        (lambda: ShapesResNet(), 64, "layer4", "fc", False, 8),
+        (lambda: ShapesDenseNet(), 64, "features", "classifier", True, 8),
+        (lambda: torchvision_models().resnet18(num_classes=7), 64, "layer4", "fc", False, 2),
+        (lambda: torchvision_models().densenet121(num_classes=5), 64, "features", "classifier", True, 2),
+    ],
+    ids=["shapes-resnet", "shapes-densenet", "tv-resnet18", "tv-densenet121"],
+)
+def test_cam_layers_are_found(build, size, feature, head, post_relu, side) -> None:
+    model = build().eval()
+    capture = FeatureCapture(Classifier(model, input_size=size))
+    layers = capture.layers
+    assert (layers.feature_name, layers.head_name, layers.post_relu) == (feature, head, post_relu)
+    # The defining property of CAM's layers: GAP of the feature map through the head = logits.
+    images = torch.rand(2, 3, size, size)
+    features, logits = capture.features_and_logits(images)
+    assert features.shape[2:] == (side, side)
+    torch.testing.assert_close(layers.head(features.mean((2, 3))), logits, rtol=1e-4, atol=1e-4)
+    assert not model._forward_hooks and not layers.feature_module._forward_hooks
+
+
+def test_features_carry_gradient_to_the_input() -> None:
+    clf = Classifier(ShapesDenseNet().eval(), input_size=64)
+    capture = FeatureCapture(clf)
+    images = torch.rand(1, 3, 64, 64, requires_grad=True)
+    with clf.frozen():
+        features, _ = capture.features_and_logits(images)
+        (grad,) = torch.autograd.grad(features.sum(), images)
+    assert grad.abs().sum() > 0
+
+
+def test_layer_overrides_and_errors() -> None:
+    clf = Classifier(ShapesResNet().eval(), input_size=64, feature_layer="layer4", head="fc")
+    assert clf.cam_layer_names == ("layer4", "fc")
+    assert FeatureCapture(clf).layers.feature_name == "layer4"
+    with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
+        FeatureCapture(Classifier(ShapesResNet().eval(), input_size=64, feature_layer="layer3"))
+    with pytest.raises(ModelStructureError, match="'nope' is not a module"):
+        FeatureCapture(Classifier(ShapesResNet().eval(), input_size=64, head="nope"))
+    with pytest.raises(ModelStructureError, match="not nn.Linear"):
+        FeatureCapture(Classifier(ShapesResNet().eval(), input_size=64, head="conv1"))
+
+
+@pytest.mark.parametrize("interpreter", INTERPRETERS)
+def test_interpreter_layer_options_override_the_classifiers_hints(interpreter: type[Interpreter]) -> None:
+    hinted = Classifier(ShapesResNet().eval(), input_size=64, feature_layer="layer3")
+    explainer = interpreter(hinted, feature_layer="layer4", head="fc")
+    assert (explainer.layers.feature_name, explainer.layers.head_name) == ("layer4", "fc")
+    assert hinted.cam_layer_names == ("layer3", None)  # the classifier's hints stay as given
+    with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
+        interpreter(hinted)
+    with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
+        interpreter(Classifier(ShapesResNet().eval(), input_size=64), feature_layer="layer3")
+    with pytest.raises(ModelStructureError, match="'nope' is not a module"):
+        interpreter(Classifier(ShapesResNet().eval(), input_size=64), head="nope")
+
+
+def test_plain_callables_are_refused() -> None:
+    linear = nn.Linear(3, 2)
+    clf = Classifier(lambda x: linear(x.mean((2, 3))))
+    with pytest.raises(ModelStructureError, match="nn.Module"):
+        FeatureCapture(clf)
+    for interpreter in INTERPRETERS:
+        with pytest.raises(ModelStructureError, match="nn.Module"):
+            interpreter(clf)
+
+
+def test_discovery_refuses_models_without_gap_linear_head() -> None:
+    flatten_head = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    with pytest.raises(ModelStructureError, match="GAP→linear head"):
+        FeatureCapture(Classifier(flatten_head, input_size=8))
+    conv_only = nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with pytest.raises(ModelStructureError, match="no nn.Linear layer produces the model's logits"):
+        FeatureCapture(Classifier(conv_only, input_size=8))
+
+
+def test_discovery_leaves_no_hooks_and_no_state_change() -> None:
+    model = mixed_state_model()
+    before = snapshot(model)
+    with pytest.warns(UserWarning):
+        FeatureCapture(Classifier(model, input_size=64))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert_unchanged(model, before)
+
+
 # --------------------------------------------------------------------------- oracles
 ORACLE_SIZE = 96  # 3×3 final feature maps for torchvision's ResNet-18 and DenseNet-121
 
@@ -400,10 +498,11 @@ def torchvision_case(request: pytest.FixtureRequest) -> tuple[Classifier, nn.Mod
     torch.manual_seed(0)
     net = getattr(tv.models, request.param)(weights=None).eval()
     clf = Classifier(net, IMAGENET_MEAN, IMAGENET_STD, input_size=ORACLE_SIZE, name=request.param)
+    layers = CAM(clf).layers
     if request.param == "resnet18":
-        assert clf.cam_layers().feature_name == "layer4" and not clf.cam_layers().post_relu
+        assert layers.feature_name == "layer4" and not layers.post_relu
         return clf, net, "layer4", "fc"
-    assert clf.cam_layers().feature_name == "features" and clf.cam_layers().post_relu
+    assert layers.feature_name == "features" and layers.post_relu
     return clf, DenseNetReLUModule(net).eval(), "relu", "classifier"
 
 

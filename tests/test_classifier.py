@@ -1,4 +1,5 @@
-"""The classifier wrapper: normalisation inside, state restored, inputs validated, CAM layers found."""
+"""The classifier wrapper: normalisation inside, state restored, inputs validated (CAM layer
+discovery: ``test_cam.py``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import torch
 from torch import nn
 
 from underfire import Classifier, InputError, ModelStructureError
-from underfire.models import ShapesDenseNet, ShapesResNet
-from underfire.models.torchvision_compat import import_torchvision
+from underfire.models import ShapesResNet
 from model_state import assert_unchanged, snapshot
 
 
@@ -216,9 +216,7 @@ def test_bad_normalisation_is_refused() -> None:
 def test_plain_callables_are_accepted() -> None:
     linear = nn.Linear(3, 2)
     clf = Classifier(lambda x: linear(x.mean((2, 3))))
-    assert clf.predict(torch.rand(2, 3, 4, 4)).shape == (2, 2)
-    with pytest.raises(ModelStructureError, match="nn.Module"):
-        clf.cam_layers()
+    assert clf.predict(torch.rand(2, 3, 4, 4)).shape == (2, 2)  # CAM refuses them: test_cam.py
 
 
 def test_tuple_output_gets_a_clear_error() -> None:
@@ -228,71 +226,3 @@ def test_tuple_output_gets_a_clear_error() -> None:
 
     with pytest.raises(ModelStructureError, match="not a logits tensor"):
         Classifier(Pair().eval()).predict(torch.rand(1, 3, 4, 4))
-
-
-# --------------------------------------------------------------------------- CAM discovery
-
-
-def torchvision_models() -> object:
-    return import_torchvision().models
-
-
-@pytest.mark.parametrize(
-    ("build", "size", "feature", "head", "post_relu", "side"),
-    [
-        (lambda: ShapesResNet(), 64, "layer4", "fc", False, 8),
-        (lambda: ShapesDenseNet(), 64, "features", "classifier", True, 8),
-        (lambda: torchvision_models().resnet18(num_classes=7), 64, "layer4", "fc", False, 2),
-        (lambda: torchvision_models().densenet121(num_classes=5), 64, "features", "classifier", True, 2),
-    ],
-    ids=["shapes-resnet", "shapes-densenet", "tv-resnet18", "tv-densenet121"],
-)
-def test_cam_layers_are_found(build, size, feature, head, post_relu, side) -> None:
-    model = build().eval()
-    clf = Classifier(model, input_size=size)
-    layers = clf.cam_layers()
-    assert (layers.feature_name, layers.head_name, layers.post_relu) == (feature, head, post_relu)
-    # The defining property of CAM's layers: GAP of the feature map through the head = logits.
-    images = torch.rand(2, 3, size, size)
-    features, logits = clf.features_and_logits(images)
-    assert features.shape[2:] == (side, side)
-    torch.testing.assert_close(layers.head(features.mean((2, 3))), logits, rtol=1e-4, atol=1e-4)
-    assert not model._forward_hooks and not layers.feature_module._forward_hooks
-
-
-def test_features_carry_gradient_to_the_input() -> None:
-    clf = Classifier(ShapesDenseNet().eval(), input_size=64)
-    images = torch.rand(1, 3, 64, 64, requires_grad=True)
-    with clf.frozen():
-        features, _ = clf.features_and_logits(images)
-        (grad,) = torch.autograd.grad(features.sum(), images)
-    assert grad.abs().sum() > 0
-
-
-def test_layer_overrides_and_errors() -> None:
-    clf = Classifier(ShapesResNet().eval(), input_size=64, feature_layer="layer4", head="fc")
-    assert clf.cam_layers().feature_name == "layer4"
-    with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
-        Classifier(ShapesResNet().eval(), input_size=64, feature_layer="layer3").cam_layers()
-    with pytest.raises(ModelStructureError, match="'nope' is not a module"):
-        Classifier(ShapesResNet().eval(), input_size=64, head="nope").cam_layers()
-    with pytest.raises(ModelStructureError, match="not nn.Linear"):
-        Classifier(ShapesResNet().eval(), input_size=64, head="conv1").cam_layers()
-
-
-def test_model_without_gap_linear_head_is_refused() -> None:
-    flatten_head = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
-    with pytest.raises(ModelStructureError, match="GAP→linear head"):
-        Classifier(flatten_head, input_size=8).cam_layers()
-    conv_only = nn.Sequential(nn.Conv2d(3, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-    with pytest.raises(ModelStructureError, match="no nn.Linear layer produces the model's logits"):
-        Classifier(conv_only, input_size=8).cam_layers()
-
-
-def test_discovery_leaves_no_hooks_and_no_state_change() -> None:
-    model = mixed_state_model()
-    before = snapshot(model)
-    with pytest.warns(UserWarning):
-        Classifier(model, input_size=64).cam_layers()
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert_unchanged(model, before)

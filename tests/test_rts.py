@@ -18,7 +18,7 @@ from underfire.interpreters.rts import (
     load_saliency_network,
     save_saliency_network,
 )
-from underfire.interpreters.rts_training import (
+from underfire.training.rts import (
     RtsObjective,
     RtsTrainConfig,
     apply_mask,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from underfire import CheckpointError, Classifier, SpecError, load_model, parse_model_spec
+from underfire.interpreters import CAM
 from underfire.models import ShapesResNet, load_weights, save_checkpoint
 from underfire.models.specs import BUILTIN_MODELS, ModelSpec
 from underfire.models.torchvision_compat import import_torchvision
@@ -54,7 +55,7 @@ def test_builtin_models_load_with_metadata(name: str) -> None:
     assert clf.input_size == 64 and clf.num_classes == 10 and len(clf.class_names) == 10
     assert clf.metadata["test_accuracy"] >= 0.97
     assert clf.predict(torch.rand(2, 3, 64, 64)).shape == (2, 10)
-    assert clf.cam_layers().feature_module is not None
+    assert CAM(clf).layers.feature_module is not None
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,21 +29,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANGE_TOLERANCE = 1e-5
 
 
-@dataclass(frozen=True)
-class CamLayers:
-    """Where CAM reads a model: the last conv feature map and the linear head it feeds.
-
-    ``post_relu`` is True when the model applies a (functional) ReLU between the feature module and
-    global average pooling, as torchvision's DenseNet does after ``features``.
-    """
-
-    feature_name: str
-    feature_module: nn.Module
-    head_name: str
-    head: nn.Linear
-    post_relu: bool
-
-
 class Classifier(nn.Module):
     """Wrap any model that maps normalised images to logits so callers work in [0, 1] pixels.
 
@@ -54,7 +38,8 @@ class Classifier(nn.Module):
         class_names: optional names, index = class id.
         input_size: the side length the model was trained at (used for resizing user images and
             for probing the model); ``None`` if unknown.
-        feature_layer, head: module names overriding CAM layer discovery.
+        feature_layer, head: module names for CAM and Grad-CAM to read (the feature map and the
+            linear head), kept as ``cam_layer_names``; ``None`` = found by the interpreter.
         name: a label for reports (e.g. the model spec).
         metadata: free-form facts about the model (training accuracy, seed, versions, ...).
         channels_last: hand validated images to the model in channels-last (NHWC) layout
@@ -108,10 +93,7 @@ class Classifier(nn.Module):
         self.input_size = input_size
         self.name = name
         self.metadata = dict(metadata or {})
-        self._layer_overrides = (feature_layer, head)
-        self._cam_layers: CamLayers | None = None
-        #: the CAM feature map must be copied in the hook (the model writes to it in place)
-        self._copy_features = False
+        self._cam_layer_names = (feature_layer, head)
         if channels_last is not None and not isinstance(channels_last, bool):
             raise InputError(f"channels_last must be True, False or None, got {channels_last!r}")
         self._channels_last = channels_last
@@ -125,6 +107,15 @@ class Classifier(nn.Module):
     def network(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The wrapped model (module or callable)."""
         return self.model if "model" in self._modules else self._callable
+
+    @property
+    def cam_layer_names(self) -> tuple[str | None, str | None]:
+        """``(feature_layer, head)``: the module names given for CAM's layers (``None`` = unnamed).
+
+        Model metadata only; the CAM interpreters find and hook the layers
+        (``underfire.interpreters.cam_layers``).
+        """
+        return self._cam_layer_names
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Map [0, 1] pixels to the model's input space: ``(images − mean) / std``.
@@ -314,57 +305,6 @@ class Classifier(nn.Module):
         known = ", ".join(self.class_names) if self.class_names else "none (use class ids)"
         raise InputError(f"unknown class {name!r}; known classes: {known}")
 
-    # ------------------------------------------------------------------ CAM support
-    def cam_layers(self) -> CamLayers:
-        """The last conv feature map and the linear head (found once, then cached)."""
-        if self._cam_layers is None:
-            if "model" not in self._modules:
-                raise ModelStructureError(
-                    "CAM needs an nn.Module model; a plain callable has no layers to read"
-                )
-            feature_layer, head = self._layer_overrides
-            size = self.input_size or 224
-            generator = torch.Generator().manual_seed(0)
-            probe = torch.rand((2, self.in_channels, size, size), generator=generator)
-            with self.frozen(), torch.no_grad():
-                self._cam_layers = find_cam_layers(
-                    self.model, self.normalize(probe.to(self.device)), feature_layer, head
-                )
-        return self._cam_layers
-
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass returning (CAM feature map (N, K, h, w), logits), both differentiable.
-
-        The feature map is the one global average pooling reduces (ReLU applied where the model
-        applies it after the feature module). The hook lives only for this call. The captured
-        output is used as is unless the model modifies it in place later in the forward (its
-        version counter moves, as with torchvision DenseNet's in-place ReLU); then this forward is
-        run again copying it, and every later call copies it straight away.
-        """
-        layers = self.cam_layers()
-        captured: list[tuple[torch.Tensor, int | None]] = []
-        copy = self._copy_features
-
-        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if copy or output.is_inference():  # inference tensors have no version counter: copy
-                captured.append((output.clone(), None))
-            else:
-                captured.append((output, output._version))
-
-        handle = layers.feature_module.register_forward_hook(keep)
-        try:
-            logits = self(images)
-        finally:
-            handle.remove()
-        features, version = captured[-1]
-        if version is not None and features._version != version:
-            self._copy_features = True
-            return self.features_and_logits(images)
-        if layers.post_relu:
-            features = torch.relu(features)
-        return features, logits
-
-
 @contextmanager
 def frozen_module(module: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[nn.Module]:
     """Eval mode and frozen parameters inside; each module's ``training`` flag and each
@@ -388,100 +328,6 @@ def frozen_module(module: nn.Module, modules: list[nn.Module] | None = None) -> 
             child.training = True
         for param in trainable:
             param.requires_grad_(True)
-
-
-def find_cam_layers(
-    model: nn.Module,
-    probe: torch.Tensor,
-    feature_layer: str | None = None,
-    head: str | None = None,
-) -> CamLayers:
-    """Find the feature module whose global-average-pooled output feeds the logits' linear head.
-
-    Discovery is by verification, not by family names: one probe forward records every module's
-    output; the head is the last ``nn.Linear`` whose output is the logits, and the feature map is
-    the last 4-D output (spatial > 1×1) whose spatial mean — as is, or after a ReLU — equals the
-    head's input. This covers ResNet and DenseNet (ours and torchvision's) and any GAP→linear net.
-    ``feature_layer`` / ``head`` restrict the search to the named modules.
-    """
-    modules = dict(model.named_modules())
-    for label, wanted in (("feature layer", feature_layer), ("head", head)):
-        if wanted is not None and wanted not in modules:
-            raise ModelStructureError(f"{label} {wanted!r} is not a module of the model")
-
-    records: list[tuple[str, torch.Tensor]] = []
-    head_inputs: dict[str, torch.Tensor] = {}
-
-    def recorder(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                records.append((name, output.detach().clone()))
-            if isinstance(module, nn.Linear) and inputs and isinstance(inputs[0], torch.Tensor):
-                head_inputs[name] = inputs[0].detach().clone()
-
-        return hook
-
-    handles = []
-    try:
-        for name, module in modules.items():
-            if name:
-                handles.append(module.register_forward_hook(recorder(name)))
-    except RuntimeError as error:  # e.g. TorchScript modules refuse Python hooks
-        for handle in handles:
-            handle.remove()
-        raise ModelStructureError(f"cannot inspect the model's layers for CAM: {error}") from None
-    try:
-        logits = model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    head_name = _find_head(records, modules, logits, head)
-    pooled = head_inputs[head_name]
-    if pooled.dim() != 2:
-        raise ModelStructureError(
-            f"the head {head_name!r} receives a {pooled.dim()}-D input; CAM needs a vector of "
-            "globally average-pooled features"
-        )
-    seen: set[str] = set()
-    for name, output in reversed(records):
-        if name in seen or (feature_layer is not None and name != feature_layer):
-            continue
-        seen.add(name)
-        if output.dim() != 4 or output.shape[2] * output.shape[3] <= 1:
-            continue
-        if output.shape[:2] != pooled.shape:
-            continue
-        for post_relu in (False, True):
-            activation = torch.relu(output) if post_relu else output
-            if torch.allclose(activation.mean((2, 3)), pooled, rtol=1e-4, atol=1e-5):
-                return CamLayers(name, modules[name], head_name, modules[head_name], post_relu)
-    where = f"module {feature_layer!r}" if feature_layer else "no module"
-    raise ModelStructureError(
-        f"{where} outputs a feature map whose global average pool feeds the linear head "
-        f"{head_name!r}; CAM needs a GAP→linear head (name the layers with feature_layer=/head=)"
-    )
-
-
-def _find_head(
-    records: list[tuple[str, torch.Tensor]],
-    modules: dict[str, nn.Module],
-    logits: Any,
-    head: str | None,
-) -> str:
-    if head is not None:
-        if not isinstance(modules[head], nn.Linear):
-            raise ModelStructureError(f"head {head!r} is a {type(modules[head]).__name__}, not nn.Linear")
-        return head
-    if isinstance(logits, torch.Tensor):
-        for name, output in reversed(records):
-            if isinstance(modules[name], nn.Linear) and output.shape == logits.shape:
-                if torch.equal(output, logits.detach()):
-                    return name
-    raise ModelStructureError(
-        "no nn.Linear layer produces the model's logits; CAM needs a GAP→linear head "
-        "(name it with head=)"
-    )
 
 
 def _channel_vector(values: Sequence[float] | None, default: float, channels: int, what: str) -> torch.Tensor:

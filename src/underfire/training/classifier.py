@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
-from .architectures import ARCHITECTURES, build_architecture
-from .checkpoint import library_versions, save_checkpoint
-from .classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from ..models.architectures import ARCHITECTURES, build_architecture
+from ..models.checkpoint import library_versions, save_checkpoint
+from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 
 
 @dataclass(frozen=True)

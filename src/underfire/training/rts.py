@@ -57,7 +57,7 @@ from ..models.architectures import ShapesResNet
 from ..models.checkpoint import library_versions, load_checkpoint
 from ..models.classifier import Classifier
 from ..models.specs import load_model
-from .rts import SHIPPED_ENCODER, SaliencyNetwork, save_saliency_network, shipped_rts_path
+from ..interpreters.rts import SHIPPED_ENCODER, SaliencyNetwork, save_saliency_network, shipped_rts_path
 
 __all__ = [
     "RtsObjective",
@@ -256,7 +256,7 @@ def load_encoder(path: str | Path | None = None) -> tuple[ShapesResNet, dict[str
     if not path.is_file():
         raise InputError(
             f"RTS encoder checkpoint {str(path)!r} does not exist; pre-train one with "
-            "underfire.interpreters.rts_training.pretrain_encoder (or `underfire train classifier "
+            "underfire.training.rts.pretrain_encoder (or `underfire train classifier "
             "--arch resnet --seed 1`) and pass its path"
         )
     state, meta = load_checkpoint(path)
@@ -281,7 +281,7 @@ def pretrain_encoder(
     The paper's encoder is an ImageNet ResNet-50, trained independently of the models it explains;
     here a ``ShapesResNet`` trained with another seed on other images plays that role.
     """
-    from ..models.training import TrainConfig, train_classifier
+    from .classifier import TrainConfig, train_classifier
 
     config = TrainConfig(arch="resnet", seed=seed, epochs=epochs, train_size=train_size, batch_size=batch_size)
     return train_classifier(config, out, progress=progress)
