@@ -230,15 +230,16 @@ def inputs(clf: Classifier, batch: int, device: torch.device | str = "cpu") -> t
     return images, labels, (labels + 1) % clf.num_classes
 
 
-def untrained_rts(clf: Classifier) -> Any:
+def untrained_rts(clf: Classifier, **options: Any) -> Any:
     """An RTS interpreter with a fresh (untrained) saliency network whose encoder predicts the
-    model's classes (its cost does not depend on the weights); for models without a shipped one."""
+    model's classes (its cost does not depend on the weights); for models without a shipped one.
+    ``options`` are RTS options (e.g. its encoder weights)."""
     from underfire.interpreters import Rts, SaliencyNetwork
     from underfire.models import ShapesResNet
 
     torch.manual_seed(0)
     network = SaliencyNetwork(clf.num_classes, ShapesResNet(num_classes=clf.num_classes)).eval()
-    return Rts(clf, network)
+    return Rts(clf, network, **options)
 
 
 def import_torchvision_quietly() -> Any:

@@ -94,7 +94,7 @@ def run_limit(
         target_maps = torch.rand(maps_shape, generator=generator).to(images.device)
         config = AttackConfig(
             eps=EPS, alpha=ALPHA, pgd_steps=0, adv_steps=1, lam=LambdaSchedule((LAMBDA,)),
-            confidence=CONFIDENCE, encoder_weight=ENCODER_WEIGHT,
+            confidence=CONFIDENCE,
         )
 
         def ours(steps: int, interpreter: Any = interpreter, maps: torch.Tensor = target_maps) -> Callable[[], torch.Tensor]:
@@ -224,13 +224,14 @@ def _interpreter(name: str, clf: Classifier) -> Any:
         return CAM(clf)
     if name == "gradcam":
         return GradCAM(clf)
-    if name == "rts":
+    if name == "rts":  # the paper's step: the encoder term in stage 2 only
+        options = {"encoder_weight": ENCODER_WEIGHT, "warm_start_encoder_weight": 0.0}
         try:
-            return Rts(clf)
+            return Rts(clf, **options)
         except Exception:  # noqa: BLE001 - no shipped network: an untrained one costs the same
-            return untrained_rts(clf)
-    if name == "mask":
-        return Mask(clf, MaskConfig(init_steps=5))
+            return untrained_rts(clf, **options)
+    if name == "mask":  # the paper's surrogate alone (the quick preset's evidence term: step_cost.py)
+        return Mask(clf, MaskConfig(init_steps=5), evidence_weight=0.0)
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -268,7 +269,7 @@ def _inline(name: str, clf: Classifier, interpreter: Any, targets: torch.Tensor,
         return Inline(grad_step)
 
     if name in ("cam", "gradcam"):
-        layers = clf.cam_layers()
+        layers = interpreter.layers  # the CAM / Grad-CAM interpreter's own discovery
         captured: dict[str, torch.Tensor] = {}
         handle = layers.feature_module.register_forward_hook(lambda _m, _i, out: captured.__setitem__("a", out))
         weight = layers.head.weight

@@ -1,9 +1,8 @@
 """Scaling: images per second against batch size, and peak memory per image, per attack step.
 
 One step is what the attacks do per iteration: for PGD, forward + cross-entropy + input gradient +
-projection; for ADV² against an interpreter, the interpreter's ``surrogate_and_logits`` (RTS:
-``surrogate_and_encoder_logits`` and the classifier) + the ADV² loss + input gradient +
-projection, carrying the interpreter's state from step to step as ``ADV2`` does (the "limit"
+projection; for ADV² against an interpreter, the interpreter's ``surrogate_and_logits`` and
+``attack_terms`` + the ADV² loss + input gradient + projection, carrying the interpreter's state from step to step as ``ADV2`` does (the "limit"
 section shows ADV2's own step costs the same as this, within noise). Target maps are random (the
 cost does not depend on them). Steps are timed after a warm-up step (which also lets MASK make its
 initial state), median of the repeats; images/s = batch / median step time.
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from underfire import Classifier
-from underfire.attacks import preset, project
+from underfire.attacks import project
 from underfire.interpreters import MaskConfig, Rts, build_interpreter
 
 from .common import ROOT, inputs, load_classifier, synchronize, untrained_rts
@@ -49,13 +48,18 @@ MASK_WITH_EVIDENCE = "mask+evidence"
 
 
 def interpreter_for(method: str, clf: Classifier) -> Any:
+    """The interpreter of a step-cost row: MASK with a short initial solve, the paper's surrogate
+    alone (``mask``) or with the quick preset's evidence term (``mask+evidence``)."""
     if method == "rts":
         try:
             return Rts(clf)
         except Exception:  # noqa: BLE001 - no shipped network for this model: an untrained one
             return untrained_rts(clf)
-    options: dict[str, Any] = {"config": MaskConfig(init_steps=5)} if method == "mask" else {}
-    return build_interpreter(method, clf, **options)
+    if method == MASK_WITH_EVIDENCE:
+        return build_interpreter("mask", clf, preset="quick", config=MaskConfig(init_steps=5))
+    if method == "mask":
+        return build_interpreter("mask", clf, config=MaskConfig(init_steps=5), evidence_weight=0.0)
+    return build_interpreter(method, clf)
 
 
 def make_step(method: str, clf: Classifier, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -68,29 +72,21 @@ def make_step(method: str, clf: Classifier, images: torch.Tensor, targets: torch
             return F.cross_entropy(clf(x), targets, reduction="none")
 
     else:
-        evidence_weight = 0.0
-        if method == MASK_WITH_EVIDENCE:
-            method, evidence_weight = "mask", preset("quick", "mask").evidence_weight
         interpreter = interpreter_for(method, clf)
         generator = torch.Generator().manual_seed(1)
         target_maps = torch.rand((images.shape[0], 1, *interpreter.map_shape(images)), generator=generator)
         target_maps = target_maps.to(images.device)
         state = {"value": interpreter.initial_state(0, images.device)}
-        joint = getattr(interpreter, "surrogate_and_encoder_logits", None)
 
         def loss_of(x: torch.Tensor) -> torch.Tensor:
-            extra = 0.0
-            if joint is not None:
-                maps, encoder_logits, state["value"] = joint(x, targets, state["value"])
-                logits = clf(x)
-                extra = 0.1 * F.cross_entropy(encoder_logits, targets, reduction="none")
-            else:
-                maps, logits, state["value"] = interpreter.surrogate_and_logits(x, targets, state["value"])
+            maps, logits, state["value"] = interpreter.surrogate_and_logits(x, targets, state["value"])
+            # the interpreter's own terms (RTS's encoder, MASK's evidence), as ADV² adds them
+            terms = interpreter.attack_terms("joint", x, targets, target_maps, state["value"])
             interpretation = (maps - target_maps).pow(2).flatten(1).mean(1)
-            if evidence_weight:
-                evidence = interpreter.evidence_loss(x, targets, target_maps, state["value"])
-                interpretation = interpretation + evidence_weight * evidence
-            return F.cross_entropy(logits, targets, reduction="none") + LAMBDA * interpretation + extra
+            if terms is not None and terms.interpretation is not None:
+                interpretation = interpretation + terms.interpretation
+            loss = F.cross_entropy(logits, targets, reduction="none") + LAMBDA * interpretation
+            return loss if terms is None or terms.extra is None else loss + terms.extra
 
     def step() -> torch.Tensor:
         with clf.frozen():

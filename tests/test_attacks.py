@@ -66,15 +66,33 @@ def test_parse_fraction() -> None:
         ({"pgd_steps": -1}, "pgd_steps"),
         ({"pgd_steps": 0, "adv_steps": 0}, "at least one step"),
         ({"confidence": 1.0}, "confidence"),
-        ({"evidence_weight": -1.0}, "evidence_weight must be finite"),
-        ({"encoder_weight": float("nan")}, "encoder_weight must be finite"),
-        ({"warm_start_encoder_weight": -0.5}, "warm_start_encoder_weight must be finite"),
         ({"bogus": 1}, "unknown attack option"),
+        ({"evidence_weight": 1.0}, "unknown attack option"),  # an option of MASK, not of every attack
     ],
 )
 def test_bad_configurations_are_refused(overrides: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
         AttackConfig().with_overrides(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("mask", {"evidence_weight": -1.0}, "evidence_weight must be >= 0"),
+        ("rts", {"encoder_weight": float("nan")}, "encoder_weight must be finite"),
+        ("rts", {"warm_start_encoder_weight": -0.5}, "warm_start_encoder_weight must be finite"),
+        ("cam", {"warm_start_encoder_weight": 0.3}, "unknown option 'warm_start_encoder_weight'"),
+    ],
+)
+def test_interpreter_attack_weights_are_validated_options(name: str, options: dict, message: str) -> None:
+    """RTS's encoder weights and MASK's evidence weight are options of those interpreters, checked
+    when they are built; an interpreter without such a term has no such option."""
+    from underfire.interpreters import SaliencyNetwork
+
+    clf = tiny_classifier()
+    extra = {"network": SaliencyNetwork(4).eval()} if name == "rts" else {}
+    with pytest.raises(InputError, match=message):
+        build_interpreter(name, clf, **extra, **options)
 
 
 def test_stage_two_step_size_decays_from_adv_alpha_to_adv_alpha_final() -> None:
@@ -226,35 +244,39 @@ def test_mask_evidence_term_is_part_of_the_interpretation_loss() -> None:
     from underfire.interpreters import MaskConfig
 
     clf = tiny_classifier()
-    explainer = build_interpreter("mask", clf, config=MaskConfig(iterations=4, init_steps=2))
+    explainer = build_interpreter("mask", clf, config=MaskConfig(iterations=4, init_steps=2), evidence_weight=1.0)
+    plain = build_interpreter("mask", clf, config=MaskConfig(iterations=4, init_steps=2), evidence_weight=0.0)
     images = batch(3)
     targets = (clf.predict(images).argmax(1) + 2) % 4
-    base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=2, adv_steps=4, evidence_weight=1.0)
+    base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=2, adv_steps=4)
     pgd = PGD(clf, base.with_overrides(pgd_steps=6, adv_steps=0))(images, targets)
     zero = ADV2(clf, explainer, base.with_overrides(lam=LambdaSchedule((0.0,))))(images, targets)
     assert torch.equal(zero.last, pgd.last)
     strong = base.with_overrides(lam=LambdaSchedule((50.0,)))
     with_term = ADV2(clf, explainer, strong)(images, targets)
-    without = ADV2(clf, explainer, strong.with_overrides(evidence_weight=0.0))(images, targets)
+    without = ADV2(clf, plain, strong)(images, targets)
     assert not torch.equal(with_term.last, without.last)
 
 
 def test_warm_start_encoder_term_steers_stage_one_only_for_interpreters_with_an_encoder() -> None:
-    """``warm_start_encoder_weight`` adds w·CE(RTS encoder, c_t) to stage 1's descent: stage 1 then
-    differs from PGD, equals a hand-written descent on CE(f) + w·CE(enc), and still keeps the
-    iterate the classifier scores best; interpreters without an encoder ignore it."""
+    """RTS's ``warm_start_encoder_weight`` adds w·CE(RTS encoder, c_t) to stage 1's descent
+    (through ``Interpreter.attack_terms``): stage 1 then differs from PGD, equals a hand-written
+    descent on CE(f) + w·CE(enc), and still keeps the iterate the classifier scores best;
+    interpreters without an encoder add nothing to stage 1."""
     import torch.nn.functional as F
 
     from underfire.interpreters import SaliencyNetwork
 
     clf = tiny_classifier()
-    rts = build_interpreter("rts", clf, network=SaliencyNetwork(4).eval())
+    network = SaliencyNetwork(4).eval()
+    rts = build_interpreter("rts", clf, network=network, warm_start_encoder_weight=2.0)
+    unsteered = build_interpreter("rts", clf, network=network, warm_start_encoder_weight=0.0)
     images = batch(4)
     targets = (clf.predict(images).argmax(1) + 1) % 4
     base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=5, adv_steps=0)
     pgd = PGD(clf, base)(images, targets)
-    plain = ADV2(clf, rts, base)(images, targets)
-    steered = ADV2(clf, rts, base.with_overrides(warm_start_encoder_weight=2.0))(images, targets)
+    plain = ADV2(clf, unsteered, base)(images, targets)
+    steered = ADV2(clf, rts, base)(images, targets)
     assert torch.equal(plain.last, pgd.last)
     assert not torch.equal(steered.last, pgd.last)
 
@@ -272,9 +294,7 @@ def test_warm_start_encoder_term_steers_stage_one_only_for_interpreters_with_an_
     assert torch.equal(steered.chosen_step, step)
 
     cam = build_interpreter("cam", clf)
-    assert torch.equal(
-        ADV2(clf, cam, base.with_overrides(warm_start_encoder_weight=2.0))(images, targets).last, pgd.last
-    )
+    assert torch.equal(ADV2(clf, cam, base)(images, targets).last, pgd.last)
 
 
 def test_adv2_keeps_the_map_closer_than_pgd_on_the_shipped_model() -> None:

@@ -62,15 +62,16 @@ def test_step_cost_mask_with_evidence_is_the_quick_presets_step(tiny) -> None:
     evidence weight (the unrolled surrogate plus ``Mask.evidence_loss``), not a look-alike."""
     from benchmarks.scaling import ALPHA, EPS, LAMBDA, MASK_WITH_EVIDENCE, make_step
 
-    from underfire.attacks import ADV2, AttackConfig, LambdaSchedule, preset
-    from underfire.interpreters import Mask, MaskConfig
+    from underfire.attacks import ADV2, AttackConfig, LambdaSchedule
+    from underfire.interpreters import MaskConfig, build_interpreter
 
     clf, images, _, targets = tiny
     step = make_step(MASK_WITH_EVIDENCE, clf, images, targets)
-    interpreter = Mask(clf, MaskConfig(init_steps=5))
+    interpreter = build_interpreter("mask", clf, preset="quick", config=MaskConfig(init_steps=5))
+    assert interpreter.config.evidence_weight == MaskConfig().evidence_weight > 0  # quick = MASK's defaults
     maps = torch.rand((images.shape[0], 1, *interpreter.map_shape(images)), generator=torch.Generator().manual_seed(1))
-    weight = preset("quick", "mask").evidence_weight
-    config = AttackConfig(eps=EPS, alpha=ALPHA, pgd_steps=0, adv_steps=1, lam=LambdaSchedule((LAMBDA,)), evidence_weight=weight)
+    weight = interpreter.config.evidence_weight
+    config = AttackConfig(eps=EPS, alpha=ALPHA, pgd_steps=0, adv_steps=1, lam=LambdaSchedule((LAMBDA,)))
     expected = ADV2(clf, interpreter, config)(images, targets, maps).last
     plain = make_step("mask", clf, images, targets)()
     torch.testing.assert_close(step(), expected, rtol=0, atol=0)

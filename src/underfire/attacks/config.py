@@ -7,21 +7,17 @@ step count fails before any work starts (with a one-line ``InputError``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import InputError
+from ..errors import InputError, UnderfireError
+from ..options import coerce_options, dataclass_options, parse_fraction
 
+if TYPE_CHECKING:
+    from ..interpreters.base import Interpreter
 
-def parse_fraction(text: str | float) -> float:
-    """Parse ε-style numbers: ``"8/255"``, ``"0.031"`` or a float."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    try:
-        return float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise InputError(f"cannot read {text!r} as a number (write e.g. 8/255 or 0.031)") from None
+__all__ = ["AttackConfig", "LambdaSchedule", "parse_fraction", "preset"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +62,29 @@ class LambdaSchedule:
     def scaled(self, factor: float) -> LambdaSchedule:
         return replace(self, values=tuple(v * factor for v in self.values))
 
+    @classmethod
+    def from_value(cls, where: str, value: Any) -> LambdaSchedule:
+        """A schedule from a config value: a schedule, a list of λ values, or a table
+        ``{values, mode, fractions}`` (how presets and run configs write it)."""
+        if isinstance(value, LambdaSchedule):
+            return value
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            value = {"values": value}
+        if not isinstance(value, Mapping) or set(value) - {"values", "mode", "fractions"}:
+            raise InputError(f"{where} must be a list of λ values or a table {{values, mode, fractions}}")
+        try:
+            return cls(
+                values=tuple(parse_fraction(v) for v in value.get("values", ())),
+                mode=value.get("mode", "linear"),
+                fractions=None if value.get("fractions") is None else tuple(float(v) for v in value["fractions"]),
+            )
+        except UnderfireError as error:
+            raise InputError(f"{where}: {error}") from None
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: λ values must be numbers") from None
+
 
 @dataclass(frozen=True)
 class AttackConfig:
@@ -85,16 +104,6 @@ class AttackConfig:
             target with at least this probability; among eligible iterates the one with the
             smallest map distance wins (the official GRAD code uses 0.8).
         label_smoothing: for ℓ_prd's cross-entropy (the official GRAD code smooths labels).
-        encoder_weight: weight of the extra CE term on RTS's own encoder (0.1 in the paper).
-        warm_start_encoder_weight: weight of the same encoder term during stage 1 (underfire's
-            addition; 0 = the paper's plain PGD warm start). RTS switches its mask off for a
-            class its encoder does not see; a warm start that fools the classifier alone leaves
-            the mask off for c_t on about a third of the images, and stage 2's map term has
-            almost no gradient there (the bounded softmax is saturated). Interpreters without an
-            encoder ignore it.
-        evidence_weight: weight, inside ℓ_int (so also scaled by λ), of MASK's deletion-evidence
-            term (``Mask.evidence_loss``, underfire's addition to the paper's bilevel surrogate);
-            0 = the paper's attack. Interpreters without such a term ignore it.
         random_start: begin stage 1 from a uniform random point of the ε-ball.
         seed: seeds the random start and stochastic interpreters.
     """
@@ -108,9 +117,6 @@ class AttackConfig:
     lam: LambdaSchedule = field(default_factory=LambdaSchedule)
     confidence: float = 0.8
     label_smoothing: float = 0.0
-    encoder_weight: float = 0.1
-    warm_start_encoder_weight: float = 0.0
-    evidence_weight: float = 0.0
     random_start: bool = False
     seed: int = 0
 
@@ -131,10 +137,6 @@ class AttackConfig:
             raise InputError(f"confidence must be in [0, 1), got {self.confidence}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("encoder_weight", "warm_start_encoder_weight", "evidence_weight"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise InputError(f"{name} must be finite and >= 0, got {value}")
 
     def stage_two_alpha(self, step: int) -> float:
         """Step size at ``step`` (0-based) of stage 2: ``adv_alpha`` cosine-decayed to ``adv_alpha_final``."""
@@ -151,50 +153,20 @@ class AttackConfig:
             raise InputError(f"unknown attack option(s): {', '.join(sorted(unknown))}")
         return replace(self, **overrides)
 
-
-#: GRAD's staged λ schedule of the official code (per-pixel *sums* over a 56×56 map).
-_GRAD_STAGES = LambdaSchedule((0.001, 0.004, 0.01, 0.05), "staged", (301, 201, 101, 101))
-
-#: Per-interpreter stage-2 settings. ℓ_int is a per-pixel *mean* here for every interpreter, so
-#: the official GRAD λ (a sum over 56×56 = 3136 pixels) is multiplied by 3136.
-_PAPER: dict[str, dict[str, Any]] = {
-    "grad": {"pgd_steps": 300, "adv_steps": 704, "lam": _GRAD_STAGES.scaled(3136), "label_smoothing": 0.1},
-    "smoothgrad": {"pgd_steps": 300, "adv_steps": 704, "lam": _GRAD_STAGES.scaled(3136), "label_smoothing": 0.1},
-    "cam": {"pgd_steps": 300, "adv_steps": 1000, "lam": LambdaSchedule((5.0, 10.0))},
-    "gradcam": {"pgd_steps": 300, "adv_steps": 1000, "lam": LambdaSchedule((5.0, 10.0))},
-    "rts": {"pgd_steps": 300, "adv_steps": 1000, "lam": LambdaSchedule((5.0, 10.0))},
-    "mask": {"pgd_steps": 300, "adv_steps": 1000, "lam": LambdaSchedule((5.0, 10.0))},
-}
-
-#: The same algorithm with schedules that fit a CPU demo on the built-in 64×64 models: 60 PGD
-#: steps, then a shorter stage 2 whose step starts at 2/255 and decays (cosine) to 0.1/255 so the
-#: map settles within the few steps there are. Tuned on 100 shapes test images (issue 4 note):
-#: against 30 + 120 constant-step steps, mean IoU rose 0.498 → 0.614 (GRAD, ResNet) and
-#: 0.594 → 0.66 (RTS). RTS's λ is 4× the paper's to make up for the shorter stage 2. GRAD gets
-#: 500 stage-2 steps at 7.5× the paper's λ: on the first 24 of those images (DenseNet) 300 steps
-#: at 3× gave IoU 0.567, 500 steps at 1.5×/2.5× (of 3×) 0.594/0.599; the map is still converging
-#: when stage 2 ends. RTS's warm start also fools RTS's encoder (``warm_start_encoder_weight``
-#: 0.3): on all 100 images (``scripts/attack_table.py``) IoU 0.667 → 0.734 (ResNet) and 0.646 →
-#: 0.778 (DenseNet), success 98 % on both; the weight was chosen in tuning runs on the first 48
-#: (scripts outside the repository: 1.0 gave a similar IoU but lost one success on the ResNet).
-_QUICK_STEPS: dict[str, Any] = {"pgd_steps": 60, "adv_alpha": 2 / 255, "adv_alpha_final": 0.1 / 255}
-_QUICK: dict[str, dict[str, Any]] = {
-    "grad": {**_QUICK_STEPS, "adv_steps": 500, "lam": _GRAD_STAGES.scaled(7.5 * 3136), "label_smoothing": 0.1},
-    "smoothgrad": {**_QUICK_STEPS, "adv_steps": 500, "lam": _GRAD_STAGES.scaled(7.5 * 3136), "label_smoothing": 0.1},
-    "cam": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0))},
-    "gradcam": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0))},
-    "rts": {**_QUICK_STEPS, "adv_steps": 300, "lam": LambdaSchedule((20.0, 40.0)), "warm_start_encoder_weight": 0.3},
-    "mask": {**_QUICK_STEPS, "adv_steps": 200, "lam": LambdaSchedule((5.0, 10.0)), "evidence_weight": 0.5},
-}
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": _PAPER, "quick": _QUICK}
+    def with_settings(self, where: str, settings: Mapping[str, Any]) -> AttackConfig:
+        """``with_overrides`` from config-file values (``"1/255"``, λ lists): each converted to its
+        field's type first; errors name ``where`` and the key."""
+        return self.with_overrides(**coerce_options(where, settings, dataclass_options(type(self))))
 
 
-def preset(name: str, interpreter: str, **overrides: Any) -> AttackConfig:
-    """The ``quick`` or ``paper`` configuration for an interpreter, with overrides applied."""
-    if name not in PRESETS:
-        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    table = PRESETS[name]
-    if interpreter not in table:
-        raise InputError(f"unknown interpreter {interpreter!r}; choose one of {', '.join(table)}")
-    return AttackConfig().with_overrides(**{**table[interpreter], **overrides})
+def preset(name: str, interpreter: str | type[Interpreter], **overrides: Any) -> AttackConfig:
+    """The ``quick`` or ``paper`` attack configuration an interpreter declares (its ``presets``,
+    on top of ``underfire.presets.DEFAULT_PRESETS``), with ``overrides`` applied.
+
+    ``interpreter`` is a registered name or an ``Interpreter`` subclass.
+    """
+    from ..interpreters import INTERPRETERS
+
+    cls = INTERPRETERS.get(interpreter) if isinstance(interpreter, str) else interpreter
+    table = cls.preset(name).attack
+    return AttackConfig().with_settings(f"preset {name!r} of {cls.name}", table).with_overrides(**overrides)

@@ -3,9 +3,10 @@
 ADV² (Zhang et al., "Interpretable Deep Learning under Fire", USENIX Security 2020) minimises
     ℓ_prd(f(x), c_t) + λ · ℓ_int(g(x; f), m_t)   s.t. ‖x − x°‖∞ ≤ ε, x ∈ [0, 1]
 with projected sign-gradient steps (Madry et al. 2018), in two stages: targeted PGD as a warm
-start (for RTS optionally also fooling RTS's own encoder, ``warm_start_encoder_weight``), then the
-joint objective. ℓ_int is the per-pixel mean squared distance between the
-interpreter's differentiable map and the target map (maps min-max normalised to [0, 1]).
+start, then the joint objective. ℓ_int is the per-pixel mean squared distance between the
+interpreter's differentiable map and the target map (maps min-max normalised to [0, 1]); the
+interpreter may add terms of its own to either stage through ``Interpreter.attack_terms``
+(RTS: its encoder's cross-entropy; MASK: deletion evidence inside ℓ_int).
 
 Every iterate is scored; PGD keeps the iterate with the lowest ℓ_prd, ADV² the iterate that is
 classified as c_t with probability ≥ ``confidence`` and has the smallest map distance (the
@@ -15,8 +16,8 @@ grid inside the ε-ball, so what is returned is what a PNG file holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..interpreters.base import Interpreter
 from ..models.classifier import Classifier
+from .base import Attack, AttackResult
 from .config import AttackConfig
 from .targets import check_targets
 
@@ -34,26 +36,6 @@ _UNQUALIFIED = 1000.0
 
 #: objective(x, step) → (loss per sample, selection score per sample (lower is better), eligible)
 Objective = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class AttackResult:
-    """What an attack returns, per sample.
-
-    ``adversarial`` lies on the 8-bit grid inside the ε-ball and [0, 1]; ``success`` and
-    ``confidence`` (p(c_t)) are measured on it. ``last`` is the final iterate before selection
-    (useful to compare trajectories); ``map_distance`` is ℓ_int of the chosen iterate (ADV²);
-    ``chosen_step`` is its step index counted over both stages (−1: none qualified, the warm
-    start's result is returned).
-    """
-
-    adversarial: torch.Tensor
-    targets: torch.Tensor
-    success: torch.Tensor
-    confidence: torch.Tensor
-    last: torch.Tensor
-    chosen_step: torch.Tensor
-    map_distance: torch.Tensor | None = None
 
 
 def project(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
@@ -125,7 +107,7 @@ def _targeted_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float =
     return F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing)
 
 
-class PGD:
+class PGD(Attack):
     """Targeted L∞ projected gradient descent on the cross-entropy towards c_t (Madry et al. 2018).
 
     ``config.pgd_steps`` steps of size ``alpha`` inside the ``eps`` ball; the iterate with the
@@ -133,13 +115,28 @@ class PGD:
     """
 
     name = "pgd"
+    label = "PGD"
+    description = "targeted L∞ projected gradient descent, the baseline that ignores the map (Madry et al. 2018)"
+    uses_interpreter = False
 
-    def __init__(self, classifier: Classifier, config: AttackConfig | None = None) -> None:
-        self.classifier = classifier
-        self.config = config or AttackConfig()
+    def __init__(self, classifier: Classifier, config: AttackConfig | None = None, interpreter: Interpreter | None = None) -> None:
+        super().__init__(classifier, config, interpreter)
 
-    def __call__(self, images: torch.Tensor, targets: Any, *, labels: Any = None) -> AttackResult:
-        """Attack ``images`` toward ``targets``; ``labels`` (optional) refuses targets = true class."""
+    @classmethod
+    def configure(cls, base: Sequence[AttackConfig], settings: Mapping[str, Any]) -> AttackConfig:
+        """PGD spends the largest total step budget (``pgd_steps + adv_steps``) of the
+        interpreters it is compared with, all of it in stage 1, so it never gets fewer steps than
+        the ADV² it is compared with; ε, α and the other settings are that interpreter's (the
+        first one, on ties); ``settings`` (``[attacks.pgd]``) apply last."""
+        chosen = max(base, key=lambda c: c.pgd_steps + c.adv_steps)  # max keeps the first on ties
+        budget = replace(chosen, pgd_steps=chosen.pgd_steps + chosen.adv_steps, adv_steps=0)
+        return budget.with_settings(f"attacks.{cls.name}", settings)
+
+    def __call__(
+        self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None, *, labels: Any = None
+    ) -> AttackResult:
+        """Attack ``images`` toward ``targets``; ``labels`` (optional) refuses targets = true class.
+        ``target_maps`` is accepted for the common contract and ignored: PGD does not look at maps."""
         clf, config = self.classifier, self.config
         images, targets = _check_batch(clf, images, targets, labels)
         with clf.frozen():
@@ -150,10 +147,10 @@ class PGD:
         self,
         images: torch.Tensor,
         targets: torch.Tensor,
-        extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        extra: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Targeted PGD; ``extra`` (per-sample loss of x) is added to the descent direction but not
-        to the score, so the kept iterate is still the one the classifier finds closest to c_t."""
+        """Targeted PGD; ``extra`` (per-sample loss of x, or None) is added to the descent direction
+        but not to the score, so the kept iterate is still the one the classifier finds closest to c_t."""
         clf, config = self.classifier, self.config
         start = images
         if config.random_start:
@@ -163,7 +160,8 @@ class PGD:
 
         def objective(x: torch.Tensor, _step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             loss = _targeted_ce(clf(x), targets)
-            descent = loss if extra is None else loss + extra(x)
+            added = None if extra is None else extra(x)
+            descent = loss if added is None else loss + added
             return descent, loss, torch.ones_like(loss, dtype=torch.bool)
 
         best = start.detach().clone()
@@ -179,18 +177,21 @@ class ADV2(PGD):
     Args:
         classifier: the model under attack.
         interpreter: the interpreter whose map must keep looking benign; its ``surrogate`` supplies
-            the differentiable map (GRAD: smoothed second order; CAM: itself; RTS: itself, plus
-            its encoder's logits as an extra term; MASK: the unrolled inner optimisation).
+            the differentiable map (GRAD: smoothed second order; CAM: itself; RTS: itself; MASK:
+            the unrolled inner optimisation) and its ``attack_terms`` any terms of its own.
         config: budgets and schedules (see ``attacks.config.preset``).
     """
 
     name = "adv2"
+    label = "ADV²"
+    description = "PGD warm start, then prediction loss + λ·map distance (Zhang et al. 2020)"
+    uses_interpreter = True
 
-    def __init__(self, classifier: Classifier, interpreter: Interpreter, config: AttackConfig | None = None) -> None:
-        super().__init__(classifier, config)
-        if interpreter.classifier is not classifier:
-            raise InputError("the interpreter explains a different classifier than the one attacked")
-        self.interpreter = interpreter
+    def __init__(self, classifier: Classifier, interpreter: Interpreter | None = None, config: AttackConfig | None = None) -> None:
+        Attack.__init__(self, classifier, config, interpreter)
+
+    #: ADV² is configured per interpreter (the base rule), not with PGD's shared budget
+    configure = classmethod(Attack.configure.__func__)  # type: ignore[attr-defined]
 
     def __call__(
         self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None, *, labels: Any = None
@@ -205,19 +206,14 @@ class ADV2(PGD):
         if target_maps is None:
             target_maps = interpreter(images, seed=config.seed)
         target_maps = self._check_target_maps(images, target_maps)
-        encoder_logits_of = getattr(interpreter, "encoder_logits", None)
-        warm_start_extra = None
-        if encoder_logits_of is not None and config.warm_start_encoder_weight > 0:
-            def warm_start_extra(x: torch.Tensor) -> torch.Tensor:
-                return config.warm_start_encoder_weight * _targeted_ce(encoder_logits_of(x), targets)
+
+        def warm_start_extra(x: torch.Tensor) -> torch.Tensor | None:
+            terms = interpreter.attack_terms("warm_start", x, targets, target_maps)
+            return None if terms is None else terms.extra
+
         with clf.frozen():
             best, stage_one_loss, best_step, last = self._stage_one(images, targets, warm_start_extra)
             state: Any = interpreter.initial_state(config.seed, images.device)
-            encoder = encoder_logits_of if config.encoder_weight > 0 else None
-            # RTS: its maps and its encoder's logits from one encoder pass
-            maps_and_encoder = getattr(interpreter, "surrogate_and_encoder_logits", None) if encoder else None
-            # MASK: an extra part of ℓ_int that needs no unrolling (Mask.evidence_loss)
-            evidence = getattr(interpreter, "evidence_loss", None) if config.evidence_weight > 0 else None
             lam = config.lam
             # Stage 2 selects lexicographically: an iterate classified as c_t with p ≥ confidence
             # beats every other one and among those the smallest map distance wins; a sample that
@@ -227,23 +223,17 @@ class ADV2(PGD):
 
             def objective(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                 nonlocal state
-                encoder_logits = None
-                if maps_and_encoder is not None:
-                    maps, encoder_logits, state = maps_and_encoder(x, targets, state)
-                    logits = clf(x)
-                else:
-                    # one forward for the map and the logits where the interpreter allows it
-                    maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
-                    if encoder is not None:
-                        encoder_logits = encoder(x)
+                # one forward for the map and the logits where the interpreter allows it
+                maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
+                terms = interpreter.attack_terms("joint", x, targets, target_maps, state)
                 distance = (maps - target_maps).pow(2).flatten(1).mean(1)
                 interpretation = distance
-                if evidence is not None:
-                    interpretation = distance + config.evidence_weight * evidence(x, targets, target_maps, state)
+                if terms is not None and terms.interpretation is not None:
+                    interpretation = distance + terms.interpretation
                 loss = _targeted_ce(logits, targets, config.label_smoothing)
                 loss = loss + lam.at(min(step, config.adv_steps - 1), config.adv_steps) * interpretation
-                if encoder_logits is not None:
-                    loss = loss + config.encoder_weight * _targeted_ce(encoder_logits, targets)
+                if terms is not None and terms.extra is not None:
+                    loss = loss + terms.extra
                 with torch.no_grad():
                     probability = logits.softmax(1).gather(1, targets[:, None]).squeeze(1)
                     eligible = (logits.argmax(1) == targets) & (probability >= config.confidence)

@@ -15,7 +15,8 @@ import torch
 from ..errors import InputError
 from ..interpreters.base import Interpreter
 
-TARGET_MAP_KINDS = ("benign", "other", "shape")
+#: The target-map settings besides a user's `.npy` file ("shape" is a circle).
+TARGET_MAP_KINDS = ("benign", "other", "shape", "circle", "rectangle")
 
 
 def random_targets(labels: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:

@@ -1,48 +1,64 @@
 """Interpreters: one module per method behind one contract (``base.Interpreter``).
 
-``INTERPRETERS`` maps the CLI names to classes; ``build_interpreter`` makes one for a classifier.
+``INTERPRETERS`` is the registry (entry-point group ``underfire.interpreters``: the built-ins and
+any installed plugin); ``build_interpreter`` makes one for a classifier, with validated options.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from ..errors import InputError
 from ..models.classifier import Classifier
-from .base import Interpreter, normalize_maps
+from ..options import coerce_options
+from ..registry import Registry
+from .base import PAPER_CLASSES, AttackTerms, Interpreter, normalize_maps
 from .cam import CAM, GradCAM
+from .cam_layers import CamLayers, find_cam_layers
 from .gradient import Grad, SmoothGrad
 from .mask import Mask, MaskConfig
 from .rts import Rts, SaliencyNetwork
 
-INTERPRETERS: dict[str, type[Interpreter]] = {
-    cls.name: cls for cls in (Grad, SmoothGrad, CAM, GradCAM, Rts, Mask)
-}
 
-#: One line per interpreter for ``underfire interpreters``: the paper's class and the source.
-DESCRIPTIONS: dict[str, str] = {
-    "grad": "back-propagation: vanilla gradient saliency (Simonyan et al. 2014)",
-    "smoothgrad": "back-propagation: gradient averaged over noisy copies (Smilkov et al. 2017)",
-    "cam": "representation: class activation mapping (Zhou et al. 2016)",
-    "gradcam": "representation: gradient-weighted CAM (Selvaraju et al. 2017)",
-    "rts": "model-guided: real-time saliency network (Dabkowski & Gal 2017)",
-    "mask": "perturbation: meaningful perturbation mask (Fong & Vedaldi 2017)",
-}
+def _paper_order(cls: type[Interpreter]) -> tuple[int, str]:
+    rank = PAPER_CLASSES.index(cls.paper_class) if cls.paper_class in PAPER_CLASSES else len(PAPER_CLASSES)
+    return rank, cls.name
 
 
-def build_interpreter(name: str, classifier: Classifier, **options: Any) -> Interpreter:
-    """Instantiate the interpreter registered as ``name`` for ``classifier``."""
-    try:
-        cls = INTERPRETERS[name]
-    except KeyError:
-        raise InputError(f"unknown interpreter {name!r}; choose one of {', '.join(INTERPRETERS)}") from None
-    return cls(classifier, **options)
+#: The paper's order: back-propagation, representation, model-guided, perturbation, then others.
+INTERPRETERS: Registry[Interpreter] = Registry("underfire.interpreters", Interpreter, "interpreter", order=_paper_order)
+
+
+def build_interpreter(name: str, classifier: Classifier, *, preset: str | None = None, **options: Any) -> Interpreter:
+    """Instantiate the interpreter registered as ``name`` for ``classifier``.
+
+    ``options`` (the interpreter's keyword arguments; text such as ``"0.1"`` is converted to the
+    declared type) are checked against what it declares: an unknown key or a wrong type is a
+    one-line ``InputError``. Constructor arguments that are objects rather than settings (RTS's
+    ``network``, MASK's ``config``) pass through unchanged. With ``preset``, the options that
+    preset declares come first.
+    """
+    cls = INTERPRETERS.get(name)
+    specs = cls.option_specs()
+    objects = [p for p in list(inspect.signature(cls.__init__).parameters)[2:] if p not in specs]
+    passed = {key: options.pop(key) for key in list(options) if key in objects}
+    values = {} if preset is None else coerce_options(f"preset {preset!r} of {name}", cls.preset(preset).options, specs)
+    values.update(coerce_options(f"{name} options", options, specs))
+    return cls(classifier, **passed, **values)
+
+
+def describe_interpreter(name: str) -> str:
+    """One line: the paper's class and what the method is (``underfire interpreters``)."""
+    cls = INTERPRETERS.get(name)
+    return f"{cls.paper_class}: {cls.description}" if cls.description else cls.paper_class
 
 
 __all__ = [
     "CAM",
-    "DESCRIPTIONS",
     "INTERPRETERS",
+    "PAPER_CLASSES",
+    "AttackTerms",
+    "CamLayers",
     "Grad",
     "GradCAM",
     "Interpreter",
@@ -52,5 +68,7 @@ __all__ = [
     "SaliencyNetwork",
     "SmoothGrad",
     "build_interpreter",
+    "describe_interpreter",
+    "find_cam_layers",
     "normalize_maps",
 ]

@@ -7,19 +7,34 @@ returns detached maps. ``surrogate`` is the same map as a differentiable functio
 what the ADV² attack optimises (DESIGN §2). ``surrogate_and_logits`` adds the classifier's logits
 of the same images, which the attack's prediction loss needs: interpreters that run the classifier
 on the clean images anyway (GRAD, CAM, Grad-CAM) override it to hand back the logits of their own
-forward pass instead of paying for a second one. Adding an interpreter = one module with one
-subclass.
+forward pass instead of paying for a second one. ``attack_terms`` is the one place an
+interpreter adds terms of its own to the ADV² objective (RTS's encoder, MASK's deletion evidence).
+
+Adding an interpreter = one module with one subclass that declares its ``name``, ``description``,
+``paper_class`` and (optionally) ``presets`` next to its code, plus one entry-point line
+(``underfire.interpreters``). Its keyword-only constructor parameters are its options: what a run
+config's ``[interpreters.NAME]`` table and the CLI's ``--option KEY=VALUE`` set.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from ..errors import InputError
 from ..models.classifier import Classifier
+from ..options import OptionSpec, constructor_options
+from ..presets import DEFAULT_PRESETS, Preset
+
+#: The paper's four interpreter classes (Zhang et al. 2020, §2), plus one for anything else.
+PAPER_CLASSES: tuple[str, ...] = ("back-propagation", "representation", "model-guided", "perturbation", "other")
+
+#: When the attack asks for extra terms: stage 1 (the PGD warm start) or stage 2 (the joint objective).
+AttackStage = Literal["warm_start", "joint"]
 
 #: Added to the max−min range so a constant map normalises to zeros instead of NaN.
 NORMALISE_EPS = 1e-12
@@ -33,14 +48,62 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - low) / (high - low + NORMALISE_EPS)).view_as(maps)
 
 
+@dataclass(frozen=True)
+class AttackTerms:
+    """Per-sample (N,) loss terms an interpreter adds to the ADV² objective.
+
+    ``interpretation`` is added to ℓ_int (so it is scaled by λ, and the selection's map distance
+    does not include it); ``extra`` is added to the objective as it is. ``None``: no such term.
+    """
+
+    interpretation: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+
 class Interpreter(ABC):
     """Base class: subclasses implement ``surrogate`` (and may override ``explain``)."""
 
-    #: Registry name used by the CLI (``--interpreter NAME``).
+    #: Registry name (``--interpreter NAME``); must equal the entry point's name.
     name: ClassVar[str]
+    #: One line for ``underfire interpreters``: what the method is and its source.
+    description: ClassVar[str] = ""
+    #: Which of the paper's classes the method belongs to (``PAPER_CLASSES``).
+    paper_class: ClassVar[str] = "other"
+    #: Attack settings and options per preset name; missing names or keys: ``DEFAULT_PRESETS``.
+    presets: ClassVar[Mapping[str, Preset]] = {}
 
     def __init__(self, classifier: Classifier) -> None:
         self.classifier = classifier
+
+    @classmethod
+    def option_specs(cls) -> dict[str, OptionSpec]:
+        """The options this interpreter accepts: its constructor's keyword-only parameters."""
+        return constructor_options(cls)
+
+    @classmethod
+    def preset(cls, name: str) -> Preset:
+        """This interpreter's settings under preset ``name``, on top of ``DEFAULT_PRESETS``."""
+        if name not in DEFAULT_PRESETS:
+            raise InputError(f"unknown preset {name!r}; choose one of {', '.join(DEFAULT_PRESETS)}")
+        base, own = DEFAULT_PRESETS[name], cls.presets.get(name, Preset())
+        return Preset({**base.attack, **own.attack}, {**base.options, **own.options})
+
+    def attack_terms(
+        self,
+        stage: AttackStage,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        target_maps: torch.Tensor,
+        state: Any = None,
+    ) -> AttackTerms | None:
+        """Extra terms of this interpreter for the ADV² objective at ``stage``; the base has none.
+
+        ``images`` is the attack's iterate (differentiable), ``classes`` the target classes,
+        ``target_maps`` the maps the attacker wants. In the ``joint`` stage ``state`` is what this
+        step's ``surrogate_and_logits`` returned (so a term can reuse its by-products); in the
+        ``warm_start`` stage it is ``None``. Called inside ``classifier.frozen()``.
+        """
+        return None
 
     def __call__(
         self, images: torch.Tensor, classes: Any = None, *, seed: int | None = None

@@ -15,14 +15,21 @@ Where the model applies a ReLU between the feature module and the pooling (``pos
 torchvision's DenseNet), both interpreters use the post-ReLU map ``a = relu(features)``: the tensor
 global average pooling actually reduces, so Grad-CAM is taken with respect to it.
 
-How Grad-CAM gets ∂z_c/∂a: ``Classifier.features_and_logits`` returns a *clone* of the hooked
-feature map, so the classifier's logits do not depend on that tensor. The wrapper only accepts
-models whose logits are exactly ``head(mean_ij(a))`` (``find_cam_layers`` verifies it), so Grad-CAM
-recomputes the logits from the returned features through the head and differentiates those; the
-recomputed logits are checked against the classifier's own on every call (a ``ModelStructureError``
-otherwise). For such a GAP→linear head ``∂z_c/∂a_k[i, j] = w_{k,c}/(h·w)``, hence
-``Grad-CAM = ReLU(CAM)/(h·w)`` exactly (a test checks it); Grad-CAM therefore differs from CAM
-only by the ReLU, which zeroes the negative evidence before normalisation.
+The interpreters own their layer discovery and their feature hook (``cam_layers.FeatureCapture``,
+built with the interpreter): the layers are found once — restricted to the modules named by the
+interpreter's ``feature_layer=`` / ``head=``, else by the classifier's hints
+(``Classifier.cam_layer_names``) — and the hook lives for one forward pass at a time.
+
+How Grad-CAM gets ∂z_c/∂a: ``FeatureCapture.features_and_logits`` returns the hooked feature map —
+a *clone* of it where the model overwrites it in place (or in inference mode), and without a graph
+in benign (no-grad) calls — so the classifier's logits cannot in general be differentiated with
+respect to that tensor. The interpreters only accept models whose logits are exactly
+``head(mean_ij(a))`` (``find_cam_layers`` verifies it), so Grad-CAM recomputes the logits from the
+returned features through the head and differentiates those; the recomputed logits are checked
+against the classifier's own on every call (a ``ModelStructureError`` otherwise). For such a
+GAP→linear head ``∂z_c/∂a_k[i, j] = w_{k,c}/(h·w)``, hence ``Grad-CAM = ReLU(CAM)/(h·w)`` exactly
+(a test checks it); Grad-CAM therefore differs from CAM only by the ReLU, which zeroes the negative
+evidence before normalisation.
 
 Convention notes against the usual libraries (all checked by the tests): torch-cam's ``CAM``
 computes the same un-rectified ``Σ_k w_{k,c} a_k`` (its docstring shows a ReLU, its code applies
@@ -34,7 +41,6 @@ the map to the input size, which we do not (maps stay at feature resolution).
 from __future__ import annotations
 
 from abc import abstractmethod
-
 from typing import Any
 
 import torch
@@ -42,6 +48,7 @@ import torch
 from ..errors import ModelStructureError
 from ..models.classifier import Classifier
 from .base import Interpreter, normalize_maps
+from .cam_layers import CamLayers, FeatureCapture
 
 __all__ = ["CAM", "GradCAM"]
 
@@ -50,13 +57,26 @@ HEAD_CHECK_RTOL = 1e-4
 
 
 class _RepresentationInterpreter(Interpreter):
-    """Shared plumbing: eager layer discovery and the validated, frozen ``raw`` entry point."""
+    """Shared plumbing: eager layer discovery and the validated, frozen ``raw`` entry point.
 
-    def __init__(self, classifier: Classifier) -> None:
+    Args:
+        classifier: the model to explain (an ``nn.Module`` with a GAP→linear head).
+        feature_layer, head: module names of the feature map and the linear head, overriding the
+            classifier's hints (``Classifier.cam_layer_names``); unnamed layers are found by
+            verification (``find_cam_layers``).
+
+    ``layers`` is the ``CamLayers`` the interpreter reads and ``capture`` the ``FeatureCapture``
+    that found them and hooks the feature map.
+    """
+
+    def __init__(
+        self, classifier: Classifier, *, feature_layer: str | None = None, head: str | None = None
+    ) -> None:
         super().__init__(classifier)
         # Find the feature layer and the head now, so a model without a GAP→linear head fails
         # when the interpreter is built (ModelStructureError), not in the middle of an attack.
-        classifier.cam_layers()
+        self.capture = FeatureCapture(classifier, feature_layer=feature_layer, head=head)
+        self.layers: CamLayers = self.capture.layers
 
     def raw(self, images: torch.Tensor, classes: Any = None) -> torch.Tensor:
         """Un-normalised maps (N, 1, h, w) for ``classes`` (default: the predicted classes).
@@ -82,7 +102,7 @@ class _RepresentationInterpreter(Interpreter):
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
         """The normalised map and the logits of the one forward pass that produced its features
-        (``Classifier.features_and_logits``): the attack needs no second forward."""
+        (``FeatureCapture.features_and_logits``): the attack needs no second forward."""
         raw, logits = self._raw_and_logits(images, classes)
         return normalize_maps(raw), logits, None
 
@@ -104,12 +124,14 @@ class CAM(_RepresentationInterpreter):
     """
 
     name = "cam"
+    description = "class activation mapping (Zhou et al. 2016)"
+    paper_class = "representation"
 
     def _raw_and_logits(
         self, images: torch.Tensor, classes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        features, logits = self.classifier.features_and_logits(images)
-        return _class_map(features, self.classifier.cam_layers().head.weight, classes), logits
+        features, logits = self.capture.features_and_logits(images)
+        return _class_map(features, self.layers.head.weight, classes), logits
 
     def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -126,16 +148,18 @@ class GradCAM(_RepresentationInterpreter):
     """
 
     name = "gradcam"
+    description = "gradient-weighted CAM (Selvaraju et al. 2017)"
+    paper_class = "representation"
 
     def _raw_and_logits(
         self, images: torch.Tensor, classes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        features, logits = self.classifier.features_and_logits(images)
+        features, logits = self.capture.features_and_logits(images)
         return self._grad_cam(features, logits, classes, create_graph=True), logits
 
     def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            features, logits = self.classifier.features_and_logits(images)
+            features, logits = self.capture.features_and_logits(images)
         return self._grad_cam(features, logits, classes, create_graph=False).detach()
 
     def _grad_cam(
@@ -146,12 +170,12 @@ class GradCAM(_RepresentationInterpreter):
         *,
         create_graph: bool,
     ) -> torch.Tensor:
-        head = self.classifier.cam_layers().head
+        head = self.layers.head
         with torch.enable_grad():
             # Without a graph to the input (benign maps), differentiate w.r.t. a detached leaf.
             source = features if features.requires_grad else features.detach().requires_grad_(True)
             scores = head(source.mean((2, 3)))
-            _check_head_logits(scores.detach(), logits.detach(), self.classifier)
+            _check_head_logits(scores.detach(), logits.detach(), self.classifier, self.layers)
             picked = scores.gather(1, classes.view(-1, 1)).sum()  # samples are independent
             (grads,) = torch.autograd.grad(picked, source, create_graph=create_graph)
         alpha = grads.mean((2, 3), keepdim=True)
@@ -167,14 +191,15 @@ def _class_map(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tens
     return torch.bmm(w.unsqueeze(1), features.flatten(2)).view(n, 1, height, width)
 
 
-def _check_head_logits(scores: torch.Tensor, logits: torch.Tensor, clf: Classifier) -> None:
+def _check_head_logits(
+    scores: torch.Tensor, logits: torch.Tensor, clf: Classifier, layers: CamLayers
+) -> None:
     """Refuse to differentiate logits that are not the model's (the recomputation is only exact
     for a GAP→linear head)."""
     scale = max(1.0, float(logits.abs().max()))
     if scores.shape != logits.shape or not torch.allclose(
         scores, logits.to(scores.dtype), rtol=HEAD_CHECK_RTOL, atol=HEAD_CHECK_RTOL * scale
     ):
-        layers = clf.cam_layers()
         raise ModelStructureError(
             f"Grad-CAM: the logits of {clf.name} are not {layers.head_name}(mean of "
             f"{layers.feature_name}); Grad-CAM needs a GAP→linear head"

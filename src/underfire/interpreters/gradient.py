@@ -25,11 +25,29 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..models.classifier import Classifier
+from ..presets import QUICK_SCHEDULE, Preset
 from ..smoothing import ReluSurrogate, _ReluSurrogateMode, as_relu_surrogate, relu_surrogate
 from .base import Interpreter, normalize_maps
 
 Score = Literal["logit", "ce"]
 SCORES: tuple[str, ...] = ("logit", "ce")
+
+#: The official code's staged λ for GRAD: 0.001 → 0.004 → 0.01 → 0.05 over 301/201/101/101 steps.
+#: Its ℓ_int is a per-pixel *sum* over a 56×56 map, ours a mean, so λ is multiplied by 3136.
+_GRAD_LAMBDA = (0.001, 0.004, 0.01, 0.05)
+_GRAD_FRACTIONS = (301, 201, 101, 101)
+
+
+def _grad_lambda(factor: float) -> dict[str, Any]:
+    return {"values": [v * factor for v in _GRAD_LAMBDA], "mode": "staged", "fractions": list(_GRAD_FRACTIONS)}
+
+
+#: ``quick``: 500 stage-2 steps at 7.5× the paper's λ (docs/tuning.md); ``paper``: the official
+#: 300 + 704 steps. Both smooth the labels of ℓ_prd (0.1), as the official GRAD code does.
+GRAD_PRESETS = {
+    "paper": Preset(attack={"pgd_steps": 300, "adv_steps": 704, "lam": _grad_lambda(3136), "label_smoothing": 0.1}),
+    "quick": Preset(attack={**QUICK_SCHEDULE, "adv_steps": 500, "lam": _grad_lambda(7.5 * 3136), "label_smoothing": 0.1}),
+}
 
 
 class Grad(Interpreter):
@@ -50,6 +68,9 @@ class Grad(Interpreter):
     """
 
     name: ClassVar[str] = "grad"
+    description: ClassVar[str] = "vanilla gradient saliency (Simonyan et al. 2014)"
+    paper_class: ClassVar[str] = "back-propagation"
+    presets = GRAD_PRESETS
 
     def __init__(
         self,
@@ -142,6 +163,7 @@ class SmoothGrad(Grad):
     """
 
     name: ClassVar[str] = "smoothgrad"
+    description: ClassVar[str] = "gradient averaged over noisy copies (Smilkov et al. 2017)"
 
     def __init__(
         self,

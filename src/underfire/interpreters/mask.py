@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..imaging import gaussian_blur, translate, upsample_blurred
 from ..models.classifier import Classifier
-from .base import Interpreter, normalize_maps
+from ..options import OptionSpec, dataclass_options
+from ..presets import Preset
+from .base import AttackStage, AttackTerms, Interpreter, normalize_maps
 
 #: Reference input side and mask side of Fong & Vedaldi (224 px images, 28×28 masks).
 REFERENCE_SIZE = 224
@@ -107,9 +109,12 @@ class MaskConfig:
       shifted), so the solver on it sees mostly a different class. On the 100-image attack
       table (``scripts/attack_table.py``) MASK IoU went 0.375 → 0.388 (ResNet) and 0.253 →
       0.312 (DenseNet). The inner steps of the follower stay unshifted.
+    * ``evidence_weight`` (default 0.5; the ``paper`` preset sets 0, the paper's attack): weight,
+      inside ℓ_int (so also scaled by λ), of ``evidence_loss`` in ADV²'s joint stage
+      (``Mask.attack_terms``; underfire's addition to the paper's bilevel surrogate).
     * ``gap_weight`` (default 5): weight of the follower's optimality gap inside
       ``evidence_loss`` (a value-function penalty for the bilevel problem; see there). 0 turns it
-      off. Only the attack uses it, and only where ``AttackConfig.evidence_weight`` > 0.
+      off. Only the attack uses it, and only where ``evidence_weight`` > 0.
     """
 
     iterations: int = 300
@@ -130,6 +135,7 @@ class MaskConfig:
     init_steps: int | None = None
     resolve_every: int = 0
     surrogate_jitter: bool = True
+    evidence_weight: float = 0.5
     gap_weight: float = 5.0
 
     def __post_init__(self) -> None:
@@ -151,7 +157,7 @@ class MaskConfig:
             if value is not None and value <= 0:
                 raise InputError(f"MaskConfig.{name} must be positive, got {value!r}")
         non_negative = ("l1_weight", "tv_weight", "blur_sigma", "mask_blur_sigma", "jitter", "seed",
-                        "inner_steps", "init_steps", "resolve_every", "gap_weight")
+                        "inner_steps", "init_steps", "resolve_every", "evidence_weight", "gap_weight")
         for name in non_negative:
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -225,17 +231,32 @@ class MaskState:
 
 
 class Mask(Interpreter):
-    """Fong & Vedaldi's meaningful-perturbation mask, batched, with the ADV² bilevel surrogate."""
+    """Fong & Vedaldi's meaningful-perturbation mask, batched, with the ADV² bilevel surrogate.
+
+    ``Mask(classifier, config)`` or ``Mask(classifier, iterations=100, ...)``: keyword arguments
+    replace fields of ``config`` (default ``MaskConfig()``); they are MASK's options.
+    """
 
     name: ClassVar[str] = "mask"
+    description: ClassVar[str] = "meaningful perturbation mask (Fong & Vedaldi 2017)"
+    paper_class: ClassVar[str] = "perturbation"
+    presets = {"paper": Preset(options={"evidence_weight": 0.0})}
 
-    def __init__(self, classifier: Classifier, config: MaskConfig | None = None) -> None:
+    def __init__(self, classifier: Classifier, config: MaskConfig | None = None, **fields: object) -> None:
         super().__init__(classifier)
         if config is None:
             config = MaskConfig()
         if not isinstance(config, MaskConfig):
             raise InputError(f"config must be a MaskConfig, got {type(config).__name__}")
-        self.config = config
+        unknown = sorted(set(fields) - set(MaskConfig.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"unknown MASK option {unknown[0]!r} (known: {', '.join(MaskConfig.__dataclass_fields__)})")
+        self.config = replace(config, **fields) if fields else config
+
+    @classmethod
+    def option_specs(cls) -> dict[str, OptionSpec]:
+        """MASK's options are the fields of ``MaskConfig``."""
+        return dataclass_options(MaskConfig)
 
     def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
         """The mask's cells for this input size (arithmetic: no optimisation is run)."""
@@ -429,6 +450,20 @@ class Mask(Interpreter):
         if shift is not None:
             loss = loss + F.cross_entropy(parts[-1], classes, reduction="none")
         return loss
+
+    def attack_terms(
+        self,
+        stage: AttackStage,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        target_maps: torch.Tensor,
+        state: MaskState | None = None,
+    ) -> AttackTerms | None:
+        """``evidence_weight · evidence_loss`` inside ℓ_int in the joint stage; nothing in the warm start."""
+        weight = self.config.evidence_weight
+        if stage != "joint" or weight <= 0:
+            return None
+        return AttackTerms(interpretation=weight * self.evidence_loss(images, classes, target_maps, state))
 
     @staticmethod
     def _adam_scale(state: MaskState, grad: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,16 @@ parts, as in the paper and its reference code (``sal/saliency_model.py``):
   pointing game 0.82 → 0.98 for the DenseNet model when the filter is applied).
 
 The network takes [0, 1] pixels and normalises inside. It is trained by
-``underfire.interpreters.rts_training.train_rts`` against the frozen classifier it explains;
+``underfire.training.rts.train_rts`` against the frozen classifier it explains;
 checkpoints are an underfire safetensors + JSON pair. Trained networks for ``shapes-resnet`` and
 ``shapes-densenet`` ship with the package, so ``Rts(load_model("shapes-resnet"))`` just works.
 
-The ADV² attack on RTS (Zhang et al. 2020) adds ``0.1·CE(enc(x), c_t)`` to also fool RTS's own
-encoder: ``Rts.encoder_logits`` gives those logits, differentiable with respect to the images.
+The ADV² attack on RTS (Zhang et al. 2020) adds ``encoder_weight·CE(enc(x), c_t)`` (0.1) to also
+fool RTS's own encoder; ``Rts.attack_terms`` supplies it, from the encoder logits that the
+surrogate's own encoder pass left in its state (``RtsState``). underfire also adds the term to the
+PGD warm start (``warm_start_encoder_weight``): RTS switches its mask off for a class its encoder
+does not see, and a warm start that fools only the classifier leaves the mask off for c_t on about
+a third of the images, where stage 2's map term has almost no gradient (docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,11 +57,13 @@ from ..errors import CheckpointError, InputError
 from ..models.architectures import ShapesResNet
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, frozen_module
-from .base import Interpreter, normalize_maps
+from ..presets import QUICK_SCHEDULE, Preset
+from .base import AttackStage, AttackTerms, Interpreter, normalize_maps
 
 __all__ = [
     "SHIPPED_RTS",
     "Rts",
+    "RtsState",
     "SaliencyNetwork",
     "load_saliency_network",
     "save_saliency_network",
@@ -268,6 +275,14 @@ def load_saliency_network(
 # ---------------------------------------------------------------------------------- interpreter
 
 
+@dataclass(frozen=True)
+class RtsState:
+    """What ``Rts.surrogate`` returns as its state: the logits of RTS's own encoder from the same
+    pass that made the masks (the attack's encoder term reuses them instead of a second pass)."""
+
+    encoder_logits: torch.Tensor
+
+
 class Rts(Interpreter):
     """RTS (Dabkowski & Gal 2017): the mask a trained saliency network predicts for the class.
 
@@ -275,14 +290,25 @@ class Rts(Interpreter):
         classifier: the model being explained.
         network: a trained ``SaliencyNetwork`` for this classifier.
         checkpoint: or the path of an RTS checkpoint (``underfire train rts --model SPEC``).
+        encoder_weight: weight of ``CE(enc(x), c_t)`` in ADV²'s joint stage (the paper's 0.1).
+        warm_start_encoder_weight: weight of the same term in the PGD warm start (underfire's
+            addition, 0.3; the ``paper`` preset sets 0, the paper's plain warm start).
 
-    With neither, the shipped network of a built-in classifier (``shapes-resnet``,
-    ``shapes-densenet``) is loaded. Maps are the masks (high = salient) min-max normalised per
-    image, at 1/4 of the input resolution. The network is moved to the classifier's device and
-    run frozen (eval mode, no parameter gradients; flags restored after every call).
+    With neither network nor checkpoint, the shipped network of a built-in classifier
+    (``shapes-resnet``, ``shapes-densenet``) is loaded. Maps are the masks (high = salient)
+    min-max normalised per image, at 1/4 of the input resolution. The network is moved to the
+    classifier's device and run frozen (eval mode, no parameter gradients; flags restored after
+    every call).
     """
 
     name = "rts"
+    description = "real-time saliency network (Dabkowski & Gal 2017)"
+    paper_class = "model-guided"
+    #: ``quick``: 300 stage-2 steps at 4× the paper's λ (docs/tuning.md); ``paper``: no warm-start term.
+    presets = {
+        "quick": Preset(attack={**QUICK_SCHEDULE, "adv_steps": 300, "lam": (20.0, 40.0)}),
+        "paper": Preset(options={"warm_start_encoder_weight": 0.0}),
+    }
 
     def __init__(
         self,
@@ -290,8 +316,15 @@ class Rts(Interpreter):
         network: SaliencyNetwork | None = None,
         *,
         checkpoint: str | Path | None = None,
+        encoder_weight: float = 0.1,
+        warm_start_encoder_weight: float = 0.3,
     ) -> None:
         super().__init__(classifier)
+        for label, weight in (("encoder_weight", encoder_weight), ("warm_start_encoder_weight", warm_start_encoder_weight)):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise InputError(f"{label} must be finite and >= 0, got {weight!r}")
+        self.encoder_weight = float(encoder_weight)
+        self.warm_start_encoder_weight = float(warm_start_encoder_weight)
         self.metadata: dict[str, Any] = {}
         if network is not None and checkpoint is not None:
             raise InputError("pass either an RTS network or a checkpoint path, not both")
@@ -333,22 +366,28 @@ class Rts(Interpreter):
 
     def surrogate(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, None]:
-        """Normalised masks (N, 1, H/4, W/4), differentiable w.r.t. ``images``; RTS is stateless."""
-        network = self._on(images.device)
-        with network.frozen():
-            masks = network(images, classes)
-        return normalize_maps(masks), None
-
-    def surrogate_and_encoder_logits(
-        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """``surrogate``'s maps and ``encoder_logits`` from one encoder pass (the ADV² step on RTS
-        needs both; calling the two separately runs the encoder twice)."""
+    ) -> tuple[torch.Tensor, RtsState]:
+        """Normalised masks (N, 1, H/4, W/4), differentiable w.r.t. ``images``, and the encoder's
+        logits of the same pass (``RtsState``; the incoming state is not used)."""
         network = self._on(images.device)
         with network.frozen():
             masks, logits = network.masks_and_logits(images, classes)
-        return normalize_maps(masks), logits, None
+        return normalize_maps(masks), RtsState(logits)
+
+    def attack_terms(
+        self,
+        stage: AttackStage,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        target_maps: torch.Tensor,
+        state: Any = None,
+    ) -> AttackTerms | None:
+        """``w·CE(enc(x), c_t)``: fool RTS's own encoder too (joint stage: from ``state``'s logits)."""
+        weight = self.warm_start_encoder_weight if stage == "warm_start" else self.encoder_weight
+        if weight <= 0:
+            return None
+        logits = state.encoder_logits if isinstance(state, RtsState) else self.encoder_logits(images)
+        return AttackTerms(extra=weight * F.cross_entropy(logits, classes, reduction="none"))
 
     def masks(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Raw (un-normalised) masks in [0, 1]: near zero everywhere for a class not in the image."""
