@@ -22,6 +22,7 @@ from underfire.store import (
     save_png_atomic,
     write_atomic,
 )
+from underfire.store.database import SCHEMA, SCHEMA_VERSION
 from underfire.store.files import TEMP_MARK
 
 COLUMNS = {
@@ -31,15 +32,15 @@ COLUMNS = {
         "model", "interpreter", "attack", "target_map", "image", "true_class", "target_class", "predicted_class",
         "success", "confidence", "l1", "l2", "iou", "iou_by_k", "top_k_intersection", "spearman", "linf",
         "adversarial_path", "map_path", "overlay_path", "benign_map_path", "benign_overlay_path", "seconds", "seed",
-        "config",
+        "config", "interpreter_options",
     ],
-    "transfer": ["model", "source_interpreter", "target_interpreter", "target_map", "image", "l1", "l2", "iou"],
+    "transfer": ["model", "source_interpreter", "target_interpreter", "target_map", "image", "l1", "l2", "iou", "attack"],
 }
 PRIMARY_KEYS = {
     "meta": ["key"],
     "images": ["model", "image"],
     "results": ["model", "interpreter", "attack", "target_map", "image"],
-    "transfer": ["model", "source_interpreter", "target_interpreter", "target_map", "image"],
+    "transfer": ["model", "attack", "source_interpreter", "target_interpreter", "target_map", "image"],
 }
 
 
@@ -79,7 +80,7 @@ def test_rows_round_trip_with_json_and_booleans(tmp_path: Path) -> None:
         assert json.loads(raw) == {"0.05": 0.5, "0.50": 0.9}
         assert store.images("shapes-resnet") == [ImageRecord("shapes-resnet", "test-00000", 0, 1, 2, "files/i.png")]
         assert store.result_keys() == {("shapes-resnet", "cam", "adv2", "benign", "test-00000")}
-        assert store.transfer_keys() == {("shapes-resnet", "cam", "grad", "benign", "test-00000")}
+        assert store.transfer_keys() == {("shapes-resnet", "cam", "grad", "benign", "test-00000", "adv2")}
 
 
 def test_a_unit_lands_whole_or_not_at_all(tmp_path: Path) -> None:
@@ -155,3 +156,32 @@ def test_changed_attack_settings_are_refused_too(tmp_path: Path) -> None:
         assert store.claim(config, {}, "now", {"cam": {"adv_steps": 120}}) is False
         with pytest.raises(InputError, match=r"did the preset change\?\) \(cam\.adv_steps: 120 → 200\)"):
             store.claim(config, {}, "now", {"cam": {"adv_steps": 200}})
+
+
+def test_a_version_1_database_is_migrated_and_a_newer_one_refused(tmp_path: Path) -> None:
+    """A database written before schema version 2 (no interpreter options, no transfer attack) gets
+    the new columns with their defaults and keeps its rows; a version from the future is refused."""
+    import sqlite3
+
+    old = tmp_path / "old"
+    old.mkdir()
+    connection = sqlite3.connect(old / "results.sqlite")
+    version_1 = SCHEMA.replace("  interpreter_options TEXT NOT NULL DEFAULT '{}',\n", "").replace("  attack TEXT NOT NULL DEFAULT 'adv2',\n", "")
+    version_1 = version_1.replace("PRIMARY KEY (model, attack, source_interpreter", "PRIMARY KEY (model, source_interpreter")
+    assert "interpreter_options" not in version_1 and "attack TEXT NOT NULL DEFAULT" not in version_1
+    connection.executescript(version_1)
+    connection.execute("INSERT INTO transfer VALUES ('m', 'cam', 'grad', 'benign', 'x', 0.1, 0.2, 0.3)")
+    connection.commit()
+    connection.close()
+    with ResultStore(old) as store:
+        assert store.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert store.transfer_keys() == {("m", "cam", "grad", "benign", "x", "adv2")}
+        store.insert_unit([result("y")])
+        assert store.rows("results")[0]["interpreter_options"] == "{}"
+    future = tmp_path / "future"
+    future.mkdir()
+    connection = sqlite3.connect(future / "results.sqlite")
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+    with pytest.raises(InputError, match="schema version"):
+        ResultStore(future)

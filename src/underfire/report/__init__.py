@@ -22,13 +22,14 @@ __all__ = ["FORMATS", "PageOptions", "RunData", "load_run", "render_json", "rend
 
 
 def render_json(run: RunData) -> str:
-    """The report's numbers as JSON: run metadata, the summary table, IoU-vs-k curves, transfer cells."""
+    """The report's numbers as JSON: run metadata, the attacks, the summary table, IoU-vs-k curves, transfer cells."""
     document: dict[str, Any] = {
         "run": run.name,
         "run_dir": str(run.run_dir),
         "created": run.created,
         "config": run.config,
         "versions": run.versions,
+        "attacks": run.attacks,
         "counts": run.counts,
         "summary": run.summary,
         "iou_by_k": run.curves,
@@ -39,12 +40,12 @@ def render_json(run: RunData) -> str:
 
 def render_csv(run: RunData) -> str:
     """The summary table as CSV, one row per model × interpreter × target map (empty = no rows)."""
-    names = [name for name, _ in summary_fields()]
+    names = [name for name, _ in summary_fields(run.attacks)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for row in run.summary:
-        writer.writerow({name: "" if row[name] is None else row[name] for name in names})
+        writer.writerow({name: "" if row.get(name) is None else row[name] for name in names})
     return buffer.getvalue()
 
 

@@ -16,10 +16,42 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .data import ATTACK_LABELS, interpreter_sort_key
+from .data import attack_label, baseline_attack, interpreter_sort_key
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P")
+# line styles of the attacks other than the baseline, in run order (the baseline is dashed)
+ATTACK_LINES: tuple[tuple[Any, str], ...] = (
+    ("-", "solid"),
+    (":", "dotted"),
+    ("-.", "dash-dotted"),
+    ((0, (5, 1, 1, 1, 1, 1)), "dash-dot-dotted"),
+    ((0, (1, 3)), "loosely dotted"),
+)
+
+
+@dataclass(frozen=True)
+class AttackLine:
+    """How one attack's curves are drawn: matplotlib line style, width, and the style in words."""
+
+    linestyle: Any
+    linewidth: float
+    words: str
+
+
+def attack_lines(attacks: Sequence[str]) -> dict[str, AttackLine]:
+    """One line style per attack, legend order: the attacks compared with the baseline first (the
+    first one solid, then dotted, dash-dotted, …), the baseline (PGD) dashed last."""
+    names = list(dict.fromkeys(attacks))
+    base = baseline_attack(names)
+    others = [name for name in names if name != base]
+    lines = {}
+    for i, name in enumerate(others):
+        linestyle, words = ATTACK_LINES[i % len(ATTACK_LINES)]
+        lines[name] = AttackLine(linestyle, 2.0 if i == 0 else 1.6, words)
+    if base is not None:
+        lines[base] = AttackLine("--", 1.4, "dashed")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -46,9 +78,15 @@ def interpreter_colours(names: Sequence[str]) -> dict[str, str]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(ordered)}
 
 
-def iou_curves_figure(curves: list[dict[str, Any]], style: FigureStyle = FigureStyle()) -> bytes:
-    """IoU against the top-k fraction: one panel per model, one colour per interpreter,
-    PGD dashed and ADV² solid (a marker per target map when a run has several)."""
+def iou_curves_figure(
+    curves: list[dict[str, Any]], style: FigureStyle = FigureStyle(), attacks: Sequence[str] | None = None
+) -> bytes:
+    """IoU against the top-k fraction: one panel per model, one colour per interpreter, one line
+    style per attack (``attack_lines``: PGD dashed, ADV² solid, others dotted, dash-dotted, …; a
+    marker per target map when a run has several). ``attacks``: the run's attacks in order
+    (default: those of the curves, as they come)."""
+    names = list(dict.fromkeys([*(attacks or []), *(curve["attack"] for curve in curves)]))
+    lines = attack_lines(names)
     models = sorted({curve["model"] for curve in curves})
     colours = interpreter_colours([curve["interpreter"] for curve in curves])
     target_maps = sorted({curve["target_map"] for curve in curves}, key=lambda name: (name != "benign", name))
@@ -60,8 +98,8 @@ def iou_curves_figure(curves: list[dict[str, Any]], style: FigureStyle = FigureS
                 [100 * k for k in curve["k"]],
                 curve["iou"],
                 color=colours[curve["interpreter"]],
-                linestyle="-" if curve["attack"] == "adv2" else "--",
-                linewidth=2.0 if curve["attack"] == "adv2" else 1.4,
+                linestyle=lines[curve["attack"]].linestyle,
+                linewidth=lines[curve["attack"]].linewidth,
                 marker=MARKERS[target_maps.index(curve["target_map"]) % len(MARKERS)],
                 markersize=3.5,
             )
@@ -72,7 +110,7 @@ def iou_curves_figure(curves: list[dict[str, Any]], style: FigureStyle = FigureS
         axis.grid(True, alpha=0.3)
     # one legend for all panels, by encoding: colour = interpreter, line = attack, marker = target map
     handles = [Line2D([], [], color=colour, linewidth=2.5, label=name) for name, colour in colours.items()]
-    handles += [Line2D([], [], color="#333333", linestyle="-" if a == "adv2" else "--", label=ATTACK_LABELS[a]) for a in ("adv2", "pgd")]
+    handles += [Line2D([], [], color="#333333", linestyle=line.linestyle, label=attack_label(name)) for name, line in lines.items()]
     if len(target_maps) > 1:
         handles += [
             Line2D([], [], color="#333333", linestyle="", marker=MARKERS[i % len(MARKERS)], label=f"target map {name}")
@@ -83,9 +121,10 @@ def iou_curves_figure(curves: list[dict[str, Any]], style: FigureStyle = FigureS
 
 
 def transfer_figure(panels: dict[str, list[dict[str, Any]]], style: FigureStyle = FigureStyle()) -> bytes:
-    """Heat maps of mean IoU, one panel per title (model, or model and target map): rows = the
-    interpreter the ADV² example was crafted against, columns = the interpreter that explains it;
-    each cell annotated with its mean and row count. One figure: drawing is the report's main cost."""
+    """Heat maps of mean IoU, one panel per title (model, and attack or target map where a run has
+    several): rows = the interpreter the example of the cells' attack (ADV²) was crafted against,
+    columns = the interpreter that explains it; each cell annotated with its mean and row count.
+    One figure: drawing is the report's main cost."""
     titles = list(panels)
     columns = min(len(titles), style.transfer_columns)
     lines = -(-len(titles) // columns)
@@ -117,7 +156,9 @@ def _heat_map(axis: Any, cells: list[dict[str, Any]], title: str) -> Any:
     axis.set_xticks(range(len(targets)), targets)
     axis.set_yticks(range(len(sources)), sources)
     axis.set_xlabel("explained by")
-    axis.set_ylabel("ADV² crafted against")
+    attacks = {str(cell["attack"]) for cell in cells if cell.get("attack")}
+    crafted = attack_label(attacks.pop()) if len(attacks) == 1 else ("ADV²" if not attacks else "")
+    axis.set_ylabel(f"{crafted} crafted against".strip())
     axis.set_title(title, fontsize=10)
     for i in range(len(sources)):
         for j in range(len(targets)):

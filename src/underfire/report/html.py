@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..data.shapes import SHAPE_CLASSES
-from .data import ATTACK_LABELS, ATTACKS, MEASURES, RunData, formatted, summary_key
+from .data import MEASURES, RunData, attack_label, baseline_attack, formatted, gain_key, gained, summary_key
 
 if TYPE_CHECKING:  # figures (matplotlib) are imported only when a page is drawn
     from .figures import FigureStyle
@@ -82,6 +82,50 @@ def class_label(model: str, index: int | None) -> str:
     if model.startswith("shapes-") and 0 <= index < len(SHAPE_CLASSES):
         return SHAPE_CLASSES[index]
     return str(index)
+
+
+def _joined(words: list[str]) -> str:
+    """'A', 'A and B', 'A, B and C'."""
+    if len(words) < 2:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _label(attack: str) -> str:
+    """An attack's label, escaped for the page (an unregistered attack's name comes from the database)."""
+    return escape(attack_label(attack))
+
+
+def _bound_attacks(run: RunData) -> list[str]:
+    """The run's interpreter-bound attacks (ADV²), run order, plus any other attack with transfer cells."""
+    from ..attacks import ATTACKS
+
+    with_cells = {str(cell.get("attack", "adv2")) for cell in run.transfer}
+    names = [a for a in run.attacks if a in with_cells or (a in ATTACKS and ATTACKS.get(a).uses_interpreter)]
+    return names + sorted(with_cells - set(names))
+
+
+def _intro(attacks: list[str]) -> str:
+    """What the run's attacks are: ADV² and PGD as the paper has them, others by their description."""
+    from ..attacks import ATTACKS
+
+    base = baseline_attack(attacks)
+    parts = []
+    for attack in attacks:
+        if attack == "adv2":
+            parts.append(
+                "ADV²: adversarial examples that change the prediction to a target class while the "
+                "interpreter's map stays like the benign one"
+            )
+        elif attack == "pgd":
+            parts.append("PGD is the baseline that ignores the map" if base == "pgd" else "PGD ignores the map")
+        elif attack in ATTACKS and ATTACKS.get(attack).description:
+            parts.append(f"{_label(attack)}: {escape(ATTACKS.get(attack).description)}")
+        else:
+            parts.append(f"{_label(attack)}: an attack that is not installed here")
+    if "adv2" in attacks and "pgd" in attacks:  # the paper's order: ADV² first, then its baseline
+        parts.insert(0, parts.pop(attacks.index("adv2")))
+    return "; ".join(parts) + "." if parts else "This run has no attack results."
 
 
 def _data_uri(png: bytes) -> str:
@@ -196,7 +240,7 @@ def _header(run: RunData) -> str:
         ("created", escape(run.created or "—")),
         ("versions", version_text),
         ("images", str(counts["images"])),
-        ("result rows", " · ".join(f"{ATTACK_LABELS.get(a, a)} {results.get(a, 0)}" for a in ATTACKS)),
+        ("result rows", " · ".join(f"{_label(a)} {results.get(a, 0)}" for a in run.attacks) or "0"),
         ("transfer rows", str(counts["transfer"])),
         ("cells", f"{len(run.summary)} (model × interpreter × target map)"),
     ]
@@ -204,8 +248,7 @@ def _header(run: RunData) -> str:
     config = json.dumps(run.config, indent=2, sort_keys=True, default=str) if run.config is not None else "no config recorded"
     return (
         f"<h1>underfire report — {escape(run.name)}</h1>"
-        '<p class="sub">ADV²: adversarial examples that change the prediction to a target class while the '
-        "interpreter's map stays like the benign one; PGD is the baseline that ignores the map.</p>"
+        f'<p class="sub">{_intro(run.attacks)}</p>'
         '<div class="head">'
         f'<div class="card"><h3 style="margin-top:0">Run</h3><table class="kv">{table}</table></div>'
         f'<div class="card"><h3 style="margin-top:0">Configuration</h3><pre class="config">{escape(config)}</pre></div>'
@@ -214,16 +257,26 @@ def _header(run: RunData) -> str:
 
 
 def _summary_table(run: RunData) -> str:
+    attacks = run.attacks
+    base = baseline_attack(attacks)
+    compared = gained(attacks)
+    base_label = _label(base) if base is not None else ""
+    span = len(attacks)
     head_top = '<tr><th rowspan="2">model</th><th rowspan="2">interpreter</th><th rowspan="2">target map</th><th rowspan="2">images</th>'
-    head_top += '<th colspan="2">rows</th>'
-    head_top += "".join(f'<th colspan="2">{escape(m.label)}</th>' for m in MEASURES)
-    head_top += '<th rowspan="2">IoU gain<br><span class="note">ADV² − PGD</span></th></tr>'
-    pair = "".join(f'<th class="{a}">{ATTACK_LABELS[a]}</th>' for a in ATTACKS)
-    head_bottom = "<tr>" + pair * (1 + len(MEASURES)) + "</tr>"
+    if span:
+        head_top += f'<th colspan="{span}">rows</th>'
+        head_top += "".join(f'<th colspan="{span}">{escape(m.label)}</th>' for m in MEASURES)
+    head_top += "".join(
+        f'<th rowspan="2">IoU gain<br><span class="note">{_label(attack)} − {base_label}</span></th>'
+        for attack in compared
+    )
+    head_top += "</tr>"
+    group = "".join(f'<th class="{escape(a)}">{_label(a)}</th>' for a in attacks)
+    head_bottom = "<tr>" + group * (1 + len(MEASURES)) + "</tr>"
     body = []
     for row in run.summary:
-        counts = [row[f"{a}_n"] for a in ATTACKS]
-        partial = counts[0] != counts[1] or min(counts) < row["images"]
+        counts = [row.get(f"{a}_n") or 0 for a in attacks]
+        partial = bool(counts) and (len(set(counts)) > 1 or min(counts) < row["images"])
         badge = '<span class="badge" title="the attacks have different numbers of rows">partial</span>' if partial else ""
         attrs = (
             f'data-model="{escape(row["model"])}" data-interpreter="{escape(row["interpreter"])}" '
@@ -235,43 +288,47 @@ def _summary_table(run: RunData) -> str:
             f'<td class="text">{escape(row["target_map"])}{badge}</td>',
             f'<td data-key="images">{formatted(row["images"], "count")}</td>',
         ]
-        cells += [f'<td class="{a}" data-key="{a}_n">{formatted(row[f"{a}_n"], "count")}</td>' for a in ATTACKS]
+        cells += [f'<td class="{escape(a)}" data-key="{escape(a)}_n">{formatted(row.get(f"{a}_n"), "count")}</td>' for a in attacks]
+        reference = row.get(summary_key("iou", base)) if base is not None else None
         for measure in MEASURES:
-            for attack in ATTACKS:
+            for attack in attacks:
                 key = summary_key(measure.column, attack)
-                css = attack
-                if measure.column == "iou" and attack == "adv2":
-                    pgd, adv2 = row[summary_key("iou", "pgd")], row[key]
-                    if pgd is not None and adv2 is not None and adv2 > pgd:
+                css = escape(attack)
+                if measure.column == "iou" and attack in compared:
+                    value = row.get(key)
+                    if reference is not None and value is not None and value > reference:
                         css += " better"
-                cells.append(f'<td class="{css}" data-key="{key}">{formatted(row[key], measure.kind)}</td>')
-        gain = row["iou_gain"]
-        sign = "+" if gain is not None and gain > 0 else ""
-        trend = "" if gain is None or gain == 0 else (" up" if gain > 0 else " down")
-        cells.append(f'<td class="gain{trend}" data-key="iou_gain">{sign}{formatted(gain, "number")}</td>')
+                cells.append(f'<td class="{css}" data-key="{escape(key)}">{formatted(row.get(key), measure.kind)}</td>')
+        for attack in compared:
+            key = gain_key(attack, attacks)
+            gain = row.get(key)
+            sign = "+" if gain is not None and gain > 0 else ""
+            trend = "" if gain is None or gain == 0 else (" up" if gain > 0 else " down")
+            cells.append(f'<td class="gain{trend}" data-key="{escape(key)}">{sign}{formatted(gain, "number")}</td>')
         body.append(f"<tr {attrs}>{''.join(cells)}</tr>")
-    better = [r for r in run.summary if r["iou_gain"] is not None and r["iou_gain"] > 0]
-    compared = [r for r in run.summary if r["iou_gain"] is not None]
     callout = ""
     if compared:
-        gains = [r["iou_gain"] for r in compared]
-        callout = (
-            f'<div class="callout">ADV² keeps the map closer to the target map than PGD does (higher IoU) in '
-            f"<b>{len(better)} of {len(compared)}</b> cells; IoU gain from "
-            f"{formatted(min(gains), 'number')} to {formatted(max(gains), 'number')}. "
-            "Green cells: ADV² IoU above PGD IoU.</div>"
-        )
+        first, key = compared[0], gain_key(compared[0], attacks)
+        with_gain = [r for r in run.summary if r.get(key) is not None]
+        better = [r for r in with_gain if r[key] > 0]
+        if with_gain:
+            gains = [r[key] for r in with_gain]
+            green = f"{_label(first)} IoU above {base_label} IoU" if len(compared) == 1 else f"an attack's IoU above {base_label} IoU"
+            callout = (
+                f'<div class="callout">{_label(first)} keeps the map closer to the target map than {base_label} does (higher IoU) in '
+                f"<b>{len(better)} of {len(with_gain)}</b> cells; IoU gain from "
+                f"{formatted(min(gains), 'number')} to {formatted(max(gains), 'number')}. "
+                f"Green cells: {green}.</div>"
+            )
     note = (
         '<p class="note">Means over the rows of each cell (SQL AVG), rounded once: success in %, p(target), '
         "map L1 and IoU to 3 decimals, seconds to 2. IoU is the mean over top-k fractions of the adversarial "
         "map against the target map. “rows” says how many rows each cell has (a partial run has fewer).</p>"
     )
-    return (
-        "<h2>Summary: PGD beside ADV²</h2>"
-        + callout
-        + f'<table class="summary" id="summary"><thead>{head_top}{head_bottom}</thead><tbody>{"".join(body)}</tbody></table>'
-        + note
-    )
+    labels = [_label(a) for a in attacks]
+    title = " beside ".join(labels) if len(labels) == 2 else _joined(labels)
+    table = f'<table class="summary" id="summary"><thead>{head_top}{head_bottom}</thead><tbody>{"".join(body)}</tbody></table>'
+    return f"<h2>Summary{': ' + title if title else ''}</h2>" + callout + table + note
 
 
 def _figures(run: RunData, options: PageOptions) -> str:
@@ -280,23 +337,35 @@ def _figures(run: RunData, options: PageOptions) -> str:
     style = options.figures or FigureStyle()
     parts = []
     if run.curves:
-        png = iou_curves_figure(run.curves, style)
+        from .figures import attack_lines
+
+        png = iou_curves_figure(run.curves, style, run.attacks)
+        drawn = {curve["attack"] for curve in run.curves}
+        lines = ", ".join(f"{_label(a)} {line.words}" for a, line in attack_lines([*run.attacks, *(c["attack"] for c in run.curves)]).items() if a in drawn)
         parts.append(
             '<section class="figsec"><h2>IoU against k</h2>'
             '<p class="note">Mean IoU of the top-k % pixels of the adversarial map and the target map; '
-            "ADV² solid, PGD dashed, one colour per interpreter.</p>"
+            f"{lines}, one colour per interpreter.</p>"
             f'<img class="figure" src="{_data_uri(png)}" alt="IoU against top-k fraction"></section>'
         )
     if run.transfer:
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        bound = _bound_attacks(run)
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for cell in run.transfer:
-            groups.setdefault((cell["model"], cell["target_map"]), []).append(cell)
-        several = len({target_map for _, target_map in groups}) > 1
-        panels = {(f"{model} — target map {target_map}" if several else model): cells for (model, target_map), cells in groups.items()}
+            groups.setdefault((cell["model"], str(cell.get("attack", "adv2")), cell["target_map"]), []).append(cell)
+        order = sorted(groups, key=lambda key: (key[0], bound.index(key[1]) if key[1] in bound else len(bound), key[1]))
+        several_maps = len({target_map for _, _, target_map in groups}) > 1
+        several_attacks = len(set(bound) | {attack for _, attack, _ in groups}) > 1
+        panels: dict[str, list[dict[str, Any]]] = {}
+        for model, attack, target_map in order:
+            title = model + (f" — {attack_label(attack)}" if several_attacks else "")
+            title += ("\n" if several_attacks else " — ") + f"target map {target_map}" if several_maps else ""
+            panels[title] = groups[(model, attack, target_map)]
         png = transfer_figure(panels, style)
+        crafted = _joined([_label(a) for a in dict.fromkeys(attack for _, attack, _ in order)])
         parts.append(
             '<section class="figsec"><h2>Transfer between interpreters</h2>'
-            '<p class="note">Mean IoU of ADV² examples crafted against the row interpreter, explained by the '
+            f'<p class="note">Mean IoU of {crafted} examples crafted against the row interpreter, explained by the '
             "column interpreter, with that interpreter's benign map; the diagonal is the attack itself.</p>"
             f'<img class="figure" src="{_data_uri(png)}" alt="transfer matrices"></section>'
         )
@@ -322,13 +391,20 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
 
     names = {image for (m, i, _, t, image) in run.results if (m, i, t) == (model, interpreter, target_map)}
     position = {name: (run.images.get((model, name)) or {}).get("position") for name in names}
-    ordered = sorted(names, key=lambda name: (not (row_for("pgd", name) and row_for("adv2", name)), position[name] is None, position[name] or 0, name))
+    attacks = run.attacks
+    base = baseline_attack(attacks)
+    preferred = [a for a in attacks if a != base] + ([base] if base is not None else [])  # whose benign paths to show
+    ordered = sorted(
+        names,
+        key=lambda name: (not all(row_for(a, name) for a in attacks), position[name] is None, position[name] or 0, name),
+    )
     chosen = ordered[: options.grid_images]
-    header = "".join(f"<th>{label}</th>" for label in ("", "benign image", "benign map", "PGD image", "PGD map", "ADV² image", "ADV² map"))
+    labels = ["", "benign image", "benign map"] + [f"{_label(a)} {part}" for a in attacks for part in ("image", "map")]
+    header = "".join(f"<th>{label}</th>" for label in labels)
     rows = []
     for name in chosen:
-        pgd, adv2 = row_for("pgd", name), row_for("adv2", name)
-        any_row = adv2 or pgd or {}
+        found = {a: row_for(a, name) for a in attacks}
+        any_row = next((found[a] for a in preferred if found[a]), None) or {}
         image_row = run.images.get((model, name)) or {}
         true_class = image_row.get("true_class", any_row.get("true_class"))
         target_class = image_row.get("target_class", any_row.get("target_class"))
@@ -343,8 +419,8 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
             f'<div class="cap">{escape(class_label(model, true_class))}</div></td>',
             f"<td>{pictures.tag(benign_overlay, f'benign map {name}')}<div class=\"cap\">{escape(interpreter)} map</div></td>",
         ]
-        for attack, row in (("pgd", pgd), ("adv2", adv2)):
-            label_attack = ATTACK_LABELS[attack]
+        for attack, row in found.items():
+            label_attack = attack_label(attack)
             if row is None:
                 cells += [f"<td>{pictures.tag(None, '', placeholder=f'{label_attack} not run')}</td>"] * 2
                 continue
@@ -354,7 +430,7 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
             cells.append(f"<td>{pictures.tag(adversarial, f'{label_attack} {name}')}{_verdict(row, model)}</td>")
             cells.append(
                 f"<td>{pictures.tag(overlay, f'{label_attack} map {name}')}"
-                f'<div class="cap" data-key="{attack}_iou">IoU {iou}</div></td>'
+                f'<div class="cap" data-key="{escape(attack)}_iou">IoU {iou}</div></td>'
             )
         rows.append(f"<tr>{label}{''.join(cells)}</tr>")
     shown = f"{len(chosen)} of {len(names)} images"
@@ -363,6 +439,12 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
         f'<table class="grid" data-model="{escape(model)}" data-interpreter="{escape(interpreter)}">'
         f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
+
+
+def _examples_note(attacks: list[str]) -> str:
+    shown = f"then the {_joined([_label(a) for a in attacks])} images with their maps for the target class" if attacks else "no attack results"
+    good = " A good ADV² map looks like the benign one." if "adv2" in attacks else ""
+    return f'<p class="note">Per interpreter a few images: the benign image and its map, {shown}.{good}</p>'
 
 
 def render_html(run: RunData, options: PageOptions = PageOptions()) -> str:
@@ -374,8 +456,7 @@ def render_html(run: RunData, options: PageOptions = PageOptions()) -> str:
         + _summary_table(run)
         + _figures(run, options)
         + "<h2>Examples</h2>"
-        + '<p class="note">Per interpreter a few images: the benign image and its map, then the PGD and ADV² '
-        "images with their maps for the target class. A good ADV² map looks like the benign one.</p>"
+        + _examples_note(run.attacks)
         + "".join(grids)
         + "<footer>Generated by underfire from results.sqlite; self-contained (no external resources).</footer>"
     )

@@ -11,8 +11,14 @@ Tables (paths are relative to the run folder; the schema is a contract with the 
   ``created`` (ISO time) and ``attack_configs`` (JSON: the resolved AttackConfig per interpreter
   and for ``pgd``).
 - ``images``: the benign images attacked per model (stable id, position, classes, PNG path).
-- ``results``: one row per (model, interpreter, attack, target_map, image).
-- ``transfer``: ADV² examples crafted against one interpreter, explained by another.
+- ``results``: one row per (model, interpreter, attack, target_map, image), with the
+  interpreter's options (JSON) and the attack's configuration (JSON).
+- ``transfer``: examples of an interpreter-bound attack (ADV²) crafted against one interpreter,
+  explained by another.
+
+The schema is versioned (``PRAGMA user_version`` = ``SCHEMA_VERSION``): a database of version 0/1
+(before interpreter options and the transfer table's attack column) is migrated in place when a
+run opens it; a newer version is refused with one line, before any work.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any
 from ..errors import InputError
 
 DATABASE_NAME = "results.sqlite"
+#: Version 2: ``results.interpreter_options`` and ``transfer.attack``.
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,13 +55,21 @@ CREATE TABLE IF NOT EXISTS results (
   benign_map_path TEXT NOT NULL, benign_overlay_path TEXT NOT NULL,
   seconds REAL NOT NULL,
   seed INTEGER NOT NULL, config TEXT NOT NULL,
+  interpreter_options TEXT NOT NULL DEFAULT '{}',
   PRIMARY KEY (model, interpreter, attack, target_map, image));
 CREATE TABLE IF NOT EXISTS transfer (
   model TEXT NOT NULL, source_interpreter TEXT NOT NULL, target_interpreter TEXT NOT NULL,
   target_map TEXT NOT NULL, image TEXT NOT NULL,
   l1 REAL NOT NULL, l2 REAL NOT NULL, iou REAL NOT NULL,
-  PRIMARY KEY (model, source_interpreter, target_interpreter, target_map, image));
+  attack TEXT NOT NULL DEFAULT 'adv2',
+  PRIMARY KEY (model, attack, source_interpreter, target_interpreter, target_map, image));
 """
+
+#: Version 1 → 2: the columns version 2 added (old rows get the defaults: no options, ADV²).
+_MIGRATIONS = (
+    "ALTER TABLE results ADD COLUMN interpreter_options TEXT NOT NULL DEFAULT '{}'",
+    "ALTER TABLE transfer ADD COLUMN attack TEXT NOT NULL DEFAULT 'adv2'",
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,8 @@ class ImageRecord:
 @dataclass(frozen=True)
 class ResultRecord:
     """A row of ``results``; ``iou_by_k`` maps "0.05" … "0.50" to the IoU at that top-k share,
-    ``config`` is the JSON of the ``AttackConfig`` used."""
+    ``config`` is the JSON of the attack's configuration, ``interpreter_options`` the JSON of the
+    options the row's interpreter was built with."""
 
     model: str
     interpreter: str
@@ -98,6 +115,7 @@ class ResultRecord:
     seconds: float
     seed: int
     config: str
+    interpreter_options: str = "{}"
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -106,8 +124,8 @@ class ResultRecord:
 
 @dataclass(frozen=True)
 class TransferRecord:
-    """A row of ``transfer``: the ADV² image crafted against ``source_interpreter``, explained by
-    ``target_interpreter`` and compared with that interpreter's reference map of the image."""
+    """A row of ``transfer``: the image ``attack`` (ADV²) crafted against ``source_interpreter``,
+    explained by ``target_interpreter`` and compared with that interpreter's reference map of it."""
 
     model: str
     source_interpreter: str
@@ -117,10 +135,11 @@ class TransferRecord:
     l1: float
     l2: float
     iou: float
+    attack: str = "adv2"
 
     @property
-    def key(self) -> tuple[str, str, str, str, str]:
-        return (self.model, self.source_interpreter, self.target_interpreter, self.target_map, self.image)
+    def key(self) -> tuple[str, str, str, str, str, str]:
+        return (self.model, self.source_interpreter, self.target_interpreter, self.target_map, self.image, self.attack)
 
 
 def _columns(record_type: type) -> list[str]:
@@ -147,7 +166,32 @@ class ResultStore:
         self.connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes
-        self.connection.executescript(SCHEMA)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Create the schema, migrate an older version in place, refuse a newer one."""
+        version = int(self.connection.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            self.close()
+            raise InputError(
+                f"{str(self.path)!r} has results schema version {version}; this underfire reads up to "
+                f"{SCHEMA_VERSION}: use a newer underfire or another output folder"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        tables = {row[0] for row in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        with self._transaction() as cursor:
+            if "results" in tables:  # version 0/1: the columns version 2 added
+                columns = {row[1] for row in cursor.execute("PRAGMA table_info(results)")}
+                transfer = {row[1] for row in cursor.execute("PRAGMA table_info(transfer)")}
+                if "interpreter_options" not in columns:
+                    cursor.execute(_MIGRATIONS[0])
+                if "transfer" in tables and "attack" not in transfer:
+                    cursor.execute(_MIGRATIONS[1])
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    cursor.execute(statement)
+            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def __enter__(self) -> ResultStore:
         return self
@@ -206,7 +250,7 @@ class ResultStore:
     def transfer_keys(self) -> set[tuple[str, ...]]:
         """Primary keys present in ``transfer``."""
         return set(
-            self.connection.execute("SELECT model, source_interpreter, target_interpreter, target_map, image FROM transfer")
+            self.connection.execute("SELECT model, source_interpreter, target_interpreter, target_map, image, attack FROM transfer")
         )
 
     def insert_unit(self, results: Sequence[ResultRecord], transfer: Sequence[TransferRecord] = ()) -> None:

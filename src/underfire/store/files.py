@@ -7,6 +7,7 @@ leaves only a temporary file, which ``remove_temporary_files`` deletes on the ne
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -42,17 +43,36 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
-def save_png_atomic(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
-    """An (H, W, 3) uint8 array as PNG, optionally enlarged ``scale``× (nearest neighbour)."""
+def png_bytes(array: np.ndarray, scale: int = 1) -> bytes:
+    """An (H, W, 3) uint8 array as PNG file contents, optionally enlarged ``scale``× (nearest)."""
     picture = Image.fromarray(array)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    return write_atomic(path, lambda stream: picture.save(stream, format="PNG"))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as ``.npy`` file contents (no pickling)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """File contents computed elsewhere (a worker's), written atomically."""
+    return write_atomic(path, lambda stream: stream.write(data))
+
+
+def save_png_atomic(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    """An (H, W, 3) uint8 array as PNG, optionally enlarged ``scale``× (nearest neighbour)."""
+    return write_bytes_atomic(path, png_bytes(array, scale))
 
 
 def save_npy_atomic(array: np.ndarray, path: str | Path) -> Path:
     """An array as ``.npy`` (no pickling)."""
-    return write_atomic(path, lambda stream: np.save(stream, array, allow_pickle=False))
+    return write_bytes_atomic(path, npy_bytes(array))
 
 
 def remove_temporary_files(folder: str | Path) -> int:
