@@ -25,7 +25,7 @@ import torch
 from underfire.attacks.config import parse_fraction, preset
 from underfire.attacks.core import ADV2, PGD
 from underfire.attacks.measure import AttackMeasures, measure_attack
-from underfire.attacks.runner import images_from_dataset
+from underfire.runs.inputs import images_from_dataset
 from underfire.attacks.targets import random_targets
 from underfire.data import ShapesDataset
 from underfire.interpreters import build_interpreter

@@ -173,8 +173,9 @@ def test_attack_on_files_saves_measured_pngs(tmp_path: Path) -> None:
         assert row["linf"] <= 8 / 255 + 1e-6
         assert set(row) >= {"success", "confidence", "l1", "l2", "iou", "iou_by_k", "predicted_class"}
         assert len(row["iou_by_k"]) == 10
-        stem = Path(row["adversarial"]).stem
-        assert (out / "maps" / f"{stem}.benign.npy").is_file() and (out / "maps" / f"{stem}.adversarial.png").is_file()
+        assert all(Path(row[key]).is_file() and out in Path(row[key]).parents for key in ("adversarial", "map", "benign_map"))
+    # the attack command is a one-attack run: its folder is a run folder the report reads
+    assert run("report", str(out))[0] == 0 and (out / "report.html").is_file()
 
 
 @pytest.mark.parametrize(
@@ -186,7 +187,7 @@ def test_attack_on_files_saves_measured_pngs(tmp_path: Path) -> None:
         (("-i", "lime"), "unknown interpreter 'lime'"),
         (("--target", "circle"), "equals the true class"),
         (("--target", "zebra"), "unknown class 'zebra'"),
-        (("--attack", "fgsm"), "attack must be"),
+        (("--attack", "fgsm"), "unknown attack 'fgsm'"),
         (("--target-map", "nope.npy"), "does not exist"),
     ],
 )

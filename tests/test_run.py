@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from underfire import ExperimentConfig, load_experiment_config, run_experiment
-from underfire.attacks.runner import AttackJob, images_from_dataset, run_attack
+from underfire.runs import attack_experiment, run_attack
 from underfire.cli import app
 from underfire.data import open_dataset
 from underfire.errors import InputError
@@ -62,7 +62,7 @@ def expected_keys(config: ExperimentConfig, names: list[str]) -> tuple[set[tuple
         for m in config.models for i in config.interpreters for a in config.attacks for t in config.target_maps for n in names
     }
     transfer = {
-        (m, s, d, t, n)
+        (m, s, d, t, n, "adv2")
         for m in config.models for s in config.interpreters for d in config.interpreters for t in config.target_maps for n in names
     }
     return results, transfer
@@ -195,15 +195,20 @@ def test_transfer_diagonal_is_the_interpreters_own_row(finished: tuple[Path, Exp
 
 
 def test_numbers_equal_the_attack_command(finished: tuple[Path, ExperimentConfig], tmp_path: Path) -> None:
+    """``underfire attack`` is a one-attack experiment through the same driver: the same images,
+    the same budgets (PGD's too: the attack command no longer has a rule of its own) and the same
+    numbers as the run that holds all interpreters."""
     run_dir, config = finished
-    classifier = load_model("shapes-resnet")
-    dataset = open_dataset("shapes:test", size=64, class_names=classifier.class_names)
-    images, labels, names = images_from_dataset(classifier, dataset, config.images)
     with ResultStore(run_dir) as store:
         stored = {(r["interpreter"], r["attack"], r["image"]): r for r in store.rows("results")}
-    for attack, attack_config in (("adv2", config.attack_config("cam")), ("pgd", config.pgd_config())):
-        job = AttackJob("cam", attack, "random", "benign", attack_config, batch_size=config.batch_size, seed=config.seed)
-        report = run_attack(classifier, job, images, labels, names, tmp_path / attack, progress=False)
+    for attack in ("adv2", "pgd"):
+        job = attack_experiment(
+            model="shapes-resnet", interpreter="cam", attack=attack, data="shapes:test", limit=config.images,
+            batch_size=config.batch_size, seed=config.seed, overrides=dict(config.overrides),
+        )
+        if attack == "adv2":
+            assert job.config_for("adv2", "cam") == config.config_for("adv2", "cam")
+        report = run_attack(job, tmp_path / attack, progress=False)
         for row in report["images"]:
             mine = stored[("cam", attack, row["image"])]
             assert mine["target_class"] == row["target_class"] and mine["predicted_class"] == row["predicted_class"]

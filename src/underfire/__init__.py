@@ -29,11 +29,10 @@ from .models import (  # noqa: E402
     BUILTIN_MODELS,
     Classifier,
     ModelOptions,
-    TrainConfig,
     load_model,
     parse_model_spec,
-    train_classifier,
 )
+from .training import TrainConfig, train_classifier  # noqa: E402
 from .report import summary_rows, write_report  # noqa: E402
 
 __all__ = [

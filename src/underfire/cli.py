@@ -33,6 +33,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model spec: shapes-resnet, shapes-densenet, PATH.safetensors, torchvision:NAME@WEIGHTS, torchscript:PATH, module:function.")]
 WeightsArg = Annotated[Optional[str], typer.Option("--weights", help="Local weights file for the model spec.")]
+InterpreterArg = Annotated[str, typer.Option("--interpreter", "-i", help="An interpreter name (underfire interpreters lists them).")]
+OptionArg = Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Interpreter option KEY=VALUE (repeatable; underfire interpreters --options lists them).")]
 
 
 def user_errors(command: F) -> F:
@@ -80,6 +82,7 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     interpreter: Annotated[Optional[str], typer.Option("--interpreter", "-i", help="Also score this interpreter's maps against the object masks.")] = None,
+    option: OptionArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (field 'accuracy').")] = False,
 ) -> None:
     """Print a model's accuracy and per-class accuracy on a labelled dataset.
@@ -101,9 +104,9 @@ def evaluate(
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     explainer = None
     if interpreter is not None:
-        from .interpreters import build_interpreter
-
-        explainer = build_interpreter(interpreter, classifier)
+        explainer = _interpreter(interpreter, classifier, option)
+    elif option:
+        raise UnderfireError("--option needs --interpreter")
     progress = not as_json and sys.stderr.isatty()
     result = run_evaluation(classifier, dataset, data_name=data, batch_size=batch_size, progress=progress)
     report = result.as_dict()
@@ -125,12 +128,29 @@ def evaluate(
 
 
 @app.command()
-def interpreters() -> None:
-    """List the interpreters."""
-    from .interpreters import DESCRIPTIONS
+@user_errors
+def interpreters(
+    options: Annotated[bool, typer.Option("--options", help="Also list each interpreter's options (for --option KEY=VALUE).")] = False,
+) -> None:
+    """List the interpreters (built-in and plugins)."""
+    from .interpreters import INTERPRETERS, describe_interpreter
 
-    for name, text in DESCRIPTIONS.items():
-        typer.echo(f"{name:<11} {text}")
+    for name in INTERPRETERS:
+        typer.echo(f"{name:<11} {describe_interpreter(name)}")
+        if options:
+            for spec in INTERPRETERS.get(name).option_specs().values():
+                typer.echo(f"{'':<13}{spec.describe()}")
+
+
+@app.command()
+@user_errors
+def attacks() -> None:
+    """List the attacks (built-in and plugins)."""
+    from .attacks import ATTACKS
+
+    for name, cls in ATTACKS.items():
+        kind = "per interpreter" if cls.uses_interpreter else "shared by all interpreters"
+        typer.echo(f"{name:<11} {cls.description} [{kind}]")
 
 
 @app.command()
@@ -139,7 +159,8 @@ def explain(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for maps (.npy) and overlays (.png).")],
     model: ModelArg = "shapes-resnet",
-    interpreter: Annotated[str, typer.Option("--interpreter", "-i", help="grad, smoothgrad, cam, gradcam, rts or mask.")] = "cam",
+    interpreter: InterpreterArg = "cam",
+    option: OptionArg = None,
     weights: WeightsArg = None,
     target: Annotated[Optional[str], typer.Option("--class", help="Explain this class (name or id) instead of the prediction.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for stochastic interpreters (SmoothGrad, MASK).")] = 0,
@@ -151,12 +172,11 @@ def explain(
     import torch
 
     from .data import read_image
-    from .interpreters import build_interpreter
     from .models import load_model
     from .visualize import overlay, save_png
 
     classifier = load_model(model, weights=weights)
-    explainer = build_interpreter(interpreter, classifier)
+    explainer = _interpreter(interpreter, classifier, option)
     size = classifier.input_size or 224
     pictures = torch.stack([read_image(path, size) for path in images])  # every file read before any work
     out.mkdir(parents=True, exist_ok=True)
@@ -199,18 +219,19 @@ def explain(
 @user_errors
 def attack(
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files to attack (or use --data).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: adversarial PNGs, maps, report.json.")] = Path("attack-out"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: adversarial PNGs, maps, results.sqlite, report.json. A re-run resumes it.")] = Path("attack-out"),
     model: ModelArg = "shapes-resnet",
-    interpreter: Annotated[str, typer.Option("--interpreter", "-i", help="grad, smoothgrad, cam, gradcam, rts or mask.")] = "cam",
-    attack_name: Annotated[str, typer.Option("--attack", "-a", help="adv2 or pgd.")] = "adv2",
+    interpreter: InterpreterArg = "cam",
+    option: OptionArg = None,
+    attack_name: Annotated[str, typer.Option("--attack", "-a", help="An attack name: adv2, pgd, ... (underfire attacks lists them).")] = "adv2",
     target: Annotated[str, typer.Option(help="Target class (name or id) or 'random' (seeded, never the true class).")] = "random",
     target_map: Annotated[str, typer.Option(help="benign, other, shape (circle), rectangle, or a .npy file.")] = "benign",
     eps: Annotated[str, typer.Option(help="L∞ budget, e.g. 8/255.")] = "8/255",
     alpha: Annotated[Optional[str], typer.Option(help="Step size, e.g. 1/255 (default: the preset's).")] = None,
     preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
     pgd_steps: Annotated[Optional[int], typer.Option(help="Override: stage-1 (PGD) steps.")] = None,
-    adv_steps: Annotated[Optional[int], typer.Option(help="Override: stage-2 (joint objective) steps.")] = None,
-    relu: Annotated[Optional[str], typer.Option(help="GRAD/SmoothGrad ReLU surrogate: h, sigmoid, softplus, none.")] = None,
+    adv_steps: Annotated[Optional[int], typer.Option(help="Override: stage-2 (joint objective) steps; PGD gets stage 1 + stage 2.")] = None,
+    relu: Annotated[Optional[str], typer.Option(help="Shorthand for --option relu=KIND (GRAD/SmoothGrad: h, sigmoid, softplus, none).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Attack correctly classified images of a dataset (e.g. shapes:test) instead of files.")] = None,
     limit: Annotated[int, typer.Option(help="With --data: how many images.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed for targets and stochastic parts.")] = 0,
@@ -218,42 +239,30 @@ def attack(
     weights: WeightsArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
 ) -> None:
-    """Craft adversarial examples (ADV² or PGD) and measure how the interpretation moved."""
-    from .attacks.config import parse_fraction, preset
-    from .attacks.runner import AttackJob, images_from_dataset, images_from_files, run_attack
-    from .data import open_dataset
-    from .models import load_model
+    """Craft adversarial examples and measure how the interpretation moved.
 
-    overrides: dict[str, Any] = {"eps": parse_fraction(eps), "seed": seed}
-    if alpha is not None:
-        overrides["alpha"] = parse_fraction(alpha)
-    if pgd_steps is not None:
-        overrides["pgd_steps"] = pgd_steps
-    if adv_steps is not None:
-        overrides["adv_steps"] = adv_steps
-    if attack_name == "pgd" and adv_steps is None:
-        # PGD gets the whole step budget of the ADV² preset, so both attacks spend the same
-        base = preset(preset_name, interpreter)
-        overrides["pgd_steps"] = (pgd_steps or base.pgd_steps) + base.adv_steps
-        overrides["adv_steps"] = 0
-    config = preset(preset_name, interpreter, **overrides)
-    options: dict[str, Any] = {}
+    A one-attack experiment: the same code path, files and measures as `underfire run`.
+    """
+    from .attacks.config import parse_fraction
+    from .options import parse_assignments
+    from .runs import attack_experiment, run_attack
+
+    overrides: dict[str, Any] = {}
+    for key, value in (("alpha", alpha), ("pgd_steps", pgd_steps), ("adv_steps", adv_steps)):
+        if value is not None:
+            overrides[key] = value
+    options: dict[str, Any] = parse_assignments(option or [])
     if relu is not None:
-        if interpreter not in ("grad", "smoothgrad"):
-            raise UnderfireError("--relu applies to grad and smoothgrad only")
         options["relu"] = relu
-    job = AttackJob(interpreter, attack_name, target, target_map, config, options, batch_size, seed)
-    if bool(images) == bool(data):
-        raise UnderfireError("give image files or --data, not both or neither")
-    classifier = load_model(model, weights=weights)
-    if data:
-        if limit <= 0:
-            raise UnderfireError(f"--limit must be positive, got {limit}")
-        dataset = open_dataset(data, size=classifier.input_size or 224, class_names=classifier.class_names)
-        pictures, labels, names = images_from_dataset(classifier, dataset, limit)
-    else:
-        pictures, labels, names = images_from_files(classifier, list(images or []))
-    report = run_attack(classifier, job, pictures, labels, names, out, progress=not as_json and sys.stderr.isatty())
+    if data and limit <= 0:
+        raise UnderfireError(f"--limit must be positive, got {limit}")
+    config = attack_experiment(
+        model=model if weights is None else f"{model}@{weights}",
+        interpreter=interpreter, attack=attack_name, target=target, target_map=target_map,
+        preset=preset_name, eps=parse_fraction(eps), seed=seed, batch_size=batch_size,
+        files=list(images or []), data=data, limit=limit, overrides=overrides, options=options,
+    )
+    report = _run_with_interrupt(lambda: run_attack(config, out, progress=not as_json and sys.stderr.isatty()))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -276,7 +285,7 @@ def run_command(
     Resumable: a killed run, started again with the same command, does only what is missing.
     """
     from .runs import format_summary, load_experiment_config, run_experiment, summarise_run
-    from .runs.execute import safe_name
+    from .runs.plan import safe_name
 
     experiment = load_experiment_config(config)
     run_dir = out if out is not None else Path("runs") / safe_name(experiment.name)
@@ -304,6 +313,14 @@ def demo(
     page = write_report(out, "html")
     typer.echo(format_summary(summarise_run(out), title=f"demo: {outcome.results} results ({preset_name} preset)"))
     typer.echo(f"report: {page}")
+
+
+def _interpreter(name: str, classifier: Any, pairs: list[str] | None) -> Any:
+    """The interpreter ``name`` with the ``--option KEY=VALUE`` pairs (validated, typed)."""
+    from .interpreters import build_interpreter
+    from .options import parse_assignments
+
+    return build_interpreter(name, classifier, **parse_assignments(pairs or []))
 
 
 def _run_with_interrupt(work: Callable[[], Any]) -> Any:
@@ -339,7 +356,7 @@ def train_classifier_command(
     out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it).")] = Path("shapes-model.safetensors"),
 ) -> None:
     """Train a built-in classifier architecture; writes safetensors weights + JSON metadata."""
-    from .models.training import TrainConfig, train_classifier
+    from .training import TrainConfig, train_classifier
 
     config = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, seed=seed, batch_size=batch_size, train_size=train_size)
     result = train_classifier(config, out)
@@ -362,7 +379,7 @@ def train_rts_command(
     out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it).")] = Path("rts.safetensors"),
 ) -> None:
     """Train a real-time saliency (RTS) network that explains MODEL; writes safetensors + JSON."""
-    from .interpreters.rts_training import RtsTrainConfig, train_rts
+    from .training.rts import RtsTrainConfig, train_rts
 
     config = RtsTrainConfig(
         model=model,

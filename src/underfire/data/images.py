@@ -17,6 +17,7 @@ Conventions:
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -104,8 +105,9 @@ def _resize_crop_float(arr: np.ndarray, size: int) -> np.ndarray:
     return np.clip(arr[top:bottom, left:right], 0.0, 1.0)
 
 
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode ``path``; any failure becomes a one-line ImageReadError."""
+def _open(path: Path | io.BytesIO, name: str | None = None) -> Image.Image:
+    """Open and fully decode ``path`` (or in-memory contents called ``name``); any failure
+    becomes a one-line ImageReadError."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now: detects truncated and corrupt data inside the try
@@ -116,7 +118,7 @@ def _open(path: Path) -> Image.Image:
             img.load()
             return img
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
-        raise ImageReadError(f"cannot read image '{path}': {_reason(exc, path)}") from exc
+        raise ImageReadError(f"cannot read image '{name or path}': {_reason(exc, path)}") from exc
 
 
 def _header_size(path: Path) -> tuple[int, int]:
@@ -144,6 +146,12 @@ def read_image(path: str | os.PathLike[str], size: int | None = None) -> torch.T
     if size is not None:
         arr = _resize_crop_float(arr, int(size))
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
+
+
+def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
+    """File contents (PNG, JPEG, ...) as ``read_image`` would read the file: float32 (3, H, W)."""
+    img = _open(io.BytesIO(data), name)
+    return torch.from_numpy(np.ascontiguousarray(_to_rgb_array(img).transpose(2, 0, 1), dtype=np.float32))
 
 
 def read_mask(path: str | os.PathLike[str], size: int | None = None) -> torch.Tensor:

@@ -17,10 +17,15 @@ first model would waste all of that. Every error is one ``InputError`` line nami
     interpreters = ["grad", "cam", "rts", "mask"]
     attacks = ["pgd", "adv2"]
     transfer = true                  # ADV² examples of each interpreter explained by every other
+    files = []                       # or image files to attack instead of `data` (labels = predictions)
     [overrides]                      # any AttackConfig field, for every interpreter
     adv_steps = 60
     [overrides.mask]                 # per interpreter (wins over [overrides])
     adv_steps = 30
+    [interpreters.mask]              # an interpreter's options (its constructor's keyword arguments)
+    iterations = 100
+    [attacks.pgd]                    # an attack's own settings, applied last
+    pgd_steps = 100
 
 Relative paths (a data folder, a ``.npy`` target map) are relative to the working directory, as
 everywhere else on the command line.
@@ -32,20 +37,19 @@ import functools
 import json
 import math
 import tomllib
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..attacks.config import PRESETS, AttackConfig, LambdaSchedule, parse_fraction, preset
-from ..attacks.targets import load_user_map
+from ..attacks import ATTACKS
+from ..attacks.config import AttackConfig, preset
+from ..attacks.targets import TARGET_MAP_KINDS, load_user_map
 from ..errors import InputError, UnderfireError
 from ..interpreters import INTERPRETERS
-
-ATTACKS = ("pgd", "adv2")
-TARGET_MAP_KINDS = ("benign", "other", "shape", "circle", "rectangle")
+from ..options import coerce_options, parse_fraction
+from ..presets import PRESET_NAMES
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,10 @@ class ExperimentConfig:
     """What one run attacks and measures (the ``[experiment]`` table), plus attack overrides.
 
     ``overrides`` apply to every interpreter's ``AttackConfig``; ``interpreter_overrides[name]``
-    to one interpreter, after them. Both are read-only mappings of TOML values.
+    to one interpreter, after them. ``interpreter_options[name]`` are options of one interpreter
+    (on top of its preset's), ``attack_settings[name]`` settings of one attack (applied last).
+    All are read-only mappings of TOML values. ``files``, when given, are the images attacked
+    (each labelled with the model's prediction) instead of ``images`` correct ones of ``data``.
     """
 
     name: str = "experiment"
@@ -67,17 +74,20 @@ class ExperimentConfig:
     target_maps: tuple[str, ...] = ("benign",)
     models: tuple[str, ...] = ("shapes-resnet", "shapes-densenet")
     interpreters: tuple[str, ...] = ("grad", "cam", "rts", "mask")
-    attacks: tuple[str, ...] = ATTACKS
+    attacks: tuple[str, ...] = ("pgd", "adv2")
     transfer: bool = True
+    files: tuple[str, ...] = ()
     overrides: Mapping[str, Any] = field(default_factory=dict)
     interpreter_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    interpreter_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    attack_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # normalising a frozen instance
         _text("name", self.name)
         _integer("seed", self.seed, minimum=0)
-        if self.preset not in PRESETS:
-            raise InputError(f"experiment.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.preset not in PRESET_NAMES:
+            raise InputError(f"experiment.preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
         set_("eps", _eps(self.eps))
         _integer("images", self.images, minimum=1)
         _text("data", self.data)
@@ -99,15 +109,15 @@ class ExperimentConfig:
         set_("models", _names("models", self.models))
         set_("interpreters", _names("interpreters", self.interpreters))
         for name in self.interpreters:
-            if name not in INTERPRETERS or name not in PRESETS[self.preset]:
-                known = [n for n in INTERPRETERS if n in PRESETS[self.preset]]
-                raise InputError(f"experiment.interpreters: unknown interpreter {name!r}; choose from {', '.join(known)}")
+            if name not in INTERPRETERS:
+                raise InputError(f"experiment.interpreters: unknown interpreter {name!r}; choose from {', '.join(INTERPRETERS)}")
         set_("attacks", _names("attacks", self.attacks))
         for name in self.attacks:
             if name not in ATTACKS:
                 raise InputError(f"experiment.attacks: unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
         if not isinstance(self.transfer, bool):
             raise InputError(f"experiment.transfer must be true or false, got {self.transfer!r}")
+        set_("files", _names("files", self.files) if self.files else ())
         if not isinstance(self.overrides, Mapping):
             raise InputError("overrides must be a table of AttackConfig fields")
         set_("overrides", MappingProxyType(dict(self.overrides)))
@@ -121,25 +131,31 @@ class ExperimentConfig:
                 raise InputError(f"overrides.{name} must be a table of AttackConfig fields")
             per[name] = MappingProxyType(dict(table))
         set_("interpreter_overrides", MappingProxyType(per))
-        for name in self.interpreters:  # every attack config is built (and validated) now
-            self.attack_config(name)
+        set_("interpreter_options", _tables("interpreters", self.interpreter_options, self.interpreters, "interpreter"))
+        set_("attack_settings", _tables("attacks", self.attack_settings, self.attacks, "attack"))
+        for name in self.interpreters:  # every option and attack config is built (and validated) now
+            self.options_for(name)
+        for attack in self.attacks:
+            for interpreter in self.interpreters if ATTACKS.get(attack).uses_interpreter else (None,):
+                self.config_for(attack, interpreter)
 
     # ---------------------------------------------------------------------------- reading
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ExperimentConfig:
         """From the parsed TOML document (tables ``experiment`` and optional ``overrides``)."""
-        unknown = sorted(set(data) - {"experiment", "overrides"})
+        tables = ("experiment", "overrides", "interpreters", "attacks")
+        unknown = sorted(set(data) - set(tables))
         if unknown:
-            raise InputError(f"unknown table or key {unknown[0]!r} (expected [experiment] and [overrides])")
+            raise InputError(f"unknown table or key {unknown[0]!r} (expected [experiment], [overrides], [interpreters.NAME], [attacks.NAME])")
         experiment = data.get("experiment")
         if not isinstance(experiment, Mapping):
             raise InputError("the config needs an [experiment] table")
-        names = {f.name for f in fields(cls)} - {"overrides", "interpreter_overrides"}
+        names = {f.name for f in fields(cls)} - _TABLE_FIELDS
         unknown = sorted(set(experiment) - names)
         if unknown:
             raise InputError(f"unknown key experiment.{unknown[0]} (known: {', '.join(sorted(names))})")
         values = dict(experiment)
-        for key in ("target_maps", "models", "interpreters", "attacks"):
+        for key in ("target_maps", "models", "interpreters", "attacks", "files"):
             if key in values:
                 if not isinstance(values[key], list):
                     raise InputError(f"experiment.{key} must be a list, got {values[key]!r}")
@@ -156,38 +172,61 @@ class ExperimentConfig:
             bad = sorted(set(value) - attack_fields)
             if bad:
                 raise InputError(f"unknown key overrides.{key}.{bad[0]} (not an AttackConfig field)")
-        return cls(**values, overrides=shared, interpreter_overrides=per)
+        for table in ("interpreters", "attacks"):
+            if not isinstance(data.get(table, {}), Mapping):
+                raise InputError(f"[{table}] must hold one table per name ([{table}.NAME])")
+        return cls(
+            **values, overrides=shared, interpreter_overrides=per,
+            interpreter_options=data.get("interpreters", {}), attack_settings=data.get("attacks", {}),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """The config as the TOML document it came from (JSON-able; stored in the run's meta)."""
-        experiment = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("overrides", "interpreter_overrides")}
-        for key in ("target_maps", "models", "interpreters", "attacks"):
+        experiment = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TABLE_FIELDS}
+        for key in ("target_maps", "models", "interpreters", "attacks", "files"):
             experiment[key] = list(experiment[key])
+        if not experiment["files"]:  # absent unless used: a run made before it existed stays the same
+            del experiment["files"]
         overrides: dict[str, Any] = {k: _plain(v) for k, v in self.overrides.items()}
         for name, table in self.interpreter_overrides.items():
             overrides[name] = {k: _plain(v) for k, v in table.items()}
-        return json.loads(json.dumps({"experiment": experiment, "overrides": overrides}))
+        document: dict[str, Any] = {"experiment": experiment, "overrides": overrides}
+        for key, tables in (("interpreters", self.interpreter_options), ("attacks", self.attack_settings)):
+            if tables:
+                document[key] = {name: _plain(table) for name, table in tables.items()}
+        return json.loads(json.dumps(document, default=str))
 
     # ---------------------------------------------------------------------------- attacks
     def attack_config(self, interpreter: str) -> AttackConfig:
-        """The preset for ``interpreter`` with ε, the seed and the overrides applied."""
-        values: dict[str, Any] = {"eps": self.eps, "seed": self.seed}
-        for where, table in (("overrides", self.overrides), (f"overrides.{interpreter}", self.interpreter_overrides.get(interpreter, {}))):
-            for key, value in table.items():
-                values[key] = _coerce(f"{where}.{key}", key, value)
+        """The preset for ``interpreter`` with ε, the seed and the overrides applied: the base every
+        attack's configuration starts from (``config_for``)."""
         try:
-            return preset(self.preset, interpreter, **values)
+            config = preset(self.preset, interpreter, eps=self.eps, seed=self.seed)
+            config = config.with_settings("overrides", self.overrides)
+            return config.with_settings(f"overrides.{interpreter}", self.interpreter_overrides.get(interpreter, {}))
         except (InputError, TypeError) as error:
             raise InputError(f"overrides for {interpreter}: {error}") from None
 
-    def pgd_config(self) -> AttackConfig:
-        """PGD's config: PGD runs once per model and batch for all interpreters, with the largest
-        total step budget (pgd_steps + adv_steps) of the configured interpreters, all of it in
-        stage 1, so it never spends fewer steps than the ADV² it is compared with; ε, α and the
-        other settings are that interpreter's (the first one, on ties)."""
-        configs = [self.attack_config(name) for name in self.interpreters]
-        chosen = max(configs, key=lambda c: c.pgd_steps + c.adv_steps)  # max keeps the first on ties
-        return replace(chosen, pgd_steps=chosen.pgd_steps + chosen.adv_steps, adv_steps=0)
+    def config_for(self, attack: str, interpreter: str | None = None) -> Any:
+        """Attack ``attack``'s configuration: for ``interpreter`` when the attack uses one, else
+        shared by every interpreter of the run (``Attack.configure`` decides how)."""
+        cls = ATTACKS.get(attack)
+        if cls.uses_interpreter:
+            if interpreter is None:
+                raise InputError(f"the {attack} attack is configured per interpreter")
+            base = [self.attack_config(interpreter)]
+        else:
+            base = [self.attack_config(name) for name in self.interpreters]
+        return cls.configure(base, self.attack_settings.get(attack, {}))
+
+    def options_for(self, interpreter: str) -> dict[str, Any]:
+        """The options ``interpreter`` is built with: its preset's, then ``[interpreters.NAME]``,
+        each converted to the type the interpreter declares."""
+        cls = INTERPRETERS.get(interpreter)
+        specs = cls.option_specs()
+        options = coerce_options(f"preset {self.preset!r} of {interpreter}", cls.preset(self.preset).options, specs)
+        options.update(coerce_options(f"interpreters.{interpreter}", self.interpreter_options.get(interpreter, {}), specs))
+        return options
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
@@ -241,46 +280,22 @@ def _names(key: str, values: Any) -> tuple[str, ...]:
     return tuple(values)
 
 
-#: AttackConfig field → its type as text ("float", "int", "bool", "float | None", ...).
-_FIELD_TYPES = {
-    name: str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    for name, hint in typing.get_type_hints(AttackConfig).items()
-}
+#: Fields of ``ExperimentConfig`` that are tables of their own, not keys of ``[experiment]``.
+_TABLE_FIELDS = {"overrides", "interpreter_overrides", "interpreter_options", "attack_settings"}
 
 
-def _coerce(where: str, key: str, value: Any) -> Any:
-    """TOML value → AttackConfig field value: fractions for floats ("1/255"), λ schedules from a
-    list of values or a table {values, mode, fractions}."""
-    if key == "lam":
-        if isinstance(value, list):
-            value = {"values": value}
-        if not isinstance(value, Mapping) or set(value) - {"values", "mode", "fractions"}:
-            raise InputError(f"{where} must be a list of λ values or a table {{values, mode, fractions}}")
-        try:
-            return LambdaSchedule(
-                values=tuple(float(v) for v in value.get("values", ())),
-                mode=value.get("mode", "linear"),
-                fractions=None if value.get("fractions") is None else tuple(float(v) for v in value["fractions"]),
-            )
-        except (TypeError, ValueError) as error:
-            if isinstance(error, UnderfireError):
-                raise InputError(f"{where}: {error}") from None
-            raise InputError(f"{where}: λ values must be numbers") from None
-    kind = _FIELD_TYPES.get(key, "")
-    if "float" in kind:
-        if isinstance(value, str):
-            try:
-                return parse_fraction(value)
-            except InputError as error:
-                raise InputError(f"{where}: {error}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if kind == "bool" and not isinstance(value, bool):
-        raise InputError(f"{where} must be true or false, got {value!r}")
-    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-        raise InputError(f"{where} must be an integer, got {value!r}")
-    return value
+def _tables(where: str, tables: Any, names: tuple[str, ...], kind: str) -> Mapping[str, Mapping[str, Any]]:
+    """``[where.NAME]`` tables: each NAME one of ``names`` (the configured ones), each a table."""
+    if not isinstance(tables, Mapping):
+        raise InputError(f"[{where}] must hold one table per {kind} ([{where}.NAME])")
+    out = {}
+    for name, table in tables.items():
+        if name not in names:
+            raise InputError(f"{where}.{name}: {name!r} is not one of the configured {kind}s ({', '.join(names)})")
+        if not isinstance(table, Mapping):
+            raise InputError(f"{where}.{name} must be a table of settings")
+        out[name] = MappingProxyType(dict(table))
+    return MappingProxyType(out)
 
 
 def _plain(value: Any) -> Any:

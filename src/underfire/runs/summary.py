@@ -1,6 +1,7 @@
-"""The short answer of a run: per model × interpreter (× target map), PGD next to ADV².
+"""The short answer of a run: per model × interpreter (× target map), each attack side by side.
 
-Read from the database, so it is the same after a resume as after one uninterrupted run.
+Read from the database through the store's read side, so it is the same after a resume as after
+one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..store import ResultStore
+from ..attacks import attack_label
+from ..store import open_reader
 
 
 @dataclass(frozen=True)
@@ -31,16 +33,15 @@ class SummaryRow:
 
 
 def summarise_run(run_dir: str | Path) -> list[SummaryRow]:
-    """One row per model × interpreter × target map, in the order the run stored them."""
-    with ResultStore(run_dir) as store:
-        query = """
-            SELECT model, interpreter, target_map, attack, COUNT(*), AVG(success), AVG(iou), AVG(l1), MIN(rowid)
-            FROM results GROUP BY model, interpreter, target_map, attack ORDER BY MIN(rowid)
-        """
+    """One row per model × interpreter × target map, in the order the run stored them; each
+    row's attacks in the run's order."""
+    with open_reader(run_dir) as reader:
+        order = reader.attacks()
         grouped: dict[tuple[str, str, str], dict[str, AttackSummary]] = {}
-        for model, interpreter, target_map, attack, count, success, iou, l1, _ in store.connection.execute(query):
-            grouped.setdefault((model, interpreter, target_map), {})[attack] = AttackSummary(count, success, iou, l1)
-    return [SummaryRow(*key, attacks) for key, attacks in grouped.items()]
+        for row in reader.means(("success", "iou", "l1")):
+            key = (row["model"], row["interpreter"], row["target_map"])
+            grouped.setdefault(key, {})[row["attack"]] = AttackSummary(row["n"], row["success"], row["iou"], row["l1"])
+    return [SummaryRow(*key, {a: attacks[a] for a in order if a in attacks}) for key, attacks in grouped.items()]
 
 
 def format_summary(rows: list[SummaryRow], title: str = "") -> str:
@@ -54,11 +55,10 @@ def format_summary(rows: list[SummaryRow], title: str = "") -> str:
     table.add_column("interpreter")
     if show_map:
         table.add_column("target map")
-    for attack, label in (("pgd", "PGD"), ("adv2", "ADV²")):
-        if any(attack in row.attacks for row in rows):
-            for measure in ("success", "IoU", "L1"):
-                table.add_column(f"{label} {measure}", justify="right")
-    attacks = [a for a in ("pgd", "adv2") if any(a in row.attacks for row in rows)]
+    attacks = list(dict.fromkeys(a for row in rows for a in row.attacks))
+    for attack in attacks:
+        for measure in ("success", "IoU", "L1"):
+            table.add_column(f"{attack_label(attack)} {measure}", justify="right")
     for row in rows:
         cells = [row.model, row.interpreter] + ([row.target_map] if show_map else [])
         for attack in attacks:
