@@ -31,7 +31,8 @@ class Preset:
 
 
 #: The short schedule every ``quick`` preset shares: 60 PGD steps, then stage 2 whose step starts at
-#: 2/255 and decays (cosine) to 0.1/255 so the map settles within the few steps there are.
+#: 2/255 and decays (cosine) to 0.1/255 so the map settles within the few steps there are
+#: (docs/tuning.md).
 QUICK_SCHEDULE: Mapping[str, Any] = MappingProxyType({"pgd_steps": 60, "adv_alpha": 2 / 255, "adv_alpha_final": 0.1 / 255})
 
 #: What an interpreter without presets of its own gets: the paper's CAM/RTS/MASK schedule (300 +

@@ -42,8 +42,9 @@ def _grad_lambda(factor: float) -> dict[str, Any]:
     return {"values": [v * factor for v in _GRAD_LAMBDA], "mode": "staged", "fractions": list(_GRAD_FRACTIONS)}
 
 
-#: ``quick``: 500 stage-2 steps at 7.5× the paper's λ (docs/tuning.md); ``paper``: the official
-#: 300 + 704 steps. Both smooth the labels of ℓ_prd (0.1), as the official GRAD code does.
+#: ``quick``: 500 stage-2 steps at 7.5× the paper's λ, since the map is still converging when the
+#: shorter stage 2 ends (docs/tuning.md); ``paper``: the official 300 + 704 steps. Both smooth the
+#: labels of ℓ_prd (0.1), as the official GRAD code does.
 GRAD_PRESETS = {
     "paper": Preset(attack={"pgd_steps": 300, "adv_steps": 704, "lam": _grad_lambda(3136), "label_smoothing": 0.1}),
     "quick": Preset(attack={**QUICK_SCHEDULE, "adv_steps": 500, "lam": _grad_lambda(7.5 * 3136), "label_smoothing": 0.1}),
@@ -62,8 +63,8 @@ class Grad(Interpreter):
             logits of the surrogate's own forward pass instead of running the classifier again.
             One forward and one backward less per attack step (about 20 % of a GRAD step), but
             the prediction loss then back-propagates the smoothed ReLU derivative rather than the
-            exact one: on the built-in ResNet its input gradient keeps cosine 0.98 with the exact
-            one and the attack's trajectory changes. Off by default (exact, as the official ADV²
+            exact one: its input gradient is close to the exact one but not equal, so the attack's
+            trajectory changes (docs/tuning.md). Off by default (exact, as the official ADV²
             code, which runs an exact-ReLU copy of the model for the prediction loss).
     """
 

@@ -61,7 +61,8 @@ class MaskConfig:
 
     Reference (ICCV 2017 and the official ADV² code): 28×28 mask at 224 px (8×8 at 32 px),
     replacement blur σ = 10 px at 224, λ1 = 1e-4 (L1, a sum over mask cells), λ2 = 1e-2
-    (TV_β, a sum), β = 3, Adam lr 0.1, 300-400 iterations from m = 0.5, jitter.
+    (TV_β, a sum), β = 3, Adam lr 0.1, 300-400 iterations from m = 0.5, jitter. The
+    measurements behind each departure from it are in docs/tuning.md.
 
     * ``mask_stride`` (None = by input size): the mask has ``round(H/stride) × round(W/stride)``
       cells, stride 8 for inputs of at least 128 px (28×28 at 224: the reference), 4 below (8×8 at
@@ -69,23 +70,19 @@ class MaskConfig:
       the input and blurred with σ = ``mask_blur_sigma`` (None = H/40 px; 1.6 at 64).
     * ``blur_sigma`` (None = by input size): σ of the blur that makes the replacement image:
       10·H/224 at ≥ 128 px (the reference), 5·H/64 below (5 px at 64). Tuned: at 64 px the scaled
-      reference σ = 2.9 does not delete the object: the built-in ResNet still gives p > 0.5 to the
-      true class on 73 % of fully blurred test images (10 % at σ = 5-6).
+      reference σ = 2.9 blurs too little for the replacement to delete the object
+      (docs/tuning.md).
     * ``l1_weight`` (λ1 = 1e-3) and ``tv_weight`` (λ2 = 1e-2), ``tv_beta`` (β = 3).
       Normalisation: both terms are sums over mask cells, as in the reference, multiplied by
       ``784 / cells`` so that λ means what it means for the reference 28×28 mask at any
       resolution (the same price for deleting the same fraction of the image; equivalently
       λ·784·mean). λ1 is 10× the reference: with the reference λ1 the masks of the (very
-      confident) built-in models delete far more than the object (40-90 % of the image at
-      stride 8; at stride 4 the deletion check falls from 98 % to 94 % and the overlap of the
-      deleted region with the object from 0.34 to 0.28 IoU).
+      confident) built-in models delete far more than the object (docs/tuning.md).
     * ``learning_rate`` 0.1 (Adam), ``iterations`` 300, from ``init_value`` = 0 (everything
-      deleted; tuned, the reference starts at 0.5). From 0.5 the half-blurred image is still
-      classified with p ≈ 1 − 1e-6 by the built-in models, the saturated softmax has no gradient,
-      the L1 term wins the first Adam steps and the mask ends empty (on 12 of 48 test images
-      with the other defaults, 24 of 48 at stride 8).
-      Starting deleted, p is low, its gradient alive, and L1 restores every cell the class does
-      not need. m is clamped to [0, 1] after every step.
+      deleted; tuned, the reference starts at 0.5): starting deleted keeps p low and its
+      gradient alive, so L1 restores every cell the class does not need, whereas from 0.5 the
+      saturated softmax of the built-in models gives no gradient and the mask can end empty
+      (docs/tuning.md). m is clamped to [0, 1] after every step.
     * ``jitter`` (None = ``round(4·H/224)``, at least 1): each step the perturbed image is shifted
       by a random (dy, dx), |dy|, |dx| ≤ jitter px, reflected at the border. One shift per step
       for the whole batch, drawn from the call's generator, so a batch gives the same maps as
@@ -103,12 +100,9 @@ class MaskConfig:
       that many calls (the official code: 50). ``surrogate_jitter`` (default True): the unrolled
       steps and ``evidence_loss`` see the perturbed image shifted by a random jitter drawn like
       the solver's, one per attack step (expectation over transformation, Athalye et al., ICML
-      2018). Why: the solver jitters on 8 of its 9 possible shifts, and an adversarial image
-      tuned on the unshifted image alone loses c_t under a 1-px shift (a one-off diagnostic on
-      20 shapes-resnet test images, not part of the tests: p(c_t) 0.91 unshifted, 0.15-0.31
-      shifted), so the solver on it sees mostly a different class. On the 100-image attack
-      table (``scripts/attack_table.py``) MASK IoU went 0.375 → 0.388 (ResNet) and 0.253 →
-      0.312 (DenseNet). The inner steps of the follower stay unshifted.
+      2018). Why: the solver jitters, and an adversarial image tuned on the unshifted image
+      alone loses c_t under a 1-px shift, so the solver would explain another class
+      (docs/tuning.md). The inner steps of the follower stay unshifted.
     * ``evidence_weight`` (default 0.5; the ``paper`` preset sets 0, the paper's attack): weight,
       inside ℓ_int (so also scaled by λ), of ``evidence_loss`` in ADV²'s joint stage
       (``Mask.attack_terms``; underfire's addition to the paper's bilevel surrogate).
@@ -419,13 +413,10 @@ class Mask(Interpreter):
         only be the solver's answer if no mask the solver finds is cheaper. Its input gradient is
         ∇p_c(φ(x; m_t)) − ∇p_c(φ(x; m_f)) (the mask costs do not depend on x), so it makes the
         class survive the follower's deletion wherever that deletion undercuts m_t, instead of
-        everywhere (a plain CE on the follower's deletion conflicts with deleting R and lowered
-        the IoU in tuning). Why: the full solver on ADV² images found masks of about half the
-        objective of m_t (0.117 against 0.272 on 20 shapes-resnet test images, one-off
-        diagnostic): adversarial evidence dies under much smaller deletions than the benign
-        class. On the 100-image table (``scripts/attack_table.py``) MASK IoU went 0.388 → 0.452
-        (ResNet) and 0.312 → 0.314 (DenseNet, where the follower's gap closes but the full
-        solver from m = 0 still finds cheaper masks than the follower does).
+        everywhere (a plain CE on the follower's deletion conflicts with deleting R). Why:
+        adversarial evidence dies under much smaller deletions than the benign class, so on ADV²
+        images the full solver finds masks far cheaper than m_t unless the gap is priced in
+        (docs/tuning.md).
 
         The perturbed images go through the classifier as one batch.
         """

@@ -17,14 +17,13 @@ parts, as in the paper and its reference code (``sal/saliency_model.py``):
   mask ``m = a / (a + b)`` with ``a = exp(4·tanh(z_a/4))``, ``b = exp(4·tanh(z_b/4))`` (a softmax
   over two bounded channels), at 1/4 of the input resolution (16×16 at 64 px, 56×56 at 224 like
   the reference). Why bounded: with a plain softmax, masks saturate to exactly 1.0 in float32 on
-  large plateaus (measured: ~100 tied maximal pixels per upsampled map), which breaks the ranking
-  inside the object (pointing game, top-k) and gives the attack no gradient there. The reference's
-  ``a, b = |z|`` avoids that but could not empty the masks of wrong classes in our runs (fake-class
-  area ≈ true-class area); the bounded softmax does both. A fixed 3×3 box filter (part of the
-  network, trained through) ends it, as the mask of Fong & Vedaldi's perturbation method is
-  blurred: without it the masks are flat-topped plateaus a little wider than the object, whose
-  maximum lands anywhere on the plateau, often on its rim just outside the object (measured:
-  pointing game 0.82 → 0.98 for the DenseNet model when the filter is applied).
+  large plateaus, which breaks the ranking inside the object (pointing game, top-k) and gives the
+  attack no gradient there. The reference's ``a, b = |z|`` avoids that but could not empty the
+  masks of wrong classes in our runs; the bounded softmax does both (docs/tuning.md). A fixed 3×3
+  box filter (part of the network, trained through) ends it, as the mask of Fong & Vedaldi's
+  perturbation method is blurred: without it the masks are flat-topped plateaus a little wider
+  than the object, whose maximum lands anywhere on the plateau, often on its rim just outside the
+  object; with the filter the maximum lands inside it (docs/tuning.md).
 
 The network takes [0, 1] pixels and normalises inside. It is trained by
 ``underfire.training.rts.train_rts`` against the frozen classifier it explains;
@@ -35,8 +34,8 @@ The ADV² attack on RTS (Zhang et al. 2020) adds ``encoder_weight·CE(enc(x), c_
 fool RTS's own encoder; ``Rts.attack_terms`` supplies it, from the encoder logits that the
 surrogate's own encoder pass left in its state (``RtsState``). underfire also adds the term to the
 PGD warm start (``warm_start_encoder_weight``): RTS switches its mask off for a class its encoder
-does not see, and a warm start that fools only the classifier leaves the mask off for c_t on about
-a third of the images, where stage 2's map term has almost no gradient (docs/tuning.md).
+does not see, and a warm start that fools only the classifier leaves the mask off for c_t on many
+images, where stage 2's map term has almost no gradient (docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -292,7 +291,9 @@ class Rts(Interpreter):
         checkpoint: or the path of an RTS checkpoint (``underfire train rts --model SPEC``).
         encoder_weight: weight of ``CE(enc(x), c_t)`` in ADV²'s joint stage (the paper's 0.1).
         warm_start_encoder_weight: weight of the same term in the PGD warm start (underfire's
-            addition, 0.3; the ``paper`` preset sets 0, the paper's plain warm start).
+            addition, 0.3: the warm start then also fools RTS's encoder, so stage 2 starts with
+            the mask on for c_t, see docs/tuning.md; the ``paper`` preset sets 0, the paper's
+            plain warm start).
 
     With neither network nor checkpoint, the shipped network of a built-in classifier
     (``shapes-resnet``, ``shapes-densenet``) is loaded. Maps are the masks (high = salient)
@@ -304,7 +305,8 @@ class Rts(Interpreter):
     name = "rts"
     description = "real-time saliency network (Dabkowski & Gal 2017)"
     paper_class = "model-guided"
-    #: ``quick``: 300 stage-2 steps at 4× the paper's λ (docs/tuning.md); ``paper``: no warm-start term.
+    #: ``quick``: 300 stage-2 steps at 4× the paper's λ, to make up for the shorter stage 2
+    #: (docs/tuning.md); ``paper``: no warm-start term.
     presets = {
         "quick": Preset(attack={**QUICK_SCHEDULE, "adv_steps": 300, "lam": (20.0, 40.0)}),
         "paper": Preset(options={"warm_start_encoder_weight": 0.0}),
