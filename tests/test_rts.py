@@ -121,7 +121,8 @@ def test_surrogate_interpretation_loss_has_input_gradient() -> None:
     with clf.frozen():
         maps, state = rts.surrogate(x, torch.tensor([2, 3]))
         (grad,) = torch.autograd.grad(F.mse_loss(maps, target), x)
-    assert state is None
+        # the state carries the encoder's logits of the same pass (the attack's encoder term)
+        assert torch.equal(state.encoder_logits, rts.encoder_logits(x))
     assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
     # Only the input receives a gradient: the RTS network is frozen during the call.
     assert all(p.grad is None for p in rts.network.parameters())

@@ -15,7 +15,7 @@ from torch import nn
 
 from underfire import Classifier
 from underfire.attacks import ADV2, AttackConfig
-from underfire.interpreters import Grad, Interpreter, Mask, MaskConfig, Rts, SaliencyNetwork, build_interpreter
+from underfire.interpreters import Grad, Interpreter, Mask, MaskConfig, Rts, SaliencyNetwork, build_interpreter, normalize_maps
 
 SIZE = 32
 
@@ -76,17 +76,22 @@ def test_rts_maps_and_encoder_logits_from_one_pass() -> None:
     x = batch()
     classes = torch.tensor([0, 1, 2, 3])
     with clf.frozen():
-        maps, encoder_logits, state = rts.surrogate_and_encoder_logits(x, classes)
-        assert state is None
-        assert torch.equal(maps, rts.surrogate(x, classes)[0])
-        assert torch.equal(encoder_logits, rts.encoder_logits(x))
+        maps, state = rts.surrogate(x, classes)
+        assert torch.equal(maps, normalize_maps(rts.masks(x, classes)))
+        assert torch.equal(state.encoder_logits, rts.encoder_logits(x))
+        # the attack's encoder term reuses those logits instead of a second encoder pass
+        terms = rts.attack_terms("joint", x, classes, maps, state)
+        expected = rts.encoder_weight * F.cross_entropy(rts.encoder_logits(x), classes, reduction="none")
+        assert torch.equal(terms.extra, expected)
 
 
 def _plain_path(monkeypatch: pytest.MonkeyPatch, interpreter: Interpreter) -> None:
-    """Make ADV² use ``surrogate`` + ``clf(x)`` (+ ``encoder_logits``), as before the shortcut."""
+    """Make ADV² use ``surrogate`` + ``clf(x)`` (+ a separate ``encoder_logits`` pass for RTS's
+    encoder term), as before the shortcuts."""
     monkeypatch.setattr(type(interpreter), "surrogate_and_logits", Interpreter.surrogate_and_logits)
     if isinstance(interpreter, Rts):
-        monkeypatch.delattr(Rts, "surrogate_and_encoder_logits")
+        separate = Rts.attack_terms
+        monkeypatch.setattr(Rts, "attack_terms", lambda self, stage, x, c, m, state=None: separate(self, stage, x, c, m, None))
 
 
 @pytest.mark.parametrize("name", ["grad", "smoothgrad", "cam", "gradcam", "rts", "mask"])

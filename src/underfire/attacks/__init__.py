@@ -13,7 +13,7 @@ from ..models.classifier import Classifier
 from ..registry import Registry
 from .base import Attack, AttackResult
 from .config import AttackConfig, LambdaSchedule, parse_fraction, preset
-from .core import ADV2, PGD, project, quantize
+from .core import ADV2, PGD, finish, project, quantize
 
 #: Interpreter-free attacks (the baselines) first.
 ATTACKS: Registry[Attack] = Registry("underfire.attacks", Attack, "attack", order=lambda cls: (cls.uses_interpreter, cls.name))
@@ -40,6 +40,7 @@ __all__ = [
     "AttackResult",
     "LambdaSchedule",
     "build_attack",
+    "finish",
     "parse_fraction",
     "preset",
     "project",

@@ -141,7 +141,7 @@ class PGD(Attack):
         images, targets = _check_batch(clf, images, targets, labels)
         with clf.frozen():
             best, best_score, best_step, last = self._stage_one(images, targets)
-            return _finish(clf, images, targets, best, best_step, last, config)
+            return finish(clf, images, targets, best, best_step, last, config.eps)
 
     def _stage_one(
         self,
@@ -253,7 +253,7 @@ class ADV2(PGD):
                 best = torch.where(use[:, None, None, None], stage_two_best, best)
                 best_step = torch.where(use, stage_two_step, best_step)
                 distances = torch.where(qualified, best_score, distances)
-            return _finish(clf, images, targets, best, best_step, last, config, distances)
+            return finish(clf, images, targets, best, best_step, last, config.eps, distances)
 
     def _check_target_maps(self, images: torch.Tensor, target_maps: torch.Tensor) -> torch.Tensor:
         if not isinstance(target_maps, torch.Tensor):
@@ -275,17 +275,20 @@ class ADV2(PGD):
         return target_maps.expand(n, -1, -1, -1)
 
 
-def _finish(
+def finish(
     classifier: Classifier,
     images: torch.Tensor,
     targets: torch.Tensor,
     best: torch.Tensor,
     best_step: torch.Tensor,
     last: torch.Tensor,
-    config: AttackConfig,
+    eps: float,
     distances: torch.Tensor | None = None,
 ) -> AttackResult:
-    adversarial = quantize(best, images, config.eps)
+    """The ``AttackResult`` of the chosen iterates ``best``: put on the 8-bit grid inside the
+    ε-ball, then classified (success and p(c_t) are measured on what a PNG file holds). Any attack
+    ends this way (called inside ``classifier.frozen()``)."""
+    adversarial = quantize(best, images, eps)
     with torch.no_grad():
         probabilities = classifier(adversarial).softmax(1)
     return AttackResult(

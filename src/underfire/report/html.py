@@ -97,35 +97,23 @@ def _label(attack: str) -> str:
 
 
 def _bound_attacks(run: RunData) -> list[str]:
-    """The run's interpreter-bound attacks (ADV²), run order, plus any other attack with transfer cells."""
-    from ..attacks import ATTACKS
-
-    with_cells = {str(cell.get("attack", "adv2")) for cell in run.transfer}
-    names = [a for a in run.attacks if a in with_cells or (a in ATTACKS and ATTACKS.get(a).uses_interpreter)]
-    return names + sorted(with_cells - set(names))
+    """The attacks with transfer cells, in run order."""
+    with_cells = {cell["attack"] for cell in run.transfer}
+    return [a for a in run.attacks if a in with_cells] + sorted(with_cells - set(run.attacks))
 
 
 def _intro(attacks: list[str]) -> str:
-    """What the run's attacks are: ADV² and PGD as the paper has them, others by their description."""
+    """What the run's attacks are, each by its registered description."""
     from ..attacks import ATTACKS
 
-    base = baseline_attack(attacks)
     parts = []
     for attack in attacks:
-        if attack == "adv2":
-            parts.append(
-                "ADV²: adversarial examples that change the prediction to a target class while the "
-                "interpreter's map stays like the benign one"
-            )
-        elif attack == "pgd":
-            parts.append("PGD is the baseline that ignores the map" if base == "pgd" else "PGD ignores the map")
-        elif attack in ATTACKS and ATTACKS.get(attack).description:
-            parts.append(f"{_label(attack)}: {escape(ATTACKS.get(attack).description)}")
-        else:
-            parts.append(f"{_label(attack)}: an attack that is not installed here")
-    if "adv2" in attacks and "pgd" in attacks:  # the paper's order: ADV² first, then its baseline
-        parts.insert(0, parts.pop(attacks.index("adv2")))
-    return "; ".join(parts) + "." if parts else "This run has no attack results."
+        known = attack in ATTACKS and ATTACKS.get(attack).description
+        parts.append(f"{_label(attack)}: {escape(ATTACKS.get(attack).description) if known else 'an attack that is not installed here'}")
+    if not parts:
+        return "This run has no attack results."
+    return ("Adversarial examples that change the prediction to a target class; the question is whether the "
+            "interpreter's map still looks like the benign one. " + "; ".join(parts) + ".")
 
 
 def _data_uri(png: bytes) -> str:
@@ -352,7 +340,7 @@ def _figures(run: RunData, options: PageOptions) -> str:
         bound = _bound_attacks(run)
         groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for cell in run.transfer:
-            groups.setdefault((cell["model"], str(cell.get("attack", "adv2")), cell["target_map"]), []).append(cell)
+            groups.setdefault((cell["model"], cell["attack"], cell["target_map"]), []).append(cell)
         order = sorted(groups, key=lambda key: (key[0], bound.index(key[1]) if key[1] in bound else len(bound), key[1]))
         several_maps = len({target_map for _, _, target_map in groups}) > 1
         several_attacks = len(set(bound) | {attack for _, attack, _ in groups}) > 1
@@ -443,7 +431,7 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
 
 def _examples_note(attacks: list[str]) -> str:
     shown = f"then the {_joined([_label(a) for a in attacks])} images with their maps for the target class" if attacks else "no attack results"
-    good = " A good ADV² map looks like the benign one." if "adv2" in attacks else ""
+    good = " A good attack on the interpretation leaves a map that looks like the benign one."
     return f'<p class="note">Per interpreter a few images: the benign image and its map, {shown}.{good}</p>'
 
 
