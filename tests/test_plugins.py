@@ -5,6 +5,7 @@ plugins are skipped with one warning each and never break the built-ins."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -34,8 +35,9 @@ def _refresh() -> None:
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The example package installed with pip into its own folder, put on sys.path for this module."""
     target = tmp_path_factory.mktemp("site")
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("source") / EXAMPLE.name)  # build files stay out of the repo
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
         check=True, capture_output=True, text=True,
     )
     sys.path.insert(0, str(target))
