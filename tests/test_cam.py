@@ -368,12 +368,17 @@ def _surrogate_backward(explainer: Interpreter, clf: Classifier, x: torch.Tensor
         torch.autograd.grad(maps.square().sum(), x)
 
 
-def test_model_without_gap_linear_head_is_refused() -> None:
+def test_model_without_gap_linear_head_is_refused_by_cam_and_read_by_grad_cam() -> None:
     net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 4))
     clf = Classifier(net.eval(), input_size=8)
-    for interpreter in INTERPRETERS:
-        with pytest.raises(ModelStructureError, match="GAP→linear"):
-            interpreter(clf)
+    with pytest.raises(ModelStructureError, match="GAP→linear"):
+        CAM(clf)
+    grad_cam = GradCAM(clf)  # ∂z_c/∂a_k through the model's own Flatten→dense head
+    assert (grad_cam.layers.feature_name, grad_cam.layers.head) == ("0", None)
+    maps = grad_cam(torch.rand(2, 3, 8, 8), torch.tensor([0, 3]))
+    assert maps.shape == (2, 1, 6, 6)
+    with pytest.raises(ModelStructureError, match="GAP→linear"):
+        GradCAM(clf, head="2")  # a named head asks for the GAP reading
     assert hook_count(clf) == 0
 
 
@@ -433,10 +438,14 @@ def test_interpreter_layer_options_override_the_classifiers_hints(interpreter: t
     explainer = interpreter(hinted, feature_layer="layer4", head="fc")
     assert (explainer.layers.feature_name, explainer.layers.head_name) == ("layer4", "fc")
     assert hinted.cam_layer_names == ("layer3", None)  # the classifier's hints stay as given
-    with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
-        interpreter(hinted)
-    with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
-        interpreter(Classifier(ShapesResNet().eval(), input_size=64), feature_layer="layer3")
+    if interpreter.needs_gap_head:
+        with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
+            interpreter(hinted)
+        with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
+            interpreter(Classifier(ShapesResNet().eval(), input_size=64), feature_layer="layer3")
+    else:  # Grad-CAM reads a layer that feeds no GAP head through the model's own forward
+        for built in (interpreter(hinted), interpreter(Classifier(ShapesResNet().eval(), input_size=64), feature_layer="layer3")):
+            assert (built.layers.feature_name, built.layers.head) == ("layer3", None)
     with pytest.raises(ModelStructureError, match="'nope' is not a module"):
         interpreter(Classifier(ShapesResNet().eval(), input_size=64), head="nope")
 

@@ -15,6 +15,7 @@ from .data import (  # noqa: E402
     read_image,
 )
 from .errors import (  # noqa: E402
+    AttackError,
     CheckpointError,
     ImageReadError,
     InputError,
@@ -36,6 +37,7 @@ from .training import TrainConfig, train_classifier  # noqa: E402
 from .report import summary_rows, write_report  # noqa: E402
 
 __all__ = [
+    "AttackError",
     "BUILTIN_MODELS",
     "SHAPE_CLASSES",
     "CheckpointError",

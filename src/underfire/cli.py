@@ -7,6 +7,7 @@ traceback means a bug in underfire.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -31,8 +32,19 @@ app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model spec: shapes-resnet, shapes-densenet, PATH.safetensors, torchvision:NAME@WEIGHTS, torchscript:PATH, module:function.")]
+ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model spec: shapes-resnet, shapes-densenet, PATH.safetensors, torchvision:NAME@WEIGHTS, torchscript:PATH, export:PATH.pt2, module:function.")]
 WeightsArg = Annotated[Optional[str], typer.Option("--weights", help="Local weights file for the model spec.")]
+InputSizeArg = Annotated[Optional[int], typer.Option("--input-size", help="Side length the model takes (images are resized to it).", rich_help_panel="Model metadata")]
+ChannelsArg = Annotated[Optional[int], typer.Option("--channels", help="Input channels: 3 (RGB) or 1 (grey).", rich_help_panel="Model metadata")]
+MeanArg = Annotated[Optional[str], typer.Option("--mean", help="Per-channel normalisation mean, e.g. 0.485,0.456,0.406.", rich_help_panel="Model metadata")]
+StdArg = Annotated[Optional[str], typer.Option("--std", help="Per-channel normalisation std, e.g. 0.229,0.224,0.225.", rich_help_panel="Model metadata")]
+ClassesArg = Annotated[Optional[str], typer.Option("--classes", help="Class names: a file (one per line) or names separated by commas.", rich_help_panel="Model metadata")]
+FeatureLayerArg = Annotated[Optional[str], typer.Option("--feature-layer", help="Module name of the feature map CAM and Grad-CAM read.", rich_help_panel="Model metadata")]
+HeadArg = Annotated[Optional[str], typer.Option("--head", help="Module name of the linear head CAM reads.", rich_help_panel="Model metadata")]
+RtsArg = Annotated[Optional[str], typer.Option("--rts", help="RTS checkpoint trained for this model (underfire train rts).", rich_help_panel="Model metadata")]
+
+#: Where the CLI's model metadata is set, for the load check's messages.
+MODEL_HINT = "or a model card NAME.toml beside the model file; underfire models --describe SPEC shows what is known"
 InterpreterArg = Annotated[str, typer.Option("--interpreter", "-i", help="An interpreter name (underfire interpreters lists them).")]
 OptionArg = Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Interpreter option KEY=VALUE (repeatable; underfire interpreters --options lists them).")]
 
@@ -51,10 +63,56 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: The model metadata flags every command that takes --model has (``with_model_metadata``).
+_METADATA_FLAGS: dict[str, Any] = {
+    "input_size": InputSizeArg, "channels": ChannelsArg, "mean": MeanArg, "std": StdArg, "classes": ClassesArg,
+    "feature_layer": FeatureLayerArg, "head": HeadArg, "rts": RtsArg,
+}
+
+
+def with_model_metadata(command: F) -> F:
+    """Give ``command`` the model metadata flags (``--input-size``, ``--channels``, ...): they are
+    added to its signature for typer and handed to it as one ``metadata`` dict of the given ones."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "metadata"]
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind) for name, kind in _METADATA_FLAGS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        metadata = {name: kwargs.pop(name) for name in _METADATA_FLAGS if name in kwargs}
+        return command(*args, metadata={k: v for k, v in metadata.items() if v is not None}, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *flags])  # type: ignore[attr-defined]
+    del wrapper.__wrapped__  # typer must read the new signature, not the wrapped one's
+    return wrapper  # type: ignore[return-value]
+
+
 @app.command()
 @user_errors
-def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the built-in models with their metadata."""
+@with_model_metadata
+def models(
+    describe: Annotated[Optional[str], typer.Option("--describe", help="Describe this model spec: metadata, layers, what each interpreter can do.")] = None,
+    weights: WeightsArg = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    metadata: Any = None,
+) -> None:
+    """List the built-in models with their metadata, or describe one model spec (--describe)."""
+    if describe is not None:
+        from .models.describe import describe_model
+
+        options = _model_options(weights, metadata)
+        facts = describe_model(_load(describe, options))
+        if as_json:
+            typer.echo(json.dumps(facts, indent=2))
+            return
+        for key, value in facts.items():
+            if isinstance(value, dict):
+                typer.echo(f"{key}:")
+                for name, line in value.items():
+                    typer.echo(f"  {name:<11} {line}")
+            else:
+                typer.echo(f"{key:<13} {value}")
+        return
     from .models.checkpoint import load_checkpoint
     from .models.specs import BUILTIN_MODELS, builtin_weights_path
 
@@ -75,6 +133,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 
 @app.command()
 @user_errors
+@with_model_metadata
 def evaluate(
     model: ModelArg = "shapes-resnet",
     data: Annotated[str, typer.Option("--data", "-d", help="shapes:test|val|train, or a folder with one subfolder per class.")] = "shapes:test",
@@ -84,6 +143,7 @@ def evaluate(
     interpreter: Annotated[Optional[str], typer.Option("--interpreter", "-i", help="Also score this interpreter's maps against the object masks.")] = None,
     option: OptionArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (field 'accuracy').")] = False,
+    metadata: Any = None,
 ) -> None:
     """Print a model's accuracy and per-class accuracy on a labelled dataset.
 
@@ -94,10 +154,12 @@ def evaluate(
 
     from .data import open_dataset
     from .evaluation import evaluate as run_evaluation
-    from .models import load_model
 
-    classifier = load_model(model, weights=weights)
-    dataset = open_dataset(data, size=classifier.input_size or 224, class_names=classifier.class_names)
+    classifier = _load(model, _model_options(weights, metadata))
+    dataset = open_dataset(
+        data, size=classifier.input_size or 224, class_names=classifier.class_names,
+        channels=classifier.in_channels, outputs=classifier.num_classes,
+    )
     if limit is not None:
         if limit <= 0:
             raise UnderfireError(f"--limit must be positive, got {limit}")
@@ -155,6 +217,7 @@ def attacks() -> None:
 
 @app.command()
 @user_errors
+@with_model_metadata
 def explain(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for maps (.npy) and overlays (.png).")],
@@ -166,19 +229,19 @@ def explain(
     seed: Annotated[int, typer.Option(help="Seed for stochastic interpreters (SmoothGrad, MASK).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: per image the predicted class and the paths.")] = False,
+    metadata: Any = None,
 ) -> None:
     """Explain predictions: one saliency map per image, saved as .npy (float32, h×w) and a jet overlay PNG."""
     import numpy as np
     import torch
 
     from .data import read_image
-    from .models import load_model
     from .visualize import overlay, save_png
 
-    classifier = load_model(model, weights=weights)
+    classifier = _load(model, _model_options(weights, metadata))
     explainer = _interpreter(interpreter, classifier, option)
     size = classifier.input_size or 224
-    pictures = torch.stack([read_image(path, size) for path in images])  # every file read before any work
+    pictures = torch.stack([read_image(path, size, classifier.in_channels) for path in images])  # every file read before any work
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, len(images), batch_size):
@@ -217,6 +280,7 @@ def explain(
 
 @app.command()
 @user_errors
+@with_model_metadata
 def attack(
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files to attack (or use --data).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: adversarial PNGs, maps, results.sqlite, report.json. A re-run resumes it.")] = Path("attack-out"),
@@ -238,6 +302,7 @@ def attack(
     batch_size: Annotated[int, typer.Option(help="Images attacked together.")] = 50,
     weights: WeightsArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+    metadata: Any = None,
 ) -> None:
     """Craft adversarial examples and measure how the interpretation moved.
 
@@ -256,8 +321,9 @@ def attack(
         options["relu"] = relu
     if data and limit <= 0:
         raise UnderfireError(f"--limit must be positive, got {limit}")
+    metadata = _model_options(weights, metadata)
     config = attack_experiment(
-        model=model if weights is None else f"{model}@{weights}",
+        model=model, model_options=metadata.as_table(),
         interpreter=interpreter, attack=attack_name, target=target, target_map=target_map,
         preset=preset_name, eps=parse_fraction(eps), seed=seed, batch_size=batch_size,
         files=list(images or []), data=data, limit=limit, overrides=overrides, options=options,
@@ -315,6 +381,23 @@ def demo(
     typer.echo(f"report: {page}")
 
 
+def _model_options(weights: str | None, metadata: dict[str, Any]) -> Any:
+    """The model metadata flags as ``ModelOptions`` (validated; unset flags stay ``None``)."""
+    from .models.metadata import ModelOptions, class_names_option
+
+    values = dict(metadata)
+    if "classes" in values:
+        values["class_names"] = class_names_option(values.pop("classes"))
+    return ModelOptions(weights=weights, **values)
+
+
+def _load(spec: str, options: Any) -> Any:
+    """The model of ``spec`` with the metadata flags, checked with one probe forward."""
+    from .models import load_model
+
+    return load_model(spec, options, hint=f"--input-size, --channels, --mean, --std, --classes {MODEL_HINT}")
+
+
 def _interpreter(name: str, classifier: Any, pairs: list[str] | None) -> Any:
     """The interpreter ``name`` with the ``--option KEY=VALUE`` pairs (validated, typed)."""
     from .interpreters import build_interpreter
@@ -368,19 +451,27 @@ def train_classifier_command(
 
 @train_app.command("rts")
 @user_errors
+@with_model_metadata
 def train_rts_command(
     model: ModelArg = "shapes-resnet",
-    dataset: Annotated[str, typer.Option(help="Training data (the built-in 'shapes').")] = "shapes",
+    dataset: Annotated[str, typer.Option("--data", "--dataset", "-d", help="Training data: the built-in 'shapes', or an image folder (one subfolder per class).")] = "shapes",
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, batch order and fake selectors.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    train_size: Annotated[int, typer.Option(help="Training images.")] = 8000,
+    train_size: Annotated[int, typer.Option(help="Training images (at most).")] = 8000,
     encoder: Annotated[Optional[Path], typer.Option(help="Encoder checkpoint (a resnet classifier); default: the shipped one.")] = None,
-    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it).")] = Path("rts.safetensors"),
+    encoder_epochs: Annotated[int, typer.Option(help="With an image folder: pre-train the encoder on it for N epochs instead.")] = 0,
+    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it). A re-run resumes an unfinished one.")] = Path("rts.safetensors"),
+    weights: WeightsArg = None,
+    metadata: Any = None,
 ) -> None:
-    """Train a real-time saliency (RTS) network that explains MODEL; writes safetensors + JSON."""
+    """Train a real-time saliency (RTS) network that explains MODEL; writes safetensors + JSON.
+
+    Use it with --rts PATH (explain, attack), a model card's or [models.NAME] table's rts key.
+    """
     from .training.rts import RtsTrainConfig, train_rts
 
+    options = _model_options(weights, metadata)
     config = RtsTrainConfig(
         model=model,
         dataset=dataset,
@@ -389,10 +480,13 @@ def train_rts_command(
         batch_size=batch_size,
         train_size=train_size,
         encoder=None if encoder is None else str(encoder),
+        encoder_epochs=encoder_epochs,
+        model_options=options.as_table(),
     )
-    result = train_rts(config, out)
+    result = train_rts(config, out, progress=sys.stderr.isatty())
     scores = ", ".join(f"{key} {value:.3f}" for key, value in result.metrics.items())
-    typer.echo(f"wrote {result.path}: {scores}; {result.seconds:.0f} s")
+    pointing = "" if "pointing_game" in result.metrics else " (no object masks in the data: no pointing game)"
+    typer.echo(f"wrote {result.path}: {scores}{pointing}; {result.seconds:.0f} s; use it with --rts {result.path}")
 
 
 @data_app.command("export")

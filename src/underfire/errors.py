@@ -29,3 +29,7 @@ class CheckpointError(UnderfireError):
 
 class ModelStructureError(UnderfireError):
     """A model lacks the structure an operation needs (e.g. a GAP→linear head for CAM)."""
+
+
+class AttackError(UnderfireError):
+    """An attack that cannot do what it claims on this model (e.g. a map term without gradient)."""

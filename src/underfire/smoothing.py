@@ -18,8 +18,10 @@ where ``g`` is an antiderivative of the surrogate derivative. The bracket is exa
 value is bit-for-bit ReLU's; its first derivative is ``g'`` and its second ``g''`` — no custom
 ``autograd.Function`` and no hooks. (The form ``g + (relu − g).detach()`` would round.)
 
-Limits: TorchScript models and ``torch.ops.aten.relu`` calls bypass Python-level torch functions
-and are not reached; the mode is thread-local (like every torch function mode); a non-finite
+``torch.export`` programs are reached too: their graphs call ``torch.ops.aten.relu.default`` and
+``relu_.default``, which pass the mode as well. Limits: TorchScript models run their graph in C++,
+bypassing Python-level torch functions, and are not reached (the attack's zero-gradient guard
+stops an ADV² whose interpretation term has no gradient); the mode is thread-local (like every torch function mode); a non-finite
 pre-activation (±inf) gives NaN instead of ReLU's value under a smooth surrogate.
 """
 
@@ -52,11 +54,17 @@ class ReluSurrogate:
       * ``"sigmoid"`` — g = softplus, g' = σ(z) (the paper's comparison).
       * ``"softplus"`` — Dombrowski et al. 2019: g = softplus(βz)/β, g' = σ(βz).
       * ``"none"`` — the true ReLU derivative (second derivative zero).
+
+    ``relative``: measure z in units of its own scale, per sample — g_s(z) = s·g(z/s) with s the
+    root mean square of the sample's pre-activations at that ReLU (detached) — so the smoothing
+    width (√τ, 1/β) means the same on a model whose ReLUs see values in the hundreds as on one
+    with batch-normalised inputs. (With s = 1 it is the absolute surrogate.)
     """
 
     kind: SurrogateKind = "h"
     tau: float = 1e-4
     beta: float = 10.0
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in SURROGATE_KINDS:
@@ -68,9 +76,18 @@ class ReluSurrogate:
                 raise InputError(f"{field} must be a number, got {type(value).__name__}")
             if not math.isfinite(value) or value <= 0:
                 raise InputError(f"{field} must be a positive finite number, got {value}")
+        if not isinstance(self.relative, bool):
+            raise InputError(f"relative must be True or False, got {self.relative!r}")
 
     def antiderivative(self, z: torch.Tensor) -> torch.Tensor:
         """g(z): a function whose derivative is the surrogate derivative (``none``: ReLU itself)."""
+        if self.relative and self.kind != "none":
+            flat = z.detach().flatten(1) if z.dim() > 1 else z.detach().flatten()[None]
+            scale = flat.pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, *([1] * (z.dim() - 1)))
+            return scale * self._absolute(z / scale)
+        return self._absolute(z)
+
+    def _absolute(self, z: torch.Tensor) -> torch.Tensor:
         if self.kind == "h":
             # hypot(z, √τ) = √(z²+τ) without overflow for large |z|; the where() adds z on z < 0
             # only, so g'(0) = 0 exactly as the paper's z ≥ 0 branch says.
@@ -104,9 +121,10 @@ def as_relu_surrogate(surrogate: ReluSurrogate | str) -> ReluSurrogate:
     )
 
 
-_OUT_OF_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu, torch.Tensor.relu})
-_IN_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu_, torch.Tensor.relu_})
-# F.relu_ is torch.relu_; nn.ReLU calls F.relu(input, inplace=...).
+# The aten overloads are what a torch.export program's graph calls (it passes torch function
+# modes the OpOverload itself); F.relu_ is torch.relu_; nn.ReLU calls F.relu(input, inplace=...).
+_OUT_OF_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu, torch.Tensor.relu, torch.ops.aten.relu.default})
+_IN_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu_, torch.Tensor.relu_, torch.ops.aten.relu_.default})
 _RELU_FUNCS = _OUT_OF_PLACE | _IN_PLACE | {F.relu}
 
 

@@ -23,17 +23,20 @@ def colorize(saliency: np.ndarray, cmap: str = "jet") -> np.ndarray:
 
 
 def overlay(image: torch.Tensor, saliency: torch.Tensor, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend a (3, H, W) image in [0, 1] with a (1, h, w) map resized to (H, W): uint8 (H, W, 3)."""
+    """Blend a (3, H, W) or grey (1, H, W) image in [0, 1] with a (1, h, w) map resized to (H, W):
+    uint8 (H, W, 3)."""
     height, width = image.shape[-2:]
     resized = resize_maps(saliency.detach().float().reshape(1, 1, *saliency.shape[-2:]), (height, width))[0, 0]
     heat = colorize(resized.cpu().numpy(), cmap).astype(np.float32)
-    base = image.detach().float().cpu().permute(1, 2, 0).numpy() * 255
+    base = image.detach().float().cpu().expand(3, -1, -1).permute(1, 2, 0).numpy() * 255
     return ((1 - alpha) * base + alpha * heat).round().clip(0, 255).astype(np.uint8)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """A (3, H, W) image in [0, 1] as (H, W, 3) uint8, rounding to the nearest level."""
-    return (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    """A (3, H, W) image in [0, 1] as (H, W, 3) uint8, a grey (1, H, W) one as (H, W), rounding
+    to the nearest level (the arrays Pillow writes as RGB and grey PNGs)."""
+    array = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return array[..., 0] if array.shape[-1] == 1 else array
 
 
 def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:

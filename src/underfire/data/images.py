@@ -133,25 +133,42 @@ def _header_size(path: Path) -> tuple[int, int]:
         raise ImageReadError(f"cannot read image '{path}': {_reason(exc, path)}") from exc
 
 
-def read_image(path: str | os.PathLike[str], size: int | None = None) -> torch.Tensor:
-    """Read one image as a float32 (3, H, W) tensor in [0, 1] (RGB, see the module notes).
+def _check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise InputError(f"images are read with 1 (grey) or 3 (RGB) channels, got {channels!r}")
+
+
+def _to_tensor(arr: np.ndarray, channels: int) -> torch.Tensor:
+    """(H, W, 3) RGB array → (channels, H, W) tensor. Grey is ITU-R 601 luma (Pillow's ``L``),
+    taken as is where the three channels are equal, so a grey file reads back bit for bit."""
+    if channels == 1:
+        equal = np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
+        arr = arr[..., :1] if equal else (arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
+
+
+def read_image(path: str | os.PathLike[str], size: int | None = None, channels: int = 3) -> torch.Tensor:
+    """Read one image as a float32 (channels, H, W) tensor in [0, 1] (RGB or grey, see the
+    module notes).
 
     With ``size``, the shorter side is resized to ``size`` (bilinear, antialiased) and the
     centre size x size square is kept; an image already of that size is returned untouched.
     """
     _check_size(size)
+    _check_channels(channels)
     path = Path(path)
     img = _open(path)
     arr = _to_rgb_array(img)
     if size is not None:
         arr = _resize_crop_float(arr, int(size))
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
+    return _to_tensor(arr, channels)
 
 
-def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
-    """File contents (PNG, JPEG, ...) as ``read_image`` would read the file: float32 (3, H, W)."""
+def decode_image(data: bytes, name: str = "image", channels: int = 3) -> torch.Tensor:
+    """File contents (PNG, JPEG, ...) as ``read_image`` would read the file: float32 (channels, H, W)."""
+    _check_channels(channels)
     img = _open(io.BytesIO(data), name)
-    return torch.from_numpy(np.ascontiguousarray(_to_rgb_array(img).transpose(2, 0, 1), dtype=np.float32))
+    return _to_tensor(_to_rgb_array(img), channels)
 
 
 def read_mask(path: str | os.PathLike[str], size: int | None = None) -> torch.Tensor:
@@ -174,13 +191,13 @@ def read_mask(path: str | os.PathLike[str], size: int | None = None) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(grey))[None]
 
 
-def load_images(paths: Iterable[str | os.PathLike[str]], size: int) -> torch.Tensor:
-    """Read several images into one (N, 3, size, size) batch (same geometry as read_image)."""
+def load_images(paths: Iterable[str | os.PathLike[str]], size: int, channels: int = 3) -> torch.Tensor:
+    """Read several images into one (N, channels, size, size) batch (same geometry as read_image)."""
     _check_size(size)
     paths = list(paths)
     if not paths:
         raise InputError("no image paths given")
-    return torch.stack([read_image(p, size) for p in paths])
+    return torch.stack([read_image(p, size, channels) for p in paths])
 
 
 def read_class_names(path: str | os.PathLike[str]) -> list[str]:
@@ -232,13 +249,23 @@ class ImageFolderDataset(Dataset):
 
     Class names, and so label indices, come from ``class_names`` when given (folders are matched
     by name; a folder not in the list is an error), else from ``root/classes.txt`` (one name per
-    line), else from the sorted subfolder names. The layout written by
+    line), else from the sorted subfolder names — refused when ``outputs`` (the model's number of
+    classes) differs from their count, since positions would then not be the model's classes. The layout written by
     :func:`underfire.data.export_dataset` (``images/``, ``masks/``, ``classes.txt``) is also
     recognised; then :meth:`mask` returns each image's object mask.
     """
 
-    def __init__(self, root: str | os.PathLike[str], size: int, class_names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        size: int,
+        class_names: Sequence[str] | None = None,
+        channels: int = 3,
+        outputs: int | None = None,
+    ):
         _check_size(size)
+        _check_channels(channels)
+        self.channels = channels
         if size is None:
             raise InputError("ImageFolderDataset needs an image size")
         root = Path(root).expanduser()
@@ -277,6 +304,15 @@ class ImageFolderDataset(Dataset):
         else:
             names = [f.name for f in folders]
             source = ""
+            if outputs is not None and len(names) != outputs:
+                # sorted folder names would be labels 0..k-1, silently not the model's classes
+                raise InputError(
+                    f"'{image_root}' has {len(names)} class folders and the model {outputs} outputs, so "
+                    "folders cannot be matched to classes by position; give the model's class names "
+                    "(--classes FILE, one per line) to match them by name"
+                )
+        if outputs is not None and len(names) != outputs:
+            raise InputError(f"{source or 'the folder'} names {len(names)} classes, the model has {outputs} outputs")
         index = {name: k for k, name in enumerate(names)}
         for folder in folders:
             if folder.name not in index:
@@ -331,7 +367,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[self._index(i)]
-        return read_image(path, self.size), label
+        return read_image(path, self.size, self.channels), label
 
     def label(self, i: int) -> int:
         """Class index of image ``i`` without reading the file."""
@@ -354,10 +390,10 @@ class ImageFolderDataset(Dataset):
     def tensors(
         self, indices: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Images (N,3,s,s) float32, labels (N,) long and masks (N,1,s,s) bool, or None without masks."""
+        """Images (N,C,s,s) float32, labels (N,) long and masks (N,1,s,s) bool, or None without masks."""
         idx = range(len(self)) if indices is None else [self._index(i) for i in indices]
         s = self.size
-        images = torch.empty((len(idx), 3, s, s), dtype=torch.float32)
+        images = torch.empty((len(idx), self.channels, s, s), dtype=torch.float32)
         labels = torch.empty(len(idx), dtype=torch.long)
         masks = torch.empty((len(idx), 1, s, s), dtype=torch.bool) if self.has_masks else None
         for k, i in enumerate(idx):

@@ -26,11 +26,14 @@ def open_dataset(
     size: int = 64,
     class_names: Sequence[str] | None = None,
     seed: int = 0,
+    channels: int = 3,
+    outputs: int | None = None,
 ) -> ShapesDataset | ImageFolderDataset:
     """Resolve a data spec to a dataset; ``seed`` applies to the benchmark only.
 
     ``class_names`` maps an image folder's subfolders to class indices (for example a model's
-    classes); for the benchmark it must be omitted or equal to its own classes.
+    classes); for the benchmark it must be omitted or equal to its own classes. ``outputs`` (the
+    model's number of classes) refuses a folder whose classes cannot be its outputs.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"empty data spec: expected {ACCEPTED_FORMS}")
@@ -44,10 +47,12 @@ def open_dataset(
                 "the shapes benchmark has its own classes "
                 f"({', '.join(SHAPE_CLASSES)}); they differ from the class names given"
             )
+        if channels != 3:
+            raise SpecError(f"the shapes benchmark is RGB; the model expects {channels}-channel images")
         return ShapesDataset(split=split, size=size, seed=seed)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ImageFolderDataset(path, size=size, class_names=class_names)
+        return ImageFolderDataset(path, size=size, class_names=class_names, channels=channels, outputs=outputs)
     if path.exists():
         raise SpecError(f"data spec {spec!r} is a file, not a folder: expected {ACCEPTED_FORMS}")
     raise SpecError(f"data spec {spec!r} is neither a benchmark nor an existing folder: expected {ACCEPTED_FORMS}")

@@ -88,6 +88,11 @@ class Interpreter(ABC):
         base, own = DEFAULT_PRESETS[name], cls.presets.get(name, Preset())
         return Preset({**base.attack, **own.attack}, {**base.options, **own.options})
 
+    def check_attackable(self) -> None:
+        """Raise ``ModelStructureError`` (one line saying what to do) when this interpreter's
+        surrogate cannot give an attack a gradient on this classifier; the base always can.
+        ADV² calls it before its first step, ``underfire models --describe`` to report it."""
+
     def attack_terms(
         self,
         stage: AttackStage,

@@ -69,13 +69,16 @@ class _RepresentationInterpreter(Interpreter):
     that found them and hooks the feature map.
     """
 
+    #: whether the interpreter needs a GAP→linear head (CAM) or reads any feature map (Grad-CAM)
+    needs_gap_head: bool = True
+
     def __init__(
         self, classifier: Classifier, *, feature_layer: str | None = None, head: str | None = None
     ) -> None:
         super().__init__(classifier)
-        # Find the feature layer and the head now, so a model without a GAP→linear head fails
-        # when the interpreter is built (ModelStructureError), not in the middle of an attack.
-        self.capture = FeatureCapture(classifier, feature_layer=feature_layer, head=head)
+        # Find the feature layer and the head now, so a model without the layers fails when the
+        # interpreter is built (ModelStructureError), not in the middle of an attack.
+        self.capture = FeatureCapture(classifier, feature_layer=feature_layer, head=head, gap_head=self.needs_gap_head)
         self.layers: CamLayers = self.capture.layers
 
     def raw(self, images: torch.Tensor, classes: Any = None) -> torch.Tensor:
@@ -139,25 +142,34 @@ class CAM(_RepresentationInterpreter):
 
 
 class GradCAM(_RepresentationInterpreter):
-    """Gradient-weighted class activation mapping (Selvaraju et al. 2017).
+    """Gradient-weighted class activation mapping (Selvaraju et al. 2017), on any conv network.
 
     ``α_k`` is the spatial mean of ``∂z_c/∂a_k``, the map is ``ReLU(Σ_k α_k a_k)``, min-max
     normalised, at feature resolution. The surrogate keeps the graph of the gradient
-    (``create_graph=True``) so the map is differentiable with respect to the input; for the
-    GAP→linear heads the wrapper accepts it equals ``ReLU(CAM)/(h·w)``.
+    (``create_graph=True``) so the map is differentiable with respect to the input. On a
+    GAP→linear head it is read as CAM is (and equals ``ReLU(CAM)/(h·w)``); on any other head
+    (Flatten→dense, VGG) at ``feature_layer`` or the last spatial feature map, with the
+    gradient taken through the model's own forward (``FeatureCapture.features_in_graph``).
     """
 
     name = "gradcam"
     description = "gradient-weighted CAM (Selvaraju et al. 2017)"
     paper_class = "representation"
+    needs_gap_head = False
 
     def _raw_and_logits(
         self, images: torch.Tensor, classes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layers.head is None:
+            features, logits = self.capture.features_in_graph(images, detach=False)
+            return _weighted_map(features, logits, classes, create_graph=True), logits
         features, logits = self.capture.features_and_logits(images)
         return self._grad_cam(features, logits, classes, create_graph=True), logits
 
     def _raw_benign(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        if self.layers.head is None:
+            features, logits = self.capture.features_in_graph(images, detach=True)
+            return _weighted_map(features, logits, classes, create_graph=False).detach()
         with torch.no_grad():
             features, logits = self.capture.features_and_logits(images)
         return self._grad_cam(features, logits, classes, create_graph=False).detach()
@@ -171,15 +183,30 @@ class GradCAM(_RepresentationInterpreter):
         create_graph: bool,
     ) -> torch.Tensor:
         head = self.layers.head
+        assert head is not None
         with torch.enable_grad():
             # Without a graph to the input (benign maps), differentiate w.r.t. a detached leaf.
             source = features if features.requires_grad else features.detach().requires_grad_(True)
             scores = head(source.mean((2, 3)))
             _check_head_logits(scores.detach(), logits.detach(), self.classifier, self.layers)
-            picked = scores.gather(1, classes.view(-1, 1)).sum()  # samples are independent
-            (grads,) = torch.autograd.grad(picked, source, create_graph=create_graph)
-        alpha = grads.mean((2, 3), keepdim=True)
-        return torch.relu((alpha * features).sum(1, keepdim=True))
+        return _weighted_map(source, scores, classes, create_graph=create_graph, features=features)
+
+
+def _weighted_map(
+    source: torch.Tensor,
+    logits: torch.Tensor,
+    classes: torch.Tensor,
+    *,
+    create_graph: bool,
+    features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grad-CAM's ``ReLU(Σ_k α_k a_k)`` with ``α_k = mean_ij ∂z_c/∂a_k[i, j]``, the gradient taken
+    with respect to ``source`` (``features`` defaults to it)."""
+    with torch.enable_grad():
+        picked = logits.gather(1, classes.view(-1, 1)).sum()  # samples are independent
+        (grads,) = torch.autograd.grad(picked, source, create_graph=create_graph)
+    alpha = grads.mean((2, 3), keepdim=True)
+    return torch.relu((alpha * (source if features is None else features)).sum(1, keepdim=True))
 
 
 def _class_map(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,11 @@ its ``feature_layer=`` / ``head=`` arguments) as model metadata.
 * ``FeatureCapture`` does that once for one classifier (a seeded random probe at the classifier's
   ``input_size``, frozen, without gradient) and then, on every call of ``features_and_logits``,
   hooks the feature module for one forward pass and returns the feature map with the logits.
+* Grad-CAM needs no GAP head: where there is none (VGG-style or Flatten→dense models), or where the
+  named ``feature_layer`` does not feed one, ``find_feature_layer`` picks the named module or the
+  last one with a spatial 4-D output, and ``FeatureCapture.features_in_graph`` hands the rest of
+  the forward a copy of its output, so the logits are a differentiable function of the captured
+  map (``∂z_c/∂a_k`` by autograd, as pytorch-grad-cam and captum's ``LayerGradCam`` compute it).
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ class CamLayers:
     """Where CAM reads a model: the last conv feature map and the linear head it feeds.
 
     ``post_relu`` is True when the model applies a (functional) ReLU between the feature module and
-    global average pooling, as torchvision's DenseNet does after ``features``.
+    global average pooling, as torchvision's DenseNet does after ``features``. ``head`` is None
+    when the feature map feeds no GAP→linear head (Grad-CAM's general case).
     """
 
     feature_name: str
     feature_module: nn.Module
-    head_name: str
-    head: nn.Linear
+    head_name: str | None
+    head: nn.Linear | None
     post_relu: bool
 
 
@@ -53,11 +59,18 @@ class FeatureCapture:
             classifier's hints (``classifier.cam_layer_names``, its ``feature_layer=`` / ``head=``
             arguments).
 
-    Raises ``ModelStructureError`` when the model has no GAP→linear head (see ``find_cam_layers``).
+    Raises ``ModelStructureError`` when the model has no GAP→linear head (see ``find_cam_layers``),
+    unless ``gap_head=False``: then a model without one gets the layers of ``find_feature_layer``
+    (``layers.head`` is None) and is read through ``features_in_graph``.
     """
 
     def __init__(
-        self, classifier: Classifier, *, feature_layer: str | None = None, head: str | None = None
+        self,
+        classifier: Classifier,
+        *,
+        feature_layer: str | None = None,
+        head: str | None = None,
+        gap_head: bool = True,
     ) -> None:
         network = classifier.network
         if not isinstance(network, nn.Module):
@@ -77,11 +90,33 @@ class FeatureCapture:
         generator = torch.Generator().manual_seed(0)
         probe = torch.rand((2, classifier.in_channels, size, size), generator=generator)
         with classifier.frozen(), torch.no_grad():
-            self.layers: CamLayers = find_cam_layers(
-                network,
-                classifier.normalize(probe.to(classifier.device)),
-                *self.names,
-            )
+            inputs = classifier.normalize(probe.to(classifier.device))
+            try:
+                self.layers: CamLayers = find_cam_layers(network, inputs, *self.names)
+            except ModelStructureError:
+                if gap_head or self.names[1] is not None:
+                    raise
+                self.layers = find_feature_layer(network, inputs, self.names[0])
+
+    def features_in_graph(self, images: torch.Tensor, *, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass returning (feature map, logits) with the logits a differentiable
+        function of the returned map, whatever the head: the hook hands the rest of the forward a
+        copy of the module's output (so in-place ops downstream leave the returned map intact).
+        ``detach=True`` (benign maps) makes the map a fresh leaf, so the graph starts there."""
+        captured: list[torch.Tensor] = []
+
+        def substitute(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+            source = output.detach().requires_grad_(True) if detach else output
+            captured.append(source)
+            return source.clone()
+
+        handle = self.layers.feature_module.register_forward_hook(substitute)
+        try:
+            with torch.enable_grad():
+                logits = self.classifier(images)
+        finally:
+            handle.remove()
+        return captured[-1], logits
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass returning (CAM feature map (N, K, h, w), logits), both differentiable.
@@ -187,6 +222,41 @@ def find_cam_layers(
         f"{where} outputs a feature map whose global average pool feeds the linear head "
         f"{head_name!r}; CAM needs a GAP→linear head (name the layers with feature_layer=/head=)"
     )
+
+
+def find_feature_layer(model: nn.Module, probe: torch.Tensor, feature_layer: str | None = None) -> CamLayers:
+    """Grad-CAM's layer on any convolutional model: the named module, else the last module (in
+    execution order) whose output is a spatial 4-D map — the last convolutional block, the
+    layer Selvaraju et al. and pytorch-grad-cam use."""
+    modules = dict(model.named_modules())
+    if feature_layer is not None and feature_layer not in modules:
+        raise ModelStructureError(f"feature layer {feature_layer!r} is not a module of the model")
+    outputs: list[tuple[str, tuple[int, ...]]] = []
+
+    def recorder(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                outputs.append((name, tuple(output.shape)))
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in modules.items():
+            if name and (feature_layer is None or name == feature_layer):
+                handles.append(module.register_forward_hook(recorder(name)))
+        model(probe)
+    except RuntimeError as error:  # e.g. TorchScript modules refuse Python hooks
+        raise ModelStructureError(f"cannot inspect the model's layers for Grad-CAM: {error}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    spatial = [name for name, shape in outputs if len(shape) == 4 and shape[2] * shape[3] > 1]
+    if not spatial:
+        where = f"module {feature_layer!r} outputs" if feature_layer else "no module outputs"
+        raise ModelStructureError(f"{where} a spatial feature map (N, K, h, w) for Grad-CAM to read")
+    name = spatial[-1]
+    return CamLayers(name, modules[name], None, None, post_relu=False)
 
 
 def _find_head(

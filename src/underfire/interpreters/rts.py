@@ -295,7 +295,9 @@ class Rts(Interpreter):
             the mask on for c_t, see docs/tuning.md; the ``paper`` preset sets 0, the paper's
             plain warm start).
 
-    With neither network nor checkpoint, the shipped network of a built-in classifier
+    With neither network nor checkpoint, the classifier's own (its metadata's ``rts``: the CLI's
+    ``--rts``, a model card's or a ``[models.NAME]`` table's key), else the shipped network of a
+    built-in classifier
     (``shapes-resnet``, ``shapes-densenet``) is loaded. Maps are the masks (high = salient)
     min-max normalised per image, at 1/4 of the input resolution. The network is moved to the
     classifier's device and run frozen (eval mode, no parameter gradients; flags restored after
@@ -332,10 +334,12 @@ class Rts(Interpreter):
             raise InputError("pass either an RTS network or a checkpoint path, not both")
         if network is None:
             if checkpoint is None:
+                checkpoint = classifier.metadata.get("rts")  # the model's metadata (--rts, a card)
+            if checkpoint is None:
                 if classifier.name not in SHIPPED_RTS:
                     raise InputError(
                         f"no RTS network ships for model {classifier.name!r}; train one with "
-                        "`underfire train rts --model SPEC` and pass it as Rts(classifier, checkpoint=PATH)"
+                        "`underfire train rts --model SPEC` and pass it with --rts PATH (or checkpoint=PATH)"
                     )
                 checkpoint = shipped_rts_path(SHIPPED_RTS[classifier.name])
                 if not checkpoint.is_file():

@@ -109,6 +109,12 @@ class Classifier(nn.Module):
         return self.model if "model" in self._modules else self._callable
 
     @property
+    def is_scripted(self) -> bool:
+        """Whether the model is (or holds) a TorchScript module: its graph runs in C++, where
+        Python hooks and torch function modes do not reach."""
+        return isinstance(self.network, nn.Module) and any(isinstance(m, torch.jit.ScriptModule) for m in self.network.modules())
+
+    @property
     def cam_layer_names(self) -> tuple[str | None, str | None]:
         """``(feature_layer, head)``: the module names given for CAM's layers (``None`` = unnamed).
 

@@ -7,10 +7,14 @@ Accepted forms (nothing is ever downloaded):
 * ``torchvision:NAME@WEIGHTS`` — a torchvision architecture with a local weights file
   (``@random`` for random weights, useful for benchmarks);
 * ``torchscript:PATH`` — a TorchScript archive;
+* ``export:PATH.pt2`` — a ``torch.export`` program (``torch.export.save``), unflattened so its
+  module names (CAM's layers) and its ReLU calls (GRAD's surrogate) are reachable;
 * ``module:function`` or ``path/to/file.py:function`` — a user factory returning an ``nn.Module``,
   optionally ``...@WEIGHTS``.
 
-A weights file can also be passed separately (``weights=``, the CLI's ``--weights``).
+A weights file can also be passed separately (``weights=``, the CLI's ``--weights``). What a spec
+does not say (input size, channels, normalisation, class names, CAM's layers, an RTS checkpoint)
+comes from ``ModelOptions`` or a model card beside the file (``models.metadata``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Sequence
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,6 +35,9 @@ from ..errors import CheckpointError, SpecError
 from .architectures import build_architecture
 from .checkpoint import load_checkpoint, load_weights
 from .classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from .metadata import ModelOptions, card_for, probe_classifier, read_card
+
+__all__ = ["BUILTIN_MODELS", "ModelOptions", "ModelSpec", "load_model", "parse_model_spec"]
 from .torchvision_compat import import_torchvision
 
 BUILTIN_MODELS: dict[str, str] = {
@@ -40,7 +47,7 @@ BUILTIN_MODELS: dict[str, str] = {
 
 SPEC_FORMS = (
     "a built-in name (" + ", ".join(BUILTIN_MODELS) + "), PATH.safetensors, "
-    "torchvision:NAME@WEIGHTS, torchscript:PATH, or module:function"
+    "torchvision:NAME@WEIGHTS, torchscript:PATH, export:PATH.pt2, or module:function"
 )
 
 
@@ -48,7 +55,7 @@ SPEC_FORMS = (
 class ModelSpec:
     """A parsed model specification."""
 
-    kind: str  # builtin | checkpoint | torchvision | torchscript | factory
+    kind: str  # builtin | checkpoint | torchvision | torchscript | export | factory
     target: str
     weights: str | None = None
 
@@ -56,20 +63,6 @@ class ModelSpec:
         prefix = "" if self.kind in ("builtin", "checkpoint", "factory") else f"{self.kind}:"
         suffix = f"@{self.weights}" if self.weights else ""
         return f"{prefix}{self.target}{suffix}"
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """Overrides for what a spec does not say (user models rarely carry their metadata)."""
-
-    weights: str | None = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    class_names: Sequence[str] | None = None
-    input_size: int | None = None
-    feature_layer: str | None = None
-    head: str | None = None
-    device: str = "cpu"
 
 
 def builtin_weights_path(name: str) -> Path:
@@ -85,7 +78,7 @@ def parse_model_spec(spec: str, weights: str | None = None) -> ModelSpec:
     if spec in BUILTIN_MODELS:
         return ModelSpec("builtin", spec, weights)
     kind, sep, rest = spec.partition(":")
-    if sep and kind in ("torchvision", "torchscript", "checkpoint"):
+    if sep and kind in ("torchvision", "torchscript", "export", "checkpoint"):
         target, inline = _split_weights(rest) if kind == "torchvision" else (rest, None)
         if not target:
             raise SpecError(f"model spec {spec!r} names no {'architecture' if kind == 'torchvision' else 'file'}")
@@ -100,12 +93,24 @@ def parse_model_spec(spec: str, weights: str | None = None) -> ModelSpec:
     raise SpecError(f"cannot parse model spec {spec!r}; use {SPEC_FORMS}")
 
 
-def load_model(spec: str | ModelSpec, options: ModelOptions | None = None, **overrides: Any) -> Classifier:
-    """Build a ``Classifier`` from a spec. ``overrides`` are ``ModelOptions`` fields."""
+def load_model(
+    spec: str | ModelSpec, options: ModelOptions | None = None, *, hint: str = "model options", **overrides: Any
+) -> Classifier:
+    """Build a ``Classifier`` from a spec and check it with one probe forward.
+
+    ``options`` (or ``overrides``, its fields) win over the model card beside the model file,
+    which wins over what the spec knows. ``hint`` names where the caller's options are set, for
+    the probe's error messages (the CLI's flags, a run config's table).
+    """
     options = options or ModelOptions()
     if overrides:
         options = ModelOptions(**{**options.__dict__, **overrides})
     parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec, options.weights)
+    card_file = card_for(_model_file(parsed))
+    if card_file is not None:
+        options = options.over(read_card(card_file))
+        if parsed.weights is None and options.weights is not None:
+            parsed = ModelSpec(parsed.kind, parsed.target, options.weights)
     if parsed.kind in ("builtin", "checkpoint"):
         path = builtin_weights_path(parsed.target) if parsed.kind == "builtin" else Path(parsed.target)
         state, meta = load_checkpoint(path)
@@ -125,11 +130,19 @@ def load_model(spec: str | ModelSpec, options: ModelOptions | None = None, **ove
     elif parsed.kind == "torchscript":
         model = _torchscript_model(parsed.target)
         defaults, metadata = {}, {}
+    elif parsed.kind == "export":
+        model = _exported_model(parsed.target)
+        defaults, metadata = {}, {}
     else:
         model = _factory_model(parsed.target)
         if parsed.weights:
             _load_state(model, load_weights(parsed.weights), Path(parsed.weights))
         defaults, metadata = {}, {"weights": parsed.weights}
+    metadata = {**metadata, "format": parsed.kind}
+    if card_file is not None:
+        metadata["card"] = str(card_file)
+    if options.rts is not None:
+        metadata["rts"] = options.rts
 
     def pick(field: str) -> Any:
         value = getattr(options, field)
@@ -141,13 +154,29 @@ def load_model(spec: str | ModelSpec, options: ModelOptions | None = None, **ove
         pick("std"),
         class_names=pick("class_names"),
         input_size=pick("input_size"),
+        in_channels=options.channels or 3,
         feature_layer=options.feature_layer,
         head=options.head,
         name=str(parsed),
         metadata=metadata,
     )
     # load_model built this module itself, so inference mode is the right state to hand back
-    return classifier.eval().to(options.device)
+    classifier = classifier.eval().to(options.device)
+    probe_classifier(classifier, hint)
+    return classifier
+
+
+def _model_file(spec: ModelSpec) -> str | None:
+    """The file a model card sits beside: the graph file, else the weights file, else a factory's
+    source file."""
+    if spec.kind in ("torchscript", "export"):
+        return spec.target
+    if spec.weights and spec.weights != "random":
+        return spec.weights
+    if spec.kind == "factory":
+        module = spec.target.rpartition(":")[0]
+        return module if module.endswith(".py") else None
+    return None
 
 
 def _split_weights(text: str) -> tuple[str, str | None]:
@@ -195,6 +224,21 @@ def _torchscript_model(path: str) -> nn.Module:
     except (RuntimeError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SpecError(f"cannot load TorchScript file {path!r}: {message}") from None
+
+
+def _exported_model(path: str) -> nn.Module:
+    """A ``torch.export`` program as a module: unflattened, so it keeps its module hierarchy
+    (CAM's hooks) and calls its ops from Python (the ReLU surrogates see them)."""
+    if not Path(path).is_file():
+        raise SpecError(f"exported program {path!r} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch's own deprecation notices about its pytree specs
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.export.load(path)
+            return torch.export.unflatten(program)
+    except Exception as error:  # torch.export raises many types for a file that is not a program
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpecError(f"cannot load exported program {path!r} (save it with torch.export.save): {message}") from None
 
 
 def _factory_model(target: str) -> nn.Module:

@@ -26,6 +26,10 @@ first model would waste all of that. Every error is one ``InputError`` line nami
     iterations = 100
     [attacks.pgd]                    # an attack's own settings, applied last
     pgd_steps = 100
+    [models."torchscript:cnn.pt"]    # what a model file does not say (models.metadata.CARD_KEYS)
+    input_size = 32
+    mean = [0.0, 0.0, 0.0]
+    classes = "classes.txt"
 
 Relative paths (a data folder, a ``.npy`` target map) are relative to the working directory, as
 everywhere else on the command line.
@@ -48,6 +52,7 @@ from ..attacks.config import AttackConfig, preset
 from ..attacks.targets import TARGET_MAP_KINDS, load_user_map
 from ..errors import InputError, UnderfireError
 from ..interpreters import INTERPRETERS
+from ..models.metadata import ModelOptions
 from ..options import coerce_options, parse_fraction
 from ..presets import PRESET_NAMES
 
@@ -81,6 +86,7 @@ class ExperimentConfig:
     interpreter_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     interpreter_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     attack_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    model_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # normalising a frozen instance
@@ -133,6 +139,9 @@ class ExperimentConfig:
         set_("interpreter_overrides", MappingProxyType(per))
         set_("interpreter_options", _tables("interpreters", self.interpreter_options, self.interpreters, "interpreter"))
         set_("attack_settings", _tables("attacks", self.attack_settings, self.attacks, "attack"))
+        set_("model_options", _tables("models", self.model_options, self.models, "model"))
+        for name in self.model_options:
+            self.model_options_for(name)
         for name in self.interpreters:  # every option and attack config is built (and validated) now
             self.options_for(name)
         for attack in self.attacks:
@@ -143,10 +152,10 @@ class ExperimentConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ExperimentConfig:
         """From the parsed TOML document (tables ``experiment`` and optional ``overrides``)."""
-        tables = ("experiment", "overrides", "interpreters", "attacks")
+        tables = ("experiment", "overrides", "interpreters", "attacks", "models")
         unknown = sorted(set(data) - set(tables))
         if unknown:
-            raise InputError(f"unknown table or key {unknown[0]!r} (expected [experiment], [overrides], [interpreters.NAME], [attacks.NAME])")
+            raise InputError(f"unknown table or key {unknown[0]!r} (expected [experiment], [overrides], [interpreters.NAME], [attacks.NAME], [models.NAME])")
         experiment = data.get("experiment")
         if not isinstance(experiment, Mapping):
             raise InputError("the config needs an [experiment] table")
@@ -172,12 +181,13 @@ class ExperimentConfig:
             bad = sorted(set(value) - attack_fields)
             if bad:
                 raise InputError(f"unknown key overrides.{key}.{bad[0]} (not an AttackConfig field)")
-        for table in ("interpreters", "attacks"):
+        for table in ("interpreters", "attacks", "models"):
             if not isinstance(data.get(table, {}), Mapping):
                 raise InputError(f"[{table}] must hold one table per name ([{table}.NAME])")
         return cls(
             **values, overrides=shared, interpreter_overrides=per,
             interpreter_options=data.get("interpreters", {}), attack_settings=data.get("attacks", {}),
+            model_options=data.get("models", {}),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -191,7 +201,7 @@ class ExperimentConfig:
         for name, table in self.interpreter_overrides.items():
             overrides[name] = {k: _plain(v) for k, v in table.items()}
         document: dict[str, Any] = {"experiment": experiment, "overrides": overrides}
-        for key, tables in (("interpreters", self.interpreter_options), ("attacks", self.attack_settings)):
+        for key, tables in (("interpreters", self.interpreter_options), ("attacks", self.attack_settings), ("models", self.model_options)):
             if tables:
                 document[key] = {name: _plain(table) for name, table in tables.items()}
         return json.loads(json.dumps(document, default=str))
@@ -218,6 +228,11 @@ class ExperimentConfig:
         else:
             base = [self.attack_config(name) for name in self.interpreters]
         return cls.configure(base, self.attack_settings.get(attack, {}))
+
+    def model_options_for(self, model: str) -> ModelOptions:
+        """The metadata ``model`` is loaded with (its ``[models.NAME]`` table; a model card beside
+        the model file fills what it leaves out)."""
+        return ModelOptions.from_mapping(f"models.{model}", self.model_options.get(model, {}))
 
     def options_for(self, interpreter: str) -> dict[str, Any]:
         """The options ``interpreter`` is built with: its preset's, then ``[interpreters.NAME]``,
@@ -281,7 +296,7 @@ def _names(key: str, values: Any) -> tuple[str, ...]:
 
 
 #: Fields of ``ExperimentConfig`` that are tables of their own, not keys of ``[experiment]``.
-_TABLE_FIELDS = {"overrides", "interpreter_overrides", "interpreter_options", "attack_settings"}
+_TABLE_FIELDS = {"overrides", "interpreter_overrides", "interpreter_options", "attack_settings", "model_options"}
 
 
 def _tables(where: str, tables: Any, names: tuple[str, ...], kind: str) -> Mapping[str, Mapping[str, Any]]:

@@ -22,7 +22,7 @@ def images_from_files(classifier: Classifier, paths: list[Path]) -> tuple[torch.
     """Read every file first (a bad file fails before any work); labels = the benign predictions;
     names ``NNNN-STEM`` (position and a file-name-safe stem: names become file names in a run)."""
     size = classifier.input_size or 224
-    images = torch.stack([read_image(path, size) for path in paths])
+    images = torch.stack([read_image(path, size, classifier.in_channels) for path in paths])
     labels = classifier.predict(images).argmax(1).cpu()
     names = [f"{i:04d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(path).stem).strip('-.')[:60] or 'image'}" for i, path in enumerate(paths)]
     return images, labels, names

@@ -34,10 +34,12 @@ def attack_experiment(
     limit: int = 100,
     overrides: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
+    model_options: Mapping[str, Any] | None = None,
 ) -> ExperimentConfig:
     """The experiment ``underfire attack`` runs: ``files`` (labelled by the model's predictions)
     or the first ``limit`` correctly classified images of ``data``; ``overrides`` are attack
-    settings (``AttackConfig`` fields), ``options`` the interpreter's options."""
+    settings (``AttackConfig`` fields), ``options`` the interpreter's options, ``model_options``
+    the model's metadata (a ``[models.NAME]`` table)."""
     if bool(files) == bool(data):
         raise InputError("give image files or --data, not both or neither")
     if target_map not in TARGET_MAP_KINDS and not target_map.endswith(".npy"):
@@ -61,6 +63,7 @@ def attack_experiment(
         transfer=False,
         overrides=dict(overrides or {}),
         interpreter_options={interpreter: dict(options)} if options else {},
+        model_options={model: dict(model_options)} if model_options else {},
     )
 
 

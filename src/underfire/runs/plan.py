@@ -72,13 +72,17 @@ class Unit:
         return f"{self.model} {self.attack}{against} batch {self.batch + 1}"
 
 
+#: Where a run's model metadata is set, for the load check's messages.
+MODEL_OPTIONS_HINT = "the command's model flags, a [models.NAME] table of the run config, or a model card NAME.toml beside the model file"
+
+
 def prepare_models(config: ExperimentConfig) -> list[PreparedModel]:
     """Load every model, build every interpreter, pick the images and targets — all the checks
     that can fail, before any file is written."""
     prepared = []
     for spec in config.models:
         try:
-            classifier = load_model(spec)
+            classifier = load_model(spec, config.model_options_for(spec), hint=MODEL_OPTIONS_HINT)
         except UnderfireError as error:
             raise InputError(f"experiment.models: {spec!r}: {error}") from None
         interpreters = {}
@@ -116,7 +120,10 @@ def _select_images(config: ExperimentConfig, classifier: Classifier, spec: str, 
         except UnderfireError as error:
             raise InputError(f"experiment.files: {error}") from None
     try:
-        dataset = open_dataset(config.data, size=classifier.input_size or 224, class_names=classifier.class_names)
+        dataset = open_dataset(
+            config.data, size=classifier.input_size or 224, class_names=classifier.class_names,
+            channels=classifier.in_channels, outputs=classifier.num_classes,
+        )
     except UnderfireError as error:
         raise InputError(f"experiment.data: {error}") from None
     try:

@@ -127,7 +127,7 @@ class UnitWorker:
         result = attack(x, t, wanted, labels=y)
         seconds = time.perf_counter() - started
         files = [(str(folder / f"{name}.png"), png_bytes(to_uint8(result.adversarial[i]))) for i, name in enumerate(model.names[chunk])]
-        reloaded = torch.stack([decode_image(data, path) for path, data in files])
+        reloaded = torch.stack([decode_image(data, path, model.classifier.in_channels) for path, data in files])
         return reloaded, files, seconds
 
     def _map_files(self, maps: torch.Tensor, pictures: torch.Tensor, paths: list[tuple[PurePosixPath, PurePosixPath]]) -> list[tuple[str, bytes]]:

@@ -44,7 +44,8 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 
 
 def png_bytes(array: np.ndarray, scale: int = 1) -> bytes:
-    """An (H, W, 3) uint8 array as PNG file contents, optionally enlarged ``scale``× (nearest)."""
+    """An (H, W, 3) or grey (H, W) uint8 array as PNG file contents, optionally enlarged
+    ``scale``× (nearest)."""
     picture = Image.fromarray(array)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ from .. import imaging
 from ..metrics import object_iou, pointing_game
 from ..models.architectures import ShapesResNet
 from ..models.checkpoint import library_versions, load_checkpoint
-from ..models.classifier import Classifier
+from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from ..models.metadata import ModelOptions
 from ..models.specs import load_model
 from ..interpreters.rts import SHIPPED_ENCODER, SaliencyNetwork, save_saliency_network, shipped_rts_path
 
@@ -66,6 +68,7 @@ __all__ = [
     "apply_mask",
     "area_loss",
     "evaluate_rts",
+    "progress_path",
     "gaussian_blur",
     "pretrain_encoder",
     "rts_loss",
@@ -182,13 +185,14 @@ def evaluate_rts(
     network: SaliencyNetwork,
     images: torch.Tensor,
     labels: torch.Tensor,
-    object_masks: torch.Tensor,
+    object_masks: torch.Tensor | None,
     batch_size: int = 100,
 ) -> dict[str, float]:
-    """Localisation quality of an RTS network on labelled images with object masks.
+    """Localisation quality of an RTS network on labelled images.
 
-    Returns the pointing game, the mean top-k IoU (k = object area, and averaged over 10..50 %),
-    the mean true-class mask area and the mean fake-class mask area (selector = label + 1).
+    Returns the mean true-class mask area and the mean fake-class mask area (selector = label + 1)
+    and, where ``object_masks`` are given, the pointing game and the mean top-k IoU (k = object
+    area, and averaged over 10..50 %).
     """
     with network.frozen():
         true_masks, fake_masks = [], []
@@ -197,13 +201,15 @@ def evaluate_rts(
             fake_masks.append(network(chunk, (chunk_labels + 1) % network.num_classes))
     masks = torch.cat(true_masks)
     fakes = torch.cat(fake_masks)
+    scores = {"true_mask_area": float(masks.mean()), "fake_mask_area": float(fakes.mean())}
+    if object_masks is None:
+        return scores
     grid = [0.1, 0.2, 0.3, 0.4, 0.5]
     return {
         "pointing_game": float(pointing_game(masks, object_masks, tolerance=0).float().mean()),
         "iou_object_area": float(object_iou(masks, object_masks).mean()),
         "iou_grid_10_50": float(torch.stack([object_iou(masks, object_masks, f) for f in grid]).mean()),
-        "true_mask_area": float(masks.mean()),
-        "fake_mask_area": float(fakes.mean()),
+        **scores,
     }
 
 
@@ -229,13 +235,21 @@ class RtsTrainConfig:
     decoder_width: int = 64
     mask_smoothing: int = 3
     data_seed: int = 0  # seed of the shapes benchmark the images come from
+    #: the model's metadata (a ``[models.NAME]`` table: input size, channels, class names, ...)
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+    #: with an image folder: pre-train the encoder on it for this many epochs (0 = ``encoder``)
+    encoder_epochs: int = 0
 
     def validate(self) -> None:
-        if self.dataset != "shapes":
-            raise InputError(f"RTS training supports the built-in 'shapes' dataset, got {self.dataset!r}")
+        if self.dataset != "shapes" and not Path(self.dataset).is_dir():
+            raise InputError(f"RTS training data must be 'shapes' or an image folder (one subfolder per class), got {self.dataset!r}")
         for name in ("epochs", "batch_size", "train_size", "eval_size", "decoder_width"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if isinstance(self.encoder_epochs, bool) or not isinstance(self.encoder_epochs, int) or self.encoder_epochs < 0:
+            raise InputError(f"encoder_epochs must be an integer >= 0, got {self.encoder_epochs!r}")
+        if self.encoder_epochs and self.encoder is not None:
+            raise InputError("give an encoder checkpoint or encoder epochs to train one, not both")
         if not self.learning_rate > 0:
             raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.fake_fraction < 1.0:
@@ -329,10 +343,14 @@ def train_steps(
     *,
     progress: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
+    resume: Path | None = None,
 ) -> list[dict[str, float]]:
     """Train ``network`` on uint8 images for ``config.epochs``; returns per-step loss records.
 
-    The encoder stays frozen (eval mode, no gradients); the classifier runs frozen.
+    The encoder stays frozen (eval mode, no gradients); the classifier runs frozen. With
+    ``resume``, the state after every epoch (network, optimizer, schedule, random generator,
+    records) is written there, and a run started again with the same config continues after the
+    last finished epoch, as if it had never stopped.
     """
     generator = torch.Generator().manual_seed(config.seed)
     for param in network.encoder.parameters():
@@ -344,13 +362,17 @@ def train_steps(
     network.to(device)
     steps = math.ceil(len(labels) / config.batch_size) * config.epochs
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    bar = tqdm(total=steps, desc=f"train rts {config.model}", disable=not progress, unit="batch")
     records: list[dict[str, float]] = []
+    first_epoch = 0
+    if resume is not None and resume.is_file():
+        first_epoch, records = _restore(resume, config, network, optimizer, schedule, generator)
+    done = first_epoch * math.ceil(len(labels) / config.batch_size)
+    bar = tqdm(total=steps, initial=done, desc=f"train rts {config.model}", disable=not progress, unit="batch")
     network.train()
     network.encoder.eval()
     try:
         with classifier.frozen():
-            for epoch in range(config.epochs):
+            for epoch in range(first_epoch, config.epochs):
                 order = torch.randperm(len(labels), generator=generator)
                 flips = torch.rand(len(labels), generator=generator) < 0.5
                 for batch in order.split(config.batch_size):
@@ -372,10 +394,49 @@ def train_steps(
                     records.append(record)
                     bar.update()
                     bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.3f}", area=f"{parts['area']:.3f}")
+                if resume is not None:
+                    _save_progress(resume, config, epoch + 1, network, optimizer, schedule, generator, records)
     finally:
         bar.close()
         network.eval()
     return records
+
+
+def _save_progress(
+    path: Path, config: RtsTrainConfig, epochs: int, network: SaliencyNetwork, optimizer: torch.optim.Optimizer,
+    schedule: Any, generator: torch.Generator, records: list[dict[str, float]],
+) -> None:
+    trained = {k: v for k, v in network.state_dict().items() if not k.startswith("encoder.")}
+    state = {
+        "config": repr(config), "epochs": epochs, "network": trained, "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(), "generator": generator.get_state(), "records": records,
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)
+
+
+def _restore(
+    path: Path, config: RtsTrainConfig, network: SaliencyNetwork, optimizer: torch.optim.Optimizer,
+    schedule: Any, generator: torch.Generator,
+) -> tuple[int, list[dict[str, float]]]:
+    """The epoch to continue from and the records so far, from a progress file of the same config."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file cut short by a kill, or not ours
+        raise InputError(f"cannot resume from '{path}' ({type(error).__name__}); delete it to start again") from None
+    if state.get("config") != repr(config):
+        raise InputError(f"'{path}' holds the progress of another RTS training config; delete it or use another --out")
+    network.load_state_dict(state["network"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    return int(state["epochs"]), list(state["records"])
+
+
+def progress_path(out: Path) -> Path:
+    """Where ``train_rts`` keeps the progress of an unfinished training run for ``out``."""
+    return out.with_name(out.stem + ".progress.pt")
 
 
 def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
@@ -389,9 +450,13 @@ def _device_generator(generator: torch.Generator, device: torch.device) -> torch
 def train_rts(config: RtsTrainConfig, out: str | Path, progress: bool = True, device: str = "cpu") -> RtsTrainResult:
     """Train an RTS network for ``config.model`` and write ``out`` (.safetensors) + JSON metadata.
 
-    The metadata records the explained model's spec and classes, input and mask sizes, the whole
-    config, the final losses, the localisation scores on ``eval_size`` test images (pointing game,
-    top-k IoU, true/fake mask areas), the encoder used, library versions and training seconds.
+    Data: the shapes benchmark, or a user's image folder (one subfolder per class, matched to the
+    model's classes by name; the first ``eval_size`` images, at most a fifth, are held out). The
+    metadata records the explained model's spec and classes, input and mask sizes, the whole
+    config, the final losses, the localisation scores on the held-out images (pointing game and
+    top-k IoU where object masks exist, true/fake mask areas always), the encoder used, library
+    versions and training seconds. A killed run resumes from its last finished epoch
+    (``progress_path(out)``) when started again with the same config.
     """
     config.validate()
     out = Path(out)
@@ -399,44 +464,116 @@ def train_rts(config: RtsTrainConfig, out: str | Path, progress: bool = True, de
         raise InputError(f"the RTS output path must end in .safetensors, got {out.name!r}")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    classifier = load_model(config.model, device=device).eval()
+    options = ModelOptions.from_mapping("model options", config.model_options)
+    classifier = load_model(config.model, options, device=device, hint="the model flags").eval()
     size = classifier.input_size or 64
-    encoder, encoder_meta = load_encoder(config.encoder)
-    if encoder_meta.get("input_size") not in (None, size):
-        raise InputError(f"the encoder was trained at {encoder_meta['input_size']} px, the model expects {size} px")
+    if config.dataset == "shapes":
+        images, labels = render_shapes("train", size, config.data_seed, config.train_size, progress)
+        test_images, test_labels, test_masks = render_shapes("test", size, config.data_seed, config.eval_size, with_masks=True)
+    else:
+        images, labels, test_images, test_labels, test_masks = _folder_images(config, classifier, size)
+    if config.encoder_epochs:
+        encoder, encoder_meta = _pretrain_on(images, labels, classifier, config, progress)
+    else:
+        encoder, encoder_meta = load_encoder(config.encoder)
+        if encoder_meta.get("input_size") not in (None, size):
+            raise InputError(
+                f"the encoder was trained at {encoder_meta['input_size']} px, the model expects {size} px; "
+                "pre-train one on your images with --encoder-epochs N"
+            )
     network = SaliencyNetwork(
         classifier.num_classes, encoder, decoder_width=config.decoder_width, mask_smoothing=config.mask_smoothing
     )
-
-    images, labels = render_shapes("train", size, config.data_seed, config.train_size, progress)
-    records = train_steps(network, classifier, images, labels, config, progress=progress)
-    test_images, test_labels, test_masks = render_shapes("test", size, config.data_seed, config.eval_size, with_masks=True)
+    records = train_steps(network, classifier, images, labels, config, progress=progress, resume=progress_path(out))
     network.to(device)
-    metrics = evaluate_rts(network, test_images.float().div(255).to(device), test_labels.to(device), test_masks.to(device))
+    masks = None if test_masks is None else test_masks.to(device)
+    metrics = evaluate_rts(network, test_images.float().div(255).to(device), test_labels.to(device), masks)
     tail = records[-max(1, len(records) // 10) :]  # mean over the last 10 % of the steps
     final_losses = {key: round(sum(r[key] for r in tail) / len(tail), 5) for key in ("loss", "area", "smoothness", "destroyer", "preserver")}
     seconds = time.perf_counter() - start
     with torch.no_grad(), network.frozen():
-        probe = torch.zeros(1, 3, size, size, device=device)
+        probe = torch.zeros(1, classifier.in_channels, size, size, device=device)
         mask_size = int(network(probe, torch.zeros(1, dtype=torch.long, device=device)).shape[-1])
     config_dict = asdict(config)
+    config_dict["model_options"] = dict(config.model_options)
+    if config.encoder_epochs:
+        encoder_name = f"pre-trained on {config.dataset} ({config.encoder_epochs} epochs)"
+    else:
+        encoder_name = Path(config.encoder).name if config.encoder else SHIPPED_ENCODER
     metadata = {
         "model": config.model,
         "class_names": classifier.class_names,
         "input_size": size,
         "mask_size": mask_size,
         "encoder": {
-            "path": Path(config.encoder).name if config.encoder else SHIPPED_ENCODER,
+            "path": encoder_name,
             "test_accuracy": encoder_meta.get("test_accuracy"),
             "config": encoder_meta.get("config"),
         },
         "config": config_dict,
         "final_losses": final_losses,
-        "evaluation": {"images": config.eval_size, "split": "test", **{k: round(v, 5) for k, v in metrics.items()}},
-        "pointing_game": round(metrics["pointing_game"], 5),
+        "evaluation": {"images": int(test_labels.numel()), "split": "test" if config.dataset == "shapes" else "held out", **{k: round(v, 5) for k, v in metrics.items()}},
+        "pointing_game": None if "pointing_game" not in metrics else round(metrics["pointing_game"], 5),
         "train_seconds": round(seconds, 1),
         "versions": library_versions(),
         "reference": "Dabkowski & Gal, Real Time Image Saliency for Black Box Classifiers, NeurIPS 2017",
     }
     path = save_saliency_network(network.cpu(), out, metadata)
+    progress_path(out).unlink(missing_ok=True)
     return RtsTrainResult(path, metrics, final_losses, seconds)
+
+
+def _folder_images(
+    config: RtsTrainConfig, classifier: Classifier, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A user's folder as uint8 training images and held-out test images (with masks if any)."""
+    from ..data.images import ImageFolderDataset
+
+    dataset = ImageFolderDataset(
+        config.dataset, size, class_names=classifier.class_names, channels=classifier.in_channels,
+        outputs=classifier.num_classes,
+    )
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
+    held = min(config.eval_size, max(1, len(dataset) // 5))
+    if len(dataset) - held < 1:
+        raise InputError(f"'{config.dataset}' holds {len(dataset)} image(s); RTS training needs at least 2")
+    train_ids, test_ids = order[held:][: config.train_size], order[:held]
+    images, labels, _ = dataset.tensors(train_ids)
+    test_images, test_labels, test_masks = dataset.tensors(test_ids)
+    to_u8 = lambda x: x.mul(255).round().to(torch.uint8)  # noqa: E731
+    return to_u8(images), labels, to_u8(test_images), test_labels, test_masks
+
+
+def _pretrain_on(
+    images_u8: torch.Tensor, labels: torch.Tensor, classifier: Classifier, config: RtsTrainConfig, progress: bool
+) -> tuple[ShapesResNet, dict[str, Any]]:
+    """An RTS encoder trained on the user's own images (a ``ShapesResNet`` classifier of their
+    classes), separate from the model it will explain, as the paper's encoder is."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    torch.manual_seed(config.seed + 1)
+    encoder = ShapesResNet(num_classes=classifier.num_classes)
+    # the saliency network's own normalisation (a grey batch broadcasts to RGB against it)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, -1, 1, 1)
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = math.ceil(len(labels) / config.batch_size) * config.encoder_epochs
+    bar = tqdm(total=steps, desc="train rts encoder", disable=not progress, unit="batch")
+    encoder.train()
+    try:
+        for _ in range(config.encoder_epochs):
+            for batch in torch.randperm(len(labels), generator=generator).split(config.batch_size):
+                images = images_u8[batch].float().div_(255)
+                logits = encoder((images - mean) / std)
+                loss = F.cross_entropy(logits, labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.update()
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+    finally:
+        bar.close()
+    encoder.eval()
+    with torch.no_grad():
+        predicted = torch.cat([encoder((chunk.float() / 255 - mean) / std).argmax(1) for chunk in images_u8.split(256)])
+    accuracy = float((predicted == labels).float().mean())
+    return encoder, {"train_accuracy": round(accuracy, 5), "config": {"epochs": config.encoder_epochs, "seed": config.seed + 1}}
