@@ -4,7 +4,7 @@
     python scripts/attack_table.py shapes-resnet --out ablation.jsonl --interpreters grad --relus h,sigmoid,none
     python scripts/attack_table.py shapes-resnet --out budget.jsonl --interpreters mask --eps 16/255
 
-Setting: the ``quick`` preset, the first ``--images`` correctly classified shapes test images,
+Setting: the ``quick`` preset (its attack settings and interpreter options), the first ``--images`` correctly classified shapes test images,
 random targets (seed 0), ε = 8/255 unless ``--eps`` says otherwise (rows then carry ``eps``).
 Every measure is taken on the returned 8-bit images with the full interpreter run afresh for c_t,
 against the benign map. PGD runs once per model with as many steps as the largest ADV² budget of
@@ -72,7 +72,7 @@ def main() -> None:
         print(row, flush=True)
 
     def adv2(name: str, interpreter_options: dict) -> tuple[list[AttackMeasures], int, int]:
-        interpreter = build_interpreter(name, clf, **interpreter_options)
+        interpreter = build_interpreter(name, clf, preset="quick", **interpreter_options)
         config, start = preset("quick", name, **budget), time.time()
         measures = []
         for k, c in enumerate(chunks):

@@ -31,9 +31,13 @@ class Preset:
 
 
 #: The short schedule every ``quick`` preset shares: 60 PGD steps, then stage 2 whose step starts at
-#: 2/255 and decays (cosine) to 0.1/255 so the map settles within the few steps there are
-#: (docs/tuning.md).
-QUICK_SCHEDULE: Mapping[str, Any] = MappingProxyType({"pgd_steps": 60, "adv_alpha": 2 / 255, "adv_alpha_final": 0.1 / 255})
+#: 2/255 and decays (cosine) to 0.1/255 so the map settles within the few steps there are, with
+#: λ set per sample around the interpreter's schedule (``lam_adaptation`` 1.05 within ×0.1..×10:
+#: up while the sample stays c_t with the required confidence, down when it does not), so the
+#: balance follows the model instead of the models the schedule was tuned on (docs/tuning.md).
+QUICK_SCHEDULE: Mapping[str, Any] = MappingProxyType(
+    {"pgd_steps": 60, "adv_alpha": 2 / 255, "adv_alpha_final": 0.1 / 255, "lam_adaptation": 1.05}
+)
 
 #: What an interpreter without presets of its own gets: the paper's CAM/RTS/MASK schedule (300 +
 #: 1000 steps, λ from 5 to 10) and, for ``quick``, the shared short schedule with 200 stage-2 steps.

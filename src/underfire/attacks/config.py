@@ -100,6 +100,13 @@ class AttackConfig:
         pgd_steps: stage 1 (plain targeted PGD, the warm start) — also the whole PGD attack.
         adv_steps: stage 2 (the joint objective); 0 makes ADV² equal to PGD.
         lam: λ schedule for stage 2.
+        lam_adaptation: per-sample λ control (1 = off, the schedule alone). After every stage-2
+            step a sample's λ multiplier is multiplied by this factor when its iterate qualifies
+            (classified as c_t with p ≥ ``confidence``) and divided by it otherwise, within
+            ``lam_range``: each sample spends its own slack in the prediction constraint on the
+            map, as C&W's search over its constant does between restarts (Carlini & Wagner 2017),
+            instead of relying on a λ tuned for another model.
+        lam_range: (lowest, highest) λ multiplier under ``lam_adaptation``.
         confidence: an ADV² iterate is eligible as the result when it is classified as the
             target with at least this probability; among eligible iterates the one with the
             smallest map distance wins (the official GRAD code uses 0.8).
@@ -115,6 +122,8 @@ class AttackConfig:
     pgd_steps: int = 300
     adv_steps: int = 1000
     lam: LambdaSchedule = field(default_factory=LambdaSchedule)
+    lam_adaptation: float = 1.0
+    lam_range: tuple[float, float] = (0.1, 10.0)
     confidence: float = 0.8
     label_smoothing: float = 0.0
     random_start: bool = False
@@ -133,6 +142,14 @@ class AttackConfig:
                 raise InputError(f"{name} must be an integer >= 0, got {value!r}")
         if self.pgd_steps + self.adv_steps == 0:
             raise InputError("the attack needs at least one step")
+        if isinstance(self.lam_adaptation, bool) or not isinstance(self.lam_adaptation, (int, float)) or not (
+            math.isfinite(self.lam_adaptation) and self.lam_adaptation >= 1
+        ):
+            raise InputError(f"lam_adaptation must be a number >= 1 (1 = off), got {self.lam_adaptation!r}")
+        low, high = _pair("lam_range", self.lam_range)
+        if not 0 < low <= 1 <= high:
+            raise InputError(f"lam_range must satisfy 0 < low <= 1 <= high, got {self.lam_range!r}")
+        object.__setattr__(self, "lam_range", (low, high))
         if not 0 <= self.confidence < 1:
             raise InputError(f"confidence must be in [0, 1), got {self.confidence}")
         if not 0 <= self.label_smoothing < 1:
@@ -157,6 +174,16 @@ class AttackConfig:
         """``with_overrides`` from config-file values (``"1/255"``, λ lists): each converted to its
         field's type first; errors name ``where`` and the key."""
         return self.with_overrides(**coerce_options(where, settings, dataclass_options(type(self))))
+
+
+def _pair(what: str, value: Any) -> tuple[float, float]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    try:
+        low, high = (parse_fraction(v) for v in value)
+    except (TypeError, ValueError, UnderfireError):
+        raise InputError(f"{what} must be two numbers (low, high), got {value!r}") from None
+    return float(low), float(high)
 
 
 def preset(name: str, interpreter: str | type[Interpreter], **overrides: Any) -> AttackConfig:

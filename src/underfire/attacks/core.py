@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import AttackError, InputError
 from ..interpreters.base import Interpreter
 from ..models.classifier import Classifier
 from .base import Attack, AttackResult
@@ -211,6 +211,8 @@ class ADV2(PGD):
             terms = interpreter.attack_terms("warm_start", x, targets, target_maps)
             return None if terms is None else terms.extra
 
+        if config.adv_steps > 0:
+            interpreter.check_attackable()
         with clf.frozen():
             best, stage_one_loss, best_step, last = self._stage_one(images, targets, warm_start_extra)
             state: Any = interpreter.initial_state(config.seed, images.device)
@@ -220,9 +222,12 @@ class ADV2(PGD):
             # never qualifies keeps its lowest-cross-entropy iterate of either stage.
             best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
             distances = torch.full((images.shape[0],), float("nan"), device=images.device)
+            # per-sample λ multiplier (config.lam_adaptation; stays 1 when it is off)
+            multiplier = torch.ones(images.shape[0], device=images.device)
+            low, high = config.lam_range
 
             def objective(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                nonlocal state
+                nonlocal state, multiplier
                 # one forward for the map and the logits where the interpreter allows it
                 maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
                 terms = interpreter.attack_terms("joint", x, targets, target_maps, state)
@@ -230,8 +235,11 @@ class ADV2(PGD):
                 interpretation = distance
                 if terms is not None and terms.interpretation is not None:
                     interpretation = distance + terms.interpretation
+                if step == 0:
+                    _check_interpretation_gradient(interpretation, x, interpreter)
                 loss = _targeted_ce(logits, targets, config.label_smoothing)
-                loss = loss + lam.at(min(step, config.adv_steps - 1), config.adv_steps) * interpretation
+                weight = lam.at(min(step, config.adv_steps - 1), config.adv_steps)
+                loss = loss + (weight * multiplier if config.lam_adaptation > 1 else weight) * interpretation
                 if terms is not None and terms.extra is not None:
                     loss = loss + terms.extra
                 with torch.no_grad():
@@ -239,6 +247,9 @@ class ADV2(PGD):
                     eligible = (logits.argmax(1) == targets) & (probability >= config.confidence)
                     fallback = _UNQUALIFIED + _targeted_ce(logits, targets)
                     score = torch.where(eligible, distance.detach(), fallback)
+                    if config.lam_adaptation > 1:
+                        factor = torch.where(eligible, config.lam_adaptation, 1 / config.lam_adaptation)
+                        multiplier = (multiplier * factor).clamp(low, high)
                 return loss, score, torch.ones_like(eligible)
 
             if config.adv_steps > 0:
@@ -273,6 +284,22 @@ class ADV2(PGD):
         if not torch.isfinite(target_maps).all() or target_maps.min() < 0 or target_maps.max() > 1:
             raise InputError("target maps must be finite and in [0, 1]")
         return target_maps.expand(n, -1, -1, -1)
+
+
+def _check_interpretation_gradient(interpretation: torch.Tensor, x: torch.Tensor, interpreter: Interpreter) -> None:
+    """Stop when ℓ_int has no input gradient: the joint objective would then be ℓ_prd alone, an
+    ADV² that is PGD in disguise (DESIGN §3, pitfalls 4 and 6). Costs one backward, once."""
+    if interpretation.requires_grad:
+        (gradient,) = torch.autograd.grad(interpretation.sum(), x, retain_graph=True, allow_unused=True)
+        if gradient is not None and bool((gradient != 0).any()) and bool(torch.isfinite(gradient).all()):
+            return
+        if gradient is not None and not bool(torch.isfinite(gradient).all()):
+            raise AttackError(f"ADV² against {interpreter.name}: the map distance has a non-finite input gradient")
+    raise AttackError(
+        f"ADV² against {interpreter.name}: the map distance has no input gradient on {interpreter.classifier.name} "
+        "(the interpreter's surrogate does not reach the model), so the attack would be plain PGD; "
+        "underfire models --describe SPEC says what each interpreter can do"
+    )
 
 
 def finish(

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, ModelStructureError
 from ..models.classifier import Classifier
 from ..presets import QUICK_SCHEDULE, Preset
 from ..smoothing import ReluSurrogate, _ReluSurrogateMode, as_relu_surrogate, relu_surrogate
@@ -31,6 +32,8 @@ from .base import Interpreter, normalize_maps
 
 Score = Literal["logit", "ce"]
 SCORES: tuple[str, ...] = ("logit", "ce")
+ReluScale = Literal["absolute", "relative"]
+RELU_SCALES: tuple[str, ...] = ("absolute", "relative")
 
 #: The official code's staged λ for GRAD: 0.001 → 0.004 → 0.01 → 0.05 over 301/201/101/101 steps.
 #: Its ℓ_int is a per-pixel *sum* over a 56×56 map, ours a mean, so λ is multiplied by 3136.
@@ -43,11 +46,16 @@ def _grad_lambda(factor: float) -> dict[str, Any]:
 
 
 #: ``quick``: 500 stage-2 steps at 7.5× the paper's λ, since the map is still converging when the
-#: shorter stage 2 ends (docs/tuning.md); ``paper``: the official 300 + 704 steps. Both smooth the
-#: labels of ℓ_prd (0.1), as the official GRAD code does.
+#: shorter stage 2 ends, and the ReLU surrogate's width relative to each layer's pre-activation
+#: scale (``relu_scale``), which carries over to models whose ReLUs see large values
+#: (docs/tuning.md); ``paper``: the official 300 + 704 steps with the paper's absolute ``h``.
+#: Both smooth the labels of ℓ_prd (0.1), as the official GRAD code does.
 GRAD_PRESETS = {
     "paper": Preset(attack={"pgd_steps": 300, "adv_steps": 704, "lam": _grad_lambda(3136), "label_smoothing": 0.1}),
-    "quick": Preset(attack={**QUICK_SCHEDULE, "adv_steps": 500, "lam": _grad_lambda(7.5 * 3136), "label_smoothing": 0.1}),
+    "quick": Preset(
+        attack={**QUICK_SCHEDULE, "adv_steps": 500, "lam": _grad_lambda(7.5 * 3136), "label_smoothing": 0.1},
+        options={"relu_scale": "relative"},
+    ),
 }
 
 
@@ -59,6 +67,10 @@ class Grad(Interpreter):
         score: ``"logit"`` (z_c, default) or ``"ce"`` (cross-entropy of class c, ADV² official).
         pool: average-pooling factor applied to the map (1 = full resolution).
         relu: the ReLU-gradient surrogate used by ``surrogate`` (default: the paper's ``h``).
+        relu_scale: ``"absolute"`` (the paper's: the smoothing width √τ is in the units of the
+            pre-activations) or ``"relative"`` (in units of each sample's pre-activation scale at
+            each ReLU, ``ReluSurrogate.relative``), which carries over to models whose ReLUs see
+            much larger values; the ``quick`` preset uses it (docs/tuning.md).
         share_forward: let ``surrogate_and_logits`` (the ADV² attack's per-step call) return the
             logits of the surrogate's own forward pass instead of running the classifier again.
             One forward and one backward less per attack step (about 20 % of a GRAD step), but
@@ -80,15 +92,26 @@ class Grad(Interpreter):
         score: Score = "logit",
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
+        relu_scale: ReluScale = "absolute",
         share_forward: bool = False,
     ) -> None:
         super().__init__(classifier)
         self.score = _check_score(score)
         self.pool = _check_pool(pool)
-        self.relu = as_relu_surrogate(relu)
+        self.relu = _surrogate(relu, relu_scale)
         if not isinstance(share_forward, bool):
             raise InputError(f"share_forward must be True or False, got {share_forward!r}")
         self.share_forward = share_forward
+
+    def check_attackable(self) -> None:
+        """The ReLU surrogate is a Python torch function mode: a TorchScript graph runs its ReLUs
+        in C++, out of its reach, so the map's input gradient would be zero (ADV² = PGD)."""
+        if self.relu.kind != "none" and self.classifier.is_scripted:
+            raise ModelStructureError(
+                f"{self.name}: the ReLU surrogate cannot reach inside the TorchScript graph of "
+                f"{self.classifier.name}, so ADV² would silently be PGD; save the model with "
+                "torch.export.save and load it as export:PATH.pt2, or load it as a Python module (module:function)"
+            )
 
     def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
         """(H // pool, W // pool): the input's size, average-pooled (no model call)."""
@@ -160,7 +183,7 @@ class SmoothGrad(Grad):
     Args:
         samples: noisy copies per image.
         noise: σ as a fraction of the pixel range [0, 1] (Smilkov et al. recommend 10–20 %).
-        score, pool, relu: as for :class:`Grad`.
+        score, pool, relu, relu_scale: as for :class:`Grad`.
     """
 
     name: ClassVar[str] = "smoothgrad"
@@ -175,6 +198,7 @@ class SmoothGrad(Grad):
         score: Score = "logit",
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
+        relu_scale: ReluScale = "absolute",
     ) -> None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise InputError(f"samples must be an integer >= 1, got {samples!r}")
@@ -185,7 +209,7 @@ class SmoothGrad(Grad):
             or noise < 0
         ):
             raise InputError(f"noise must be a finite number >= 0, got {noise!r}")
-        super().__init__(classifier, score=score, pool=pool, relu=relu)
+        super().__init__(classifier, score=score, pool=pool, relu=relu, relu_scale=relu_scale)
         self.samples = samples
         self.noise = float(noise)
 
@@ -235,6 +259,13 @@ def _check_score(score: str) -> str:
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     return score
+
+
+def _surrogate(relu: ReluSurrogate | str, scale: str) -> ReluSurrogate:
+    if scale not in RELU_SCALES:
+        raise InputError(f"unknown relu_scale {scale!r}; choose one of {', '.join(RELU_SCALES)}")
+    surrogate = as_relu_surrogate(relu)
+    return replace(surrogate, relative=True) if scale == "relative" else surrogate
 
 
 def _check_pool(pool: int) -> int:
