@@ -569,7 +569,7 @@ def _pretrain_on(
                 loss.backward()
                 optimizer.step()
                 bar.update()
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     finally:
         bar.close()
     encoder.eval()
