@@ -42,7 +42,7 @@ import json
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -50,7 +50,7 @@ from typing import Any
 from ..attacks import ATTACKS
 from ..attacks.config import AttackConfig, preset
 from ..attacks.targets import TARGET_MAP_KINDS, load_user_map
-from ..errors import InputError, UnderfireError
+from ..errors import InputError
 from ..interpreters import INTERPRETERS
 from ..models.metadata import ModelOptions
 from ..options import coerce_options, parse_fraction
