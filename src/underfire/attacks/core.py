@@ -222,7 +222,7 @@ class ADV2(PGD):
             # never qualifies keeps its lowest-cross-entropy iterate of either stage.
             best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
             distances = torch.full((images.shape[0],), float("nan"), device=images.device)
-            # per-sample λ multiplier (config.lam_adaptation; stays 1 when it is off)
+            # per-sample λ multiplier (config.lam_adaptation)
             multiplier = torch.ones(images.shape[0], device=images.device)
             low, high = config.lam_range
 
@@ -238,8 +238,8 @@ class ADV2(PGD):
                 if step == 0:
                     _check_interpretation_gradient(interpretation, x, interpreter)
                 loss = _targeted_ce(logits, targets, config.label_smoothing)
-                weight = lam.at(min(step, config.adv_steps - 1), config.adv_steps)
-                loss = loss + (weight * multiplier if config.lam_adaptation > 1 else weight) * interpretation
+                weight = lam.at(min(step, config.adv_steps - 1), config.adv_steps) * multiplier
+                loss = loss + weight * interpretation
                 if terms is not None and terms.extra is not None:
                     loss = loss + terms.extra
                 with torch.no_grad():
@@ -247,9 +247,8 @@ class ADV2(PGD):
                     eligible = (logits.argmax(1) == targets) & (probability >= config.confidence)
                     fallback = _UNQUALIFIED + _targeted_ce(logits, targets)
                     score = torch.where(eligible, distance.detach(), fallback)
-                    if config.lam_adaptation > 1:
-                        factor = torch.where(eligible, config.lam_adaptation, 1 / config.lam_adaptation)
-                        multiplier = (multiplier * factor).clamp(low, high)
+                    factor = torch.where(eligible, config.lam_adaptation, 1 / config.lam_adaptation)
+                    multiplier = (multiplier * factor).clamp(low, high)  # stays 1 when adaptation is off
                 return loss, score, torch.ones_like(eligible)
 
             if config.adv_steps > 0:
