@@ -11,10 +11,11 @@ its ``feature_layer=`` / ``head=`` arguments) as model metadata.
   ``input_size``, frozen, without gradient) and then, on every call of ``features_and_logits``,
   hooks the feature module for one forward pass and returns the feature map with the logits.
 * Grad-CAM needs no GAP head: where there is none (VGG-style or Flatten→dense models), or where the
-  named ``feature_layer`` does not feed one, ``find_feature_layer`` picks the named module or the
-  last one with a spatial 4-D output, and ``FeatureCapture.features_in_graph`` hands the rest of
-  the forward a copy of its output, so the logits are a differentiable function of the captured
-  map (``∂z_c/∂a_k`` by autograd, as pytorch-grad-cam and captum's ``LayerGradCam`` compute it).
+  named ``feature_layer`` does not feed one, ``find_cam_layers(gap_head=False)`` picks, from the
+  same probe forward, the named module or the last one with a spatial 4-D output, and
+  ``FeatureCapture.features_in_graph`` hands the rest of the forward a copy of its output, so the
+  logits are a differentiable function of the captured map (``∂z_c/∂a_k`` by autograd, as
+  pytorch-grad-cam and captum's ``LayerGradCam`` compute it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelStructureError
@@ -44,7 +46,7 @@ class CamLayers:
     feature_name: str
     feature_module: nn.Module
     head_name: str | None
-    head: nn.Linear | None
+    head: nn.Module | None  # nn.Linear, or a module that computes F.linear with its 2-D weight
     post_relu: bool
 
 
@@ -60,8 +62,8 @@ class FeatureCapture:
             arguments).
 
     Raises ``ModelStructureError`` when the model has no GAP→linear head (see ``find_cam_layers``),
-    unless ``gap_head=False``: then a model without one gets the layers of ``find_feature_layer``
-    (``layers.head`` is None) and is read through ``features_in_graph``.
+    unless ``gap_head=False``: then a model without one gets its last spatial feature map
+    (``layers.head`` is None; ``find_cam_layers``) and is read through ``features_in_graph``.
     """
 
     def __init__(
@@ -91,12 +93,7 @@ class FeatureCapture:
         probe = torch.rand((2, classifier.in_channels, size, size), generator=generator)
         with classifier.frozen(), torch.no_grad():
             inputs = classifier.normalize(probe.to(classifier.device))
-            try:
-                self.layers: CamLayers = find_cam_layers(network, inputs, *self.names)
-            except ModelStructureError:
-                if gap_head or self.names[1] is not None:
-                    raise
-                self.layers = find_feature_layer(network, inputs, self.names[0])
+            self.layers: CamLayers = find_cam_layers(network, inputs, *self.names, gap_head=gap_head)
 
     def features_in_graph(self, images: torch.Tensor, *, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass returning (feature map, logits) with the logits a differentiable
@@ -156,20 +153,47 @@ def find_cam_layers(
     probe: torch.Tensor,
     feature_layer: str | None = None,
     head: str | None = None,
+    *,
+    gap_head: bool = True,
 ) -> CamLayers:
     """Find the feature module whose global-average-pooled output feeds the logits' linear head.
 
     Discovery is by verification, not by family names: one probe forward records every module's
-    output; the head is the last ``nn.Linear`` whose output is the logits, and the feature map is
+    output; the head is the last linear layer whose output is the logits, and the feature map is
     the last 4-D output (spatial > 1×1) whose spatial mean — as is, or after a ReLU — equals the
     head's input. This covers ResNet and DenseNet (ours and torchvision's) and any GAP→linear net.
     ``feature_layer`` / ``head`` restrict the search to the named modules.
+
+    With ``gap_head=False`` (Grad-CAM) and no ``head`` named, a model without such a head gets,
+    from the same probe forward, the named feature module or else the last module (in execution
+    order) with a spatial 4-D output — the last convolutional block, the layer Selvaraju et al.
+    and pytorch-grad-cam use — and ``head`` None.
     """
     modules = dict(model.named_modules())
     for label, wanted in (("feature layer", feature_layer), ("head", head)):
         if wanted is not None and wanted not in modules:
             raise ModelStructureError(f"{label} {wanted!r} is not a module of the model")
+    records, head_inputs, logits = _record_outputs(model, modules, probe)
+    try:
+        return _gap_layers(records, head_inputs, modules, logits, feature_layer, head)
+    except ModelStructureError:
+        if gap_head or head is not None:
+            raise
+    spatial = [
+        name for name, output in records
+        if output.dim() == 4 and output.shape[2] * output.shape[3] > 1 and feature_layer in (None, name)
+    ]
+    if not spatial:
+        where = f"module {feature_layer!r} outputs" if feature_layer else "no module outputs"
+        raise ModelStructureError(f"{where} a spatial feature map (N, K, h, w) for Grad-CAM to read")
+    return CamLayers(spatial[-1], modules[spatial[-1]], None, None, post_relu=False)
 
+
+def _record_outputs(
+    model: nn.Module, modules: dict[str, nn.Module], probe: torch.Tensor
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, torch.Tensor], Any]:
+    """One probe forward with a hook on every module: (name, output) in execution order, each
+    linear layer's input, and the logits."""
     records: list[tuple[str, torch.Tensor]] = []
     head_inputs: dict[str, torch.Tensor] = {}
 
@@ -177,7 +201,7 @@ def find_cam_layers(
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if isinstance(output, torch.Tensor):
                 records.append((name, output.detach().clone()))
-            if isinstance(module, nn.Linear) and inputs and isinstance(inputs[0], torch.Tensor):
+            if _linear_like(module) and inputs and isinstance(inputs[0], torch.Tensor):
                 head_inputs[name] = inputs[0].detach().clone()
 
         return hook
@@ -196,8 +220,19 @@ def find_cam_layers(
     finally:
         for handle in handles:
             handle.remove()
+    return records, head_inputs, logits
 
-    head_name = _find_head(records, modules, logits, head)
+
+def _gap_layers(
+    records: list[tuple[str, torch.Tensor]],
+    head_inputs: dict[str, torch.Tensor],
+    modules: dict[str, nn.Module],
+    logits: Any,
+    feature_layer: str | None,
+    head: str | None,
+) -> CamLayers:
+    """The GAP→linear reading of the recorded forward (``find_cam_layers``)."""
+    head_name = _find_head(records, head_inputs, modules, logits, head)
     pooled = head_inputs[head_name]
     if pooled.dim() != 2:
         raise ModelStructureError(
@@ -224,55 +259,41 @@ def find_cam_layers(
     )
 
 
-def find_feature_layer(model: nn.Module, probe: torch.Tensor, feature_layer: str | None = None) -> CamLayers:
-    """Grad-CAM's layer on any convolutional model: the named module, else the last module (in
-    execution order) whose output is a spatial 4-D map — the last convolutional block, the
-    layer Selvaraju et al. and pytorch-grad-cam use."""
-    modules = dict(model.named_modules())
-    if feature_layer is not None and feature_layer not in modules:
-        raise ModelStructureError(f"feature layer {feature_layer!r} is not a module of the model")
-    outputs: list[tuple[str, tuple[int, ...]]] = []
+def _linear_like(module: nn.Module) -> bool:
+    """``nn.Linear``, or a module holding a 2-D ``weight`` (the linear layer of an unflattened
+    ``torch.export`` program is such a module); ``_find_head`` checks that it computes
+    ``F.linear``."""
+    weight = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) or (isinstance(weight, torch.Tensor) and weight.dim() == 2)
 
-    def recorder(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                outputs.append((name, tuple(output.shape)))
 
-        return hook
-
-    handles = []
-    try:
-        for name, module in modules.items():
-            if name and (feature_layer is None or name == feature_layer):
-                handles.append(module.register_forward_hook(recorder(name)))
-        model(probe)
-    except RuntimeError as error:  # e.g. TorchScript modules refuse Python hooks
-        raise ModelStructureError(f"cannot inspect the model's layers for Grad-CAM: {error}") from None
-    finally:
-        for handle in handles:
-            handle.remove()
-    spatial = [name for name, shape in outputs if len(shape) == 4 and shape[2] * shape[3] > 1]
-    if not spatial:
-        where = f"module {feature_layer!r} outputs" if feature_layer else "no module outputs"
-        raise ModelStructureError(f"{where} a spatial feature map (N, K, h, w) for Grad-CAM to read")
-    name = spatial[-1]
-    return CamLayers(name, modules[name], None, None, post_relu=False)
+def _computes_linear(module: nn.Module, inputs: torch.Tensor | None, output: torch.Tensor) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if inputs is None:
+        return False
+    expected = F.linear(inputs, module.weight, getattr(module, "bias", None))
+    return expected.shape == output.shape and torch.allclose(expected, output, rtol=1e-5, atol=1e-6)
 
 
 def _find_head(
     records: list[tuple[str, torch.Tensor]],
+    head_inputs: dict[str, torch.Tensor],
     modules: dict[str, nn.Module],
     logits: Any,
     head: str | None,
 ) -> str:
+    outputs = dict(records)
     if head is not None:
-        if not isinstance(modules[head], nn.Linear):
-            raise ModelStructureError(f"head {head!r} is a {type(modules[head]).__name__}, not nn.Linear")
+        module = modules[head]
+        if not _linear_like(module) or (head in outputs and not _computes_linear(module, head_inputs.get(head), outputs[head])):
+            raise ModelStructureError(f"head {head!r} is a {type(module).__name__}, not nn.Linear (nor a module computing F.linear)")
         return head
     if isinstance(logits, torch.Tensor):
         for name, output in reversed(records):
-            if isinstance(modules[name], nn.Linear) and output.shape == logits.shape:
-                if torch.equal(output, logits.detach()):
+            module = modules[name]
+            if _linear_like(module) and output.shape == logits.shape and torch.equal(output, logits.detach()):
+                if _computes_linear(module, head_inputs.get(name), output):
                     return name
     raise ModelStructureError(
         "no nn.Linear layer produces the model's logits; CAM needs a GAP→linear head "
