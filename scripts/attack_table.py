@@ -59,7 +59,7 @@ def main() -> None:
     tag = {} if args.eps is None else {"eps": args.eps}
 
     clf = load_model(args.model)
-    images, labels, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
+    images, labels, _, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
     targets = random_targets(labels, clf.num_classes, 0)
     chunks = [slice(s, s + args.batch) for s in range(0, images.shape[0], args.batch)]
     names = args.interpreters.split(",")

@@ -69,7 +69,7 @@ def test_evaluate_plain_output() -> None:
         (("evaluate", "--model", "no-such-model"), "cannot parse model spec"),
         (("evaluate", "--data", "shapes:nope"), "shapes"),
         (("evaluate", "--data", "/no/such/folder"), "/no/such/folder"),
-        (("evaluate", "--limit", "0"), "--limit must be positive"),
+        (("evaluate", "--limit", "0"), "--limit must be a positive"),
         (("evaluate", "--model", "torchvision:resnet18"), "needs a local weights file"),
         (("train", "classifier", "--arch", "vgg"), "unknown architecture 'vgg'"),
         (("train", "classifier", "--epochs", "0"), "epochs must be positive"),

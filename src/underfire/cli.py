@@ -25,6 +25,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the underfire version and exit.")] = False,
+) -> None:
+    """ADV² attacks on interpretable deep learning systems: explain, attack, measure, report."""
+
+
 train_app = typer.Typer(help="Train the models underfire needs.", no_args_is_help=True)
 data_app = typer.Typer(help="Work with datasets.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -155,14 +172,14 @@ def evaluate(
     from .data import open_dataset
     from .evaluation import evaluate as run_evaluation
 
+    _positive("--batch-size", batch_size)
     classifier = _load(model, _model_options(weights, metadata))
     dataset = open_dataset(
         data, size=classifier.input_size or 224, class_names=classifier.class_names,
         channels=classifier.in_channels, outputs=classifier.num_classes,
     )
     if limit is not None:
-        if limit <= 0:
-            raise UnderfireError(f"--limit must be positive, got {limit}")
+        _positive("--limit", limit)
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     explainer = None
     if interpreter is not None:
@@ -181,10 +198,10 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"{result.model} on {result.data}: accuracy {result.accuracy:.2%} ({result.images} images)")
+    typer.echo(f"{result.model} on {result.data}: accuracy {result.accuracy:.2%} ({result.images} {_plural(result.images, 'image')})")
     for name, accuracy in result.per_class.items():
         shown = "—" if accuracy is None else f"{accuracy:.2%}"
-        typer.echo(f"  {name:<12} {shown:>8}  ({result.counts[name]} images)")
+        typer.echo(f"  {name:<12} {shown:>8}  ({result.counts[name]} {_plural(result.counts[name], 'image')})")
     if explainer is not None:
         typer.echo(f"{interpreter}: pointing game {report['pointing_game']:.2%}, object IoU {report['object_iou']:.3f}")
 
@@ -236,9 +253,14 @@ def explain(
     import torch
 
     from .data import read_image
+    from .options import check_seed
+    from .store.files import check_output_folder
     from .visualize import overlay, save_png
 
-    classifier = _load(model, _model_options(weights, metadata))
+    _positive("--batch-size", batch_size)
+    check_seed("--seed", seed)
+    check_output_folder(out)
+    classifier = _load(model, _model_options(weights, metadata, seed))
     explainer = _interpreter(interpreter, classifier, option)
     size = classifier.input_size or 224
     pictures = torch.stack([read_image(path, size, classifier.in_channels) for path in images])  # every file read before any work
@@ -319,8 +341,9 @@ def attack(
     options: dict[str, Any] = parse_assignments(option or [])
     if relu is not None:
         options["relu"] = relu
-    if data and limit <= 0:
-        raise UnderfireError(f"--limit must be positive, got {limit}")
+    if data:
+        _positive("--limit", limit)
+    _positive("--batch-size", batch_size)
     metadata = _model_options(weights, metadata)
     config = attack_experiment(
         model=model, model_options=metadata.as_table(),
@@ -334,7 +357,7 @@ def attack(
         return
     summary = report["summary"]
     typer.echo(
-        f"{attack_name} vs {interpreter} on {summary['images']} images: success {summary['success_rate']:.1%}, "
+        f"{attack_name} vs {interpreter} on {summary['images']} {_plural(summary['images'], 'image')}: success {summary['success_rate']:.1%}, "
         f"p(target) {summary['mean_confidence']:.3f}, map L1 {summary['mean_l1']:.3f}, IoU {summary['mean_iou']:.3f} "
         f"→ {out / 'report.json'}"
     )
@@ -381,14 +404,25 @@ def demo(
     typer.echo(f"report: {page}")
 
 
-def _model_options(weights: str | None, metadata: dict[str, Any]) -> Any:
-    """The model metadata flags as ``ModelOptions`` (validated; unset flags stay ``None``)."""
+def _model_options(weights: str | None, metadata: dict[str, Any], seed: int = 0) -> Any:
+    """The model metadata flags as ``ModelOptions`` (validated; unset flags stay ``None``);
+    ``seed`` seeds random weights (``torchvision:NAME@random``)."""
     from .models.metadata import ModelOptions, class_names_option
 
     values = dict(metadata)
     if "classes" in values:
         values["class_names"] = class_names_option(values.pop("classes"))
-    return ModelOptions(weights=weights, **values)
+    return ModelOptions(weights=weights, seed=seed, **values)
+
+
+def _positive(flag: str, value: int) -> None:
+    """A count flag (--batch-size, --limit) must be at least 1: zero would do nothing and say it did."""
+    if value < 1:
+        raise UnderfireError(f"{flag} must be a positive whole number, got {value}")
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else f"{noun}s"
 
 
 def _load(spec: str, options: Any) -> Any:
@@ -500,10 +534,15 @@ def export_command(
 ) -> None:
     """Write a dataset as PNGs in class subfolders (images/CLASS/*.png, masks/CLASS/*.png)."""
     from .data import export_dataset, open_dataset
+    from .store.files import check_output_folder
 
+    if limit is not None:
+        _positive("--limit", limit)
+    check_output_folder(out)
     dataset = open_dataset(data, size=size, seed=seed)
     path = export_dataset(dataset, out, limit=limit, progress=sys.stderr.isatty())
-    typer.echo(f"wrote {min(limit or len(dataset), len(dataset))} images to {path}")
+    count = min(limit or len(dataset), len(dataset))
+    typer.echo(f"wrote {count} {_plural(count, 'image')} to {path}")
 
 
 @app.command()
@@ -515,7 +554,10 @@ def report(
 ) -> None:
     """Report a run: summary table, IoU-vs-k curves, transfer matrix and image grids (works on partial runs)."""
     from .report import write_report
+    from .store.files import check_output_file
 
+    if out is not None:
+        check_output_file(out, "--out")
     typer.echo(f"wrote {write_report(run_dir, fmt=fmt, out=out)}")
 
 

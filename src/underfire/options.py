@@ -23,6 +23,17 @@ from .errors import InputError
 
 _MISSING = inspect.Parameter.empty
 
+#: The largest seed accepted anywhere (NumPy's and most peers' range): seeds get offsets added
+#: (per batch, per image), which must stay far inside torch's 64-bit generator seeds.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(where: str, value: Any) -> int:
+    """``value`` if it is a whole number in 0..``MAX_SEED``, else a one-line ``InputError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise InputError(f"{where} must be a whole number in 0..{MAX_SEED}, got {value!r}")
+    return value
+
 
 @dataclass(frozen=True)
 class OptionSpec:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InputError, UnderfireError
-from ..options import coerce_options, dataclass_options, parse_fraction
+from ..options import check_seed, coerce_options, dataclass_options, parse_fraction
 
 if TYPE_CHECKING:
     from ..interpreters.base import Interpreter
@@ -140,6 +140,7 @@ class AttackConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"{name} must be an integer >= 0, got {value!r}")
+        check_seed("seed", self.seed)
         if self.pgd_steps + self.adv_steps == 0:
             raise InputError("the attack needs at least one step")
         if isinstance(self.lam_adaptation, bool) or not isinstance(self.lam_adaptation, (int, float)) or not (

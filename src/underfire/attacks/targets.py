@@ -59,7 +59,8 @@ def shape_maps(kind: str, count: int, size: tuple[int, int], seed: int) -> torch
 
 
 def load_user_map(path: str | Path) -> torch.Tensor:
-    """A user's target map from ``.npy`` (h × w, or 1 × h × w), min-max normalised to [0, 1]."""
+    """A user's target map from ``.npy`` (h × w, or 1 × h × w), min-max normalised to [0, 1]; an
+    empty or constant map is refused (it has no top-k region to compare with)."""
     path = Path(path)
     try:
         array = np.load(path, allow_pickle=False)
@@ -68,11 +69,15 @@ def load_user_map(path: str | Path) -> torch.Tensor:
     array = np.squeeze(np.asarray(array, dtype=np.float32))
     if array.ndim != 2:
         raise InputError(f"target map {str(path)!r} must be 2-D (h × w), got shape {array.shape}")
+    if array.size == 0:
+        raise InputError(f"target map {str(path)!r} is empty (shape {array.shape})")
     if not np.isfinite(array).all():
         raise InputError(f"target map {str(path)!r} contains NaN or Inf")
     low, high = float(array.min()), float(array.max())
-    scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    return torch.from_numpy(scaled)[None, None]
+    if high == low:
+        # every measure compares the top-k pixels of two maps; a constant map has none
+        raise InputError(f"target map {str(path)!r} is constant ({low:g} everywhere): it marks no region, so IoU and L1 to it mean nothing")
+    return torch.from_numpy((array - low) / (high - low))[None, None]
 
 
 def other_image_maps(

@@ -69,8 +69,8 @@ def export_dataset(
     class_names = [str(n) for n in getattr(dataset, "class_names", [])]
     if not class_names:
         raise InputError("the dataset to export has no class_names")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
-        raise InputError(f"export limit must be a non-negative integer, got {limit!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise InputError(f"export limit must be a positive integer, got {limit!r}")
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():

@@ -88,6 +88,11 @@ class Interpreter(ABC):
         base, own = DEFAULT_PRESETS[name], cls.presets.get(name, Preset())
         return Preset({**base.attack, **own.attack}, {**base.options, **own.options})
 
+    def source_files(self) -> tuple[str, ...]:
+        """Files this interpreter read when it was built (a trained network of its own): a run
+        fingerprints them, so a resume after their contents changed is refused. The base reads none."""
+        return ()
+
     def check_attackable(self) -> None:
         """Raise ``ModelStructureError`` (one line saying what to do) when this interpreter's
         surrogate cannot give an attack a gradient on this classifier; the base always can.

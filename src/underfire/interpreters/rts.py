@@ -54,7 +54,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..models.architectures import ShapesResNet
-from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.checkpoint import load_checkpoint, metadata_path, save_checkpoint
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, frozen_module
 from ..presets import QUICK_SCHEDULE, Preset
 from .base import AttackStage, AttackTerms, Interpreter, normalize_maps
@@ -330,6 +330,7 @@ class Rts(Interpreter):
         self.encoder_weight = float(encoder_weight)
         self.warm_start_encoder_weight = float(warm_start_encoder_weight)
         self.metadata: dict[str, Any] = {}
+        self._files: tuple[str, ...] = ()
         if network is not None and checkpoint is not None:
             raise InputError("pass either an RTS network or a checkpoint path, not both")
         if network is None:
@@ -348,6 +349,7 @@ class Rts(Interpreter):
                         f"train one with `underfire train rts --model {classifier.name}`"
                     )
             network, self.metadata = load_saliency_network(checkpoint)
+            self._files = (str(checkpoint), str(metadata_path(checkpoint)))
         elif not isinstance(network, SaliencyNetwork):
             raise InputError(f"network must be a SaliencyNetwork, got {type(network).__name__}")
         if network.num_classes != classifier.num_classes:
@@ -356,6 +358,10 @@ class Rts(Interpreter):
                 f"{classifier.num_classes}; train one for this model with `underfire train rts`"
             )
         self.network = network.to(classifier.device)
+
+    def source_files(self) -> tuple[str, ...]:
+        """The RTS checkpoint (weights and metadata) when the network was loaded from one."""
+        return self._files
 
     def _on(self, device: torch.device) -> SaliencyNetwork:
         if self.network.mean.device != device:

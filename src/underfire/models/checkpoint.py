@@ -63,11 +63,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     """Read an underfire checkpoint: (state dict, metadata)."""
     path = Path(path)
     meta_file = metadata_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not meta_file.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no metadata file {meta_file.name!r} beside it")
     try:
         metadata = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read checkpoint metadata {str(meta_file)!r}: {error}") from None
     return load_weights(path), metadata
 

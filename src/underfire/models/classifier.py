@@ -206,7 +206,8 @@ class Classifier(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def check_images(self, images: Any) -> torch.Tensor:
-        """Return ``images`` if they are a valid (N, C, H, W) float batch in [0, 1], else raise.
+        """Return ``images`` if they are a valid (N, C, H, W) float batch in [0, 1], else raise;
+        another float dtype (float64, half) is converted to the model's.
 
         Every failure is an ``InputError`` with a one-line message saying what to do.
         """
@@ -231,6 +232,8 @@ class Classifier(nn.Module):
                 f"images must be floating point in [0, 1], got {images.dtype}; "
                 "convert 8-bit images with images.float() / 255"
             )
+        if images.dtype != self.mean.dtype:  # float64 or half from the user: the model's dtype, as peers do
+            images = images.to(self.mean.dtype)
         # one pass over the batch: NaN propagates into the min and max, ±Inf shows in one of them
         low, high = torch.aminmax(images.detach())
         low, high = torch.stack((low, high)).tolist()
@@ -290,11 +293,13 @@ class Classifier(nn.Module):
         tensor = torch.as_tensor(classes)
         if tensor.is_floating_point() or tensor.dtype == torch.bool:
             raise InputError(f"classes must be integers, got {tensor.dtype}")
-        tensor = tensor.long().flatten()
-        if tensor.numel() == 1 and batch_size > 1:
+        if tensor.dim() == 0:  # one class for every image; a list or tensor gives one per image
             tensor = tensor.expand(batch_size)
+        tensor = tensor.long().flatten()
         if tensor.numel() != batch_size:
-            raise InputError(f"got {tensor.numel()} classes for {batch_size} images")
+            raise InputError(
+                f"got {tensor.numel()} classes for {batch_size} images; give one per image, or a single int for all"
+            )
         n = self.num_classes
         low, high = tensor.aminmax()
         if int(low) < 0 or int(high) >= n:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, SpecError
+from ..options import check_seed
 
 __all__ = ["CARD_KEYS", "ModelOptions", "card_for", "parse_class_names", "parse_numbers", "probe_classifier"]
 
@@ -46,6 +47,8 @@ class ModelOptions:
         feature_layer, head: module names for CAM and Grad-CAM.
         rts: an RTS checkpoint trained for this model (``underfire train rts``).
         device: where the model runs.
+        seed: seeds what a spec initialises randomly (``torchvision:NAME@random``, a factory's
+            fresh layers), so two runs of one command build the same model.
     """
 
     weights: str | None = None
@@ -58,9 +61,11 @@ class ModelOptions:
     head: str | None = None
     rts: str | None = None
     device: str = "cpu"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        check_seed("seed", self.seed)
         if self.input_size is not None:
             if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or not 1 <= self.input_size <= 8192:
                 raise InputError(f"input size must be a whole number of pixels in 1..8192, got {self.input_size!r}")
@@ -80,8 +85,8 @@ class ModelOptions:
                 raise InputError(f"{name} must be a non-empty string, got {value!r}")
 
     def given(self) -> dict[str, Any]:
-        """The fields set here (not ``None``), device excluded."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "device" and getattr(self, f.name) is not None}
+        """The fields set here (not ``None``), device and seed excluded (they are the command's)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("device", "seed") and getattr(self, f.name) is not None}
 
     def as_table(self) -> dict[str, Any]:
         """The given fields as a ``[models.NAME]`` table (``from_mapping`` reads it back)."""
@@ -90,7 +95,7 @@ class ModelOptions:
 
     def over(self, fallback: ModelOptions) -> ModelOptions:
         """These options, with ``fallback``'s where a field is not given here."""
-        return replace(fallback, **self.given(), device=self.device)
+        return replace(fallback, **self.given(), device=self.device, seed=self.seed)
 
     @classmethod
     def from_mapping(cls, where: str, table: Mapping[str, Any], base: Path | None = None) -> ModelOptions:

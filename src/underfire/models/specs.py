@@ -22,7 +22,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,7 +36,7 @@ from torch import nn
 
 from ..errors import CheckpointError, SpecError
 from .architectures import build_architecture
-from .checkpoint import load_checkpoint, load_weights
+from .checkpoint import load_checkpoint, load_weights, metadata_path
 from .classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from .metadata import ModelOptions, card_for, probe_classifier, read_card
 
@@ -111,6 +114,40 @@ def load_model(
         options = options.over(read_card(card_file))
         if parsed.weights is None and options.weights is not None:
             parsed = ModelSpec(parsed.kind, parsed.target, options.weights)
+    _check_weights_apply(parsed)
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random state untouched
+        torch.manual_seed(options.seed)
+        model, defaults, metadata = _build(parsed)
+    metadata = {**metadata, "format": parsed.kind, "files": _files_read(parsed, card_file)}
+    if card_file is not None:
+        metadata["card"] = str(card_file)
+    if options.rts is not None:
+        metadata["rts"] = options.rts
+
+    def pick(field: str) -> Any:
+        value = getattr(options, field)
+        return value if value is not None else defaults.get(field)
+
+    classifier = Classifier(
+        model,
+        pick("mean"),
+        pick("std"),
+        class_names=pick("class_names"),
+        input_size=pick("input_size"),
+        in_channels=options.channels or 3,
+        feature_layer=options.feature_layer,
+        head=options.head,
+        name=str(parsed),
+        metadata=metadata,
+    )
+    # load_model built this module itself, so inference mode is the right state to hand back
+    classifier = classifier.eval().to(options.device)
+    probe_classifier(classifier, hint)
+    return classifier
+
+
+def _build(parsed: ModelSpec) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """The module of a spec, the metadata defaults it knows, and what it records about itself."""
     if parsed.kind in ("builtin", "checkpoint"):
         path = builtin_weights_path(parsed.target) if parsed.kind == "builtin" else Path(parsed.target)
         state, meta = load_checkpoint(path)
@@ -138,32 +175,37 @@ def load_model(
         if parsed.weights:
             _load_state(model, load_weights(parsed.weights), Path(parsed.weights))
         defaults, metadata = {}, {"weights": parsed.weights}
-    metadata = {**metadata, "format": parsed.kind}
-    if card_file is not None:
-        metadata["card"] = str(card_file)
-    if options.rts is not None:
-        metadata["rts"] = options.rts
+    return model, defaults, metadata
 
-    def pick(field: str) -> Any:
-        value = getattr(options, field)
-        return value if value is not None else defaults.get(field)
 
-    classifier = Classifier(
-        model,
-        pick("mean"),
-        pick("std"),
-        class_names=pick("class_names"),
-        input_size=pick("input_size"),
-        in_channels=options.channels or 3,
-        feature_layer=options.feature_layer,
-        head=options.head,
-        name=str(parsed),
-        metadata=metadata,
-    )
-    # load_model built this module itself, so inference mode is the right state to hand back
-    classifier = classifier.eval().to(options.device)
-    probe_classifier(classifier, hint)
-    return classifier
+def _files_read(spec: ModelSpec, card: Path | None) -> list[str]:
+    """The files a spec's model was built from (a run fingerprints them, ``runs.fingerprint``)."""
+    files: list[str | Path] = []
+    if spec.kind in ("builtin", "checkpoint"):
+        path = builtin_weights_path(spec.target) if spec.kind == "builtin" else Path(spec.target)
+        files += [path, metadata_path(path)]
+    elif spec.kind in ("torchscript", "export"):
+        files.append(spec.target)
+    elif spec.kind == "factory" and spec.target.rpartition(":")[0].endswith(".py"):
+        files.append(spec.target.rpartition(":")[0])
+    if spec.weights and spec.weights != "random":
+        files.append(spec.weights)
+    if card is not None:
+        files.append(card)
+    return [str(path) for path in files]
+
+
+def _check_weights_apply(spec: ModelSpec) -> None:
+    """A weights file only applies to torchvision and factory specs: anywhere else it would be
+    ignored, and a run would silently attack other weights than the user named."""
+    if spec.weights is None or spec.kind in ("torchvision", "factory"):
+        return
+    if spec.kind == "builtin":
+        raise SpecError(
+            f"a weights file (--weights) does not apply to the built-in model {spec.target!r} (its weights ship with it); "
+            "to attack other weights of its architecture, give their checkpoint PATH.safetensors as the model"
+        )
+    raise SpecError(f"a weights file (--weights) does not apply to {spec.kind} model {spec.target!r}: the file holds its weights")
 
 
 def _model_file(spec: ModelSpec) -> str | None:
@@ -241,6 +283,32 @@ def _exported_model(path: str) -> nn.Module:
         raise SpecError(f"cannot load exported program {path!r} (save it with torch.export.save): {message}") from None
 
 
+@contextmanager
+def _user_code(what: str) -> Iterator[None]:
+    """A user's factory or module that raises is the user's mistake, not underfire's: one line
+    naming the spec, the error and the line of the user's code that raised it."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any exception of the user's code
+        frames = [frame for frame in traceback.extract_tb(error.__traceback__) if not _is_library_frame(frame.filename)]
+        where = f" at {frames[-1].filename}:{frames[-1].lineno} ({(frames[-1].line or '').strip()})" if frames else ""
+        if isinstance(error, SyntaxError) and error.filename:
+            where = f" at {error.filename}:{error.lineno} ({(error.text or '').strip()})"
+        raise SpecError(f"{what} raised {type(error).__name__}: {_first_message(error)}{where}") from None
+
+
+def _is_library_frame(filename: str) -> bool:
+    """Frames of underfire, the standard library's import machinery and installed packages."""
+    return filename.startswith("<frozen") or str(Path(__file__).resolve().parents[1]) in filename or "importlib" in filename
+
+
+def _first_message(error: BaseException) -> str:
+    text = str(error.msg if isinstance(error, SyntaxError) else error).strip()
+    return text.splitlines()[0][:200] if text else "(no message)"
+
+
 def _factory_model(target: str) -> nn.Module:
     module_name, _, function_name = target.rpartition(":")
     if module_name.endswith(".py") or os.sep in module_name:
@@ -251,16 +319,22 @@ def _factory_model(target: str) -> nn.Module:
         if module_spec is None or module_spec.loader is None:
             raise SpecError(f"cannot import {module_name!r}")
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        with _user_code(f"importing {module_name!r}"):
+            module_spec.loader.exec_module(module)
     else:
         try:
+            found = importlib.util.find_spec(module_name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise SpecError(f"cannot import module {module_name!r}: no such module on the Python path")
+        with _user_code(f"importing module {module_name!r}"):
             module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise SpecError(f"cannot import module {module_name!r}: {error}") from None
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise SpecError(f"{module_name!r} has no callable {function_name!r}")
-    model = factory()
+    with _user_code(f"the model factory {target!r}"):
+        model = factory()
     if not isinstance(model, nn.Module):
         raise SpecError(f"{target} returned {type(model).__name__}, not an nn.Module")
     return model

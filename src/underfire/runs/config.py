@@ -42,7 +42,7 @@ import json
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -53,7 +53,7 @@ from ..attacks.targets import TARGET_MAP_KINDS, load_user_map
 from ..errors import InputError
 from ..interpreters import INTERPRETERS
 from ..models.metadata import ModelOptions
-from ..options import coerce_options, parse_fraction
+from ..options import check_seed, coerce_options, parse_fraction
 from ..presets import PRESET_NAMES
 
 
@@ -91,7 +91,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # normalising a frozen instance
         _text("name", self.name)
-        _integer("seed", self.seed, minimum=0)
+        check_seed("experiment.seed", self.seed)
         if self.preset not in PRESET_NAMES:
             raise InputError(f"experiment.preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
         set_("eps", _eps(self.eps))
@@ -229,10 +229,16 @@ class ExperimentConfig:
             base = [self.attack_config(name) for name in self.interpreters]
         return cls.configure(base, self.attack_settings.get(attack, {}))
 
+    def input_files(self) -> list[str]:
+        """The files the config itself names (target maps, image files); the models' and data
+        folders' files come from the prepared models (``plan.PreparedModel.input_files``)."""
+        return [kind for kind in self.target_maps if kind.endswith(".npy")] + list(self.files)
+
     def model_options_for(self, model: str) -> ModelOptions:
         """The metadata ``model`` is loaded with (its ``[models.NAME]`` table; a model card beside
         the model file fills what it leaves out)."""
-        return ModelOptions.from_mapping(f"models.{model}", self.model_options.get(model, {}))
+        options = ModelOptions.from_mapping(f"models.{model}", self.model_options.get(model, {}))
+        return replace(options, seed=self.seed)  # random weights (``@random``) follow the run's seed
 
     def options_for(self, interpreter: str) -> dict[str, Any]:
         """The options ``interpreter`` is built with: its preset's, then ``[interpreters.NAME]``,
@@ -251,6 +257,9 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise InputError(f"cannot read config {str(path)!r}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise InputError(f"config {str(path)!r} is not UTF-8 text (byte {error.object[error.start]:#04x} on line {line}); save it as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -36,10 +36,12 @@ from tqdm.auto import tqdm
 from ..attacks import ATTACKS
 from ..errors import InputError
 from ..store import ImageRecord, ResultStore, remove_temporary_files, run_lock, save_png_atomic
-from ..store.files import write_bytes_atomic
+from ..store.database import DATABASE_NAME, check_database
+from ..store.files import check_output_folder, write_bytes_atomic
 from ..visualize import to_uint8
 from .config import ExperimentConfig
 from .executor import Executor, SerialExecutor
+from .fingerprint import check_inputs, run_inputs
 from .plan import Key, PreparedModel, TransferKey, Unit, plan_units, prepare_models
 from .worker import UnitOutput, UnitWorker, config_json
 
@@ -75,12 +77,17 @@ def run_experiment(
     computes the units (default: ``SerialExecutor``, in this process).
     """
     started = time.perf_counter()
+    run_dir = check_output_folder(run_dir, "run folder")
+    check_database(run_dir / DATABASE_NAME)
     models = prepare_models(config)
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir), ResultStore(run_dir) as store:
         now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        store.claim(config.as_dict(), software_versions(), now, attack_settings(config))
+        inputs = run_inputs(config.input_files() + [f for model in models for f in model.input_files()],
+                            {model.spec: dict(zip(model.names, model.images)) for model in models})
+        sources = {model.spec: model.sources for model in models}
+        store.claim(config.as_dict(), software_versions(), now, attack_settings(config), inputs,
+                    lambda stored: check_inputs(run_dir, stored, inputs, sources))
         remove_temporary_files(run_dir)  # what a killed process left; we hold the lock
         for model in models:
             _record_images(store, run_dir, model)

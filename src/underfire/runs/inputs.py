@@ -30,9 +30,10 @@ def images_from_files(classifier: Classifier, paths: list[Path]) -> tuple[torch.
 
 def images_from_dataset(
     classifier: Classifier, dataset: Any, limit: int, exclude: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[str], list[int]]:
     """The first ``limit`` correctly classified images of a labelled dataset (none of class
-    ``exclude``: a fixed target class would be vacuous for them)."""
+    ``exclude``: a fixed target class would be vacuous for them): images, labels, names and their
+    indices in the dataset."""
     chosen: list[int] = []
     step = max(64, limit)
     for start in range(0, len(dataset), step):
@@ -49,7 +50,7 @@ def images_from_dataset(
     if not chosen:
         raise InputError("no correctly classified image in the dataset")
     images, labels, _ = dataset.tensors(chosen)
-    return images, labels, [f"{getattr(dataset, 'split', 'image')}-{i:05d}" for i in chosen]
+    return images, labels, [f"{getattr(dataset, 'split', 'image')}-{i:05d}" for i in chosen], chosen
 
 
 def make_target_maps(

@@ -116,7 +116,7 @@ def attack_report(run_dir: str | Path) -> dict[str, Any]:
         "attack": first["attack"],
         "target_map": first["target_map"],
         "config": json.loads(first["config"]),
-        "interpreter_options": json.loads(first["interpreter_options"]),
+        "interpreter_options": json.loads(first.get("interpreter_options", "{}")),
         "versions": meta.get("versions"),
         "images": images,
         "summary": {"images": cell["n"], **{key: round(float(cell[column]), 5) for key, column in _MEANS.items()}},

@@ -46,6 +46,15 @@ class PreparedModel:
     targets: torch.Tensor
     names: list[str]
     pool: tuple[torch.Tensor, torch.Tensor] | None = None  # images for 'other' target maps
+    sources: list[str | None] = field(default_factory=list)  # per image, the file it was read from
+
+    def input_files(self) -> list[str]:
+        """Every file this model's part of the run read: the model's, its interpreters' networks,
+        the images' (a run fingerprints them, ``fingerprint``)."""
+        files = list(self.classifier.metadata.get("files", ()))
+        for interpreter in self.interpreters.values():
+            files += interpreter.source_files()
+        return files + [source for source in self.sources if source]
 
     def batches(self, size: int) -> list[slice]:
         return [slice(start, start + size) for start in range(0, len(self.names), size)]
@@ -103,20 +112,23 @@ def prepare_models(config: ExperimentConfig) -> list[PreparedModel]:
                 pool = other_pool(classifier)
             except UnderfireError as error:
                 raise InputError(f"experiment.target_maps: {error}") from None
-        images, labels, names = _select_images(config, classifier, spec, fixed)
+        images, labels, names, sources = _select_images(config, classifier, spec, fixed)
         if fixed is None:
             targets = random_targets(labels, classifier.num_classes, config.seed)
         else:
             targets = torch.full_like(labels, fixed)
         check_targets(labels, targets)
-        prepared.append(PreparedModel(spec, safe_name(spec), classifier, interpreters, images, labels, targets, names, pool))
+        prepared.append(PreparedModel(spec, safe_name(spec), classifier, interpreters, images, labels, targets, names, pool, sources))
     return prepared
 
 
-def _select_images(config: ExperimentConfig, classifier: Classifier, spec: str, fixed: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _select_images(
+    config: ExperimentConfig, classifier: Classifier, spec: str, fixed: int | None
+) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str | None]]:
+    """The images a model is attacked on, their labels, names and the files they were read from."""
     if config.files:
         try:
-            return images_from_files(classifier, [Path(name) for name in config.files])
+            return (*images_from_files(classifier, [Path(name) for name in config.files]), list(config.files))
         except UnderfireError as error:
             raise InputError(f"experiment.files: {error}") from None
     try:
@@ -127,9 +139,11 @@ def _select_images(config: ExperimentConfig, classifier: Classifier, spec: str, 
     except UnderfireError as error:
         raise InputError(f"experiment.data: {error}") from None
     try:
-        return images_from_dataset(classifier, dataset, config.images, exclude=fixed)
+        images, labels, names, chosen = images_from_dataset(classifier, dataset, config.images, exclude=fixed)
     except UnderfireError as error:
         raise InputError(f"experiment.data: {spec!r}: {error}") from None
+    samples = getattr(dataset, "samples", None)  # an image folder's (path, label) list
+    return images, labels, names, [str(samples[i][0]) if samples is not None else None for i in chosen]
 
 
 def plan_units(config: ExperimentConfig, model: PreparedModel) -> list[Unit]:

@@ -23,9 +23,10 @@ run opens it; a newer version is refused with one line, before any work.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,52 @@ _MIGRATIONS = (
     "ALTER TABLE results ADD COLUMN interpreter_options TEXT NOT NULL DEFAULT '{}'",
     "ALTER TABLE transfer ADD COLUMN attack TEXT NOT NULL DEFAULT 'adv2'",
 )
+
+
+@functools.cache
+def schema_columns() -> dict[str, tuple[str, ...]]:
+    """Each table of ``SCHEMA`` and its columns, in order (read from an in-memory database)."""
+    connection = sqlite3.connect(":memory:")
+    try:
+        connection.executescript(SCHEMA)
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {table: tuple(row[1] for row in connection.execute(f"PRAGMA table_info({table})")) for table in tables}
+    finally:
+        connection.close()
+
+
+def check_database(path: Path) -> None:
+    """Refuse, read-only and before any work, a results file this underfire cannot resume into
+    (not SQLite, truncated, a newer schema, missing columns); an absent file is fine."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise InputError(f"{str(path)!r} is not a file; use another output folder")
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as error:
+        raise InputError(f"cannot open {str(path)!r}: {error}") from None
+    try:
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {table: {row[1] for row in connection.execute(f"PRAGMA table_info({table})")} for table in tables}
+    except sqlite3.DatabaseError as error:
+        raise InputError(f"{str(path)!r} is not a readable results database ({error}); move it away or use another output folder") from None
+    finally:
+        connection.close()
+    if version > SCHEMA_VERSION:
+        raise InputError(
+            f"{str(path)!r} has results schema version {version}; this underfire reads up to "
+            f"{SCHEMA_VERSION}: use a newer underfire or another output folder"
+        )
+    if version == SCHEMA_VERSION:
+        for table, expected in schema_columns().items():
+            missing = [name for name in expected if table in columns and name not in columns[table]]
+            if missing:
+                raise InputError(
+                    f"{str(path)!r} is not an underfire results database of schema version {SCHEMA_VERSION}: "
+                    f"table {table} has no column {missing[0]}; use another output folder"
+                )
 
 
 @dataclass(frozen=True)
@@ -163,20 +210,25 @@ class ResultStore:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / DATABASE_NAME
         # autocommit mode: transactions are explicit (BEGIN IMMEDIATE … COMMIT) in ``_transaction``
+        check_database(self.path)
         self.connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes
-        self._upgrade()
-
-    def _upgrade(self) -> None:
-        """Create the schema, migrate an older version in place, refuse a newer one."""
-        version = int(self.connection.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
+        try:
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes
+            self._upgrade()
+        except sqlite3.DatabaseError as error:
             self.close()
             raise InputError(
-                f"{str(self.path)!r} has results schema version {version}; this underfire reads up to "
-                f"{SCHEMA_VERSION}: use a newer underfire or another output folder"
-            )
+                f"{str(self.path)!r} is not a readable results database ({error}); move it away or use another output folder"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _upgrade(self) -> None:
+        """Create the schema or migrate an older version in place (``check_database`` has refused
+        a newer one)."""
+        version = int(self.connection.execute("PRAGMA user_version").fetchone()[0])
         if version == SCHEMA_VERSION:
             return
         tables = {row[0] for row in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -192,6 +244,7 @@ class ResultStore:
                 if statement.strip():
                     cursor.execute(statement)
             cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        check_database(self.path)  # what the migration did not add is missing for good
 
     def __enter__(self) -> ResultStore:
         return self
@@ -207,26 +260,41 @@ class ResultStore:
         return dict(self.connection.execute("SELECT key, value FROM meta").fetchall())
 
     def claim(
-        self, config: dict[str, Any], versions: dict[str, str], created: str, settings: dict[str, Any] | None = None
+        self,
+        config: dict[str, Any],
+        versions: dict[str, str],
+        created: str,
+        settings: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        check_inputs: Callable[[dict[str, Any]], None] | None = None,
     ) -> bool:
         """Record the run's config on first use; later, refuse a different one.
 
         ``settings`` (meta key ``attack_configs``: the resolved attack configuration per
         interpreter) is checked too, so a preset that changed between underfire versions cannot
-        mix two schedules in one run. Returns True when the meta was written now.
+        mix two schedules in one run. ``inputs`` (meta key ``inputs``: the content digests of what
+        the run reads) is stored on first use; later ``check_inputs(stored)`` judges it (a run
+        made before inputs were recorded gets them now). Returns True when the config was written now.
         """
         meta = self.meta()
-        if "config" in meta:
+        rows: dict[str, str] = {}
+        claimed = "config" not in meta
+        if not claimed:
             _refuse_change(self.run_dir, "a different config", json.loads(meta["config"]), config)
             if settings is not None and "attack_configs" in meta:
                 _refuse_change(self.run_dir, "other attack settings (did the preset change?)", json.loads(meta["attack_configs"]), settings)
-            return False
-        rows = {"config": json.dumps(config, sort_keys=True), "versions": json.dumps(versions, sort_keys=True), "created": created}
-        if settings is not None:
-            rows["attack_configs"] = json.dumps(settings, sort_keys=True)
-        with self._transaction() as cursor:
-            cursor.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows.items())
-        return True
+            if inputs is not None and "inputs" in meta and check_inputs is not None:
+                check_inputs(json.loads(meta["inputs"]))
+        else:
+            rows = {"config": json.dumps(config, sort_keys=True), "versions": json.dumps(versions, sort_keys=True), "created": created}
+            if settings is not None:
+                rows["attack_configs"] = json.dumps(settings, sort_keys=True)
+        if inputs is not None and "inputs" not in meta:
+            rows["inputs"] = json.dumps(inputs, sort_keys=True)
+        if rows:
+            with self._transaction() as cursor:
+                cursor.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows.items())
+        return claimed
 
     # ----------------------------------------------------------------------------- images
     def images(self, model: str) -> list[ImageRecord]:

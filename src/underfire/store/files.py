@@ -18,6 +18,8 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
+
 #: Marks temporary files; nothing else under a run's ``files/`` folder contains it.
 TEMP_MARK = ".partial-"
 
@@ -27,12 +29,29 @@ def _atomic(path: Path) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; a run's outputs follow the umask like any file
+            os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as stream:
             yield stream
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux), else by
+    setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -84,3 +103,34 @@ def remove_temporary_files(folder: str | Path) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
+    """Prove, before any work, that ``path`` can be created (or is) and written: a folder that is
+    a file, under ``/proc``, on a read-only disk or without permission is one line, not an error
+    after hours of computing. Nothing is created: a probe file in the nearest existing folder is
+    written and removed."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a file, not a folder")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is a file")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".write-check{TEMP_MARK}", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"cannot write to {what} {str(path)!r}: {error.strerror or error}") from None
+    return path
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """``check_output_folder`` for the folder of a file about to be written; refuses a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a folder; give a file name")
+    check_output_folder(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
+    return path

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .database import DATABASE_NAME, SCHEMA_VERSION
+from .database import DATABASE_NAME, SCHEMA_VERSION, schema_columns
 
 REQUIRED_TABLES = ("images", "results")
+#: Columns a version-1 database lacks; the report reads such a run without them.
+_ADDED_IN_VERSION_2 = ("interpreter_options",)
 #: Columns of ``results`` that may be averaged.
 MEASURE_COLUMNS = ("success", "confidence", "l1", "l2", "iou", "top_k_intersection", "spearman", "linf", "seconds")
 
@@ -58,6 +60,10 @@ class RunReader:
         missing = [table for table in REQUIRED_TABLES if table not in tables]
         if missing:
             raise InputError(f"{database} is empty or not an underfire run database (no table {', '.join(missing)})")
+        present = {row[1] for row in self.connection.execute("PRAGMA table_info(results)")}
+        lacking = [name for name in schema_columns()["results"] if name not in present and name not in _ADDED_IN_VERSION_2]
+        if lacking:
+            raise InputError(f"{database} is not an underfire run database (table results has no column {lacking[0]})")
         self.tables = tables
         self.transfer_has_attack = "transfer" in tables and any(
             row[1] == "attack" for row in self.connection.execute("PRAGMA table_info(transfer)")
