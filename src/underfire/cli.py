@@ -10,13 +10,14 @@ import functools
 import inspect
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from .errors import UnderfireError
+from .errors import ResizeNotice, UnderfireError
 
 app = typer.Typer(
     name="underfire",
@@ -71,14 +72,27 @@ def user_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except UnderfireError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(2) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("once", ResizeNotice)  # said once per command, as a note
+            warnings.showwarning = _show_notice
+            try:
+                return command(*args, **kwargs)
+            except UnderfireError as error:
+                typer.echo(f"error: {error}", err=True)
+                raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
+
+def _show_notice(message: Warning | str, category: type[Warning], *rest: Any, **options: Any) -> None:
+    """Notices for the user as one ``note:`` line; other warnings as Python prints them."""
+    if issubclass(category, ResizeNotice):
+        typer.echo(f"note: {message}", err=True)
+    else:
+        _PYTHON_SHOWWARNING(message, category, *rest, **options)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
 
 #: The model metadata flags every command that takes --model has (``with_model_metadata``).
 _METADATA_FLAGS: dict[str, Any] = {
@@ -173,6 +187,7 @@ def evaluate(
     from .evaluation import evaluate as run_evaluation
 
     _positive("--batch-size", batch_size)
+    _threads()
     classifier = _load(model, _model_options(weights, metadata))
     dataset = open_dataset(
         data, size=classifier.input_size or 224, class_names=classifier.class_names,
@@ -186,7 +201,7 @@ def evaluate(
         explainer = _interpreter(interpreter, classifier, option)
     elif option:
         raise UnderfireError("--option needs --interpreter")
-    progress = not as_json and sys.stderr.isatty()
+    progress = not as_json
     result = run_evaluation(classifier, dataset, data_name=data, batch_size=batch_size, progress=progress)
     report = result.as_dict()
     if explainer is not None:
@@ -260,6 +275,7 @@ def explain(
     _positive("--batch-size", batch_size)
     check_seed("--seed", seed)
     check_output_folder(out)
+    _threads()
     classifier = _load(model, _model_options(weights, metadata, seed))
     explainer = _interpreter(interpreter, classifier, option)
     size = classifier.input_size or 224
@@ -351,7 +367,8 @@ def attack(
         preset=preset_name, eps=parse_fraction(eps), seed=seed, batch_size=batch_size,
         files=list(images or []), data=data, limit=limit, overrides=overrides, options=options,
     )
-    report = _run_with_interrupt(lambda: run_attack(config, out, progress=not as_json and sys.stderr.isatty()))
+    announce = _threads()
+    report = _run_with_interrupt(lambda: run_attack(config, out, progress=not as_json, announce=None if as_json else announce))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -378,7 +395,8 @@ def run_command(
 
     experiment = load_experiment_config(config)
     run_dir = out if out is not None else Path("runs") / safe_name(experiment.name)
-    outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=sys.stderr.isatty()))
+    announce = _threads()
+    outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=True, announce=announce))
     _echo_outcome(outcome)
     typer.echo(format_summary(summarise_run(run_dir)))
     typer.echo(f"HTML report: underfire report {run_dir}")
@@ -395,7 +413,8 @@ def demo(
     from .runs import DEMO_IMAGES, demo_config, format_summary, run_experiment, summarise_run
 
     experiment = demo_config(DEMO_IMAGES if images is None else images, preset_name)
-    outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=sys.stderr.isatty()))
+    announce = _threads()
+    outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=True, announce=announce))
     _echo_outcome(outcome)
     from .report import write_report
 
@@ -413,6 +432,20 @@ def _model_options(weights: str | None, metadata: dict[str, Any], seed: int = 0)
     if "classes" in values:
         values["class_names"] = class_names_option(values.pop("classes"))
     return ModelOptions(weights=weights, seed=seed, **values)
+
+
+def _note(line: str) -> None:
+    """A line for the user about the work (not its result): on stderr, so stdout stays parseable."""
+    typer.echo(line, err=True)
+
+
+def _threads() -> Callable[[str], None]:
+    """Give torch the cores that are idle now (``threads.choose_threads``); returns the run's
+    ``announce``: its planned-work line, with the thread count, as a note."""
+    from .threads import choose_threads
+
+    threads, why = choose_threads()
+    return lambda line: _note(f"{line}; {threads} torch {_plural(threads, 'thread')} ({why})")
 
 
 def _positive(flag: str, value: int) -> None:
@@ -476,6 +509,7 @@ def train_classifier_command(
     from .training import TrainConfig, train_classifier
 
     config = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, seed=seed, batch_size=batch_size, train_size=train_size)
+    _threads()
     result = train_classifier(config, out)
     typer.echo(
         f"wrote {result.path}: test accuracy {result.test_accuracy:.2%}, "
@@ -517,7 +551,8 @@ def train_rts_command(
         encoder_epochs=encoder_epochs,
         model_options=options.as_table(),
     )
-    result = train_rts(config, out, progress=sys.stderr.isatty())
+    _threads()
+    result = train_rts(config, out, progress=True)
     scores = ", ".join(f"{key} {value:.3f}" for key, value in result.metrics.items())
     pointing = "" if "pointing_game" in result.metrics else " (no object masks in the data: no pointing game)"
     typer.echo(f"wrote {result.path}: {scores}{pointing}; {result.seconds:.0f} s; use it with --rts {result.path}")
@@ -540,7 +575,7 @@ def export_command(
         _positive("--limit", limit)
     check_output_folder(out)
     dataset = open_dataset(data, size=size, seed=seed)
-    path = export_dataset(dataset, out, limit=limit, progress=sys.stderr.isatty())
+    path = export_dataset(dataset, out, limit=limit, progress=True)
     count = min(limit or len(dataset), len(dataset))
     typer.echo(f"wrote {count} {_plural(count, 'image')} to {path}")
 

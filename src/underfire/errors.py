@@ -33,3 +33,8 @@ class ModelStructureError(UnderfireError):
 
 class AttackError(UnderfireError):
     """An attack that cannot do what it claims on this model (e.g. a map term without gradient)."""
+
+
+class ResizeNotice(UserWarning):
+    """Images were resized and centre-cropped to the model's input size: not an error, but a
+    change to the user's pictures they should know of (the CLI prints it once per command)."""

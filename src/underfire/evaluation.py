@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .models.classifier import Classifier
+from .progress import track
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def evaluate(
     num_classes = classifier.num_classes
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
-    for images, labels in tqdm(loader, desc=f"evaluate {classifier.name}", disable=not progress, unit="batch"):
+    for images, labels in track(loader, desc=f"evaluate {classifier.name}", enabled=progress, unit="batch"):
         predictions = classifier.predict(images.to(classifier.device), batch_size).argmax(1).cpu()
         labels = torch.as_tensor(labels)
         total += torch.bincount(labels, minlength=num_classes)
@@ -108,7 +108,7 @@ def localisation(
     count = len(dataset) if limit is None else min(limit, len(dataset))
     hits: list[torch.Tensor] = []
     ious: list[torch.Tensor] = []
-    for start in tqdm(range(0, count, batch_size), desc=f"localise {interpreter.name}", disable=not progress, unit="batch"):
+    for start in track(range(0, count, batch_size), desc=f"localise {interpreter.name}", enabled=progress, unit="batch"):
         images, labels, masks = dataset.tensors(range(start, min(start + batch_size, count)))
         if masks is None:
             raise InputError("this dataset has no object masks; localisation needs them")

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..errors import InputError
+from ..progress import track
 from .images import CLASSES_FILE, read_class_names
 from .shapes import ShapesDataset
 
@@ -92,7 +92,7 @@ def export_dataset(
     has_masks = is_shapes or bool(getattr(dataset, "has_masks", False))
     prefix = str(getattr(dataset, "split", "image"))
     made: set[str] = set()
-    for i in tqdm(range(n), desc=f"export {out.name or out}", unit="img", disable=not progress):
+    for i in track(range(n), desc=f"export {out.name or out}", unit="img", enabled=progress):
         if is_shapes:
             sample = dataset.render(i)
             pixels, mask, label = sample.image, sample.mask, sample.label

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,12 +28,18 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import ImageReadError, InputError
+from ..errors import ImageReadError, InputError, ResizeNotice
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 """File name endings (case-insensitive) taken as images when scanning folders."""
 
 CLASSES_FILE = "classes.txt"
+
+#: The largest image read (width × height): 100 megapixels, e.g. 10000×10000. Larger files are
+#: refused from their header (decoding one would take gigabytes); Pillow's own bomb check is at 179.
+MAX_IMAGE_PIXELS = 100_000_000
+#: Pillow modes ``Image.reduce`` accepts (palette images are converted later, at full size).
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK")
 
 
 def _reason(exc: BaseException, path: Path) -> str:
@@ -105,18 +112,37 @@ def _resize_crop_float(arr: np.ndarray, size: int) -> np.ndarray:
     return np.clip(arr[top:bottom, left:right], 0.0, 1.0)
 
 
-def _open(path: Path | io.BytesIO, name: str | None = None) -> Image.Image:
+def _open(path: Path | io.BytesIO, name: str | None = None, size: int | None = None) -> Image.Image:
     """Open and fully decode ``path`` (or in-memory contents called ``name``); any failure
-    becomes a one-line ImageReadError."""
+    becomes a one-line ImageReadError.
+
+    With ``size`` (the side the image will be resized to), a large image is decoded small: JPEGs
+    by Pillow's DCT-domain ``draft``, other formats box-reduced by a whole factor right after
+    decoding, each keeping at least twice ``size`` on the shorter side for the antialiased resize
+    that follows. Images above ``MAX_IMAGE_PIXELS`` are refused from their header, before decoding.
+    """
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageReadError(
+                    f"image '{name or path}' is {width}×{height} ({width * height / 1e6:.0f} megapixels); underfire "
+                    f"reads images up to {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: downscale it first"
+                )
+            if size is not None and img.format == "JPEG":
+                img.draft(img.mode, (2 * size, 2 * size))
             img.load()  # decode now: detects truncated and corrupt data inside the try
+            factor = min(img.size) // (2 * size) if size is not None else 1
+            if factor >= 2 and img.mode in _REDUCIBLE_MODES:
+                img = img.reduce(factor)
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # noqa: BLE001 - a broken EXIF block must not hide the pixels
                 pass
             img.load()
             return img
+    except ImageReadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
         raise ImageReadError(f"cannot read image '{name or path}': {_reason(exc, path)}") from exc
 
@@ -157,7 +183,12 @@ def read_image(path: str | os.PathLike[str], size: int | None = None, channels: 
     _check_size(size)
     _check_channels(channels)
     path = Path(path)
-    img = _open(path)
+    img = _open(path, size=None if size is None else int(size))
+    if size is not None and _header_size(path) != (size, size):
+        warnings.warn(
+            ResizeNotice(f"images that are not {size}×{size} are resized (shorter side to {size}, antialiased) and centre-cropped to the model's input size"),
+            stacklevel=2,
+        )
     arr = _to_rgb_array(img)
     if size is not None:
         arr = _resize_crop_float(arr, int(size))

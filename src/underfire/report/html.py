@@ -121,10 +121,13 @@ def _data_uri(png: bytes) -> str:
 
 
 def _resolve(run_dir: Path, path: str | None) -> Path | None:
+    """A picture path of the database, only where it lies inside the run folder: a crafted run
+    folder must not pull other local files (``/home/...``, ``../``, links) into a report."""
     if not path:
         return None
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() else run_dir / candidate
+    root = run_dir.resolve()
+    candidate = (root / path).resolve()  # an absolute ``path`` replaces root here, and is then refused
+    return candidate if candidate.is_relative_to(root) else None
 
 
 def _load_rgb(path: Path | None) -> Image.Image | None:

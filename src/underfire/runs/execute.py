@@ -26,15 +26,16 @@ import datetime
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..attacks import ATTACKS
 from ..errors import InputError
+from ..progress import progress_bar
 from ..store import ImageRecord, ResultStore, remove_temporary_files, run_lock, save_png_atomic
 from ..store.database import DATABASE_NAME, check_database
 from ..store.files import check_output_folder, write_bytes_atomic
@@ -69,12 +70,14 @@ def run_experiment(
     *,
     progress: bool = False,
     executor: Executor | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Run (or resume) ``config`` into ``run_dir``; see the module docstring for the layout.
 
     A folder that holds a run of a different config is refused; a finished run does nothing.
     Only one process may work on a folder at a time (a lock file enforces it). ``executor``
-    computes the units (default: ``SerialExecutor``, in this process).
+    computes the units (default: ``SerialExecutor``, in this process). ``announce`` receives
+    one line once the work is planned: how many units are left and where they go.
     """
     started = time.perf_counter()
     run_dir = check_output_folder(run_dir, "run folder")
@@ -94,8 +97,10 @@ def run_experiment(
         units = [unit for model in models for unit in plan_units(config, model)]
         present_results, present_transfer = store.result_keys(), store.transfer_keys()
         todo = [unit for unit in units if not _complete(unit, present_results, present_transfer)]
+        if announce is not None and todo:
+            announce(f"{config.name}: {len(todo)} of {len(units)} units to do → {run_dir}")
         worker = UnitWorker(config, {model.spec: model for model in models})
-        with tqdm(total=len(units), initial=len(units) - len(todo), disable=not progress or not todo, unit="unit", desc=config.name) as bar:
+        with progress_bar(len(units), initial=len(units) - len(todo), enabled=progress and bool(todo), unit="unit", desc=config.name) as bar:
             for output in (executor or SerialExecutor()).run(worker, todo):
                 _commit(store, run_dir, output)
                 bar.set_postfix_str(output.unit.label, refresh=False)

@@ -6,7 +6,7 @@ selection, same budgets, same files, same measures), plus ``report.json`` from t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +67,16 @@ def attack_experiment(
     )
 
 
-def run_attack(config: ExperimentConfig, out: str | Path, *, progress: bool = False) -> dict[str, Any]:
+def run_attack(
+    config: ExperimentConfig, out: str | Path, *, progress: bool = False, announce: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Run the one-attack experiment into ``out`` (resumable like any run) and return its JSON
     report, also written to ``out/report.json``: per image the classes, the measures and the
     files; the means over the images; the attack's resolved configuration."""
     out = Path(out)
     if (out / "report.json").is_dir():
         raise InputError(f"cannot write {str(out / 'report.json')!r}: it is a directory")
-    outcome: RunOutcome = run_experiment(config, out, progress=progress)
+    outcome: RunOutcome = run_experiment(config, out, progress=progress, announce=announce)
     report = attack_report(outcome.run_dir)
     write_atomic(out / "report.json", lambda stream: stream.write((json.dumps(report, indent=2) + "\n").encode()))
     return report

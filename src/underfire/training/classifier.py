@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
+from ..progress import progress_bar, track
 from ..models.architectures import ARCHITECTURES, build_architecture
 from ..models.checkpoint import library_versions, save_checkpoint
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
@@ -82,7 +82,7 @@ def train_classifier(config: TrainConfig, out: str | Path, progress: bool = True
         optimizer, config.learning_rate, epochs=config.epochs, steps_per_epoch=steps_per_epoch
     )
     order_generator = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"train {config.arch}", disable=not progress, unit="batch")
+    bar = progress_bar(config.epochs * steps_per_epoch, desc=f"train {config.arch}", enabled=progress, unit="batch")
     model.train()
     for epoch in range(config.epochs):
         order = torch.randperm(len(train_labels), generator=order_generator)
@@ -130,7 +130,7 @@ def _render_split(split: str, config: TrainConfig, length: int | None, progress:
     dataset = ShapesDataset(split, config.image_size, config.seed, length=length)
     images = np.empty((len(dataset), config.image_size, config.image_size, 3), dtype=np.uint8)
     labels = np.empty(len(dataset), dtype=np.int64)
-    for index in tqdm(range(len(dataset)), desc=f"render {split}", disable=not progress, unit="img", leave=False):
+    for index in track(range(len(dataset)), desc=f"render {split}", enabled=progress, unit="img"):
         sample = dataset.render(index)
         images[index] = sample.image
         labels[index] = sample.label

@@ -48,10 +48,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
+from ..progress import progress_bar, track
 from .. import imaging
 from ..metrics import object_iou, pointing_game
 from ..models.architectures import ShapesResNet
@@ -309,7 +309,7 @@ def render_shapes(
     images = np.empty((length, size, size, 3), dtype=np.uint8)
     labels = np.empty(length, dtype=np.int64)
     masks = np.empty((length, size, size), dtype=bool) if with_masks else None
-    for i in tqdm(range(length), desc=f"render {split}", disable=not progress, unit="img", leave=False):
+    for i in track(range(length), desc=f"render {split}", enabled=progress, unit="img"):
         sample = dataset.render(i)
         images[i], labels[i] = sample.image, sample.label
         if masks is not None:
@@ -367,7 +367,7 @@ def train_steps(
     if resume is not None and resume.is_file():
         first_epoch, records = _restore(resume, config, network, optimizer, schedule, generator)
     done = first_epoch * math.ceil(len(labels) / config.batch_size)
-    bar = tqdm(total=steps, initial=done, desc=f"train rts {config.model}", disable=not progress, unit="batch")
+    bar = progress_bar(steps, initial=done, desc=f"train rts {config.model}", enabled=progress, unit="batch")
     network.train()
     network.encoder.eval()
     try:
@@ -557,7 +557,7 @@ def _pretrain_on(
     std = torch.tensor(IMAGENET_STD).view(1, -1, 1, 1)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = math.ceil(len(labels) / config.batch_size) * config.encoder_epochs
-    bar = tqdm(total=steps, desc="train rts encoder", disable=not progress, unit="batch")
+    bar = progress_bar(steps, desc="train rts encoder", enabled=progress, unit="batch")
     encoder.train()
     try:
         for _ in range(config.encoder_epochs):
