@@ -73,8 +73,9 @@ def user_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with warnings.catch_warnings():
-            warnings.simplefilter("once", ResizeNotice)  # said once per command, as a note
-            warnings.showwarning = _show_notice
+            said: set[str] = set()  # each notice once per command (Python's "once" is once per process)
+            warnings.simplefilter("always", ResizeNotice)
+            warnings.showwarning = functools.partial(_show_notice, said)
             try:
                 return command(*args, **kwargs)
             except UnderfireError as error:
@@ -84,10 +85,12 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _show_notice(message: Warning | str, category: type[Warning], *rest: Any, **options: Any) -> None:
-    """Notices for the user as one ``note:`` line; other warnings as Python prints them."""
+def _show_notice(said: set[str], message: Warning | str, category: type[Warning], *rest: Any, **options: Any) -> None:
+    """Notices for the user as one ``note:`` line, each once (``said``); other warnings as Python prints them."""
     if issubclass(category, ResizeNotice):
-        typer.echo(f"note: {message}", err=True)
+        if str(message) not in said:
+            said.add(str(message))
+            typer.echo(f"note: {message}", err=True)
     else:
         _PYTHON_SHOWWARNING(message, category, *rest, **options)
 

@@ -18,6 +18,7 @@ Conventions:
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,7 @@ CLASSES_FILE = "classes.txt"
 #: The largest image read (width × height): 100 megapixels, e.g. 10000×10000. Larger files are
 #: refused from their header (decoding one would take gigabytes); Pillow's own bomb check is at 179.
 MAX_IMAGE_PIXELS = 100_000_000
-#: Pillow modes ``Image.reduce`` accepts (palette images are converted later, at full size).
+#: Pillow modes a box-filter resize accepts (palette images are converted later, at full size).
 _REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK")
 
 
@@ -117,9 +118,11 @@ def _open(path: Path | io.BytesIO, name: str | None = None, size: int | None = N
     becomes a one-line ImageReadError.
 
     With ``size`` (the side the image will be resized to), a large image is decoded small: JPEGs
-    by Pillow's DCT-domain ``draft``, other formats box-reduced by a whole factor right after
-    decoding, each keeping at least twice ``size`` on the shorter side for the antialiased resize
-    that follows. Images above ``MAX_IMAGE_PIXELS`` are refused from their header, before decoding.
+    by Pillow's DCT-domain ``draft`` to at least 4× ``size``, then any image area-averaged (a box
+    filter) to twice the size the resize-and-crop plan of the full image asks for, so the plan,
+    and the crop, are the same as from the full-size pixels (measured on near-Nyquist noise at
+    1600×1200 → 64: mean difference 0.01–0.014 to decoding everything, max 0.05–0.07). Images above ``MAX_IMAGE_PIXELS`` are refused from their
+    header, before decoding.
     """
     try:
         with Image.open(path) as img:
@@ -130,11 +133,10 @@ def _open(path: Path | io.BytesIO, name: str | None = None, size: int | None = N
                     f"reads images up to {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: downscale it first"
                 )
             if size is not None and img.format == "JPEG":
-                img.draft(img.mode, (2 * size, 2 * size))
+                img.draft(img.mode, (4 * size, 4 * size))
             img.load()  # decode now: detects truncated and corrupt data inside the try
-            factor = min(img.size) // (2 * size) if size is not None else 1
-            if factor >= 2 and img.mode in _REDUCIBLE_MODES:
-                img = img.reduce(factor)
+            if size is not None:
+                img = _shrink(img, (width, height), size)
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # noqa: BLE001 - a broken EXIF block must not hide the pixels
@@ -145,6 +147,20 @@ def _open(path: Path | io.BytesIO, name: str | None = None, size: int | None = N
         raise
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
         raise ImageReadError(f"cannot read image '{name or path}': {_reason(exc, path)}") from exc
+
+
+def _shrink(img: Image.Image, full: tuple[int, int], size: int) -> Image.Image:
+    """A decoded image of ``full`` pixels (maybe drafted smaller) area-averaged to twice the
+    resize-and-crop plan's size: the plan from it is then the full image's, pixel for pixel. A
+    draft covers ``full / scale`` of its pixels exactly (its last row and column only partly),
+    which the box of the resize says. The plan is symmetric under transposition, so this runs
+    before the EXIF rotation."""
+    (new_w, new_h), _ = _resize_crop_plan(full[0], full[1], size)
+    drafted = img.size != full
+    if not (drafted or min(img.size) >= 4 * size) or img.mode not in _REDUCIBLE_MODES:
+        return img
+    scale = 2 ** round(math.log2(full[0] / img.width)) if drafted else 1
+    return img.resize((2 * new_w, 2 * new_h), Image.Resampling.BOX, box=(0, 0, full[0] / scale, full[1] / scale))
 
 
 def _header_size(path: Path) -> tuple[int, int]:

@@ -100,6 +100,9 @@ def check_database(path: Path) -> None:
         version = int(connection.execute("PRAGMA user_version").fetchone()[0])
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {table: {row[1] for row in connection.execute(f"PRAGMA table_info({table})")} for table in tables}
+        health = connection.execute("PRAGMA quick_check").fetchone()[0]  # a truncated file may still open
+        if health != "ok":
+            raise sqlite3.DatabaseError(health)
     except sqlite3.DatabaseError as error:
         raise InputError(f"{str(path)!r} is not a readable results database ({error}); move it away or use another output folder") from None
     finally:
