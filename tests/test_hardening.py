@@ -521,3 +521,20 @@ def test_small_messages(tmp_path: Path) -> None:
     code, out, err = cli("attack", picture, "--out", tmp_path / "one", "-a", "pgd", "--pgd-steps", "1", "--adv-steps", "0")
     assert code == 0, err
     assert " on 1 image: " in out
+
+
+def test_the_report_says_the_settings_and_the_iou_over_successful_attacks(finished_run: Path, tmp_path: Path) -> None:
+    from underfire.report import write_report
+    from underfire.report.data import summary_rows
+
+    run_dir = copy_run(finished_run, tmp_path)
+    page = write_report(run_dir, "html").read_text(encoding="utf-8")
+    assert "ε = 8/255 · preset quick · random target classes (never the true class) · target maps benign · seed 0" in page
+    assert "wall s / image" in page and "IoU, successful" in page and "colour scale from low" in page
+    assert page.count('<div class="cap">predicted ') >= 2  # the benign prediction under each benign image
+    with sqlite3.connect(run_dir / DATABASE_NAME) as connection:
+        rows = connection.execute("SELECT iou, success FROM results WHERE attack = 'pgd'").fetchall()
+    successful = [iou for iou, success in rows if success]
+    (row,) = summary_rows(run_dir)
+    expected = round(sum(successful) / len(successful), 3) if successful else None
+    assert row["pgd_iou_success"] == expected and row["pgd_iou"] == round(sum(i for i, _ in rows) / len(rows), 3)

@@ -238,8 +238,8 @@ def test_page_is_self_contained_with_grids_and_class_names(reports: dict[str, Pa
     for src in page.images:
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as picture:
             assert picture.size[0] > 16
-    # 2 interpreters × 3 images × 6 pictures, plus the IoU-vs-k figure and one transfer matrix
-    assert len(page.images) == 2 * 3 * 6 + 2
+    # 2 interpreters × 3 images × 6 pictures, the IoU-vs-k figure, one transfer matrix, the colour scale
+    assert len(page.images) == 2 * 3 * 6 + 3
     connection = sqlite3.connect(small_run / "results.sqlite")
     target = connection.execute("SELECT target_class FROM images ORDER BY position LIMIT 1").fetchone()[0]
     ious = [f"IoU {iou:.3f}" for (iou,) in connection.execute("SELECT iou FROM results WHERE attack = 'adv2'")]
@@ -265,7 +265,7 @@ def test_partial_run_and_missing_files_still_report(big_run: Path, tmp_path: Pat
     partial = page.rows[("shapes-resnet", "mask", "benign")]
     assert (partial["pgd_n"], partial["adv2_n"], partial["images"]) == ("3", "2", "3")
     assert "partial" in text and "not run" in text and text.count("missing file") == 1
-    assert len(page.images) == 2 * 4 * 3 * 6 - 2 * 2 - 1 + 2  # grids (2 ADV² rows not run, 1 file gone) + 2 figures
+    assert len(page.images) == 2 * 4 * 3 * 6 - 2 * 2 - 1 + 3  # grids (2 ADV² rows not run, 1 file gone) + 2 figures + colour scale
 
 
 def test_real_run_without_its_adv2_units_reports_what_exists(small_run: Path, tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ MEASURES: tuple[Measure, ...] = (
     Measure("confidence", "p(target)", "number"),
     Measure("l1", "map L1", "number"),
     Measure("iou", "map IoU", "number"),
-    Measure("seconds", "seconds / image", "seconds"),
+    Measure("iou_success", "IoU, successful", "number"),
+    Measure("seconds", "wall s / image", "seconds"),
 )
 DECIMALS = {"percent": 1, "number": 3, "seconds": 2}
 

@@ -37,7 +37,7 @@ class PageOptions:
 CSS = """
 *{box-sizing:border-box}
 body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#1d2330;
- background:#f4f6f9;margin:0;padding:24px 32px;line-height:1.4;font-size:14px}
+ background:#f4f6f9;margin:0;padding:16px 12px;line-height:1.4;font-size:14px}
 h1{margin:0 0 4px;font-size:26px} h2{margin:28px 0 10px;font-size:19px;border-bottom:2px solid #d8dee8;padding-bottom:4px}
 h3{margin:18px 0 8px;font-size:15px}
 .sub{color:#5b6474;margin:0 0 16px}
@@ -47,9 +47,11 @@ h3{margin:18px 0 8px;font-size:15px}
 pre.config{margin:0;max-height:230px;overflow:auto;font-size:12px;background:#f7f8fb;border:1px solid #e6e9ef;padding:8px;border-radius:4px}
 table{border-collapse:collapse}
 table.kv td{padding:2px 12px 2px 0;vertical-align:top} table.kv td:first-child{color:#5b6474;white-space:nowrap}
-table.summary{width:100%;background:#fff;font-variant-numeric:tabular-nums}
-table.summary th,table.summary td{border:1px solid #dfe3ea;padding:5px 8px;text-align:right;white-space:nowrap}
-table.summary th{background:#eef1f6;text-align:center;font-weight:600}
+.scroll{overflow-x:auto;max-width:100%}
+table.summary{width:100%;background:#fff;font-variant-numeric:tabular-nums;font-size:12px}
+table.summary th,table.summary td{border:1px solid #dfe3ea;padding:3px 5px;text-align:right;white-space:nowrap}
+table.summary th{background:#eef1f6;text-align:center;font-weight:600;white-space:normal}
+.scale{white-space:nowrap} .scale img{vertical-align:middle;border:1px solid #dfe3ea}
 table.summary td.text{text-align:left}
 table.summary th.pgd,table.summary td.pgd{background:#fbfbfd;color:#444b58}
 table.summary td.adv2{background:#fff}
@@ -235,6 +237,9 @@ def _header(run: RunData) -> str:
         ("transfer rows", str(counts["transfer"])),
         ("cells", f"{len(run.summary)} (model × interpreter × target map)"),
     ]
+    settings = _settings_line(run.config)
+    if settings:
+        rows.insert(0, ("attack settings", settings))
     table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
     config = json.dumps(run.config, indent=2, sort_keys=True, default=str) if run.config is not None else "no config recorded"
     return (
@@ -247,6 +252,41 @@ def _header(run: RunData) -> str:
     )
 
 
+def _settings_line(config: Any) -> str:
+    """ε, preset, target choice, target maps and seed in words (escaped), from a run's config."""
+    experiment = config.get("experiment") if isinstance(config, dict) else None
+    if not isinstance(experiment, dict):
+        return ""
+    parts = []
+    eps = experiment.get("eps")
+    if isinstance(eps, (int, float)):
+        levels = eps * 255
+        parts.append(f"ε = {round(levels)}/255" if abs(levels - round(levels)) < 1e-6 else f"ε = {eps:.4g}")
+    if "preset" in experiment:
+        parts.append(f"preset {experiment['preset']}")
+    if "target" in experiment:
+        target = experiment["target"]
+        parts.append("random target classes (never the true class)" if target == "random" else f"target class {target}")
+    if experiment.get("target_maps"):
+        parts.append("target maps " + ", ".join(str(t) for t in experiment["target_maps"]))
+    if "seed" in experiment:
+        parts.append(f"seed {experiment['seed']}")
+    return escape(" · ".join(parts))
+
+
+def _colour_scale() -> str:
+    """The overlays' colour scale (jet, low → high importance) as a small embedded picture."""
+    from ..visualize import colorize
+
+    ramp = colorize(np.tile(np.linspace(0.0, 1.0, 160), (10, 1)))
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    return (
+        '<span class="scale">map: low <img src="' + _data_uri(buffer.getvalue()) +
+        '" width="160" height="10" alt="colour scale from low (blue) to high (red) importance"> high</span>'
+    )
+
+
 def _summary_table(run: RunData) -> str:
     attacks = run.attacks
     base = baseline_attack(attacks)
@@ -255,12 +295,13 @@ def _summary_table(run: RunData) -> str:
     span = len(attacks)
     head_top = '<tr><th rowspan="2">model</th><th rowspan="2">interpreter</th><th rowspan="2">target map</th><th rowspan="2">images</th>'
     if span:
-        head_top += f'<th colspan="{span}">rows</th>'
         head_top += "".join(f'<th colspan="{span}">{escape(m.label)}</th>' for m in MEASURES)
     head_top += "".join(
         f'<th rowspan="2">IoU gain<br><span class="note">{_label(attack)} − {base_label}</span></th>'
         for attack in compared
     )
+    if span:  # last: the numbers people read come first, within 800 px
+        head_top += f'<th colspan="{span}">rows</th>'
     head_top += "</tr>"
     group = "".join(f'<th class="{escape(a)}">{_label(a)}</th>' for a in attacks)
     head_bottom = "<tr>" + group * (1 + len(MEASURES)) + "</tr>"
@@ -279,7 +320,6 @@ def _summary_table(run: RunData) -> str:
             f'<td class="text">{escape(row["target_map"])}{badge}</td>',
             f'<td data-key="images">{formatted(row["images"], "count")}</td>',
         ]
-        cells += [f'<td class="{escape(a)}" data-key="{escape(a)}_n">{formatted(row.get(f"{a}_n"), "count")}</td>' for a in attacks]
         reference = row.get(summary_key("iou", base)) if base is not None else None
         for measure in MEASURES:
             for attack in attacks:
@@ -296,6 +336,7 @@ def _summary_table(run: RunData) -> str:
             sign = "+" if gain is not None and gain > 0 else ""
             trend = "" if gain is None or gain == 0 else (" up" if gain > 0 else " down")
             cells.append(f'<td class="gain{trend}" data-key="{escape(key)}">{sign}{formatted(gain, "number")}</td>')
+        cells += [f'<td class="{escape(a)}" data-key="{escape(a)}_n">{formatted(row.get(f"{a}_n"), "count")}</td>' for a in attacks]
         body.append(f"<tr {attrs}>{''.join(cells)}</tr>")
     callout = ""
     if compared:
@@ -314,11 +355,13 @@ def _summary_table(run: RunData) -> str:
     note = (
         '<p class="note">Means over the rows of each cell (SQL AVG), rounded once: success in %, p(target), '
         "map L1 and IoU to 3 decimals, seconds to 2. IoU is the mean over top-k fractions of the adversarial "
-        "map against the target map. “rows” says how many rows each cell has (a partial run has fewer).</p>"
+        "map against the target map; “IoU, successful” the same over the images whose attack reached the target "
+        "class only. “wall s / image” is wall-clock time per image under whatever else ran on the machine, "
+        "not a benchmark (benchmarks/ measures speed). “rows” says how many rows each cell has (a partial run has fewer).</p>"
     )
     labels = [_label(a) for a in attacks]
     title = " beside ".join(labels) if len(labels) == 2 else _joined(labels)
-    table = f'<table class="summary" id="summary"><thead>{head_top}{head_bottom}</thead><tbody>{"".join(body)}</tbody></table>'
+    table = f'<div class="scroll"><table class="summary" id="summary"><thead>{head_top}{head_bottom}</thead><tbody>{"".join(body)}</tbody></table></div>'
     return f"<h2>Summary{': ' + title if title else ''}</h2>" + callout + table + note
 
 
@@ -407,7 +450,7 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
         benign_overlay = pictures.overlay(any_row.get("benign_overlay_path"), any_row.get("benign_map_path"), benign_path)
         cells = [
             f"<td>{pictures.tag(pictures.file(benign_path), f'benign {name}')}"
-            f'<div class="cap">{escape(class_label(model, true_class))}</div></td>',
+            f'<div class="cap">predicted {escape(class_label(model, true_class))}</div></td>',
             f"<td>{pictures.tag(benign_overlay, f'benign map {name}')}<div class=\"cap\">{escape(interpreter)} map</div></td>",
         ]
         for attack, row in found.items():
@@ -427,15 +470,17 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
     shown = f"{len(chosen)} of {len(names)} images"
     return (
         f'<h3>{escape(model)} · {escape(interpreter)} <span class="note">target map {escape(target_map)}, {shown}</span></h3>'
-        f'<table class="grid" data-model="{escape(model)}" data-interpreter="{escape(interpreter)}">'
-        f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f'<div class="scroll"><table class="grid" data-model="{escape(model)}" data-interpreter="{escape(interpreter)}">'
+        f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
     )
 
 
 def _examples_note(attacks: list[str]) -> str:
     shown = f"then the {_joined([_label(a) for a in attacks])} images with their maps for the target class" if attacks else "no attack results"
     good = " A good attack on the interpretation leaves a map that looks like the benign one."
-    return f'<p class="note">Per interpreter a few images: the benign image and its map, {shown}.{good}</p>'
+    predicted = (" The model predicts each benign image's class (a run attacks correctly classified images, "
+                 "or labels image files by the prediction).")
+    return f'<p class="note">Per interpreter a few images: the benign image and its map, {shown}.{good}{predicted} {_colour_scale()}</p>'
 
 
 def render_html(run: RunData, options: PageOptions = PageOptions()) -> str:

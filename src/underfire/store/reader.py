@@ -22,6 +22,9 @@ REQUIRED_TABLES = ("images", "results")
 _ADDED_IN_VERSION_2 = ("interpreter_options",)
 #: Columns of ``results`` that may be averaged.
 MEASURE_COLUMNS = ("success", "confidence", "l1", "l2", "iou", "top_k_intersection", "spearman", "linf", "seconds")
+#: Means over a subset of rows: ``iou_success`` is the IoU over the attacks that reached the target
+#: class (NULL when none did), the number to read beside the mean over all rows.
+DERIVED_MEASURES = {"iou_success": "AVG(CASE WHEN success = 1 THEN iou END)"}
 
 
 class RunReader:
@@ -122,11 +125,11 @@ class RunReader:
     # ------------------------------------------------------------------ aggregates
     def means(self, measures: Sequence[str] = MEASURE_COLUMNS) -> list[dict[str, Any]]:
         """Per model × interpreter × target map × attack: ``n`` and the unrounded mean of each
-        measure, in the order the run stored them."""
-        bad = [m for m in measures if m not in MEASURE_COLUMNS]
+        measure (a column, or one of ``DERIVED_MEASURES``), in the order the run stored them."""
+        bad = [m for m in measures if m not in MEASURE_COLUMNS and m not in DERIVED_MEASURES]
         if bad:
             raise InputError(f"{bad[0]!r} is not a measure of the results table")
-        averages = "".join(f", AVG({m}) AS {m}" for m in measures)
+        averages = "".join(f", {DERIVED_MEASURES.get(m, f'AVG({m})')} AS {m}" for m in measures)
         query = (
             f"SELECT model, interpreter, target_map, attack, COUNT(*) AS n{averages} FROM results "
             "GROUP BY model, interpreter, target_map, attack ORDER BY MIN(rowid)"
