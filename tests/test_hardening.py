@@ -78,6 +78,16 @@ adv_steps = 0
     return path
 
 
+def picture_files(folder: Path, count: int, stem: str = "p") -> list[str]:
+    """``count`` shapes test images as PNG files in ``folder``."""
+    paths = []
+    for index in range(count):
+        path = folder / f"{stem}{index}.png"
+        Image.fromarray(ShapesDataset("test").render(index).image).save(path)
+        paths.append(str(path))
+    return paths
+
+
 def kill_last_unit(run_dir: Path, images: tuple[str, ...]) -> int:
     """What a run killed during its last unit leaves: every row but that unit's. Returns the rows left."""
     with sqlite3.connect(run_dir / DATABASE_NAME) as connection:
@@ -135,11 +145,7 @@ def test_resume_refuses_a_changed_target_map(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_a_changed_image_file(tmp_path: Path) -> None:
-    files = []
-    for index in range(4):
-        path = tmp_path / f"picture{index}.png"
-        Image.fromarray(ShapesDataset("test").render(index).image).save(path)
-        files.append(str(path))
+    files = picture_files(tmp_path, 4, stem="picture")
     config = tiny_config(tmp_path, experiment=f"files = {json.dumps(files)}")
 
     def repaint(path: Path) -> None:
@@ -211,11 +217,7 @@ def test_resume_refuses_a_changed_factory_file(tmp_path: Path) -> None:
     factory = tmp_path / "mynet.py"
     factory.write_text(FACTORY)
     spec = f"{factory}:make"
-    files = []
-    for index in range(4):
-        path = tmp_path / f"p{index}.png"
-        Image.fromarray(ShapesDataset("test").render(index).image).save(path)
-        files.append(str(path))
+    files = picture_files(tmp_path, 4)
     config = tiny_config(
         tmp_path, model=spec, experiment=f"files = {json.dumps(files)}",
         extra=f"[models.{json.dumps(spec)}]\ninput_size = 64\nclasses = {json.dumps([str(i) for i in range(10)])}",
@@ -225,6 +227,30 @@ def test_resume_refuses_a_changed_factory_file(tmp_path: Path) -> None:
         path.write_text(FACTORY.replace("nn.Conv2d(3, 4, 3, padding=1)", "nn.Conv2d(3, 4, 5, padding=2)"))
 
     resume_is_refused_then_restored(tmp_path, config, factory, edit, "mynet.py")
+
+
+def test_resume_refuses_a_changed_model_card_or_torchscript_file(tmp_path: Path) -> None:
+    namespace: dict = {}
+    exec(FACTORY, namespace)
+    archive = tmp_path / "net.pt"
+    torch.jit.script(namespace["make"]()).save(str(archive))
+    card = tmp_path / "net.toml"
+    card.write_text(f"input_size = 64\nclasses = {json.dumps([str(i) for i in range(10)])}\nmean = [0.5, 0.5, 0.5]\n")
+    files = picture_files(tmp_path, 4)
+    config = tiny_config(tmp_path, model=f"torchscript:{archive}", interpreters='["grad"]', experiment=f"files = {json.dumps(files)}")
+
+    def renormalise(path: Path) -> None:
+        path.write_text(path.read_text().replace("mean = [0.5, 0.5, 0.5]", "mean = [0.4, 0.4, 0.4]"))
+
+    resume_is_refused_then_restored(tmp_path / "card", config, card, renormalise, "net.toml")
+
+    def retrain(path: Path) -> None:
+        model = namespace["make"]()
+        with torch.no_grad():
+            model[-1].bias.add_(0.01)
+        torch.jit.script(model).save(str(path))
+
+    resume_is_refused_then_restored(tmp_path / "archive", config, archive, retrain, "net.pt")
 
 
 def test_constant_or_empty_target_maps_are_refused(tmp_path: Path) -> None:
@@ -320,8 +346,7 @@ def test_one_class_for_several_images_is_an_error() -> None:
 # ----------------------------------------------------------------- one-line errors
 @pytest.mark.parametrize("command", ["explain", "attack", "run", "export"])
 def test_output_folders_that_cannot_be_written_are_refused_first(tmp_path: Path, command: str) -> None:
-    picture = tmp_path / "picture.png"
-    Image.fromarray(ShapesDataset("test").render(0).image).save(picture)
+    (picture,) = map(Path, picture_files(tmp_path, 1, stem="picture"))
     a_file = tmp_path / "taken"
     a_file.write_text("something")
     config = tiny_config(tmp_path)
@@ -367,8 +392,7 @@ def test_broken_configs_are_one_line(tmp_path: Path, body: bytes, needle: str) -
 
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_counts_below_one_are_refused(tmp_path: Path, value: str) -> None:
-    picture = tmp_path / "picture.png"
-    Image.fromarray(ShapesDataset("test").render(0).image).save(picture)
+    (picture,) = map(Path, picture_files(tmp_path, 1, stem="picture"))
     for args, flag in (
         (("explain", picture, "--out", tmp_path / "maps", "--batch-size", value), "--batch-size"),
         (("evaluate", "--limit", "4", "--batch-size", value), "--batch-size"),
@@ -388,6 +412,12 @@ def test_float64_images_are_converted_like_peers_do() -> None:
         interpreter = build_interpreter(name, classifier)
         assert torch.allclose(interpreter(images.double(), labels), interpreter(images, labels))
     assert torch.equal(classifier.predict(images.double()), classifier.predict(images))
+    from underfire.attacks import ATTACKS
+    from underfire.attacks.config import AttackConfig
+
+    pgd = ATTACKS.get("pgd")(classifier, AttackConfig(pgd_steps=2, adv_steps=0))
+    targets = (labels + 1) % 10
+    assert torch.equal(pgd(images.double(), targets).adversarial, pgd(images, targets).adversarial)
 
 
 @pytest.mark.parametrize(
@@ -401,8 +431,7 @@ def test_float64_images_are_converted_like_peers_do() -> None:
 def test_an_error_in_a_users_factory_names_the_spec_and_the_users_line(tmp_path: Path, source: str, needle: str) -> None:
     factory = tmp_path / "net.py"
     factory.write_text(source)
-    picture = tmp_path / "picture.png"
-    Image.fromarray(ShapesDataset("test").render(0).image).save(picture)
+    (picture,) = map(Path, picture_files(tmp_path, 1, stem="picture"))
     code, _, err = cli("explain", picture, "--out", tmp_path / "maps", "-m", f"{factory}:make")
     one_error_line(code, err, needle, "net.py")
     assert f"{factory}:" in err  # the file and line of the user's own code
@@ -424,6 +453,7 @@ def test_a_batch_job_log_gets_a_progress_trail(tmp_path: Path) -> None:
     lines = err.strip().splitlines()
     assert lines[0].startswith("tiny: 2 of 2 units to do → ") and "torch thread" in lines[0]
     assert any(line.startswith("tiny: 0/2 units (0%)") for line in lines)
+    assert any(line.startswith("tiny: the first unit took ") and "the 1 left take about" in line for line in lines)
     assert lines[-1].startswith("tiny: 2/2 units (100%)")
 
 
@@ -514,8 +544,7 @@ def test_random_weights_follow_the_seed() -> None:
 def test_small_messages(tmp_path: Path) -> None:
     code, out, _ = cli("--version")
     assert code == 0 and out.strip()[0].isdigit()
-    picture = tmp_path / "picture.png"
-    Image.fromarray(ShapesDataset("test").render(0).image).save(picture)
+    (picture,) = map(Path, picture_files(tmp_path, 1, stem="picture"))
     code, _, err = cli("explain", picture, "--out", tmp_path / "maps", "-m", tmp_path / "nope.safetensors")
     one_error_line(code, err, "nope.safetensors' does not exist")
     code, out, err = cli("attack", picture, "--out", tmp_path / "one", "-a", "pgd", "--pgd-steps", "1", "--adv-steps", "0")

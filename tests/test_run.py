@@ -23,9 +23,7 @@ from typer.testing import CliRunner
 from underfire import ExperimentConfig, load_experiment_config, run_experiment
 from underfire.runs import attack_experiment, run_attack
 from underfire.cli import app
-from underfire.data import open_dataset
 from underfire.errors import InputError
-from underfire.models import load_model
 from underfire.store import ResultStore
 from underfire.store.files import TEMP_MARK
 

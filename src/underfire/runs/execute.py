@@ -77,7 +77,8 @@ def run_experiment(
     A folder that holds a run of a different config is refused; a finished run does nothing.
     Only one process may work on a folder at a time (a lock file enforces it). ``executor``
     computes the units (default: ``SerialExecutor``, in this process). ``announce`` receives
-    one line once the work is planned: how many units are left and where they go.
+    one line once the work is planned (how many units are left and where they go) and one after
+    the first unit (the time the rest takes at its pace).
     """
     started = time.perf_counter()
     run_dir = check_output_folder(run_dir, "run folder")
@@ -101,10 +102,17 @@ def run_experiment(
             announce(f"{config.name}: {len(todo)} of {len(units)} units to do → {run_dir}")
         worker = UnitWorker(config, {model.spec: model for model in models})
         with progress_bar(len(units), initial=len(units) - len(todo), enabled=progress and bool(todo), unit="unit", desc=config.name) as bar:
-            for output in (executor or SerialExecutor()).run(worker, todo):
+            work_started = time.perf_counter()
+            for done, output in enumerate((executor or SerialExecutor()).run(worker, todo), start=1):
                 _commit(store, run_dir, output)
                 bar.set_postfix_str(output.unit.label, refresh=False)
                 bar.update(1)
+                if done == 1 and announce is not None and len(todo) > 1:
+                    took = time.perf_counter() - work_started
+                    announce(
+                        f"{config.name}: the first unit took {took:.0f} s; at that pace the {len(todo) - 1} left take about "
+                        f"{_minutes(took * (len(todo) - 1))} (units differ: MASK's are the longest)"
+                    )
         return RunOutcome(
             run_dir, len(units), len(units) - len(todo), len(todo), store.count("results"), store.count("transfer"),
             time.perf_counter() - started,
@@ -148,6 +156,10 @@ def _commit(store: ResultStore, run_dir: Path, output: UnitOutput) -> None:
     for relative, data in output.files:
         write_bytes_atomic(run_dir / relative, data)
     store.insert_unit(output.results, output.transfer)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _complete(unit: Unit, results: set[Key], transfer: set[TransferKey]) -> bool:
