@@ -111,7 +111,7 @@ def run_experiment(
                     took = time.perf_counter() - work_started
                     announce(
                         f"{config.name}: the first unit took {took:.0f} s; at that pace the {len(todo) - 1} left take about "
-                        f"{_minutes(took * (len(todo) - 1))} (units differ: MASK's are the longest)"
+                        f"{_minutes(took * (len(todo) - 1))} (units differ in cost: a rough figure)"
                     )
         return RunOutcome(
             run_dir, len(units), len(units) - len(todo), len(todo), store.count("results"), store.count("transfer"),
