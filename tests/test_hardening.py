@@ -31,7 +31,7 @@ from underfire.interpreters.rts import SHIPPED_RTS, shipped_rts_path
 from underfire.models.specs import builtin_weights_path
 from underfire.progress import LogProgress
 from underfire.runs import load_experiment_config
-from underfire.store import DATABASE_NAME
+from underfire.store import DATABASE_NAME, SCHEMA_VERSION
 from underfire.threads import choose_threads, idle_cores
 
 runner = CliRunner()
@@ -314,7 +314,7 @@ def test_an_older_schema_is_migrated_and_resumed(finished_run: Path, tmp_path: P
     assert code == 0, err
     assert rows_of(run_dir) == full
     with sqlite3.connect(run_dir / DATABASE_NAME) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("contents", [b"not a database at all", None])

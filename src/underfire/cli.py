@@ -387,6 +387,10 @@ def attack(
 def run_command(
     config: Annotated[Path, typer.Argument(help="Experiment config (TOML): an experiment table and optional overrides tables (see README).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/NAME). A re-run resumes it.")] = None,
+    executor_name: Annotated[str, typer.Option("--executor", help="serial (this process) or ray (Ray tasks; the ray extra).")] = "serial",
+    address: Annotated[Optional[str], typer.Option("--address", help="With --executor ray: an existing cluster (auto or HOST:PORT); default: a local one for the run.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="With --executor ray and no --address: CPUs of the local cluster (default: all).")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Do part I of N of the units (I/N, e.g. 2/4) into its own folder; join the parts with underfire merge.")] = None,
 ) -> None:
     """Run an experiment: models × interpreters × attacks × target maps into RUN_DIR/results.sqlite.
 
@@ -397,11 +401,34 @@ def run_command(
 
     experiment = load_experiment_config(config)
     run_dir = out if out is not None else Path("runs") / safe_name(experiment.name)
+    part = _parse_shard(shard) if shard is not None else None
+    executor = _executor(executor_name, address, workers, experiment)
     announce = _threads()
-    outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=True, announce=announce))
+    outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=True, announce=announce, executor=executor, shard=part))
     _echo_outcome(outcome)
-    typer.echo(format_summary(summarise_run(run_dir)))
-    typer.echo(f"HTML report: underfire report {run_dir}")
+    if outcome.results:
+        typer.echo(format_summary(summarise_run(run_dir)))
+    typer.echo(f"HTML report: underfire report {run_dir}" if part is None else f"a part: join the parts with underfire merge PART... --out RUN")
+    if outcome.failed:
+        typer.echo(f"error: {outcome.failed} {_plural(outcome.failed, 'unit')} failed (recorded in {run_dir / 'results.sqlite'}, table failures); run the same command again to retry", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="Run folders of the parts (underfire run --shard I/N).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new run folder.")],
+) -> None:
+    """Join the parts of one sharded experiment into one run folder (checked: same config, inputs and version, no overlap)."""
+    from .runs.merge import merge_runs
+
+    outcome = merge_runs(parts, out)
+    typer.echo(
+        f"merged {outcome.parts} parts into {outcome.run_dir}: {outcome.results} results rows, {outcome.transfer} transfer rows"
+        + (f", {outcome.failures} failed units" if outcome.failures else "")
+    )
+    typer.echo(f"HTML report: underfire report {outcome.run_dir}")
 
 
 @app.command()
@@ -436,6 +463,31 @@ def _model_options(weights: str | None, metadata: dict[str, Any], seed: int = 0)
     return ModelOptions(weights=weights, seed=seed, **values)
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.strip().isdigit() or not count.strip().isdigit() or not 1 <= int(index) <= int(count):
+        raise UnderfireError(f"--shard must be I/N with 1 <= I <= N (e.g. 2/4), got {text!r}")
+    return int(index), int(count)
+
+
+def _executor(name: str, address: str | None, workers: int | None, experiment: Any) -> Any:
+    """The executor of ``--executor``; the Ray one with the config's ``[resources]``."""
+    if name == "serial":
+        if address is not None or workers is not None:
+            raise UnderfireError("--address and --workers go with --executor ray")
+        return None
+    if name != "ray":
+        raise UnderfireError(f"--executor must be serial or ray, got {name!r}")
+    if workers is not None:
+        _positive("--workers", workers)
+        if address is not None:
+            raise UnderfireError("--workers sizes a local cluster; an existing one (--address) has its own")
+    from .runs.ray_executor import RayExecutor, import_ray
+
+    import_ray()
+    return RayExecutor(address=address, num_cpus=workers, resources=experiment.resources)
+
+
 def _note(line: str) -> None:
     """A line for the user about the work (not its result): on stderr, so stdout stays parseable."""
     typer.echo(line, err=True)
@@ -447,7 +499,13 @@ def _threads() -> Callable[[str], None]:
     from .threads import choose_threads
 
     threads, why = choose_threads()
-    return lambda line: _note(f"{line}; {threads} torch {_plural(threads, 'thread')} ({why})")
+    said = []
+
+    def announce(line: str) -> None:
+        _note(line if said else f"{line}; {threads} torch {_plural(threads, 'thread')} in this process ({why})")
+        said.append(line)
+
+    return announce
 
 
 def _positive(flag: str, value: int) -> None:
@@ -490,7 +548,7 @@ def _echo_outcome(outcome: Any) -> None:
     else:
         typer.echo(
             f"ran {outcome.completed} of {outcome.units} units in {outcome.seconds:.0f} s"
-            + (f" ({outcome.skipped} were already done)" if outcome.skipped else "")
+            + (f" ({outcome.skipped} {'was' if outcome.skipped == 1 else 'were'} already done)" if outcome.skipped else "")
             + f" → {outcome.run_dir / 'results.sqlite'}"
         )
     typer.echo(f"{outcome.results} results rows, {outcome.transfer} transfer rows")

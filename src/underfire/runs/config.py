@@ -30,6 +30,9 @@ first model would waste all of that. Every error is one ``InputError`` line nami
     input_size = 32
     mean = [0.0, 0.0, 0.0]
     classes = "classes.txt"
+    [resources.mask]                 # what one unit needs on a Ray cluster (not part of the run's identity)
+    num_cpus = 2
+    num_gpus = 0.5
 
 Relative paths (a data folder, a ``.npy`` target map) are relative to the working directory, as
 everywhere else on the command line.
@@ -55,6 +58,7 @@ from ..interpreters import INTERPRETERS
 from ..models.metadata import ModelOptions
 from ..options import check_seed, coerce_options, parse_fraction
 from ..presets import PRESET_NAMES
+from .resources import UnitResources
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class ExperimentConfig:
     interpreter_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     attack_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     model_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: where units run, not what they compute: not part of the run's identity (``as_dict``)
+    resources: Mapping[str, UnitResources] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # normalising a frozen instance
@@ -142,6 +148,14 @@ class ExperimentConfig:
         set_("model_options", _tables("models", self.model_options, self.models, "model"))
         for name in self.model_options:
             self.model_options_for(name)
+        if not isinstance(self.resources, Mapping):
+            raise InputError("[resources] must hold one table per interpreter, attack or 'default' ([resources.NAME])")
+        demands = {}
+        for name, table in self.resources.items():
+            if name not in (*self.interpreters, *self.attacks, "default"):
+                raise InputError(f"resources.{name}: {name!r} is not a configured interpreter or attack, nor 'default'")
+            demands[name] = table if isinstance(table, UnitResources) else UnitResources.from_mapping(f"resources.{name}", table)
+        set_("resources", MappingProxyType(demands))
         for name in self.interpreters:  # every option and attack config is built (and validated) now
             self.options_for(name)
         for attack in self.attacks:
@@ -152,10 +166,13 @@ class ExperimentConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ExperimentConfig:
         """From the parsed TOML document (tables ``experiment`` and optional ``overrides``)."""
-        tables = ("experiment", "overrides", "interpreters", "attacks", "models")
+        tables = ("experiment", "overrides", "interpreters", "attacks", "models", "resources")
         unknown = sorted(set(data) - set(tables))
         if unknown:
-            raise InputError(f"unknown table or key {unknown[0]!r} (expected [experiment], [overrides], [interpreters.NAME], [attacks.NAME], [models.NAME])")
+            raise InputError(
+                f"unknown table or key {unknown[0]!r} (expected [experiment], [overrides], [interpreters.NAME], "
+                "[attacks.NAME], [models.NAME], [resources.NAME])"
+            )
         experiment = data.get("experiment")
         if not isinstance(experiment, Mapping):
             raise InputError("the config needs an [experiment] table")
@@ -187,11 +204,12 @@ class ExperimentConfig:
         return cls(
             **values, overrides=shared, interpreter_overrides=per,
             interpreter_options=data.get("interpreters", {}), attack_settings=data.get("attacks", {}),
-            model_options=data.get("models", {}),
+            model_options=data.get("models", {}), resources=data.get("resources", {}),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """The config as the TOML document it came from (JSON-able; stored in the run's meta)."""
+        """The config as the TOML document it came from (JSON-able; stored in the run's meta),
+        without ``[resources]``: where units run is not part of what a run is."""
         experiment = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TABLE_FIELDS}
         for key in ("target_maps", "models", "interpreters", "attacks", "files"):
             experiment[key] = list(experiment[key])
@@ -305,7 +323,7 @@ def _names(key: str, values: Any) -> tuple[str, ...]:
 
 
 #: Fields of ``ExperimentConfig`` that are tables of their own, not keys of ``[experiment]``.
-_TABLE_FIELDS = {"overrides", "interpreter_overrides", "interpreter_options", "attack_settings", "model_options"}
+_TABLE_FIELDS = {"overrides", "interpreter_overrides", "interpreter_options", "attack_settings", "model_options", "resources"}
 
 
 def _tables(where: str, tables: Any, names: tuple[str, ...], kind: str) -> Mapping[str, Mapping[str, Any]]:

@@ -41,7 +41,7 @@ from ..store.database import DATABASE_NAME, check_database
 from ..store.files import check_output_folder, write_bytes_atomic
 from ..visualize import to_uint8
 from .config import ExperimentConfig
-from .executor import Executor, SerialExecutor
+from .executor import Executor, SerialExecutor, UnitFailure
 from .fingerprint import check_inputs, run_inputs
 from .plan import Key, PreparedModel, TransferKey, Unit, plan_units, prepare_models
 from .worker import UnitOutput, UnitWorker, config_json
@@ -57,6 +57,7 @@ class RunOutcome:
     results: int  # rows in the results table now
     transfer: int  # rows in the transfer table now
     seconds: float
+    failed: int = 0  # units that failed for good in this call (recorded in ``failures``; a resume retries them)
 
     @property
     def was_complete(self) -> bool:
@@ -71,6 +72,7 @@ def run_experiment(
     progress: bool = False,
     executor: Executor | None = None,
     announce: Callable[[str], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> RunOutcome:
     """Run (or resume) ``config`` into ``run_dir``; see the module docstring for the layout.
 
@@ -78,8 +80,11 @@ def run_experiment(
     Only one process may work on a folder at a time (a lock file enforces it). ``executor``
     computes the units (default: ``SerialExecutor``, in this process). ``announce`` receives
     one line once the work is planned (how many units are left and where they go) and one after
-    the first unit (the time the rest takes at its pace).
+    the first unit (the time the rest takes at its pace). ``shard=(i, n)`` does the i-th of n
+    deterministic parts of the units (1-based; ``merge_runs`` joins the parts' folders).
     """
+    if shard is not None:
+        check_shard(shard)
     started = time.perf_counter()
     run_dir = check_output_folder(run_dir, "run folder")
     check_database(run_dir / DATABASE_NAME)
@@ -95,7 +100,10 @@ def run_experiment(
         remove_temporary_files(run_dir)  # what a killed process left; we hold the lock
         for model in models:
             _record_images(store, run_dir, model)
+        store.claim_value("shard", "all" if shard is None else f"{shard[0]}/{shard[1]}", "another shard")
         units = [unit for model in models for unit in plan_units(config, model)]
+        if shard is not None:
+            units = shard_units(units, shard)
         present_results, present_transfer = store.result_keys(), store.transfer_keys()
         todo = [unit for unit in units if not _complete(unit, present_results, present_transfer)]
         if announce is not None and todo:
@@ -103,8 +111,16 @@ def run_experiment(
         worker = UnitWorker(config, {model.spec: model for model in models})
         with progress_bar(len(units), initial=len(units) - len(todo), enabled=progress and bool(todo), unit="unit", desc=config.name) as bar:
             work_started = time.perf_counter()
+            failed = 0
             for done, output in enumerate((executor or SerialExecutor()).run(worker, todo), start=1):
-                _commit(store, run_dir, output)
+                if isinstance(output, UnitFailure):
+                    failed += 1
+                    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+                    store.record_failure(failure_key(output.unit), output.error, output.attempts, when)
+                    if announce is not None:
+                        announce(f"{config.name}: {output.unit.label} failed after {output.attempts} attempt(s): {output.error}")
+                else:
+                    _commit(store, run_dir, output)
                 bar.set_postfix_str(output.unit.label, refresh=False)
                 bar.update(1)
                 if done == 1 and announce is not None and len(todo) > 1:
@@ -114,8 +130,8 @@ def run_experiment(
                         f"{_minutes(took * (len(todo) - 1))} (units differ in cost: a rough figure)"
                     )
         return RunOutcome(
-            run_dir, len(units), len(units) - len(todo), len(todo), store.count("results"), store.count("transfer"),
-            time.perf_counter() - started,
+            run_dir, len(units), len(units) - len(todo), len(todo) - (failed if todo else 0), store.count("results"),
+            store.count("transfer"), time.perf_counter() - started, failed if todo else 0,
         )
 
 
@@ -155,7 +171,25 @@ def _commit(store: ResultStore, run_dir: Path, output: UnitOutput) -> None:
             write_bytes_atomic(run_dir / relative, data)
     for relative, data in output.files:
         write_bytes_atomic(run_dir / relative, data)
-    store.insert_unit(output.results, output.transfer)
+    store.insert_unit(output.results, output.transfer, failure_key(output.unit))
+
+
+def failure_key(unit: Unit) -> tuple[str, str, str, str, int]:
+    """A unit's key in the ``failures`` table."""
+    return (unit.model, unit.attack, unit.interpreter or "", unit.target_map or "", unit.batch)
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    index, count = shard
+    if isinstance(index, bool) or isinstance(count, bool) or not (isinstance(index, int) and isinstance(count, int)) or not 1 <= index <= count:
+        raise InputError(f"a shard is I/N with 1 <= I <= N, got {index}/{count}")
+
+
+def shard_units(units: list[Unit], shard: tuple[int, int]) -> list[Unit]:
+    """The i-th of n parts of a run's units: every n-th unit of the plan, starting at the i-th.
+    The plan is deterministic, so the parts are disjoint and together the whole run."""
+    index, count = shard
+    return [unit for position, unit in enumerate(units) if position % count == index - 1]
 
 
 def _minutes(seconds: float) -> str:

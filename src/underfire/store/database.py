@@ -15,10 +15,12 @@ Tables (paths are relative to the run folder; the schema is a contract with the 
   interpreter's options (JSON) and the attack's configuration (JSON).
 - ``transfer``: examples of an interpreter-bound attack (ADV²) crafted against one interpreter,
   explained by another.
+- ``failures``: units that failed for good in a distributed run (their error), until a later
+  resume computes them.
 
-The schema is versioned (``PRAGMA user_version`` = ``SCHEMA_VERSION``): a database of version 0/1
-(before interpreter options and the transfer table's attack column) is migrated in place when a
-run opens it; a newer version is refused with one line, before any work.
+The schema is versioned (``PRAGMA user_version`` = ``SCHEMA_VERSION``): a database of version 0–2
+(before interpreter options, the transfer table's attack column, the failures table) is migrated
+in place when a run opens it; a newer version is refused with one line, before any work.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ from typing import Any
 from ..errors import InputError
 
 DATABASE_NAME = "results.sqlite"
-#: Version 2: ``results.interpreter_options`` and ``transfer.attack``.
-SCHEMA_VERSION = 2
+#: Version 2: ``results.interpreter_options`` and ``transfer.attack``; version 3: ``failures``.
+SCHEMA_VERSION = 3
+
+#: A unit's key in ``failures``: (model, attack, interpreter, target map, batch); "" where a unit
+#: has no interpreter or target map (an interpreter-free attack's).
+FailureKey = tuple[str, str, str, str, int]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -64,6 +70,10 @@ CREATE TABLE IF NOT EXISTS transfer (
   l1 REAL NOT NULL, l2 REAL NOT NULL, iou REAL NOT NULL,
   attack TEXT NOT NULL DEFAULT 'adv2',
   PRIMARY KEY (model, attack, source_interpreter, target_interpreter, target_map, image));
+CREATE TABLE IF NOT EXISTS failures (
+  model TEXT NOT NULL, attack TEXT NOT NULL, interpreter TEXT NOT NULL, target_map TEXT NOT NULL,
+  batch INTEGER NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL, failed_at TEXT NOT NULL,
+  PRIMARY KEY (model, attack, interpreter, target_map, batch));
 """
 
 #: Version 1 → 2: the columns version 2 added (old rows get the defaults: no options, ADV²).
@@ -299,6 +309,15 @@ class ResultStore:
                 cursor.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows.items())
         return claimed
 
+    def claim_value(self, key: str, value: str, what: str) -> None:
+        """Record a meta ``key`` on first use; later, refuse another value (one line naming ``what``)."""
+        stored = self.meta().get(key)
+        if stored is None:
+            with self._transaction() as cursor:
+                cursor.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+        elif stored != value:
+            raise InputError(f"{str(self.run_dir)!r} holds {what} of this run ({key} {stored}, not {value}); use another output folder")
+
     # ----------------------------------------------------------------------------- images
     def images(self, model: str) -> list[ImageRecord]:
         """The images recorded for ``model``, in position order."""
@@ -324,14 +343,45 @@ class ResultStore:
             self.connection.execute("SELECT model, source_interpreter, target_interpreter, target_map, image, attack FROM transfer")
         )
 
-    def insert_unit(self, results: Sequence[ResultRecord], transfer: Sequence[TransferRecord] = ()) -> None:
-        """All rows of one unit of work in one transaction: all of them land, or none."""
+    def insert_unit(
+        self, results: Sequence[ResultRecord], transfer: Sequence[TransferRecord] = (), unit: FailureKey | None = None
+    ) -> None:
+        """All rows of one unit of work in one transaction: all of them land, or none; the unit's
+        failure record (``unit``), if an earlier attempt left one, goes in the same transaction."""
         with self._transaction() as cursor:
             _insert(cursor, "results", results)
             _insert(cursor, "transfer", transfer)
+            if unit is not None:
+                cursor.execute(
+                    "DELETE FROM failures WHERE model = ? AND attack = ? AND interpreter = ? AND target_map = ? AND batch = ?", unit
+                )
+
+    def insert_rows(self, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """Rows of several tables, as column → value dicts, in one transaction (merging runs)."""
+        with self._transaction() as cursor:
+            for table, rows in tables.items():
+                if table not in ("images", "results", "transfer", "failures"):
+                    raise InputError(f"no table {table!r} in the results database")
+                if rows:
+                    names = list(rows[0])
+                    cursor.executemany(
+                        f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                        [tuple(row[name] for name in names) for row in rows],
+                    )
+
+    def record_failure(self, unit: FailureKey, error: str, attempts: int, when: str) -> None:
+        """A unit that failed for good: kept (replacing an older attempt's) until it succeeds."""
+        with self._transaction() as cursor:
+            cursor.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*unit, error, attempts, when))
+
+    def failures(self) -> list[dict[str, Any]]:
+        """The failed units, as dicts of the ``failures`` columns."""
+        cursor = self.connection.execute("SELECT * FROM failures ORDER BY model, batch, attack, interpreter, target_map")
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
 
     def count(self, table: str) -> int:
-        if table not in ("meta", "images", "results", "transfer"):
+        if table not in ("meta", "images", "results", "transfer", "failures"):
             raise InputError(f"no table {table!r} in the results database")
         return int(self.connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
