@@ -60,6 +60,8 @@ FeatureLayerArg = Annotated[Optional[str], typer.Option("--feature-layer", help=
 HeadArg = Annotated[Optional[str], typer.Option("--head", help="Module name of the linear head CAM reads.", rich_help_panel="Model metadata")]
 RtsArg = Annotated[Optional[str], typer.Option("--rts", help="RTS checkpoint trained for this model (underfire train rts).", rich_help_panel="Model metadata")]
 
+DeviceArg = Annotated[str, typer.Option("--device", help="Where to compute: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.")]
+
 #: Where the CLI's model metadata is set, for the load check's messages.
 MODEL_HINT = "or a model card NAME.toml beside the model file; underfire models --describe SPEC shows what is known"
 InterpreterArg = Annotated[str, typer.Option("--interpreter", "-i", help="An interpreter name (underfire interpreters lists them).")]
@@ -176,6 +178,7 @@ def evaluate(
     interpreter: Annotated[Optional[str], typer.Option("--interpreter", "-i", help="Also score this interpreter's maps against the object masks.")] = None,
     option: OptionArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (field 'accuracy').")] = False,
+    device: DeviceArg = "auto",
     metadata: Any = None,
 ) -> None:
     """Print a model's accuracy and per-class accuracy on a labelled dataset.
@@ -190,7 +193,7 @@ def evaluate(
 
     _positive("--batch-size", batch_size)
     _threads()
-    classifier = _load(model, _model_options(weights, metadata))
+    classifier = _load(model, _model_options(weights, metadata, device=device))
     dataset = open_dataset(
         data, size=classifier.input_size or 224, class_names=classifier.class_names,
         channels=classifier.in_channels, outputs=classifier.num_classes,
@@ -263,6 +266,7 @@ def explain(
     seed: Annotated[int, typer.Option(help="Seed for stochastic interpreters (SmoothGrad, MASK).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: per image the predicted class and the paths.")] = False,
+    device: DeviceArg = "auto",
     metadata: Any = None,
 ) -> None:
     """Explain predictions: one saliency map per image, saved as .npy (float32, h×w) and a jet overlay PNG."""
@@ -278,10 +282,10 @@ def explain(
     check_seed("--seed", seed)
     check_output_folder(out)
     _threads()
-    classifier = _load(model, _model_options(weights, metadata, seed))
+    classifier = _load(model, _model_options(weights, metadata, seed, device))
     explainer = _interpreter(interpreter, classifier, option)
     size = classifier.input_size or 224
-    pictures = torch.stack([read_image(path, size, classifier.in_channels) for path in images])  # every file read before any work
+    pictures = torch.stack([read_image(path, size, classifier.in_channels) for path in images]).to(classifier.device)  # every file read before any work
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, len(images), batch_size):
@@ -342,6 +346,7 @@ def attack(
     batch_size: Annotated[int, typer.Option(help="Images attacked together.")] = 50,
     weights: WeightsArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+    device: DeviceArg = "auto",
     metadata: Any = None,
 ) -> None:
     """Craft adversarial examples and measure how the interpretation moved.
@@ -370,7 +375,7 @@ def attack(
         files=list(images or []), data=data, limit=limit, overrides=overrides, options=options,
     )
     announce = _threads()
-    report = _run_with_interrupt(lambda: run_attack(config, out, progress=not as_json, announce=None if as_json else announce))
+    report = _run_with_interrupt(lambda: run_attack(config, out, progress=not as_json, announce=None if as_json else announce, device=device))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -391,6 +396,7 @@ def run_command(
     address: Annotated[Optional[str], typer.Option("--address", help="With --executor ray: an existing cluster (auto or HOST:PORT); default: a local one for the run.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="With --executor ray and no --address: CPUs of the local cluster (default: all).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Do part I of N of the units (I/N, e.g. 2/4) into its own folder; join the parts with underfire merge.")] = None,
+    device: DeviceArg = "auto",
 ) -> None:
     """Run an experiment: models × interpreters × attacks × target maps into RUN_DIR/results.sqlite.
 
@@ -404,7 +410,7 @@ def run_command(
     part = _parse_shard(shard) if shard is not None else None
     executor = _executor(executor_name, address, workers, experiment)
     announce = _threads()
-    outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=True, announce=announce, executor=executor, shard=part))
+    outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=True, announce=announce, executor=executor, shard=part, device=device))
     _echo_outcome(outcome)
     if outcome.results:
         typer.echo(format_summary(summarise_run(run_dir)))
@@ -437,13 +443,14 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; a re-run in the same folder resumes.")] = Path("underfire-demo"),
     images: Annotated[Optional[int], typer.Option(help="Images per model (default 12: measured 10.5 minutes on a 2-core CPU with one core busy elsewhere).")] = None,
     preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
+    device: DeviceArg = "auto",
 ) -> None:
     """Attack both built-in models with PGD and ADV² against grad, cam, rts and mask; write an HTML report."""
     from .runs import DEMO_IMAGES, demo_config, format_summary, run_experiment, summarise_run
 
     experiment = demo_config(DEMO_IMAGES if images is None else images, preset_name)
     announce = _threads()
-    outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=True, announce=announce))
+    outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=True, announce=announce, device=device))
     _echo_outcome(outcome)
     from .report import write_report
 
@@ -452,15 +459,15 @@ def demo(
     typer.echo(f"report: {page}")
 
 
-def _model_options(weights: str | None, metadata: dict[str, Any], seed: int = 0) -> Any:
+def _model_options(weights: str | None, metadata: dict[str, Any], seed: int = 0, device: str = "cpu") -> Any:
     """The model metadata flags as ``ModelOptions`` (validated; unset flags stay ``None``);
-    ``seed`` seeds random weights (``torchvision:NAME@random``)."""
+    ``seed`` seeds random weights (``torchvision:NAME@random``), ``device`` is ``--device``."""
     from .models.metadata import ModelOptions, class_names_option
 
     values = dict(metadata)
     if "classes" in values:
         values["class_names"] = class_names_option(values.pop("classes"))
-    return ModelOptions(weights=weights, seed=seed, **values)
+    return ModelOptions(weights=weights, seed=seed, device=device, **values)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -591,12 +598,14 @@ def train_rts_command(
     encoder_epochs: Annotated[int, typer.Option(help="With an image folder: pre-train the encoder on it for N epochs instead.")] = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it). A re-run resumes an unfinished one.")] = Path("rts.safetensors"),
     weights: WeightsArg = None,
+    device: DeviceArg = "auto",
     metadata: Any = None,
 ) -> None:
     """Train a real-time saliency (RTS) network that explains MODEL; writes safetensors + JSON.
 
     Use it with --rts PATH (explain, attack), a model card's or [models.NAME] table's rts key.
     """
+    from .devices import resolve_device
     from .training.rts import RtsTrainConfig, train_rts
 
     options = _model_options(weights, metadata)
@@ -612,7 +621,7 @@ def train_rts_command(
         model_options=options.as_table(),
     )
     _threads()
-    result = train_rts(config, out, progress=True)
+    result = train_rts(config, out, progress=True, device=resolve_device(device))
     scores = ", ".join(f"{key} {value:.3f}" for key, value in result.metrics.items())
     pointing = "" if "pointing_game" in result.metrics else " (no object masks in the data: no pointing game)"
     typer.echo(f"wrote {result.path}: {scores}{pointing}; {result.seconds:.0f} s; use it with --rts {result.path}")

@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import CheckpointError, SpecError
 from .architectures import build_architecture
 from .checkpoint import load_checkpoint, load_weights, metadata_path
+from ..devices import resolve_device
 from .classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from .metadata import ModelOptions, card_for, probe_classifier, read_card
 
@@ -141,7 +142,7 @@ def load_model(
         metadata=metadata,
     )
     # load_model built this module itself, so inference mode is the right state to hand back
-    classifier = classifier.eval().to(options.device)
+    classifier = classifier.eval().to(resolve_device(options.device))
     probe_classifier(classifier, hint)
     return classifier
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..attacks import ATTACKS
+from ..devices import resolve_device
 from ..errors import InputError
 from ..progress import progress_bar
 from ..store import ImageRecord, ResultStore, remove_temporary_files, run_lock, save_png_atomic
@@ -73,6 +74,7 @@ def run_experiment(
     executor: Executor | None = None,
     announce: Callable[[str], None] | None = None,
     shard: tuple[int, int] | None = None,
+    device: str = "cpu",
 ) -> RunOutcome:
     """Run (or resume) ``config`` into ``run_dir``; see the module docstring for the layout.
 
@@ -82,13 +84,15 @@ def run_experiment(
     one line once the work is planned (how many units are left and where they go) and one after
     the first unit (the time the rest takes at its pace). ``shard=(i, n)`` does the i-th of n
     deterministic parts of the units (1-based; ``merge_runs`` joins the parts' folders).
+    ``device`` is where this process computes (``devices.resolve_device``; Ray workers pick their
+    own from the GPUs Ray gives them).
     """
     if shard is not None:
         check_shard(shard)
     started = time.perf_counter()
     run_dir = check_output_folder(run_dir, "run folder")
     check_database(run_dir / DATABASE_NAME)
-    models = prepare_models(config)
+    models = prepare_models(config, resolve_device(device))
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir), ResultStore(run_dir) as store:
         now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -68,7 +68,8 @@ def attack_experiment(
 
 
 def run_attack(
-    config: ExperimentConfig, out: str | Path, *, progress: bool = False, announce: Callable[[str], None] | None = None
+    config: ExperimentConfig, out: str | Path, *, progress: bool = False, announce: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run the one-attack experiment into ``out`` (resumable like any run) and return its JSON
     report, also written to ``out/report.json``: per image the classes, the measures and the
@@ -76,7 +77,7 @@ def run_attack(
     out = Path(out)
     if (out / "report.json").is_dir():
         raise InputError(f"cannot write {str(out / 'report.json')!r}: it is a directory")
-    outcome: RunOutcome = run_experiment(config, out, progress=progress, announce=announce)
+    outcome: RunOutcome = run_experiment(config, out, progress=progress, announce=announce, device=device)
     report = attack_report(outcome.run_dir)
     write_atomic(out / "report.json", lambda stream: stream.write((json.dumps(report, indent=2) + "\n").encode()))
     return report

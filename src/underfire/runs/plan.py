@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 import torch
 
@@ -85,13 +85,14 @@ class Unit:
 MODEL_OPTIONS_HINT = "the command's model flags, a [models.NAME] table of the run config, or a model card NAME.toml beside the model file"
 
 
-def prepare_models(config: ExperimentConfig) -> list[PreparedModel]:
-    """Load every model, build every interpreter, pick the images and targets — all the checks
-    that can fail, before any file is written."""
+def prepare_models(config: ExperimentConfig, device: str = "cpu") -> list[PreparedModel]:
+    """Load every model (on ``device``), build every interpreter, pick the images and targets —
+    all the checks that can fail, before any file is written."""
     prepared = []
     for spec in config.models:
         try:
-            classifier = load_model(spec, config.model_options_for(spec), hint=MODEL_OPTIONS_HINT)
+            options = replace(config.model_options_for(spec), device=device)
+            classifier = load_model(spec, options, hint=MODEL_OPTIONS_HINT)
         except UnderfireError as error:
             raise InputError(f"experiment.models: {spec!r}: {error}") from None
         interpreters = {}

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ..devices import resolve_device
 from ..errors import InputError, UnderfireError
 from .config import ExperimentConfig
 from .executor import ComputeUnit, UnitFailure, UnitResult
@@ -138,7 +139,7 @@ def _compute_unit(token: str, payload: list[Any], unit: Unit, threads: int) -> A
         document = ray.get(payload[0])
         os.chdir(document["cwd"])
         config = ExperimentConfig.from_mapping(document["config"])
-        models = {model.spec: model for model in prepare_models(config)}
+        models = {model.spec: model for model in prepare_models(config, resolve_device("auto"))}  # the GPU Ray gave it, if any
         for spec, digests in document["images"].items():
             if [tensor_digest(image) for image in models[spec].images] != digests:
                 raise InputError(f"this Ray worker sees other images for {spec!r} than the driver (another data folder or files?)")
