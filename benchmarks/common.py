@@ -205,6 +205,7 @@ MODEL_SPECS = {
     "shapes-resnet": "shapes-resnet",
     "shapes-densenet": "shapes-densenet",
     "resnet50": "torchvision:resnet50@random",
+    "densenet169": "torchvision:densenet169@random",
 }
 
 

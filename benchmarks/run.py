@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=None, help="add rounds until a comparison ran this long, s (default 10, quick 1)")
     parser.add_argument("--model", default="shapes-resnet", help="model of the peers and limit sections")
     parser.add_argument("--batch", type=int, default=16, help="batch of the peers and limit sections")
+    parser.add_argument("--layout", choices=("auto", "nchw"), default="auto",
+                        help="auto: underfire's choice (channels-last on CPU where the model takes it); nchw: never channels-last")
+    parser.add_argument("--limit-cases", default=None, help="comma-separated subset of the limit section's cases (e.g. grad,cam,mask)")
     parser.add_argument("--peers", default=None, help="subset of grad,cam,gradcam-pgc,gradcam-captum,pgd,mask-batch,mask-torchray")
     parser.add_argument("--scaling-models", default=None, help="default shapes-resnet,shapes-densenet,resnet50 (quick: shapes-resnet)")
     parser.add_argument("--scaling-batches", default=None, help="default 1,2,4,8,16,32,64 (quick: 1,4,16)")
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "peers" in args.sections or "limit" in args.sections:
         clf = load_classifier(args.model, args.device)
+        if args.layout == "nchw":
+            clf._channels_last = False  # what Classifier(..., channels_last=False) sets: the NCHW comparison
         images, labels, targets = inputs(clf, args.batch, args.device)
         if "peers" in args.sections:
             from .peers import run_peers
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             from .limit import run_limit
 
             print(f"limit: {args.model}, batch {args.batch}")
-            rows += run_limit(clf, images, labels, targets, **common)
+            cases = None if args.limit_cases is None else tuple(args.limit_cases.split(","))
+            rows += run_limit(clf, images, labels, targets, cases=cases, **common)
 
     if "scaling" in args.sections:
         from .scaling import measure_memory, memory_supported, run_scaling

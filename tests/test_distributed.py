@@ -225,3 +225,16 @@ def test_bad_executor_flags_are_one_line(serial: tuple[Path, Path], tmp_path: Pa
         result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "run"), *args])
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_the_estimate_writes_nothing_and_predicts_every_unit_left(serial: tuple[Path, Path], tmp_path: Path) -> None:
+    from underfire.runs.estimate import estimate_experiment
+
+    config, serial_dir = serial
+    estimate = estimate_experiment(load_experiment_config(config), tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    assert estimate.units == 6 and estimate.seconds > 0 and estimate.pilot_seconds > 0
+    assert set(estimate.per_unit) == {"shapes-resnet pgd batch 1", "shapes-resnet adv2 vs cam batch 1", "shapes-resnet adv2 vs grad batch 1"}
+    assert estimate_experiment(load_experiment_config(config), serial_dir).units == 0  # a finished run: nothing left
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "fresh"), "--estimate"])
+    assert result.exit_code == 0 and result.stdout.startswith("estimate: about ") and not (tmp_path / "fresh").exists()

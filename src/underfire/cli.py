@@ -397,6 +397,7 @@ def run_command(
     workers: Annotated[Optional[int], typer.Option("--workers", help="With --executor ray and no --address: CPUs of the local cluster (default: all).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Do part I of N of the units (I/N, e.g. 2/4) into its own folder; join the parts with underfire merge.")] = None,
     device: DeviceArg = "auto",
+    estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time of what is left (pilot runs of the first batch at 10% and 20% of the steps); write nothing.")] = False,
 ) -> None:
     """Run an experiment: models × interpreters × attacks × target maps into RUN_DIR/results.sqlite.
 
@@ -408,6 +409,9 @@ def run_command(
     experiment = load_experiment_config(config)
     run_dir = out if out is not None else Path("runs") / safe_name(experiment.name)
     part = _parse_shard(shard) if shard is not None else None
+    if estimate:
+        _estimate(experiment, run_dir, device, part)
+        return
     executor = _executor(executor_name, address, workers, experiment)
     announce = _threads()
     outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=True, announce=announce, executor=executor, shard=part, device=device))
@@ -444,11 +448,15 @@ def demo(
     images: Annotated[Optional[int], typer.Option(help="Images per model (default 12: measured 10.5 minutes on a 2-core CPU with one core busy elsewhere).")] = None,
     preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
     device: DeviceArg = "auto",
+    estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time (pilot runs of the first batch); write nothing.")] = False,
 ) -> None:
     """Attack both built-in models with PGD and ADV² against grad, cam, rts and mask; write an HTML report."""
     from .runs import DEMO_IMAGES, demo_config, format_summary, run_experiment, summarise_run
 
     experiment = demo_config(DEMO_IMAGES if images is None else images, preset_name)
+    if estimate:
+        _estimate(experiment, out, device, None)
+        return
     announce = _threads()
     outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=True, announce=announce, device=device))
     _echo_outcome(outcome)
@@ -468,6 +476,14 @@ def _model_options(weights: str | None, metadata: dict[str, Any], seed: int = 0,
     if "classes" in values:
         values["class_names"] = class_names_option(values.pop("classes"))
     return ModelOptions(weights=weights, seed=seed, device=device, **values)
+
+
+def _estimate(experiment: Any, run_dir: Path, device: str, shard: tuple[int, int] | None) -> None:
+    from .runs.estimate import estimate_experiment
+
+    _threads()
+    result = estimate_experiment(experiment, run_dir, device=device, shard=shard)
+    typer.echo("nothing to do: the run is complete" if not result.units else result.line())
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

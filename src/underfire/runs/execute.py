@@ -178,6 +178,19 @@ def _commit(store: ResultStore, run_dir: Path, output: UnitOutput) -> None:
     store.insert_unit(output.results, output.transfer, failure_key(output.unit))
 
 
+def units_to_do(units: list[Unit], database: Path) -> list[Unit]:
+    """The units whose rows an existing results database lacks (read-only)."""
+    import sqlite3
+
+    connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        results = set(connection.execute("SELECT model, interpreter, attack, target_map, image FROM results"))
+        transfer = set(connection.execute("SELECT model, source_interpreter, target_interpreter, target_map, image, attack FROM transfer"))
+    finally:
+        connection.close()
+    return [unit for unit in units if not _complete(unit, results, transfer)]
+
+
 def failure_key(unit: Unit) -> tuple[str, str, str, str, int]:
     """A unit's key in the ``failures`` table."""
     return (unit.model, unit.attack, unit.interpreter or "", unit.target_map or "", unit.batch)

@@ -1,0 +1,139 @@
+"""How long a run will take, from a few timed steps, before it starts (``underfire run --estimate``).
+
+Why pilots: a unit's cost depends on the model, the interpreter, the attack's step budgets, the
+benign maps a batch computes once and shares, the transfer maps, the machine and what else runs
+on it — no table covers that. So the first batch's units run twice, in the run's own order and in
+memory (nothing is written), with every step budget cut to ``SCALES`` of the configured one (the
+lower one twice, keeping the faster: the first pass also pays one-time costs), each pass on a
+fresh worker (so the shared benign maps are paid as in the run). Per unit, time =
+fixed + per-step part is fitted through the two points and read at the full budget; every batch
+is taken to cost what the first does. Attacks whose configuration has no ``pgd_steps`` /
+``adv_steps`` are timed once at their full budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ExperimentConfig
+from .plan import PreparedModel, Unit
+from .worker import UnitWorker
+
+#: The two fractions of each step budget the pilots run at (the lower one twice: its first pass
+#: also pays one-time costs, warm-up and allocation, and the faster of the two is kept).
+SCALES = (0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """The predicted wall time of the units to do, and what the pilots cost."""
+
+    seconds: float
+    units: int
+    pilot_seconds: float
+    per_unit: dict[str, float]  # first batch's units: label → predicted seconds at the full budget
+
+    def line(self) -> str:
+        return (
+            f"estimate: about {_clock(self.seconds)} for {self.units} units on this machine now "
+            f"(from pilot runs of the first batch at {SCALES[0]:.0%} and {SCALES[1]:.0%} of the steps, which took {self.pilot_seconds:.0f} s)"
+        )
+
+
+class _ScaledConfig:
+    """An experiment config whose attack configurations have their step budgets scaled."""
+
+    def __init__(self, config: ExperimentConfig, scale: float) -> None:
+        self._config, self._scale = config, scale
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+    def config_for(self, attack: str, interpreter: str | None = None) -> Any:
+        config = self._config.config_for(attack, interpreter)
+        if not all(hasattr(config, field) for field in ("pgd_steps", "adv_steps")):
+            return config
+        return dataclasses.replace(config, **{field: _scaled(getattr(config, field), self._scale) for field in ("pgd_steps", "adv_steps")})
+
+    def fraction(self, unit: Unit) -> float:
+        """The share of the full step budget a unit runs at here (1 for attacks without steps)."""
+        full = self._config.config_for(unit.attack, unit.interpreter)
+        if not all(hasattr(full, field) for field in ("pgd_steps", "adv_steps")):
+            return 1.0
+        used = self.config_for(unit.attack, unit.interpreter)
+        return (used.pgd_steps + used.adv_steps) / max(1, full.pgd_steps + full.adv_steps)
+
+
+def estimate_experiment(
+    config: ExperimentConfig, run_dir: str | Path, *, device: str = "cpu", shard: tuple[int, int] | None = None
+) -> RunEstimate:
+    """The estimate for what ``run_experiment(config, run_dir, ...)`` would still do; writes nothing."""
+    from ..devices import resolve_device
+    from ..store import DATABASE_NAME
+    from ..store.database import check_database
+    from .execute import check_shard, shard_units, units_to_do
+    from .plan import plan_units, prepare_models
+
+    database = Path(run_dir) / DATABASE_NAME
+    check_database(database)
+    models = prepare_models(config, resolve_device(device))
+    units = [unit for model in models for unit in plan_units(config, model)]
+    if shard is not None:
+        check_shard(shard)
+        units = shard_units(units, shard)
+    todo = units_to_do(units, database) if database.is_file() else units
+    if not todo:
+        return RunEstimate(0.0, 0, 0.0, {})
+    return estimate_run(config, models, todo)
+
+
+def estimate_run(config: ExperimentConfig, models: Sequence[PreparedModel], todo: Sequence[Unit]) -> RunEstimate:
+    """Time the first batch's units of each model at two step fractions and extrapolate to ``todo``."""
+    by_model = {model.spec: model for model in models}
+    first = [unit for unit in todo if unit.batch == min(u.batch for u in todo if u.model == unit.model)]
+    points: dict[Unit, list[tuple[float, float]]] = {unit: [] for unit in first}  # (budget share, seconds)
+    started = time.perf_counter()
+    for scale in (SCALES[0], SCALES[1], SCALES[0]):
+        scaled = _ScaledConfig(config, scale)
+        worker = UnitWorker(scaled, by_model)  # type: ignore[arg-type]
+        for unit in first:
+            begun = time.perf_counter()
+            worker(unit)
+            points[unit].append((scaled.fraction(unit), time.perf_counter() - begun))
+    pilot = time.perf_counter() - started
+    for unit, (warm, high, low) in points.items():
+        points[unit] = [min(warm, low, key=lambda point: point[1]), high]
+    predicted: dict[tuple[str, str, str | None, str | None], float] = {}
+    per_unit = {}
+    for unit in first:
+        (share_low, t_low), (share_high, t_high) = points[unit]
+        slope = max(0.0, (t_high - t_low) / (share_high - share_low)) if share_high > share_low else 0.0
+        seconds = t_high if share_high >= 1 else max(t_high, t_low + slope * (1 - share_low))
+        predicted[_kind(unit)] = seconds
+        per_unit[unit.label] = round(seconds, 2)
+    total = sum(predicted.get(_kind(unit), 0.0) for unit in todo)
+    return RunEstimate(total, len(todo), pilot, per_unit)
+
+
+def _kind(unit: Unit) -> tuple[str, str, str | None, str | None]:
+    return (unit.model, unit.attack, unit.interpreter, unit.target_map)
+
+
+def _scaled(steps: int, scale: float) -> int:
+    """``scale`` of a step budget, at least one step (two for the larger pilot, so the two differ)."""
+    if steps == 0:
+        return 0
+    return min(steps, max(1 if scale <= SCALES[0] else 2, round(steps * scale)))
+
+
+def _clock(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
