@@ -226,3 +226,16 @@ def test_tuple_output_gets_a_clear_error() -> None:
 
     with pytest.raises(ModelStructureError, match="not a logits tensor"):
         Classifier(Pair().eval()).predict(torch.rand(1, 3, 4, 4))
+
+
+def test_channels_last_only_for_small_inputs() -> None:
+    """Measured: channels-last speeds up the 64-px models and slows ResNet-50 at 224 px (MASK 1.7×)."""
+    from underfire import load_model
+    from underfire.models.classifier import CHANNELS_LAST_MAX_PIXELS
+
+    small = load_model("shapes-resnet")
+    assert small.prepare_images(torch.rand(2, 3, 64, 64)).is_contiguous(memory_format=torch.channels_last)
+    large = load_model("torchvision:resnet18@random")
+    side = int(CHANNELS_LAST_MAX_PIXELS**0.5) + 1
+    prepared = large.prepare_images(torch.rand(1, 3, side, side))
+    assert prepared.is_contiguous() and not prepared.is_contiguous(memory_format=torch.channels_last)
