@@ -104,8 +104,17 @@ def wait_for(condition, timeout: float = 120.0) -> bool:
 
 
 def running_tasks() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "ray::_compute_unit"], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
+    """Processes whose title says they are computing a unit (Ray retitles its workers per task)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(b"ray::_compute_unit"):
+                found.append(int(entry.name))
+    return found
 
 
 def test_killing_the_driver_mid_run_resumes_to_the_same_rows(serial: tuple[Path, Path], tmp_path: Path) -> None:
