@@ -567,3 +567,9 @@ def test_the_report_says_the_settings_and_the_iou_over_successful_attacks(finish
     (row,) = summary_rows(run_dir)
     expected = round(sum(successful) / len(successful), 3) if successful else None
     assert row["pgd_iou_success"] == expected and row["pgd_iou"] == round(sum(i for i, _ in rows) / len(rows), 3)
+
+
+@pytest.mark.parametrize("command", [["train", "classifier", "--epochs", "1"], ["train", "rts", "--epochs", "1"]])
+def test_training_outputs_that_are_folders_are_refused_first(tmp_path: Path, command: list[str]) -> None:
+    code, _, err = cli(*command, "--out", tmp_path)
+    one_error_line(code, err, "--out", "is a folder")

@@ -592,6 +592,9 @@ def train_classifier_command(
     from .training import TrainConfig, train_classifier
 
     config = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, seed=seed, batch_size=batch_size, train_size=train_size)
+    from .store.files import check_output_file
+
+    check_output_file(out, "--out")
     _threads()
     result = train_classifier(config, out)
     typer.echo(
@@ -624,6 +627,9 @@ def train_rts_command(
     from .devices import resolve_device
     from .training.rts import RtsTrainConfig, train_rts
 
+    from .store.files import check_output_file
+
+    check_output_file(out, "--out")
     options = _model_options(weights, metadata)
     config = RtsTrainConfig(
         model=model,
