@@ -132,6 +132,14 @@ def _open(path: Path | io.BytesIO, name: str | None = None, size: int | None = N
                     f"image '{name or path}' is {width}×{height} ({width * height / 1e6:.0f} megapixels); underfire "
                     f"reads images up to {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: downscale it first"
                 )
+            if size is not None and (width, height) != (size, size):  # square: the EXIF rotation cannot change it
+                warnings.warn(
+                    ResizeNotice(
+                        f"images that are not {size}×{size} are resized (shorter side to {size}, antialiased) "
+                        "and centre-cropped to the model's input size"
+                    ),
+                    stacklevel=4,
+                )
             if size is not None and img.format == "JPEG":
                 img.draft(img.mode, (4 * size, 4 * size))
             img.load()  # decode now: detects truncated and corrupt data inside the try
@@ -200,11 +208,6 @@ def read_image(path: str | os.PathLike[str], size: int | None = None, channels: 
     _check_channels(channels)
     path = Path(path)
     img = _open(path, size=None if size is None else int(size))
-    if size is not None and _header_size(path) != (size, size):
-        warnings.warn(
-            ResizeNotice(f"images that are not {size}×{size} are resized (shorter side to {size}, antialiased) and centre-cropped to the model's input size"),
-            stacklevel=2,
-        )
     arr = _to_rgb_array(img)
     if size is not None:
         arr = _resize_crop_float(arr, int(size))

@@ -95,7 +95,10 @@ def estimate_experiment(
 def estimate_run(config: ExperimentConfig, models: Sequence[PreparedModel], todo: Sequence[Unit]) -> RunEstimate:
     """Time the first batch's units of each model at two step fractions and extrapolate to ``todo``."""
     by_model = {model.spec: model for model in models}
-    first = [unit for unit in todo if unit.batch == min(u.batch for u in todo if u.model == unit.model)]
+    first_batch: dict[str, int] = {}
+    for unit in todo:
+        first_batch[unit.model] = min(unit.batch, first_batch.get(unit.model, unit.batch))
+    first = [unit for unit in todo if unit.batch == first_batch[unit.model]]
     points: dict[Unit, list[tuple[float, float]]] = {unit: [] for unit in first}  # (budget share, seconds)
     started = time.perf_counter()
     for scale in (SCALES[0], SCALES[1], SCALES[0]):

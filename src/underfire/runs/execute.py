@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from ..devices import resolve_device
 from ..errors import InputError
 from ..progress import progress_bar
 from ..store import ImageRecord, ResultStore, remove_temporary_files, run_lock, save_png_atomic
-from ..store.database import DATABASE_NAME, check_database
+from ..store.database import DATABASE_NAME, check_database, present_keys
 from ..store.files import check_output_folder, write_bytes_atomic
 from ..visualize import to_uint8
 from .config import ExperimentConfig
@@ -99,8 +100,12 @@ def run_experiment(
         inputs = run_inputs(config.input_files() + [f for model in models for f in model.input_files()],
                             {model.spec: dict(zip(model.names, model.images)) for model in models})
         sources = {model.spec: model.sources for model in models}
-        store.claim(config.as_dict(), software_versions(), now, attack_settings(config), inputs,
-                    lambda stored: check_inputs(run_dir, stored, inputs, sources))
+        store.claim(config.as_dict(), software_versions(), now, attack_settings(config))
+        recorded = store.meta().get("inputs")  # absent: a new run, or one made before inputs were recorded
+        if recorded is not None:
+            check_inputs(run_dir, json.loads(recorded), inputs, sources)
+        else:
+            store.claim_value("inputs", json.dumps(inputs, sort_keys=True), "other inputs")
         remove_temporary_files(run_dir)  # what a killed process left; we hold the lock
         for model in models:
             _record_images(store, run_dir, model)
@@ -134,8 +139,8 @@ def run_experiment(
                         f"{_minutes(took * (len(todo) - 1))} (units differ in cost: a rough figure)"
                     )
         return RunOutcome(
-            run_dir, len(units), len(units) - len(todo), len(todo) - (failed if todo else 0), store.count("results"),
-            store.count("transfer"), time.perf_counter() - started, failed if todo else 0,
+            run_dir, len(units), len(units) - len(todo), len(todo) - failed, store.count("results"),
+            store.count("transfer"), time.perf_counter() - started, failed,
         )
 
 
@@ -180,12 +185,9 @@ def _commit(store: ResultStore, run_dir: Path, output: UnitOutput) -> None:
 
 def units_to_do(units: list[Unit], database: Path) -> list[Unit]:
     """The units whose rows an existing results database lacks (read-only)."""
-    import sqlite3
-
     connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        results = set(connection.execute("SELECT model, interpreter, attack, target_map, image FROM results"))
-        transfer = set(connection.execute("SELECT model, source_interpreter, target_interpreter, target_map, image, attack FROM transfer"))
+        results, transfer = present_keys(connection)
     finally:
         connection.close()
     return [unit for unit in units if not _complete(unit, results, transfer)]

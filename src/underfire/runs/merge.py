@@ -83,8 +83,9 @@ def _write_store(store: ResultStore, first: dict[str, Any], contents: list[dict[
     store.claim(
         json.loads(meta["config"]), json.loads(meta["versions"]), meta.get("created", ""),
         json.loads(meta["attack_configs"]) if "attack_configs" in meta else None,
-        json.loads(meta["inputs"]) if "inputs" in meta else None,
     )
+    if "inputs" in meta:
+        store.claim_value("inputs", meta["inputs"], "other inputs")
     store.claim_value("shard", "all", "a shard")
     tables = {"images": first["images_rows"]}
     for table in _TABLES:

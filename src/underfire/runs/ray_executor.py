@@ -124,7 +124,7 @@ class RayExecutor:
                     yield ray.get(handle)
                 except ray.exceptions.RayTaskError as error:
                     yield UnitFailure(unit, _one_line(error), 1)
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as error:
+                except ray.exceptions.RayError as error:  # the worker died on every attempt, or the object was lost
                     yield UnitFailure(unit, _one_line(error), self.max_retries + 1)
 
 

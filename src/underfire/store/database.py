@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,16 @@ def schema_columns() -> dict[str, tuple[str, ...]]:
         return {table: tuple(row[1] for row in connection.execute(f"PRAGMA table_info({table})")) for table in tables}
     finally:
         connection.close()
+
+
+#: The primary keys of ``results`` and ``transfer``, in the order ``runs.plan.Unit`` keys use.
+RESULT_KEYS_SQL = "SELECT model, interpreter, attack, target_map, image FROM results"
+TRANSFER_KEYS_SQL = "SELECT model, source_interpreter, target_interpreter, target_map, image, attack FROM transfer"
+
+
+def present_keys(connection: sqlite3.Connection) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]]]:
+    """The primary keys in ``results`` and in ``transfer`` (a resume's "what is done")."""
+    return set(connection.execute(RESULT_KEYS_SQL)), set(connection.execute(TRANSFER_KEYS_SQL))
 
 
 def check_database(path: Path) -> None:
@@ -273,41 +283,26 @@ class ResultStore:
         return dict(self.connection.execute("SELECT key, value FROM meta").fetchall())
 
     def claim(
-        self,
-        config: dict[str, Any],
-        versions: dict[str, str],
-        created: str,
-        settings: dict[str, Any] | None = None,
-        inputs: dict[str, Any] | None = None,
-        check_inputs: Callable[[dict[str, Any]], None] | None = None,
+        self, config: dict[str, Any], versions: dict[str, str], created: str, settings: dict[str, Any] | None = None
     ) -> bool:
         """Record the run's config on first use; later, refuse a different one.
 
         ``settings`` (meta key ``attack_configs``: the resolved attack configuration per
         interpreter) is checked too, so a preset that changed between underfire versions cannot
-        mix two schedules in one run. ``inputs`` (meta key ``inputs``: the content digests of what
-        the run reads) is stored on first use; later ``check_inputs(stored)`` judges it (a run
-        made before inputs were recorded gets them now). Returns True when the config was written now.
+        mix two schedules in one run. Returns True when the meta was written now.
         """
         meta = self.meta()
-        rows: dict[str, str] = {}
-        claimed = "config" not in meta
-        if not claimed:
+        if "config" in meta:
             _refuse_change(self.run_dir, "a different config", json.loads(meta["config"]), config)
             if settings is not None and "attack_configs" in meta:
                 _refuse_change(self.run_dir, "other attack settings (did the preset change?)", json.loads(meta["attack_configs"]), settings)
-            if inputs is not None and "inputs" in meta and check_inputs is not None:
-                check_inputs(json.loads(meta["inputs"]))
-        else:
-            rows = {"config": json.dumps(config, sort_keys=True), "versions": json.dumps(versions, sort_keys=True), "created": created}
-            if settings is not None:
-                rows["attack_configs"] = json.dumps(settings, sort_keys=True)
-        if inputs is not None and "inputs" not in meta:
-            rows["inputs"] = json.dumps(inputs, sort_keys=True)
-        if rows:
-            with self._transaction() as cursor:
-                cursor.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows.items())
-        return claimed
+            return False
+        rows = {"config": json.dumps(config, sort_keys=True), "versions": json.dumps(versions, sort_keys=True), "created": created}
+        if settings is not None:
+            rows["attack_configs"] = json.dumps(settings, sort_keys=True)
+        with self._transaction() as cursor:
+            cursor.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows.items())
+        return True
 
     def claim_value(self, key: str, value: str, what: str) -> None:
         """Record a meta ``key`` on first use; later, refuse another value (one line naming ``what``)."""
@@ -335,13 +330,11 @@ class ResultStore:
     # ---------------------------------------------------------------------------- results
     def result_keys(self) -> set[tuple[str, ...]]:
         """Primary keys present in ``results``."""
-        return set(self.connection.execute("SELECT model, interpreter, attack, target_map, image FROM results"))
+        return set(self.connection.execute(RESULT_KEYS_SQL))
 
     def transfer_keys(self) -> set[tuple[str, ...]]:
         """Primary keys present in ``transfer``."""
-        return set(
-            self.connection.execute("SELECT model, source_interpreter, target_interpreter, target_map, image, attack FROM transfer")
-        )
+        return set(self.connection.execute(TRANSFER_KEYS_SQL))
 
     def insert_unit(
         self, results: Sequence[ResultRecord], transfer: Sequence[TransferRecord] = (), unit: FailureKey | None = None

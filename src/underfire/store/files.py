@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,31 +28,25 @@ TEMP_MARK = ".partial-"
 @contextmanager
 def _atomic(path: Path) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
+    handle, temporary = _create_temporary(path)
     try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600; a run's outputs follow the umask like any file
-            os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as stream:
             yield stream
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where the system allows (Linux), else by
-    setting and restoring it."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, created with mode 0666 so the kernel applies the
+    umask as for any file (``mkstemp`` makes 0600: run outputs would be private)."""
+    while True:
+        temporary = path.parent / f".{path.name}{TEMP_MARK}{secrets.token_hex(6)}"
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temporary
+        except FileExistsError:
+            continue
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -132,5 +127,5 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{what} {str(path)!r} is a folder; give a file name")
-    check_output_folder(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
+    check_output_folder(path.parent, f"the folder of {what}")
     return path

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
-from ..progress import progress_bar, track
 from ..models.architectures import ARCHITECTURES, build_architecture
 from ..models.checkpoint import library_versions, save_checkpoint
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from ..progress import progress_bar, track
 
 
 @dataclass(frozen=True)

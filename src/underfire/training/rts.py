@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
-from ..progress import progress_bar, track
 from .. import imaging
 from ..metrics import object_iou, pointing_game
 from ..models.architectures import ShapesResNet
@@ -59,6 +58,7 @@ from ..models.checkpoint import library_versions, load_checkpoint
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from ..models.metadata import ModelOptions
 from ..models.specs import load_model
+from ..progress import progress_bar, track
 from ..interpreters.rts import SHIPPED_ENCODER, SaliencyNetwork, save_saliency_network, shipped_rts_path
 
 __all__ = [
