@@ -229,7 +229,7 @@ def test_tuple_output_gets_a_clear_error() -> None:
 
 
 def test_channels_last_only_for_small_inputs() -> None:
-    """Measured: channels-last speeds up the 64-px models and slows ResNet-50 at 224 px (PGD +8 %, MASK +14 %)."""
+    """Measured: channels-last speeds up the 64-px models and gives ResNet-50 at 224 px nothing (benchmarks.layout)."""
     from underfire import load_model
     from underfire.models.classifier import CHANNELS_LAST_MAX_PIXELS
 

@@ -27,10 +27,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Tolerance for the [0, 1] range check: images that went through float arithmetic
 #: (e.g. ``x + delta`` then clamping in another dtype) may overshoot by rounding error.
 RANGE_TOLERANCE = 1e-5
-#: Inputs larger than this (pixels per image) stay NCHW on the CPU: on ResNet-50 at 224×224, one
-#: thread, layouts interleaved, channels-last made a PGD step 8 % slower (0.334 vs 0.308 s) and a
-#: MASK ADV² step 14 % slower (3.03 vs 2.67 s), while at 64×64 it makes the built-in models
-#: 15–30 % faster.
+#: Inputs larger than this (pixels per image) stay NCHW on the CPU: on ResNet-50 at 224×224
+#: channels-last showed no gain (``benchmarks.layout``: equal within 2 %; an earlier ad-hoc run of the
+#: same measurement had it 8–14 % slower), while at 64×64 it makes the built-in models 15–30 % faster.
 CHANNELS_LAST_MAX_PIXELS = 128 * 128
 
 
