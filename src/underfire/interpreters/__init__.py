@@ -15,7 +15,12 @@ from ..registry import Registry
 from .base import PAPER_CLASSES, AttackTerms, Interpreter, normalize_maps
 from .cam import CAM, GradCAM
 from .cam_layers import CamLayers, find_cam_layers
+from .attribution import Attribution
+from .deeplift import DeepLift
 from .gradient import Grad, SmoothGrad
+from .inputxgrad import InputXGrad
+from .integrated import IntegratedGradients
+from .lrp import Lrp
 from .mask import Mask, MaskConfig
 from .rts import Rts, SaliencyNetwork
 
@@ -58,10 +63,15 @@ __all__ = [
     "INTERPRETERS",
     "PAPER_CLASSES",
     "AttackTerms",
+    "Attribution",
     "CamLayers",
+    "DeepLift",
     "Grad",
     "GradCAM",
+    "InputXGrad",
+    "IntegratedGradients",
     "Interpreter",
+    "Lrp",
     "Mask",
     "MaskConfig",
     "Rts",

@@ -17,23 +17,20 @@ smooth function's derivative) with ``torch.autograd.grad(..., create_graph=True)
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, ModelStructureError
+from ..errors import InputError
 from ..models.classifier import Classifier
 from ..presets import QUICK_SCHEDULE, Preset
-from ..smoothing import ReluSurrogate, _ReluSurrogateMode, as_relu_surrogate, relu_surrogate
-from .base import Interpreter, normalize_maps
+from ..smoothing import ReluSurrogate, relu_surrogate
+from .attribution import Attribution, ReluScale, attribution_maps, differentiable, exact_relu
+from .base import Interpreter
 
 Score = Literal["logit", "ce"]
 SCORES: tuple[str, ...] = ("logit", "ce")
-ReluScale = Literal["absolute", "relative"]
-RELU_SCALES: tuple[str, ...] = ("absolute", "relative")
 
 #: The official code's staged λ for GRAD: 0.001 → 0.004 → 0.01 → 0.05 over 301/201/101/101 steps.
 #: Its ℓ_int is a per-pixel *sum* over a 56×56 map, ours a mean, so λ is multiplied by 3136.
@@ -59,7 +56,7 @@ GRAD_PRESETS = {
 }
 
 
-class Grad(Interpreter):
+class Grad(Attribution):
     """Vanilla gradient saliency (Simonyan et al. 2014) with a smoothed second-order surrogate.
 
     Args:
@@ -95,39 +92,20 @@ class Grad(Interpreter):
         relu_scale: ReluScale = "absolute",
         share_forward: bool = False,
     ) -> None:
-        super().__init__(classifier)
-        self.score = _check_score(score)
-        self.pool = _check_pool(pool)
-        self.relu = _surrogate(relu, relu_scale)
+        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale)
+        self.score = check_score(score)
         if not isinstance(share_forward, bool):
             raise InputError(f"share_forward must be True or False, got {share_forward!r}")
         self.share_forward = share_forward
-
-    def check_attackable(self) -> None:
-        """The ReLU surrogate is a Python torch function mode: a TorchScript graph runs its ReLUs
-        in C++, out of its reach, so the map's input gradient would be zero (ADV² = PGD)."""
-        if self.relu.kind != "none" and self.classifier.is_scripted:
-            raise ModelStructureError(
-                f"{self.name}: the ReLU surrogate cannot reach inside the TorchScript graph of "
-                f"{self.classifier.name}, so ADV² would silently be PGD; save the model with "
-                "torch.export.save and load it as export:PATH.pt2, or load it as a Python module (module:function)"
-            )
-
-    def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
-        """(H // pool, W // pool): the input's size, average-pooled (no model call)."""
-        height, width = images.shape[-2:]
-        if self.pool > min(height, width):
-            raise InputError(f"pool={self.pool} is larger than the {height}x{width} gradient map")
-        return height // self.pool, width // self.pool
 
     def explain(
         self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Exact-gradient maps (true ReLU derivative, no graph kept)."""
         x = images.detach().requires_grad_(True)
-        with torch.enable_grad(), _exact_relu():
+        with torch.enable_grad(), exact_relu():
             grad = self._gradient(x, classes, generator, create_graph=False)
-        return _gradient_maps(grad.detach(), self.pool)
+        return attribution_maps(grad.detach(), self.pool)
 
     def surrogate(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
@@ -138,10 +116,10 @@ class Grad(Interpreter):
         is differentiated and the maps carry a graph to that copy. GRAD keeps no state (``None``
         in, ``None`` out).
         """
-        x = _differentiable(images)
+        x = differentiable(images)
         with torch.enable_grad(), relu_surrogate(self.relu):
             grad = self._gradient(x, classes, state, create_graph=True)
-        return _gradient_maps(grad, self.pool), state
+        return attribution_maps(grad, self.pool), state
 
     def surrogate_and_logits(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
@@ -157,17 +135,23 @@ class Grad(Interpreter):
         """
         if not self.share_forward:
             return super().surrogate_and_logits(images, classes, state)
-        x = _differentiable(images)
+        x = differentiable(images)
         with torch.enable_grad(), relu_surrogate(self.relu):
             logits = self.classifier(x)
-            grad = _score_gradient(logits, x, classes, self.score, create_graph=True)
-        return _gradient_maps(grad, self.pool), logits, state
+            grad = score_gradient(logits, x, classes, self.score, create_graph=True)
+        return attribution_maps(grad, self.pool), logits, state
+
+    def _attribution(
+        self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool
+    ) -> torch.Tensor:
+        """The signed gradient: what ``attribute`` returns."""
+        return self._gradient(differentiable(x), classes, state, create_graph)
 
     def _gradient(
         self, x: torch.Tensor, classes: torch.Tensor, generator: torch.Generator | None, create_graph: bool
     ) -> torch.Tensor:
         """∂score/∂x (N, C, H, W); ``generator`` is for subclasses that draw noise."""
-        return _input_gradient(self.classifier, x, x, classes, self.score, create_graph)
+        return input_gradient(self.classifier, x, x, classes, self.score, create_graph)
 
 
 class SmoothGrad(Grad):
@@ -251,48 +235,17 @@ class SmoothGrad(Grad):
             )
             noisy = noisy + self.noise * noise
         repeated = classes.repeat_interleave(self.samples, 0)
-        grad = _input_gradient(self.classifier, noisy, x, repeated, self.score, create_graph)
+        grad = input_gradient(self.classifier, noisy, x, repeated, self.score, create_graph)
         return grad / self.samples
 
 
-def _check_score(score: str) -> str:
+def check_score(score: str) -> str:
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     return score
 
 
-def _surrogate(relu: ReluSurrogate | str, scale: str) -> ReluSurrogate:
-    if scale not in RELU_SCALES:
-        raise InputError(f"unknown relu_scale {scale!r}; choose one of {', '.join(RELU_SCALES)}")
-    surrogate = as_relu_surrogate(relu)
-    return replace(surrogate, relative=True) if scale == "relative" else surrogate
-
-
-def _check_pool(pool: int) -> int:
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
-        raise InputError(f"pool must be an integer >= 1, got {pool!r}")
-    return pool
-
-
-def _exact_relu() -> AbstractContextManager[Any]:
-    """The true ReLU derivative: ``relu_surrogate("none")`` where a surrogate context is active
-    (benign maps stay exact inside an attack), nothing otherwise. A torch function mode sees every
-    torch call of the model in Python: skipping it saves about 15 % of a forward pass at batch 1."""
-    try:
-        from torch.overrides import _get_current_function_mode_stack
-    except ImportError:  # pragma: no cover - older torch: always hide enclosing modes
-        return relu_surrogate("none")
-    if any(isinstance(mode, _ReluSurrogateMode) for mode in _get_current_function_mode_stack()):
-        return relu_surrogate("none")
-    return nullcontext()
-
-
-def _differentiable(images: torch.Tensor) -> torch.Tensor:
-    """The images themselves when they carry a graph (never detach them: DESIGN §3 pitfall 6)."""
-    return images if images.requires_grad else images.detach().requires_grad_(True)
-
-
-def _input_gradient(
+def input_gradient(
     classifier: Classifier,
     inputs: torch.Tensor,
     wrt: torch.Tensor,
@@ -302,10 +255,10 @@ def _input_gradient(
 ) -> torch.Tensor:
     """∂ Σ_i score_{c_i}(inputs_i) / ∂ wrt: samples do not interact (eval mode), so each row is
     that sample's own gradient."""
-    return _score_gradient(classifier(inputs), wrt, classes, score, create_graph)
+    return score_gradient(classifier(inputs), wrt, classes, score, create_graph)
 
 
-def _score_gradient(
+def score_gradient(
     logits: torch.Tensor, wrt: torch.Tensor, classes: torch.Tensor, score: str, create_graph: bool
 ) -> torch.Tensor:
     """∂ Σ_i score_{c_i}(logits_i) / ∂ wrt."""
@@ -315,15 +268,3 @@ def _score_gradient(
         total = F.cross_entropy(logits, classes, reduction="sum")
     (grad,) = torch.autograd.grad(total, wrt, create_graph=create_graph)
     return grad
-
-
-def _gradient_maps(grad: torch.Tensor, pool: int) -> torch.Tensor:
-    """|grad| max over channels (Simonyan et al.), average-pooled ×``pool``, min-max normalised."""
-    maps = grad.abs().amax(1, keepdim=True)
-    if pool > 1:
-        if pool > min(maps.shape[-2:]):
-            raise InputError(
-                f"pool={pool} is larger than the {maps.shape[-2]}x{maps.shape[-1]} gradient map"
-            )
-        maps = F.avg_pool2d(maps, pool)
-    return normalize_maps(maps)

@@ -1,0 +1,199 @@
+"""What the back-propagation interpreters share: a signed attribution (N, C, H, W) per image, shown
+as GRAD's map (|·|, max over colour channels, optional average pooling, min-max), and one
+differentiable path for ADV² through the ReLU-gradient surrogates.
+
+Subclasses implement ``_attribution(x, classes, state, create_graph)``. ``attribute`` returns the
+signed attribution itself (captum's convention: same shape as the input, in pixel space), so the
+sign, which the map drops, stays available. Benign maps use the exact ReLU derivative; the
+surrogate computes the same attribution inside :func:`underfire.smoothing.relu_surrogate`, so its
+input gradient (a second derivative for gradient-based rules) is not zero almost everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, ModelStructureError
+from ..imaging import gaussian_blur
+from ..models.classifier import Classifier
+from ..smoothing import ReluSurrogate, _ReluSurrogateMode, as_relu_surrogate, relu_surrogate
+from .base import Interpreter, normalize_maps
+
+ReluScale = Literal["absolute", "relative"]
+RELU_SCALES: tuple[str, ...] = ("absolute", "relative")
+BaselineKind = Literal["black", "blur"]
+BASELINES: tuple[str, ...] = ("black", "blur")
+
+
+class Attribution(Interpreter):
+    """Base class: a signed attribution turned into GRAD's map.
+
+    Args:
+        pool: average-pooling factor applied to the map (1 = full resolution).
+        relu: the ReLU-gradient surrogate ``surrogate`` uses (default: the paper's ``h``).
+        relu_scale: ``"absolute"`` (the paper's) or ``"relative"`` (``ReluSurrogate.relative``).
+    """
+
+    paper_class: ClassVar[str] = "back-propagation"
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        pool: int = 1,
+        relu: ReluSurrogate | str = "h",
+        relu_scale: ReluScale = "absolute",
+    ) -> None:
+        super().__init__(classifier)
+        self.pool = check_pool(pool)
+        self.relu = surrogate_spec(relu, relu_scale)
+
+    def check_attackable(self) -> None:
+        """The ReLU surrogate is a Python torch function mode: a TorchScript graph runs its ReLUs
+        in C++, out of its reach, so the map's input gradient would be zero (ADV² = PGD)."""
+        if self.relu.kind != "none" and self.classifier.is_scripted:
+            raise ModelStructureError(
+                f"{self.name}: the ReLU surrogate cannot reach inside the TorchScript graph of "
+                f"{self.classifier.name}, so ADV² would silently be PGD; save the model with "
+                "torch.export.save and load it as export:PATH.pt2, or load it as a Python module (module:function)"
+            )
+
+    def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
+        """(H // pool, W // pool): the input's size, average-pooled (no model call)."""
+        height, width = images.shape[-2:]
+        if self.pool > min(height, width):
+            raise InputError(f"pool={self.pool} is larger than the {height}x{width} attribution map")
+        return height // self.pool, width // self.pool
+
+    def attribute(self, images: torch.Tensor, classes: Any = None, *, seed: int | None = None) -> torch.Tensor:
+        """The signed attribution (N, C, H, W) in pixel space, exact (no surrogate), detached."""
+
+        def signed(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
+            with torch.enable_grad(), exact_relu():
+                return self._attribution(x.detach(), c, generator, False)
+
+        return self.run_frozen(images, classes, signed)
+
+    def explain(
+        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Exact maps (true ReLU derivative, no graph kept)."""
+        with torch.enable_grad(), exact_relu():
+            attribution = self._attribution(images.detach(), classes, generator, False)
+        return attribution_maps(attribution.detach(), self.pool)
+
+    def surrogate(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Maps differentiable w.r.t. ``images`` through the smoothed ReLU derivative; ``state``
+        (a noise generator for subclasses that draw noise, else ``None``) is passed through."""
+        x = differentiable(images)
+        with torch.enable_grad(), relu_surrogate(self.relu):
+            attribution = self._attribution(x, classes, state, True)
+        return attribution_maps(attribution, self.pool), state
+
+    @abstractmethod
+    def _attribution(
+        self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool
+    ) -> torch.Tensor:
+        """The signed attribution (N, C, H, W) of ``x`` for ``classes``; with ``create_graph`` it
+        must stay differentiable w.r.t. ``x``."""
+
+
+class BaselineMixin:
+    """The reference input of IG and DeepLIFT: black (zeros), the image blurred, or a tensor.
+
+    A blurred baseline (Sundararajan et al. 2017 mention it; Sturmfels et al. 2020, "Visualizing
+    the impact of feature attribution baselines") is a function of the image, so it is recomputed,
+    differentiably, for every attack iterate.
+    """
+
+    baseline: BaselineKind | torch.Tensor
+    baseline_sigma: float
+
+    def _set_baseline(self, baseline: BaselineKind | torch.Tensor, sigma: float) -> None:
+        if isinstance(baseline, torch.Tensor):
+            if not torch.isfinite(baseline).all():
+                raise InputError("the baseline tensor holds NaN or infinite values")
+            self.baseline = baseline.detach()
+        elif baseline in BASELINES:
+            self.baseline = baseline
+        else:
+            raise InputError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)} or pass a tensor")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+            raise InputError(f"baseline_sigma must be a positive number of pixels, got {sigma!r}")
+        self.baseline_sigma = float(sigma)
+
+    def baselines(self, x: torch.Tensor) -> torch.Tensor:
+        """The baseline of each image of ``x`` (same shape, dtype and device)."""
+        if isinstance(self.baseline, torch.Tensor):
+            base = self.baseline.to(device=x.device, dtype=x.dtype)
+            if base.dim() == 3:
+                base = base.unsqueeze(0)
+            if base.dim() != 4 or base.shape[1:] != x.shape[1:] or base.shape[0] not in (1, x.shape[0]):
+                raise InputError(
+                    f"the baseline has shape {tuple(self.baseline.shape)}; give (C, H, W) or (N, C, H, W) "
+                    f"matching the images {tuple(x.shape)}"
+                )
+            return base.expand_as(x)
+        if self.baseline == "black":
+            return torch.zeros_like(x)
+        return gaussian_blur(x, self.baseline_sigma).contiguous(memory_format=_layout(x))
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_pool(pool: int) -> int:
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+        raise InputError(f"pool must be an integer >= 1, got {pool!r}")
+    return pool
+
+
+def surrogate_spec(relu: ReluSurrogate | str, scale: str) -> ReluSurrogate:
+    """The ReLU surrogate ``relu`` with ``relu_scale`` applied."""
+    if scale not in RELU_SCALES:
+        raise InputError(f"unknown relu_scale {scale!r}; choose one of {', '.join(RELU_SCALES)}")
+    surrogate = as_relu_surrogate(relu)
+    return replace(surrogate, relative=True) if scale == "relative" else surrogate
+
+
+def exact_relu() -> AbstractContextManager[Any]:
+    """The true ReLU derivative: ``relu_surrogate("none")`` where a surrogate context is active
+    (benign maps stay exact inside an attack), nothing otherwise. A torch function mode sees every
+    torch call of the model in Python: skipping it saves about 15 % of a forward pass at batch 1."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+    except ImportError:  # pragma: no cover - older torch: always hide enclosing modes
+        return relu_surrogate("none")
+    if any(isinstance(mode, _ReluSurrogateMode) for mode in _get_current_function_mode_stack()):
+        return relu_surrogate("none")
+    return nullcontext()
+
+
+def differentiable(images: torch.Tensor) -> torch.Tensor:
+    """The images themselves when they carry a graph (never detach them: DESIGN §3 pitfall 6)."""
+    return images if images.requires_grad else images.detach().requires_grad_(True)
+
+
+def attribution_maps(attribution: torch.Tensor, pool: int) -> torch.Tensor:
+    """|attribution| max over channels (Simonyan et al.), average-pooled ×``pool``, min-max normalised."""
+    maps = attribution.abs().amax(1, keepdim=True)
+    if pool > 1:
+        if pool > min(maps.shape[-2:]):
+            raise InputError(
+                f"pool={pool} is larger than the {maps.shape[-2]}x{maps.shape[-1]} attribution map"
+            )
+        maps = F.avg_pool2d(maps, pool)
+    return normalize_maps(maps)
