@@ -25,6 +25,15 @@ The inline mathematics per interpreter:
   step (create_graph, on the jittered perturbed image) of ``Mask.surrogate``, inline;
   ``gaussian_blur``, ``upsample_blurred``, ``translate`` (``underfire.imaging``) and
   ``total_variation`` (pure tensor functions) are reused.
+* Gradient × Input: GRAD's inline step with the map of x ⊙ ∇.
+* IG (8 Gauss–Legendre nodes, black baseline, the ``quick`` preset's): all path points in one
+  batch through the smoothed copy, one create-graph backward, (x − 0) ⊙ the weighted sum; the
+  inline loop keeps that graph until the loss backward, ours recomputes it (bounded memory).
+* DeepLIFT and LRP: the built-in ResNet's forward written out layer by layer, each layer giving
+  its value (through ``SmoothReLU``) and its rule's twin by hand (DeepLIFT: secant multipliers on
+  the input + black-baseline batch; LRP: BatchNorm folded into each convolution, flat first layer,
+  z⁺ convolutions, ε for ``fc``, proportional residual sum and pooling), then one create-graph
+  backward of the twin score to the seed.
 
 These run on the built-in ResNet (its ReLUs are all ``nn.ReLU`` modules, so the inline smoothed
 copy is exact); the GRAD and CAM targets are ratio ≤ 1.2.
@@ -37,13 +46,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from underfire import Classifier
 from underfire.attacks import ADV2, AttackConfig, LambdaSchedule
-from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts
+from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts, build_interpreter
 from underfire.imaging import gaussian_blur, translate, upsample_blurred
 from underfire.interpreters.mask import REFERENCE_MASK_PIXELS, total_variation
 
@@ -55,6 +65,7 @@ EPS, ALPHA, CONFIDENCE = 8 / 255, 1 / 255, 0.8
 ENCODER_WEIGHT = 0.1
 UNQUALIFIED = 1000.0  # ADV²'s rank offset of iterates that do not qualify
 TAU = 1e-4  # the paper's h surrogate (underfire's default)
+IG_STEPS = 8  # the quick preset's IG
 #: interpreter rows: (label, target ratio or None)
 CASES: tuple[tuple[str, float | None], ...] = (
     ("grad", 1.2),
@@ -63,6 +74,10 @@ CASES: tuple[tuple[str, float | None], ...] = (
     ("gradcam", None),
     ("rts", None),
     ("mask", None),
+    ("inputxgrad", 1.2),
+    ("ig", 1.2),
+    ("deeplift", 1.2),
+    ("lrp", 1.2),
 )
 
 
@@ -134,6 +149,10 @@ def _label(name: str) -> str:
         "gradcam": "GradCAM(clf)",
         "rts": "Rts(clf)",
         "mask": "Mask(clf, MaskConfig(init_steps=5))",
+        "inputxgrad": "InputXGrad(clf)",
+        "ig": "IntegratedGradients(clf, steps=8)",
+        "deeplift": "DeepLift(clf)",
+        "lrp": "Lrp(clf)",
     }[name]
 
 
@@ -232,6 +251,8 @@ def _interpreter(name: str, clf: Classifier) -> Any:
             return untrained_rts(clf, **options)
     if name == "mask":  # the paper's surrogate alone (the quick preset's evidence term: step_cost.py)
         return Mask(clf, MaskConfig(init_steps=5), evidence_weight=0.0)
+    if name in ("inputxgrad", "ig", "deeplift", "lrp"):
+        return build_interpreter(name, clf, **({"steps": IG_STEPS} if name == "ig" else {}))
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -303,7 +324,124 @@ def _inline(name: str, clf: Classifier, interpreter: Any, targets: torch.Tensor,
 
     if name == "mask":
         return Inline(_mask_step(clf, interpreter.config, targets, target_maps))
+
+    if name in ("inputxgrad", "ig"):
+        smooth = _SMOOTHED.setdefault(id(clf), smoothed_copy(clf.model))
+        nodes, weights = np.polynomial.legendre.leggauss(IG_STEPS)
+        alphas, weights = (nodes + 1) / 2, weights / 2
+
+        def path_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if name == "inputxgrad":
+                (g,) = torch.autograd.grad(smooth(normalized(x)).gather(1, targets[:, None]).sum(), x, create_graph=True)
+            else:
+                points = torch.cat([float(alpha) * x for alpha in alphas])
+                score = smooth(normalized(points)).gather(1, targets.repeat(IG_STEPS)[:, None]).sum()
+                (grads,) = torch.autograd.grad(score, points, create_graph=True)
+                g = sum(float(w) * part for w, part in zip(weights, grads.chunk(IG_STEPS)))
+            maps = minmax((x * g).abs().amax(1, keepdim=True))
+            return _adv2_loss(model(normalized(x)), maps, targets, target_maps)
+
+        return Inline(path_step)
+
+    if name in ("deeplift", "lrp"):
+        rules = _DeepLiftInline() if name == "deeplift" else _LrpInline()
+        net = clf.model
+
+        def rule_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            inputs = torch.cat([x, torch.zeros_like(x)]) if name == "deeplift" else x
+            seed = torch.zeros_like(inputs).requires_grad_(True)
+            values, twins = _resnet_with_twins(net, normalized(inputs), seed / std if name == "deeplift" else seed, rules)
+            n = x.shape[0]
+            logits = values[:n]
+            chosen = logits.gather(1, targets[:, None])
+            score = (twins[:n].gather(1, targets[:, None]) * (1 if name == "deeplift" else chosen)).sum()
+            (g,) = torch.autograd.grad(score, seed, create_graph=True)
+            attribution = x * g[:n] if name == "deeplift" else g
+            maps = minmax(attribution.abs().amax(1, keepdim=True))
+            return _adv2_loss(model(normalized(x)), maps, targets, target_maps)
+
+        return Inline(rule_step)
     raise ValueError(f"unknown case {name!r}")
+
+
+def _stabilized(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return torch.where(z >= 0, z + eps, z - eps)
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+class _DeepLiftInline:
+    """DeepLIFT-Rescale by hand: twins carry multipliers; the batch is (input, baseline)."""
+
+    smooth = SmoothReLU()
+
+    def conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, _ = _bn_affine(bn)
+        return bn(conv(v)), F.conv2d(t, conv.weight, None, conv.stride, conv.padding) * scale.view(1, -1, 1, 1)
+
+    def relu(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.smooth(z)
+        (zx, zr), (ax, ar) = z.chunk(2), a.chunk(2)
+        delta = zx - zr
+        close = delta.abs() < 1e-7
+        multiplier = torch.where(close, (zx > 0).to(z.dtype), (ax - ar) / torch.where(close, torch.ones_like(delta), delta))
+        return a, t * torch.cat([multiplier, (zr > 0).to(z.dtype)])
+
+    def add(self, o: torch.Tensor, ot: torch.Tensor, i: torch.Tensor, it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return o + i, ot + it
+
+    def pool(self, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return v.mean((2, 3)), t.mean((2, 3))
+
+    def linear(self, fc: nn.Linear, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fc(v), t @ fc.weight.t()
+
+
+class _LrpInline:
+    """LRP EpsilonPlusFlat by hand: twins carry relevance."""
+
+    smooth = SmoothReLU()
+
+    def conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = _bn_affine(bn)
+        out = bn(conv(v))
+        if first:  # flat: relevance spread uniformly over each receptive field
+            ones = torch.ones_like(conv.weight)
+            count = F.conv2d(torch.ones_like(v), ones, None, conv.stride, conv.padding)
+            return out, F.conv2d(t, ones, None, conv.stride, conv.padding) / _stabilized(count)
+        weight = (conv.weight * scale.view(-1, 1, 1, 1)).clamp(min=0)
+        z = F.conv2d(v, weight, shift.clamp(min=0), conv.stride, conv.padding)
+        return out, F.conv2d(t * v, weight, None, conv.stride, conv.padding) / _stabilized(z)
+
+    def relu(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.smooth(z), t
+
+    def add(self, o: torch.Tensor, ot: torch.Tensor, i: torch.Tensor, it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return o + i, (ot * o + it * i) / _stabilized(o + i)
+
+    def pool(self, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return v.mean((2, 3)), (t * v).mean((2, 3)) / _stabilized(v.mean((2, 3)))
+
+    def linear(self, fc: nn.Linear, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = fc(v)
+        return out, (t * v) @ fc.weight.t() / _stabilized(out)
+
+
+def _resnet_with_twins(net: nn.Module, v: torch.Tensor, t: torch.Tensor, rules: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The built-in ResNet's forward, written out, carrying (value, twin) through ``rules``."""
+    v, t = rules.relu(*rules.conv_bn(net.conv1, net.bn1, v, t, True))
+    for block in (net.layer1, net.layer2, net.layer3, net.layer4):
+        if block.downsample is None:
+            identity, identity_twin = v, t
+        else:
+            identity, identity_twin = rules.conv_bn(block.downsample[0], block.downsample[1], v, t, False)
+        h, ht = rules.relu(*rules.conv_bn(block.conv1, block.bn1, v, t, False))
+        o, ot = rules.conv_bn(block.conv2, block.bn2, h, ht, False)
+        v, t = rules.relu(*rules.add(o, ot, identity, identity_twin))
+    return rules.linear(net.fc, *rules.pool(v, t))
 
 
 def _adv2_loss(

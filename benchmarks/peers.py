@@ -14,7 +14,15 @@ before it reports a ratio ours / theirs (≤ 1 = underfire is as fast or faster)
   per-image ones), reported as a speed-up per image;
 * MASK per optimisation iteration vs torchray ``extremal_perturbation`` (batch 1, one area, mask
   step and σ scaled to the input size; a different objective, so no map agreement: only the cost
-  of an iteration is compared, marginally).
+  of an iteration is compared, marginally);
+* Gradient × Input, Integrated Gradients (32 Gauss–Legendre nodes, 8 path points per pass on
+  both sides) and DeepLIFT (black baseline) vs captum's ``InputXGradient``,
+  ``IntegratedGradients`` and ``DeepLift``; LRP vs zennit's ``EpsilonPlusFlat`` (BatchNorm merged,
+  residual sums as modules) and LRP-ε vs captum's ``LRP``. captum's DeepLift and LRP and zennit
+  need a copy of the model with one ReLU module per use and the residual sum as a module
+  (``benchmarks.peer_models``); underfire runs on the model itself. Their maps are compared the
+  same way (|·|, max over channels, min-max). captum's LRP applies ε to each BatchNorm instead of
+  merging it, so that row agrees only roughly; its timing is still the same amount of work.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch.nn.functional as F
 
 from underfire import Classifier
 from underfire.attacks import PGD, AttackConfig
-from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig
+from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, build_interpreter
 
 from .common import (
     Row, agreement, import_torchvision_quietly, interleaved, make_row, marginal, max_abs_diff, minmax, paired_ratio,
@@ -36,7 +44,10 @@ from .common import (
 
 SECTION = "peers"
 #: keys of the comparisons, for ``benchmarks.run --peers``
-PEERS = ("grad", "cam", "gradcam-pgc", "gradcam-captum", "pgd", "mask-batch", "mask-torchray")
+PEERS = (
+    "grad", "cam", "gradcam-pgc", "gradcam-captum", "pgd", "mask-batch", "mask-torchray",
+    "inputxgrad", "ig", "deeplift", "lrp-zennit", "lrp-captum",
+)
 
 
 def run_peers(
@@ -63,6 +74,11 @@ def run_peers(
         ("pgd", "torchattacks PGD", lambda: [pgd_vs_torchattacks(clf, images, labels, targets, repeats, warmup, quick, setting)]),
         ("mask-batch", "MASK per-image loop", lambda: [mask_batched_vs_loop(clf, images, labels, repeats, warmup, quick, setting)]),
         ("mask-torchray", "torchray extremal_perturbation", lambda: [mask_vs_torchray(clf, images, labels, repeats, warmup, quick, setting)]),
+        ("inputxgrad", "captum InputXGradient", lambda: [attribution_vs_captum("inputxgrad", clf, images, labels, repeats, warmup, setting)]),
+        ("ig", "captum IntegratedGradients", lambda: [attribution_vs_captum("ig", clf, images, labels, repeats, warmup, setting)]),
+        ("deeplift", "captum DeepLift", lambda: [attribution_vs_captum("deeplift", clf, images, labels, repeats, warmup, setting)]),
+        ("lrp-zennit", "zennit EpsilonPlusFlat", lambda: [lrp_vs_zennit(clf, images, labels, repeats, warmup, setting)]),
+        ("lrp-captum", "captum LRP", lambda: [attribution_vs_captum("lrp", clf, images, labels, repeats, warmup, setting)]),
     ]
     for key, label, bench in benches:
         if only is not None and key not in only:
@@ -368,3 +384,74 @@ def mask_vs_torchray(
         note=f"cost of one more iteration at {size} px: (T({short + extra}) - T({short})) / {extra}",
         setting={**setting, "batch": 1},
     )
+
+
+# ------------------------------------------------------------------------------------------ the back-propagation family
+IG_STEPS, IG_CHUNK = 32, 8
+
+
+def attribution_vs_captum(
+    method: str, clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict
+) -> Row:
+    """Gradient × Input, IG, DeepLIFT or LRP-ε (``method``) against captum's attribution."""
+    import captum.attr as captum
+
+    from .peer_models import captum_ready
+
+    options = {"ig": {"steps": IG_STEPS, "chunk": IG_CHUNK}, "lrp": {"rule": "epsilon"}}.get(method, {})
+    interpreter = build_interpreter(method, clf, **options)
+    peer = Classifier(captum_ready(clf.model), mean=clf.mean.flatten().tolist(), std=clf.std.flatten().tolist()).eval()
+    batch = images.shape[0]
+    attributor, kwargs = {
+        "inputxgrad": (captum.InputXGradient(clf), {}),
+        "ig": (captum.IntegratedGradients(clf), {"n_steps": IG_STEPS, "internal_batch_size": batch * IG_CHUNK}),
+        "deeplift": (captum.DeepLift(peer), {}),
+        "lrp": (captum.LRP(peer), {}),
+    }[method]
+
+    def ours() -> torch.Tensor:
+        return interpreter(images, classes)
+
+    def theirs(x: torch.Tensor) -> torch.Tensor:
+        attribution = attributor.attribute(x.clone().requires_grad_(True), target=classes, **kwargs)
+        return minmax(attribution.detach().abs().amax(1, keepdim=True))
+
+    label = {"inputxgrad": "InputXGrad", "ig": f"IntegratedGradients(steps={IG_STEPS})", "deeplift": "DeepLift", "lrp": "Lrp(rule='epsilon')"}[method]
+    peer_name = {"inputxgrad": "InputXGradient", "ig": f"IntegratedGradients(n_steps={IG_STEPS})", "deeplift": "DeepLift", "lrp": "LRP"}[method]
+    return _map_race(
+        f"{method} map", f"{label}(clf)(x, c)", f"captum {peer_name} + max over channels + min-max",
+        ours, theirs, 1e-3 if method != "lrp" else math.inf, repeats, warmup, images, setting, clf=clf,
+        note="captum's LRP: ε on every unmerged BatchNorm" if method == "lrp" else "",
+    )
+
+
+def lrp_vs_zennit(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict) -> Row:
+    """LRP (EpsilonPlusFlat) against zennit's, canonizers applied once outside the timing (a
+    zennit user registers the composite once)."""
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+    from zennit.rules import Norm
+
+    from .peer_models import captum_ready, zennit_canonizers
+
+    interpreter = build_interpreter("lrp", clf)
+    network = captum_ready(clf.model)
+    composite = EpsilonPlusFlat(canonizers=zennit_canonizers(network), layer_map=[(torch.nn.AdaptiveAvgPool2d, Norm())])
+    attributor = Gradient(model=network, composite=composite)
+    attributor.__enter__()
+    try:
+        def ours() -> torch.Tensor:
+            return interpreter(images, classes)
+
+        def theirs(x: torch.Tensor) -> torch.Tensor:
+            inputs = clf.normalize(x).clone().requires_grad_(True)
+            logits = network(inputs)
+            _, relevance = attributor(inputs, torch.eye(logits.shape[1])[classes] * logits.detach())
+            return minmax(relevance.abs().amax(1, keepdim=True))
+
+        return _map_race(
+            "lrp map", "Lrp(clf)(x, c)", "zennit Gradient(EpsilonPlusFlat) + max over channels + min-max",
+            ours, theirs, 1e-3, repeats, warmup, images, setting, clf=clf,
+        )
+    finally:
+        attributor.__exit__(None, None, None)

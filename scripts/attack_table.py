@@ -2,6 +2,7 @@
 
     python scripts/attack_table.py shapes-resnet --out table.jsonl
     python scripts/attack_table.py shapes-resnet --out ablation.jsonl --interpreters grad --relus h,sigmoid,none
+    python scripts/attack_table.py shapes-resnet --out family.jsonl --interpreters inputxgrad,deeplift,lrp
     python scripts/attack_table.py shapes-resnet --out budget.jsonl --interpreters mask --eps 16/255
 
 Setting: the ``quick`` preset (its attack settings and interpreter options), the first ``--images`` correctly classified shapes test images,
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--interpreters", default="cam,rts,grad,mask")
-    parser.add_argument("--relus", default=None, help="GRAD ablation: ADV² on GRAD with each ReLU surrogate (no PGD)")
+    parser.add_argument("--relus", default=None, help="ReLU-surrogate ablation: ADV² on each of --interpreters with each surrogate (no PGD)")
     parser.add_argument("--no-pgd", action="store_true", help="ADV² rows only")
     parser.add_argument("--pgd-only", action="store_true", help="PGD rows only")
     parser.add_argument("--pgd-steps", type=int, default=None, help="PGD's steps (default: the largest ADV² budget of the interpreters asked for)")
@@ -81,9 +82,10 @@ def main() -> None:
         return measures, config.pgd_steps + config.adv_steps, round(time.time() - start)
 
     if args.relus:
-        for relu in args.relus.split(","):
-            measures, steps, seconds = adv2("grad", {"relu": relu})
-            log(dict(model=args.model, interpreter="grad", relu=relu, attack="adv2", steps=steps, seconds=seconds, **summary(measures)))
+        for name in names:
+            for relu in args.relus.split(","):
+                measures, steps, seconds = adv2(name, {"relu": relu})
+                log(dict(model=args.model, interpreter=name, relu=relu, attack="adv2", steps=steps, seconds=seconds, **summary(measures)))
         return
 
     if not args.no_pgd:

@@ -4,6 +4,8 @@ hygiene, and captum / zennit as oracles on the built-in models and on torchvisio
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -251,11 +253,13 @@ def test_the_differentiable_attribution_has_the_exact_derivative(make) -> None:
         )
 
 
-def test_ig_recomputing_backward_equals_finite_differences() -> None:
+@pytest.mark.parametrize("chunk", [2, 5], ids=["recomputed", "one-chunk"])
+def test_ig_backward_equals_finite_differences(chunk: int) -> None:
     """A smooth model (softplus), so IG's attribution has a true second derivative: the
-    chunk-by-chunk recomputed backward must equal finite differences."""
+    chunk-by-chunk recomputed backward (5 nodes, 2 per chunk) and the one-chunk graph must both
+    equal finite differences."""
     model = small(nn.Softplus)
-    ig = IntegratedGradients(model, steps=5, chunk=2, baseline="blur", baseline_sigma=1.0)
+    ig = IntegratedGradients(model, steps=5, chunk=chunk, baseline="blur", baseline_sigma=1.0)
     images = torch.rand(2, 3, 6, 6, dtype=torch.double, generator=torch.Generator().manual_seed(2))
     classes = torch.tensor([1, 0])
     with model.frozen(), torch.enable_grad():
@@ -334,7 +338,7 @@ def test_options_are_checked() -> None:
 
 
 def _zennit_lrp(model: uf.Classifier, network: nn.Module, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    from peer_models import zennit_canonizers
+    from benchmarks.peer_models import zennit_canonizers
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonPlusFlat
     from zennit.rules import Norm
@@ -349,7 +353,7 @@ def _zennit_lrp(model: uf.Classifier, network: nn.Module, images: torch.Tensor, 
 
 
 def _peer_copy(model: uf.Classifier) -> uf.Classifier:
-    from peer_models import captum_ready
+    from benchmarks.peer_models import captum_ready
 
     peer = uf.Classifier(captum_ready(model.model), mean=model.mean.flatten().tolist(), std=model.std.flatten().tolist())
     return peer.to(model.mean.dtype).eval()
@@ -450,3 +454,48 @@ def test_agreement_with_captum_and_zennit_on_torchvision_at_224(arch: str) -> No
     assert (maps_of(deeplift) - maps_of(theirs)).abs().max() < 1e-4
     lrp = build_interpreter("lrp", model).attribute(images, classes)
     assert (maps_of(lrp) - maps_of(_zennit_lrp(peer, peer.model, images, classes))).abs().max() < 1e-4
+
+
+# --- everything else follows: the CLI and runs -----------------------------------------------------
+
+
+def test_a_run_attacks_the_family_and_measures_transfer(tmp_path) -> None:
+    """One run config with all four (tiny budgets): rows for PGD and ADV² per interpreter, the
+    transfer table, and the report reading it."""
+    from typer.testing import CliRunner
+
+    from underfire.cli import app
+
+    config = tmp_path / "family.toml"
+    config.write_text(
+        '[experiment]\nname = "family"\nseed = 0\npreset = "quick"\nimages = 2\nbatch_size = 2\n'
+        'models = ["shapes-resnet"]\ninterpreters = ["inputxgrad", "ig", "deeplift", "lrp"]\n'
+        'attacks = ["pgd", "adv2"]\ntransfer = true\n'
+        '[overrides]\npgd_steps = 2\nadv_steps = 2\n[interpreters.ig]\nsteps = 2\n'
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "run"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert {row["interpreter"] for row in report["summary"]} == set(NEW)
+    cells = {(cell["source_interpreter"], cell["target_interpreter"]) for cell in report["transfer"] if cell["attack"] == "adv2"}
+    assert cells == {(a, b) for a in NEW for b in NEW}
+    assert all(0 <= cell["iou"] <= 1 for cell in report["transfer"])
+
+
+def test_an_in_place_change_the_rules_cannot_follow_is_refused() -> None:
+    class Scales(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 2, 3), nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x))
+            h *= 2.0
+            return self.fc(h.mean((2, 3)))
+
+    model = uf.Classifier(Scales().eval(), num_classes=2)
+    with pytest.raises(ModelStructureError, match="in place"):
+        Lrp(model)(torch.rand(1, 3, 8, 8), torch.tensor([0]))

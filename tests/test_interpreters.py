@@ -35,6 +35,10 @@ def small_rts(clf: Classifier) -> Rts:
 FACTORIES: dict[str, Callable[[Classifier], Interpreter]] = {
     "grad": lambda clf: build_interpreter("grad", clf),
     "smoothgrad": lambda clf: build_interpreter("smoothgrad", clf, samples=4),
+    "inputxgrad": lambda clf: build_interpreter("inputxgrad", clf),
+    "ig": lambda clf: build_interpreter("ig", clf, steps=4, chunk=2),
+    "deeplift": lambda clf: build_interpreter("deeplift", clf),
+    "lrp": lambda clf: build_interpreter("lrp", clf),
     "cam": lambda clf: build_interpreter("cam", clf),
     "gradcam": lambda clf: build_interpreter("gradcam", clf),
     "rts": small_rts,

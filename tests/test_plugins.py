@@ -164,7 +164,7 @@ def test_broken_plugins_warn_once_each_and_the_builtins_still_work(tmp_path: Pat
         assert any("'missing'" in m and "ModuleNotFoundError" in m for m in messages)
         assert any("'wrongbase'" in m and "not a subclass of underfire.Interpreter" in m for m in messages)
         assert any("'cam'" in m and "already taken by a built-in" in m for m in messages)
-        assert names[:6] == ["grad", "smoothgrad", "cam", "gradcam", "rts", "mask"]
+        assert names[:10] == ["deeplift", "grad", "ig", "inputxgrad", "lrp", "smoothgrad", "cam", "gradcam", "rts", "mask"]
         assert registry.get("cam").__name__ == "CAM"  # the built-in, not the clashing plugin
         attacks: Registry[Attack] = Registry("underfire.attacks", Attack, "attack")
         assert "pgd" in attacks.names()

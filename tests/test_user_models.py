@@ -220,6 +220,9 @@ def test_every_interpreter_on_a_graph_file_works_or_refuses_in_one_line(model_fi
     assert outcome["grad"] == outcome["smoothgrad"] == outcome["mask"] == "explained"
     # Python hooks cannot reach inside TorchScript; an exported program keeps its modules
     assert outcome["gradcam"] == ("refused" if kind == "torchscript" else "explained")
+    # the rule tracer follows Python torch calls: neither a C++ graph nor aten operators
+    assert outcome["deeplift"] == outcome["lrp"] == "refused"
+    assert outcome["inputxgrad"] == outcome["ig"] == "explained"
 
 
 def _attack(classifier: Classifier, interpreter_name: str, **options: object) -> ADV2:

@@ -26,7 +26,8 @@ import torch
 from ..models.classifier import Classifier
 from ..smoothing import ReluSurrogate
 from .attribution import Attribution, BaselineKind, BaselineMixin, ReluScale
-from .twin import LinearLayer, TwinRules, trace_logits
+from .gradient import GRAD_PRESETS
+from .twin import LinearLayer, TwinRules, check_traceable, trace_logits
 
 #: Below this |Δz| the secant is replaced by the derivative (captum's threshold is 1e-10 on Δx).
 SECANT_EPS = 1e-7
@@ -72,6 +73,8 @@ class DeepLift(BaselineMixin, Attribution):
 
     name: ClassVar[str] = "deeplift"
     description: ClassVar[str] = "DeepLIFT, Rescale rule, against a baseline (Shrikumar et al. 2017)"
+    #: GRAD's schedule (the map is GRAD-like: |·|, max over channels, full resolution); docs/tuning.md
+    presets = GRAD_PRESETS
 
     def __init__(
         self,
@@ -84,6 +87,7 @@ class DeepLift(BaselineMixin, Attribution):
         relu_scale: ReluScale = "absolute",
     ) -> None:
         super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale)
+        check_traceable(classifier, self.name)
         self._set_baseline(baseline, baseline_sigma)
 
     def _attribution(self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool) -> torch.Tensor:

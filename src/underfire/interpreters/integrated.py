@@ -5,11 +5,12 @@ quadrature on ``steps`` nodes (captum's default method) or the trapezoid rule. C
 the attributions sum to score(x) − score(x̄); ``attribute_with_delta`` reports the quadrature's
 error against it, as captum's ``return_convergence_delta`` does.
 
-Memory: the path runs ``chunk`` points at a time (N × chunk images per pass). The ADV² surrogate
-must not keep the second-order graph of every point until the attack's backward pass, so it is an
-autograd function that keeps only the inputs and, when the attack back-propagates, recomputes
-each chunk with ``create_graph`` inside the same ReLU surrogate and adds its vector-Jacobian
-product: at most one chunk's graph is alive at any time.
+Memory: the path runs ``chunk`` points at a time (N × chunk images per pass). When the path has
+more than one chunk, the ADV² surrogate must not keep the second-order graph of every point until
+the attack's backward pass, so it is an autograd function that keeps only the inputs and, when the
+attack back-propagates, recomputes each chunk with ``create_graph`` inside the same ReLU surrogate
+and adds its vector-Jacobian product: at most one chunk's graph is alive at any time, for one more
+forward and backward per chunk. A path of one chunk keeps its graph directly.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ class IntegratedGradients(BaselineMixin, Attribution):
 
     def _attribution(self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool) -> torch.Tensor:
         reference = self.baselines(x)
-        if create_graph:
+        if create_graph and self.steps > self.chunk:
             average = _PathGradient.apply(x, reference, classes, self)
+        elif create_graph:  # one chunk: its graph is all there is to keep
+            average = self.path_gradient(x, reference, classes, create_graph=True)
         else:
             average = self.path_gradient(x.detach(), reference.detach(), classes, create_graph=False)
         return (x - reference) * average

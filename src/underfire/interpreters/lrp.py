@@ -38,7 +38,8 @@ from ..errors import InputError
 from ..models.classifier import Classifier
 from ..smoothing import ReluSurrogate
 from .attribution import Attribution, ReluScale
-from .twin import LinearLayer, TwinRules, stabilize, trace_logits
+from .gradient import GRAD_PRESETS
+from .twin import LinearLayer, TwinRules, check_traceable, stabilize, trace_logits
 
 LrpRule = Literal["composite", "epsilon", "zplus", "alphabeta"]
 LRP_RULES: tuple[str, ...] = ("composite", "epsilon", "zplus", "alphabeta")
@@ -114,6 +115,8 @@ class Lrp(Attribution):
 
     name: ClassVar[str] = "lrp"
     description: ClassVar[str] = "layer-wise relevance propagation, EpsilonPlusFlat composite (Bach et al. 2015)"
+    #: GRAD's schedule (the map is GRAD-like: |·|, max over channels, full resolution); docs/tuning.md
+    presets = GRAD_PRESETS
 
     def __init__(
         self,
@@ -127,6 +130,7 @@ class Lrp(Attribution):
         relu_scale: ReluScale = "absolute",
     ) -> None:
         super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale)
+        check_traceable(classifier, self.name)
         if rule not in LRP_RULES:
             raise InputError(f"unknown LRP rule {rule!r}; choose one of {', '.join(LRP_RULES)}")
         for what, value, low in (("epsilon", epsilon, 0.0), ("alpha", alpha, 1.0)):

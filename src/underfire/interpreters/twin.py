@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -59,6 +60,7 @@ _SHAPE = {
     torch.Tensor.float, torch.Tensor.type_as, F.dropout, F.dropout2d, F.pad, torch.Tensor.view_as,
     torch.Tensor.reshape_as,
 }
+_IN_PLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__ipow__", "__setitem__"}
 _CONSTANT = {
     torch.Tensor.detach, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
     torch.rand_like, torch.randn_like, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty,
@@ -195,6 +197,12 @@ class TwinTrace(TorchFunctionMode):
             return self._average(func, args, kwargs)
         if func in _MAX_POOL:
             return self._max_pool(func, args, kwargs)
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS:
+            raise ModelStructureError(
+                f"{self.method}: the model changes an activation in place ({name}), which the rules cannot "
+                "follow; write it out of place (x = x * c instead of x *= c)"
+            )
         out = func(*args, **kwargs)
         if func in _SHAPE:
             return self._shape(func, args, kwargs, out)
@@ -202,7 +210,7 @@ class TwinTrace(TorchFunctionMode):
             isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_flatten(out)[0]
         ):
             return out  # sizes, indices, masks, detached copies: no relevance flows through them
-        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        name = getattr(func, "__qualname__", None) or name or repr(func)
         raise ModelStructureError(
             f"{self.method} has no rule for {name}, which this model applies to its activations; "
             "explain it with grad, inputxgrad or ig, which need none"
@@ -330,6 +338,25 @@ class TwinTrace(TorchFunctionMode):
             if isinstance(value, torch.Tensor) and isinstance(twin, torch.Tensor):
                 self._set(value, twin)
         return out
+
+
+def check_traceable(classifier: Any, method: str) -> None:
+    """A one-line ``ModelStructureError`` for models whose operations the tracer cannot follow: a
+    TorchScript graph runs in C++ (the mode never sees it) and a ``torch.export`` program calls
+    aten operators, which have no rules here."""
+    network = getattr(classifier, "network", None)
+    if getattr(classifier, "is_scripted", False):
+        raise ModelStructureError(
+            f"{method} follows the model's torch calls in Python and cannot see inside the TorchScript "
+            f"graph of {getattr(classifier, 'name', 'the model')}; load it as a Python module (module:function)"
+        )
+    if isinstance(network, nn.Module) and any(
+        type(module).__module__.startswith("torch.export") for module in network.modules()
+    ):
+        raise ModelStructureError(
+            f"{method} has no rules for the aten operators of a torch.export program; load the model "
+            "as a Python module (module:function), or explain it with grad, inputxgrad or ig"
+        )
 
 
 def trace_logits(
