@@ -145,7 +145,10 @@ def test_explain_refuses_a_corrupt_image_before_any_work(tmp_path: Path) -> None
 def test_interpreters_are_listed() -> None:
     code, out, _ = run("interpreters")
     assert code == 0
-    assert [line.split()[0] for line in out.strip().splitlines()] == ["grad", "smoothgrad", "cam", "gradcam", "rts", "mask"]
+    # the paper's classes in order, names alphabetical within each
+    assert [line.split()[0] for line in out.strip().splitlines()] == [
+        "deeplift", "grad", "ig", "inputxgrad", "lrp", "smoothgrad", "cam", "gradcam", "rts", "mask",
+    ]
 
 
 def test_evaluate_with_an_interpreter_reports_localisation() -> None:
