@@ -12,10 +12,10 @@ from typing import Any
 from ..models.classifier import Classifier
 from ..options import coerce_options
 from ..registry import Registry
+from .attribution import Attribution
 from .base import PAPER_CLASSES, AttackTerms, Interpreter, normalize_maps
 from .cam import CAM, GradCAM
 from .cam_layers import CamLayers, find_cam_layers
-from .attribution import Attribution
 from .deeplift import DeepLift
 from .gradient import Grad, SmoothGrad
 from .inputxgrad import InputXGrad

@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from ..errors import InputError, ModelStructureError
 from ..imaging import gaussian_blur
 from ..models.classifier import Classifier
-from ..smoothing import ReluSurrogate, _ReluSurrogateMode, as_relu_surrogate, relu_surrogate
+from ..smoothing import (
+    ReluSurrogate,
+    _ReluSurrogateMode,
+    as_relu_surrogate,
+    relu_surrogate,
+)
 from .base import Interpreter, normalize_maps
 
 ReluScale = Literal["absolute", "relative"]
@@ -52,7 +57,7 @@ class Attribution(Interpreter):
         relu_scale: ReluScale = "absolute",
     ) -> None:
         super().__init__(classifier)
-        self.pool = check_pool(pool)
+        self.pool = check_count("pool", pool)
         self.relu = surrogate_spec(relu, relu_scale)
 
     def check_attackable(self) -> None:
@@ -118,6 +123,7 @@ class BaselineMixin:
 
     baseline: BaselineKind | torch.Tensor
     baseline_sigma: float
+    classifier: Classifier
 
     def _set_baseline(self, baseline: BaselineKind | torch.Tensor, sigma: float) -> None:
         if isinstance(baseline, torch.Tensor):
@@ -128,9 +134,7 @@ class BaselineMixin:
             self.baseline = baseline
         else:
             raise InputError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)} or pass a tensor")
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-            raise InputError(f"baseline_sigma must be a positive number of pixels, got {sigma!r}")
-        self.baseline_sigma = float(sigma)
+        self.baseline_sigma = check_positive("baseline_sigma", sigma)
 
     def baselines(self, x: torch.Tensor) -> torch.Tensor:
         """The baseline of each image of ``x`` (same shape, dtype and device)."""
@@ -146,19 +150,22 @@ class BaselineMixin:
             return base.expand_as(x)
         if self.baseline == "black":
             return torch.zeros_like(x)
-        return gaussian_blur(x, self.baseline_sigma).contiguous(memory_format=_layout(x))
+        # the blur returns NCHW; back in the layout the model is handed (channels-last on CPU)
+        return self.classifier.to_model_layout(gaussian_blur(x, self.baseline_sigma))
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+def check_count(what: str, value: int) -> int:
+    """``value`` if it is an integer >= 1 (a pooling factor, a number of steps), else one line."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
 
 
-def check_pool(pool: int) -> int:
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
-        raise InputError(f"pool must be an integer >= 1, got {pool!r}")
-    return pool
+def check_positive(what: str, value: float, above: float = 0.0) -> float:
+    """``value`` as a float if it is a finite number > ``above``, else one line."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= above:
+        raise InputError(f"{what} must be a finite number > {above:g}, got {value!r}")
+    return float(value)
 
 
 def surrogate_spec(relu: ReluSurrogate | str, scale: str) -> ReluSurrogate:

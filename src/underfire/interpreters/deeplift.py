@@ -6,7 +6,8 @@ baseline's pre-activations (the derivative itself where |Δz| < 1e-7, as captum 
 layers, BatchNorm, residual sums, concatenations and average pooling keep their gradient, so on a
 ReLU network without max pooling the attributions sum to f_c(x) − f_c(x̄) exactly
 (summation-to-delta). Max pooling passes the multiplier to each window's maximum: the gradient
-rule, the default of the authors' ``deeplift`` package (``MaxPoolDeepLiftMode.gradient``).
+rule (our recollection is that the authors' ``deeplift`` package defaults to it; not checked
+against its source here).
 captum's ``DeepLift`` instead rescales max pooling by Δout/Δin, so the two differ on the built-in
 DenseNet's stem and on torchvision's ResNets; the tests say where.
 
@@ -91,20 +92,24 @@ class DeepLift(BaselineMixin, Attribution):
         self._set_baseline(baseline, baseline_sigma)
 
     def _attribution(self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool) -> torch.Tensor:
-        return self.attribute_with_delta(x, classes, create_graph)[0]
+        return self._rescale(x, classes, create_graph)[0]
 
     def attribute_with_delta(
         self, x: torch.Tensor, classes: torch.Tensor, create_graph: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(attribution, Σ attribution − (f_c(x) − f_c(x̄))) per image: the summation-to-delta
         error captum reports as the convergence delta. Call inside ``classifier.frozen()``."""
+        attribution, logits = self._rescale(x, classes, create_graph)
+        chosen = logits.gather(1, torch.cat([classes, classes]).view(-1, 1)).squeeze(1)
+        n = x.shape[0]
+        delta = attribution.flatten(1).sum(1) - (chosen[:n] - chosen[n:])
+        return attribution, delta.detach()
+
+    def _rescale(self, x: torch.Tensor, classes: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attribution and the logits of the (input, baseline) batch."""
         reference = self.baselines(x)
-        both = torch.cat([x, reference])
-        logits, twin, seed = trace_logits(self.classifier, both, RescaleRules(), self.name)
+        logits, twin, seed = trace_logits(self.classifier, torch.cat([x, reference]), RescaleRules(), self.name)
         n = x.shape[0]
         score = twin[:n].gather(1, classes.view(-1, 1)).sum()
         (multiplier,) = torch.autograd.grad(score, seed, create_graph=create_graph)
-        attribution = (x - reference) * multiplier[:n]
-        chosen = logits.gather(1, torch.cat([classes, classes]).view(-1, 1)).squeeze(1)
-        delta = attribution.flatten(1).sum(1) - (chosen[:n] - chosen[n:])
-        return attribution, delta.detach()
+        return (x - reference) * multiplier[:n], logits

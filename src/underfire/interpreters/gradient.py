@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..models.classifier import Classifier
 from ..presets import QUICK_SCHEDULE, Preset
 from ..smoothing import ReluSurrogate, relu_surrogate
-from .attribution import Attribution, ReluScale, attribution_maps, differentiable, exact_relu
+from .attribution import Attribution, ReluScale, attribution_maps, check_count, differentiable
 from .base import Interpreter
 
 Score = Literal["logit", "ce"]
@@ -98,29 +98,6 @@ class Grad(Attribution):
             raise InputError(f"share_forward must be True or False, got {share_forward!r}")
         self.share_forward = share_forward
 
-    def explain(
-        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Exact-gradient maps (true ReLU derivative, no graph kept)."""
-        x = images.detach().requires_grad_(True)
-        with torch.enable_grad(), exact_relu():
-            grad = self._gradient(x, classes, generator, create_graph=False)
-        return attribution_maps(grad.detach(), self.pool)
-
-    def surrogate(
-        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, Any]:
-        """Maps differentiable w.r.t. ``images`` through the smoothed ReLU derivative.
-
-        ``images`` should require grad (the attack's iterate); if it does not, a fresh leaf copy
-        is differentiated and the maps carry a graph to that copy. GRAD keeps no state (``None``
-        in, ``None`` out).
-        """
-        x = differentiable(images)
-        with torch.enable_grad(), relu_surrogate(self.relu):
-            grad = self._gradient(x, classes, state, create_graph=True)
-        return attribution_maps(grad, self.pool), state
-
     def surrogate_and_logits(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -184,8 +161,6 @@ class SmoothGrad(Grad):
         relu: ReluSurrogate | str = "h",
         relu_scale: ReluScale = "absolute",
     ) -> None:
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise InputError(f"samples must be an integer >= 1, got {samples!r}")
         if (
             isinstance(noise, bool)
             or not isinstance(noise, (int, float))
@@ -194,7 +169,7 @@ class SmoothGrad(Grad):
         ):
             raise InputError(f"noise must be a finite number >= 0, got {noise!r}")
         super().__init__(classifier, score=score, pool=pool, relu=relu, relu_scale=relu_scale)
-        self.samples = samples
+        self.samples = check_count("samples", samples)
         self.noise = float(noise)
 
     def initial_state(self, seed: int, device: torch.device) -> torch.Generator:

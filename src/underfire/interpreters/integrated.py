@@ -24,7 +24,13 @@ from ..errors import InputError
 from ..models.classifier import Classifier
 from ..presets import Preset
 from ..smoothing import ReluSurrogate, relu_surrogate
-from .attribution import Attribution, BaselineKind, BaselineMixin, ReluScale
+from .attribution import (
+    Attribution,
+    BaselineKind,
+    BaselineMixin,
+    ReluScale,
+    check_count,
+)
 from .gradient import GRAD_PRESETS, Score, check_score, score_gradient
 
 Quadrature = Literal["gausslegendre", "trapezoid"]
@@ -82,12 +88,10 @@ class IntegratedGradients(BaselineMixin, Attribution):
         relu_scale: ReluScale = "absolute",
     ) -> None:
         super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale)
-        for what, value in (("steps", steps), ("chunk", chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{what} must be an integer >= 1, got {value!r}")
         if method not in QUADRATURES:
             raise InputError(f"unknown quadrature {method!r}; choose one of {', '.join(QUADRATURES)}")
-        self.steps, self.method, self.chunk = steps, method, chunk
+        self.steps, self.chunk = check_count("steps", steps), check_count("chunk", chunk)
+        self.method = method
         self.score = check_score(score)
         self._set_baseline(baseline, baseline_sigma)
 
@@ -104,13 +108,14 @@ class IntegratedGradients(BaselineMixin, Attribution):
     def attribute_with_delta(self, x: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(attribution, Σ attribution − (score(x) − score(x̄))) per image, exact ReLU; call inside
         ``classifier.frozen()``."""
-        with torch.enable_grad():
-            attribution = self._attribution(x.detach(), classes, None, False).detach()
-        reference = self.baselines(x.detach())
-        with torch.no_grad():
-            scores = self.classifier(torch.cat([x.detach(), reference])).gather(1, torch.cat([classes, classes]).view(-1, 1))
         if self.score == "ce":
             raise InputError("the completeness delta is defined for score='logit'")
+        x = x.detach()
+        reference = self.baselines(x)
+        with torch.enable_grad():
+            attribution = (x - reference) * self.path_gradient(x, reference, classes, create_graph=False)
+        with torch.no_grad():
+            scores = self.classifier(torch.cat([x, reference])).gather(1, torch.cat([classes, classes]).view(-1, 1))
         n = x.shape[0]
         return attribution, attribution.flatten(1).sum(1) - (scores[:n, 0] - scores[n:, 0])
 

@@ -28,7 +28,6 @@ shown on the pixel grid: the normalisation passes relevance unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -37,7 +36,7 @@ import torch
 from ..errors import InputError
 from ..models.classifier import Classifier
 from ..smoothing import ReluSurrogate
-from .attribution import Attribution, ReluScale
+from .attribution import Attribution, ReluScale, check_positive
 from .gradient import GRAD_PRESETS
 from .twin import LinearLayer, TwinRules, check_traceable, stabilize, trace_logits
 
@@ -133,12 +132,9 @@ class Lrp(Attribution):
         check_traceable(classifier, self.name)
         if rule not in LRP_RULES:
             raise InputError(f"unknown LRP rule {rule!r}; choose one of {', '.join(LRP_RULES)}")
-        for what, value, low in (("epsilon", epsilon, 0.0), ("alpha", alpha, 1.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low:
-                raise InputError(f"{what} must be a finite number > {low:g}, got {value!r}")
         self.rule = rule
-        self.epsilon = float(epsilon)
-        self.alpha = float(alpha)
+        self.epsilon = check_positive("epsilon", epsilon)
+        self.alpha = check_positive("alpha", alpha, above=1.0)
 
     def _attribution(self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool) -> torch.Tensor:
         rules = LrpRules(self.rule, self.epsilon, self.alpha)
