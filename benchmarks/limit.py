@@ -30,8 +30,8 @@ The inline mathematics per interpreter:
   batch through the smoothed copy, one create-graph backward, (x − 0) ⊙ the weighted sum; the
   inline loop keeps that graph until the loss backward, ours recomputes it (bounded memory).
 * DeepLIFT and LRP: the built-in ResNet's forward written out layer by layer, each layer giving
-  its value (through ``SmoothReLU``) and its rule's twin by hand (DeepLIFT: secant multipliers on
-  the input + black-baseline batch; LRP: BatchNorm folded into each convolution, flat first layer,
+  its value (through ``SmoothReLU``) and its rule's twin by hand (DeepLIFT: secant multipliers
+  against the black baseline's ReLUs, recorded in a pass without a graph; LRP: BatchNorm folded into each convolution, flat first layer,
   z⁺ convolutions, ε for ``fc``, proportional residual sum and pooling), then one create-graph
   backward of the twin score to the seed.
 
@@ -344,19 +344,21 @@ def _inline(name: str, clf: Classifier, interpreter: Any, targets: torch.Tensor,
         return Inline(path_step)
 
     if name in ("deeplift", "lrp"):
-        rules = _DeepLiftInline() if name == "deeplift" else _LrpInline()
         net = clf.model
 
         def rule_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            inputs = torch.cat([x, torch.zeros_like(x)]) if name == "deeplift" else x
-            seed = torch.zeros_like(inputs).requires_grad_(True)
-            values, twins = _resnet_with_twins(net, normalized(inputs), seed / std if name == "deeplift" else seed, rules)
-            n = x.shape[0]
-            logits = values[:n]
-            chosen = logits.gather(1, targets[:, None])
-            score = (twins[:n].gather(1, targets[:, None]) * (1 if name == "deeplift" else chosen)).sum()
+            seed = torch.zeros_like(x).requires_grad_(True)
+            if name == "deeplift":  # the black baseline's ReLUs, recorded without a graph
+                record = _ReluRecord()
+                with torch.no_grad():
+                    _resnet_with_twins(net, normalized(torch.zeros_like(x)), None, record)
+                values, twins = _resnet_with_twins(net, normalized(x), seed / std, _DeepLiftInline(record))
+            else:
+                values, twins = _resnet_with_twins(net, normalized(x), seed, _LrpInline())
+            chosen = values.gather(1, targets[:, None])
+            score = (twins.gather(1, targets[:, None]) * (1 if name == "deeplift" else chosen)).sum()
             (g,) = torch.autograd.grad(score, seed, create_graph=True)
-            attribution = x * g[:n] if name == "deeplift" else g
+            attribution = x * g if name == "deeplift" else g
             maps = minmax(attribution.abs().amax(1, keepdim=True))
             return _adv2_loss(model(normalized(x)), maps, targets, target_maps)
 
@@ -373,10 +375,37 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
+class _ReluRecord:
+    """The built-in ResNet's values only, recording each ReLU's (pre-activation, activation)."""
+
+    def __init__(self) -> None:
+        self.activations: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: None, first: bool) -> tuple[torch.Tensor, None]:
+        return bn(conv(v)), None
+
+    def relu(self, z: torch.Tensor, t: None) -> tuple[torch.Tensor, None]:
+        a = torch.relu(z)
+        self.activations.append((z, a))
+        return a, None
+
+    def add(self, o: torch.Tensor, ot: None, i: torch.Tensor, it: None) -> tuple[torch.Tensor, None]:
+        return o + i, None
+
+    def pool(self, v: torch.Tensor, t: None) -> tuple[torch.Tensor, None]:
+        return v.mean((2, 3)), None
+
+    def linear(self, fc: nn.Linear, v: torch.Tensor, t: None) -> tuple[torch.Tensor, None]:
+        return fc(v), None
+
+
 class _DeepLiftInline:
-    """DeepLIFT-Rescale by hand: twins carry multipliers; the batch is (input, baseline)."""
+    """DeepLIFT-Rescale by hand: twins carry multipliers against a recorded baseline pass."""
 
     smooth = SmoothReLU()
+
+    def __init__(self, reference: _ReluRecord) -> None:
+        self.reference = iter(reference.activations)
 
     def conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
         scale, _ = _bn_affine(bn)
@@ -384,11 +413,11 @@ class _DeepLiftInline:
 
     def relu(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.smooth(z)
-        (zx, zr), (ax, ar) = z.chunk(2), a.chunk(2)
-        delta = zx - zr
+        zr, ar = next(self.reference)
+        delta = z - zr
         close = delta.abs() < 1e-7
-        multiplier = torch.where(close, (zx > 0).to(z.dtype), (ax - ar) / torch.where(close, torch.ones_like(delta), delta))
-        return a, t * torch.cat([multiplier, (zr > 0).to(z.dtype)])
+        multiplier = torch.where(close, (z > 0).to(z.dtype), (a - ar) / torch.where(close, torch.ones_like(delta), delta))
+        return a, t * multiplier
 
     def add(self, o: torch.Tensor, ot: torch.Tensor, i: torch.Tensor, it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return o + i, ot + it
@@ -430,7 +459,7 @@ class _LrpInline:
         return out, (t * v) @ fc.weight.t() / _stabilized(out)
 
 
-def _resnet_with_twins(net: nn.Module, v: torch.Tensor, t: torch.Tensor, rules: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _resnet_with_twins(net: nn.Module, v: torch.Tensor, t: torch.Tensor | None, rules: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The built-in ResNet's forward, written out, carrying (value, twin) through ``rules``."""
     v, t = rules.relu(*rules.conv_bn(net.conv1, net.bn1, v, t, True))
     for block in (net.layer1, net.layer2, net.layer3, net.layer4):

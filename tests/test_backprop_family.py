@@ -499,3 +499,27 @@ def test_an_in_place_change_the_rules_cannot_follow_is_refused() -> None:
     model = uf.Classifier(Scales().eval(), num_classes=2)
     with pytest.raises(ModelStructureError, match="in place"):
         Lrp(model)(torch.rand(1, 3, 8, 8), torch.tensor([0]))
+
+
+def test_deeplift_refuses_a_model_that_runs_other_relus_on_its_baseline() -> None:
+    """The baseline's ReLUs are recorded in a pass of their own and paired with the input's in
+    call order: data-dependent control flow that changes them is one line, never a silent map."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 3), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc1(x.flatten(1)))
+            if float(x.detach().sum()) > 0:  # the black baseline takes the other branch
+                h = torch.relu(h - 0.1)
+            return self.fc2(h)
+
+    model = uf.Classifier(Branchy().eval(), mean=(0.0,), std=(1.0,), num_classes=2, in_channels=1, channels_last=False)
+    with pytest.raises(ModelStructureError, match="different ReLUs to the baseline") as error:
+        DeepLift(model)(torch.rand(1, 1, 2, 2) * 0.5 + 0.1, torch.tensor([0]))
+    assert "\n" not in str(error.value)
+    assert not _get_current_function_mode_stack()
+    with pytest.raises(ModelStructureError, match="2 ReLUs to the baseline but 1"):
+        DeepLift(model, baseline=torch.ones(1, 2, 2))(torch.zeros(1, 1, 2, 2), torch.tensor([0]))

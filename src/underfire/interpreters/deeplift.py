@@ -11,10 +11,14 @@ against its source here).
 captum's ``DeepLift`` instead rescales max pooling by Δout/Δin, so the two differ on the built-in
 DenseNet's stem and on torchvision's ResNets; the tests say where.
 
-The input and its baseline run as one batch of 2N through :class:`~.twin.TwinTrace`. The
-secants are forward values, so the map is differentiable w.r.t. the input (the secant of ReLU
-varies with z wherever z and z̄ have opposite signs; inside the ADV² surrogate the ReLU values'
-own derivative is the chosen ReLU surrogate's).
+The baseline runs first, as a plain forward pass that records each ReLU's pre-activation and
+activation (:class:`~.twin.ReluRecorder`; without a graph unless the baseline depends on the
+input, as the blurred one does). The input then runs through :class:`~.twin.TwinTrace` alone,
+pairing its ReLUs with the baseline's in call order, so twins are built for the N input rows
+only (captum's hooks carry the baseline half through the backward pass as well). The secants are
+forward values, so the map is differentiable w.r.t. the input (the secant of ReLU varies with z
+wherever z and z̄ have opposite signs; inside the ADV² surrogate the ReLU values' own derivative is
+the chosen ReLU surrogate's).
 """
 
 from __future__ import annotations
@@ -28,29 +32,32 @@ from ..models.classifier import Classifier
 from ..smoothing import ReluSurrogate
 from .attribution import Attribution, BaselineKind, BaselineMixin, ReluScale
 from .gradient import GRAD_PRESETS
-from .twin import LinearLayer, TwinRules, check_traceable, trace_logits
+from .twin import LinearLayer, ReluRecorder, TwinRules, check_traceable, trace_logits
 
 #: Below this |Δz| the secant is replaced by the derivative (captum's threshold is 1e-10 on Δx).
 SECANT_EPS = 1e-7
 
 
 class RescaleRules(TwinRules):
-    """DeepLIFT's Rescale rule on a batch whose second half is the first half's baselines."""
+    """DeepLIFT's Rescale rule against the baseline's ReLUs, given in the order the input's run."""
 
     needs_preactivation = True
+
+    def __init__(self, reference: ReluRecorder, method: str) -> None:
+        self.reference = reference
+        self.method = method
+        self.used = 0
 
     def layer(self, layer: LinearLayer, twin: torch.Tensor) -> torch.Tensor:
         return layer.apply(twin, layer.weight)
 
     def relu(self, pre: torch.Tensor, out: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
-        z, z_ref = pre.chunk(2)
-        a, a_ref = out.chunk(2)
-        delta = z - z_ref
-        steep = (z > 0).to(z.dtype)
+        z_ref, a_ref = self.reference.pair(self.used, pre, self.method)
+        self.used += 1
+        delta = pre - z_ref
         close = delta.abs() < SECANT_EPS
-        secant = (a - a_ref) / torch.where(close, torch.ones_like(delta), delta)
-        multiplier = torch.where(close, steep, secant)
-        return twin * torch.cat([multiplier, (z_ref > 0).to(z.dtype)])
+        secant = (out - a_ref) / torch.where(close, torch.ones_like(delta), delta)
+        return twin * torch.where(close, (pre > 0).to(pre.dtype), secant)
 
     def sum(self, a: torch.Tensor, b: torch.Tensor, twin_a: torch.Tensor, twin_b: torch.Tensor) -> torch.Tensor:
         return twin_a + twin_b
@@ -106,10 +113,17 @@ class DeepLift(BaselineMixin, Attribution):
         return attribution, delta.detach()
 
     def _rescale(self, x: torch.Tensor, classes: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attribution and the logits of the (input, baseline) batch."""
+        """The attribution and the logits of the input and of the baseline (2N rows)."""
         reference = self.baselines(x)
-        logits, twin, seed = trace_logits(self.classifier, torch.cat([x, reference]), RescaleRules(), self.name)
-        n = x.shape[0]
-        score = twin[:n].gather(1, classes.view(-1, 1)).sum()
+        keep_graph = create_graph and reference.requires_grad
+        if not keep_graph:
+            reference = reference.detach()
+        with torch.set_grad_enabled(keep_graph), ReluRecorder() as recorder:
+            recorder.bind(reference)
+            reference_logits = self.classifier(reference)
+        rules = RescaleRules(recorder, self.name)
+        logits, twin, seed = trace_logits(self.classifier, x, rules, self.name)
+        recorder.check_all_used(rules.used, self.name)
+        score = twin.gather(1, classes.view(-1, 1)).sum()
         (multiplier,) = torch.autograd.grad(score, seed, create_graph=create_graph)
-        return (x - reference) * multiplier[:n], logits
+        return (x - reference) * multiplier, torch.cat([logits, reference_logits])

@@ -257,8 +257,7 @@ class TwinTrace(TorchFunctionMode):
     def _relu(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         z = args[0] if args else kwargs["input"]
         twin = self._lookup(z)
-        inplace = func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", len(args) > 1 and args[1])))
-        pre = z.clone() if inplace and self.rules.needs_preactivation else z
+        pre = z.clone() if _is_in_place_relu(func, args, kwargs) and self.rules.needs_preactivation else z
         out = func(*args, **kwargs)
         return self._set(out, self.rules.relu(pre, out, twin))
 
@@ -338,6 +337,68 @@ class TwinTrace(TorchFunctionMode):
             if isinstance(value, torch.Tensor) and isinstance(twin, torch.Tensor):
                 self._set(value, twin)
         return out
+
+
+class ReluRecorder(TorchFunctionMode):
+    """Inside this context, records ``(pre-activation, activation)`` of every ReLU the model
+    applies to values derived from its input, in call order: the reference pass DeepLIFT pairs
+    with the traced input pass. Values count as derived as :class:`TwinTrace` counts them (the
+    outputs of calls on derived floating-point tensors, except constants such as ``detach``), so
+    both passes see the same ReLUs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.activations: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._derived: dict[int, torch.Tensor] = {}
+
+    def bind(self, value: torch.Tensor) -> None:
+        """Mark ``value`` (the reference input) as the pass's input."""
+        self._derived[id(value)] = value
+
+    def __exit__(self, *exc: Any) -> None:
+        self._derived = {}  # the recorded pairs stay; nothing else is kept alive
+        super().__exit__(*exc)
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        derived = self._derived
+        flat, _ = tree_flatten((args, kwargs))
+        if not any(isinstance(t, torch.Tensor) and derived.get(id(t)) is t for t in flat):
+            return func(*args, **kwargs)
+        if func in _RELU_FUNCS:
+            z = args[0] if args else kwargs["input"]
+            pre = z.clone() if _is_in_place_relu(func, args, kwargs) else z
+            out = func(*args, **kwargs)
+            self.activations.append((pre, out))
+        else:
+            out = func(*args, **kwargs)
+        if func not in _CONSTANT:
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    derived[id(value)] = value
+        return out
+
+    def pair(self, index: int, pre: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's ``index``-th ReLU (pre-activation, activation), checked against the
+        input pass's ``pre``."""
+        if index >= len(self.activations) or self.activations[index][0].shape != pre.shape:
+            raise ModelStructureError(
+                f"{method}: the model applies different ReLUs to the baseline than to the input "
+                f"(ReLU {index + 1} of {len(self.activations)}); it needs the same operations on both"
+            )
+        return self.activations[index]
+
+    def check_all_used(self, used: int, method: str) -> None:
+        """One line if the input pass applied fewer ReLUs than the reference pass."""
+        if used != len(self.activations):
+            raise ModelStructureError(
+                f"{method}: the model applies {len(self.activations)} ReLUs to the baseline but {used} "
+                "to the input; it needs the same operations on both"
+            )
+
+
+def _is_in_place_relu(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", len(args) > 1 and args[1])))
 
 
 def check_traceable(classifier: Any, method: str) -> None:
