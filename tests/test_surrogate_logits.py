@@ -1,6 +1,6 @@
 """``Interpreter.surrogate_and_logits``: the ADV² step's maps and logits from one call.
 
-GRAD (with ``share_forward``), CAM and Grad-CAM return the logits of the forward pass their map
+GRAD and Gradient × Input (with ``share_forward``), CAM and Grad-CAM return the logits of the forward pass their map
 came from instead of running the classifier again; RTS gives its maps and its encoder's logits from
 one encoder pass. The logits must be the classifier's, the maps the surrogate's, and the attack's
 results exactly those of the plain path (``surrogate`` + a separate ``clf(x)`` + ``encoder_logits``).
@@ -33,8 +33,8 @@ def tiny_classifier() -> Classifier:
 
 
 def make(name: str, clf: Classifier) -> Interpreter:
-    if name == "grad-shared":
-        return Grad(clf, share_forward=True)
+    if name in ("grad-shared", "inputxgrad-shared"):
+        return build_interpreter(name.removesuffix("-shared"), clf, share_forward=True)
     if name == "smoothgrad":
         return build_interpreter(name, clf, samples=2)
     if name == "rts":
@@ -49,7 +49,7 @@ def batch(n: int = 4) -> torch.Tensor:
     return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
 
 
-NAMES = ["grad", "grad-shared", "smoothgrad", "cam", "gradcam", "rts", "mask"]
+NAMES = ["grad", "grad-shared", "inputxgrad", "inputxgrad-shared", "smoothgrad", "cam", "gradcam", "rts", "mask"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -116,13 +116,19 @@ class Grad(Attribution):
         with torch.enable_grad(), relu_surrogate(self.relu):
             logits = self.classifier(x)
             grad = score_gradient(logits, x, classes, self.score, create_graph=True)
-        return attribution_maps(grad, self.pool), logits, state
+        return attribution_maps(self._from_gradient(x, grad), self.pool), logits, state
 
     def _attribution(
         self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool
     ) -> torch.Tensor:
-        """The signed gradient: what ``attribute`` returns."""
-        return self._gradient(differentiable(x), classes, state, create_graph)
+        """The signed attribution ``attribute`` returns: the gradient, as ``_from_gradient`` maps it."""
+        x = differentiable(x)
+        return self._from_gradient(x, self._gradient(x, classes, state, create_graph))
+
+    def _from_gradient(self, x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """The attribution made of the input gradient (GRAD: the gradient itself); the one place
+        both the plain and the ``share_forward`` path go through."""
+        return gradient
 
     def _gradient(
         self, x: torch.Tensor, classes: torch.Tensor, generator: torch.Generator | None, create_graph: bool

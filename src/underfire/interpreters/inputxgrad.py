@@ -14,35 +14,19 @@ from typing import ClassVar
 
 import torch
 
-from ..models.classifier import Classifier
-from ..smoothing import ReluSurrogate
-from .attribution import ReluScale
-from .gradient import GRAD_PRESETS, Grad, Score
+from .gradient import GRAD_PRESETS, Grad
 
 
 class InputXGrad(Grad):
     """Gradient × Input of the class score (the logit by default, ``score="ce"`` as GRAD's).
 
     Args:
-        score, pool, relu, relu_scale: as for :class:`~.gradient.Grad`.
+        score, pool, relu, relu_scale, share_forward: as for :class:`~.gradient.Grad`.
     """
 
     name: ClassVar[str] = "inputxgrad"
     description: ClassVar[str] = "gradient times input (Shrikumar et al. 2016; Ancona et al. 2018)"
     presets = GRAD_PRESETS
 
-    def __init__(
-        self,
-        classifier: Classifier,
-        *,
-        score: Score = "logit",
-        pool: int = 1,
-        relu: ReluSurrogate | str = "h",
-        relu_scale: ReluScale = "absolute",
-    ) -> None:
-        super().__init__(classifier, score=score, pool=pool, relu=relu, relu_scale=relu_scale)
-
-    def _gradient(
-        self, x: torch.Tensor, classes: torch.Tensor, generator: torch.Generator | None, create_graph: bool
-    ) -> torch.Tensor:
-        return x * super()._gradient(x, classes, generator, create_graph)
+    def _from_gradient(self, x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        return x * gradient
