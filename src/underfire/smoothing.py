@@ -182,3 +182,40 @@ def relu_surrogate(surrogate: ReluSurrogate | str = "h") -> Iterator[ReluSurroga
     spec = as_relu_surrogate(surrogate)
     with _ReluSurrogateMode(spec):
         yield spec
+
+
+class _SoftplusMode(TorchFunctionMode):
+    """Replaces every ReLU call, value and derivative, by softplus(βz)/β while active."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func not in _RELU_FUNCS:
+            return func(*args, **kwargs)
+        z = args[0] if args else kwargs.get("input")
+        inplace = func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", len(args) > 1 and args[1])))
+        with torch._C.DisableTorchFunction():  # no enclosing ReLU surrogate sees it: softplus is not a ReLU
+            out = F.softplus(z.clone() if inplace else z, beta=self.beta)
+            return z.copy_(out) if inplace else out
+
+
+@contextmanager
+def softplus_relus(beta: float) -> Iterator[None]:
+    """Inside this context every ReLU *is* softplus(βz)/β, in value and derivative: the β-smoothed
+    network Dombrowski et al. (NeurIPS 2019) explain to make maps robust to manipulation. Unlike
+    :func:`relu_surrogate` the forward values change (by at most log 2 / β per ReLU), so only an
+    explanation runs inside it, never the prediction. Reaches the same calls as
+    :func:`relu_surrogate`; innermost context wins."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise InputError(f"softplus β must be a positive finite number, got {beta!r}")
+    with _SoftplusMode(float(beta)):
+        yield

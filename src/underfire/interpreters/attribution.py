@@ -28,6 +28,7 @@ from ..smoothing import (
     _ReluSurrogateMode,
     as_relu_surrogate,
     relu_surrogate,
+    softplus_relus,
 )
 from .base import Interpreter, normalize_maps
 
@@ -44,6 +45,10 @@ class Attribution(Interpreter):
         pool: average-pooling factor applied to the map (1 = full resolution).
         relu: the ReLU-gradient surrogate ``surrogate`` uses (default: the paper's ``h``).
         relu_scale: ``"absolute"`` (the paper's) or ``"relative"`` (``ReluSurrogate.relative``).
+        softplus_beta: explain the β-smoothed network instead (every ReLU softplus(βz)/β, in value
+            and derivative; Dombrowski et al. 2019), a defence against manipulated maps. The
+            prediction stays the model's; the attack then differentiates the smoothed network
+            itself, so ``relu`` does not apply. ``None`` (default): the model as it is.
     """
 
     paper_class: ClassVar[str] = "back-propagation"
@@ -55,15 +60,31 @@ class Attribution(Interpreter):
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
         relu_scale: ReluScale = "absolute",
+        softplus_beta: float | None = None,
     ) -> None:
         super().__init__(classifier)
         self.pool = check_count("pool", pool)
         self.relu = surrogate_spec(relu, relu_scale)
+        self.softplus_beta = None if softplus_beta is None else check_positive("softplus_beta", softplus_beta)
+        if self.softplus_beta is not None and classifier.is_scripted:
+            raise ModelStructureError(
+                f"{self.name}: softplus_beta cannot reach the ReLUs inside the TorchScript graph of "
+                f"{classifier.name}, so the map would not be smoothed; load the model as a Python module "
+                "(module:function) or as export:PATH.pt2"
+            )
+
+    def relu_mode(self, attack: bool) -> AbstractContextManager[Any]:
+        """The ReLUs an attribution runs with: the β-smoothed network when ``softplus_beta`` is
+        set; else, for an attack (``attack``), ``relu``'s surrogate derivative, and the exact ReLU
+        for a benign map."""
+        if self.softplus_beta is not None:
+            return softplus_relus(self.softplus_beta)
+        return relu_surrogate(self.relu) if attack else exact_relu()
 
     def check_attackable(self) -> None:
         """The ReLU surrogate is a Python torch function mode: a TorchScript graph runs its ReLUs
         in C++, out of its reach, so the map's input gradient would be zero (ADV² = PGD)."""
-        if self.relu.kind != "none" and self.classifier.is_scripted:
+        if (self.relu.kind != "none" or self.softplus_beta is not None) and self.classifier.is_scripted:
             raise ModelStructureError(
                 f"{self.name}: the ReLU surrogate cannot reach inside the TorchScript graph of "
                 f"{self.classifier.name}, so ADV² would silently be PGD; save the model with "
@@ -82,7 +103,7 @@ class Attribution(Interpreter):
 
         def signed(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
-            with torch.enable_grad(), exact_relu():
+            with torch.enable_grad(), self.relu_mode(attack=False):
                 return self._attribution(x.detach(), c, generator, False)
 
         return self.run_frozen(images, classes, signed)
@@ -91,7 +112,7 @@ class Attribution(Interpreter):
         self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Exact maps (true ReLU derivative, no graph kept)."""
-        with torch.enable_grad(), exact_relu():
+        with torch.enable_grad(), self.relu_mode(attack=False):
             attribution = self._attribution(images.detach(), classes, generator, False)
         return attribution_maps(attribution.detach(), self.pool)
 
@@ -101,7 +122,7 @@ class Attribution(Interpreter):
         """Maps differentiable w.r.t. ``images`` through the smoothed ReLU derivative; ``state``
         (a noise generator for subclasses that draw noise, else ``None``) is passed through."""
         x = differentiable(images)
-        with torch.enable_grad(), relu_surrogate(self.relu):
+        with torch.enable_grad(), self.relu_mode(attack=True):
             attribution = self._attribution(x, classes, state, True)
         return attribution_maps(attribution, self.pool), state
 

@@ -76,7 +76,7 @@ class DeepLift(BaselineMixin, Attribution):
         baseline: ``"black"`` (zeros, default), ``"blur"`` (the image blurred with σ =
             ``baseline_sigma`` px) or a tensor (C, H, W) / (N, C, H, W) in [0, 1] (Python only).
         baseline_sigma: σ of the blurred baseline, in pixels.
-        pool, relu, relu_scale: as for :class:`~.gradient.Grad`.
+        pool, relu, relu_scale, softplus_beta: as for :class:`~.gradient.Grad`.
     """
 
     name: ClassVar[str] = "deeplift"
@@ -93,8 +93,9 @@ class DeepLift(BaselineMixin, Attribution):
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
         relu_scale: ReluScale = "absolute",
+        softplus_beta: float | None = None,
     ) -> None:
-        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale)
+        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale, softplus_beta=softplus_beta)
         check_traceable(classifier, self.name)
         self._set_baseline(baseline, baseline_sigma)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..models.classifier import Classifier
 from ..presets import QUICK_SCHEDULE, Preset
-from ..smoothing import ReluSurrogate, relu_surrogate
+from ..smoothing import ReluSurrogate
 from .attribution import Attribution, ReluScale, attribution_maps, check_count, differentiable
 from .base import Interpreter
 
@@ -75,6 +75,8 @@ class Grad(Attribution):
             exact one: its input gradient is close to the exact one but not equal, so the attack's
             trajectory changes (docs/tuning.md). Off by default (exact, as the official ADV²
             code, which runs an exact-ReLU copy of the model for the prediction loss).
+        softplus_beta: explain the β-smoothed network (``Attribution``); not with ``share_forward``,
+            whose logits would then be the smoothed network's.
     """
 
     name: ClassVar[str] = "grad"
@@ -90,12 +92,18 @@ class Grad(Attribution):
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
         relu_scale: ReluScale = "absolute",
+        softplus_beta: float | None = None,
         share_forward: bool = False,
     ) -> None:
-        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale)
+        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale, softplus_beta=softplus_beta)
         self.score = check_score(score)
         if not isinstance(share_forward, bool):
             raise InputError(f"share_forward must be True or False, got {share_forward!r}")
+        if share_forward and softplus_beta is not None:
+            raise InputError(
+                "share_forward reuses the explanation's forward pass, which softplus_beta smooths, so the "
+                "prediction would be the smoothed network's; use one or the other"
+            )
         self.share_forward = share_forward
 
     def surrogate_and_logits(
@@ -113,7 +121,7 @@ class Grad(Attribution):
         if not self.share_forward:
             return super().surrogate_and_logits(images, classes, state)
         x = differentiable(images)
-        with torch.enable_grad(), relu_surrogate(self.relu):
+        with torch.enable_grad(), self.relu_mode(attack=True):
             logits = self.classifier(x)
             grad = score_gradient(logits, x, classes, self.score, create_graph=True)
         return attribution_maps(self._from_gradient(x, grad), self.pool), logits, state
@@ -150,7 +158,7 @@ class SmoothGrad(Grad):
     Args:
         samples: noisy copies per image.
         noise: σ as a fraction of the pixel range [0, 1] (Smilkov et al. recommend 10–20 %).
-        score, pool, relu, relu_scale: as for :class:`Grad`.
+        score, pool, relu, relu_scale, softplus_beta: as for :class:`Grad`.
     """
 
     name: ClassVar[str] = "smoothgrad"
@@ -166,6 +174,7 @@ class SmoothGrad(Grad):
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
         relu_scale: ReluScale = "absolute",
+        softplus_beta: float | None = None,
     ) -> None:
         if (
             isinstance(noise, bool)
@@ -174,7 +183,7 @@ class SmoothGrad(Grad):
             or noise < 0
         ):
             raise InputError(f"noise must be a finite number >= 0, got {noise!r}")
-        super().__init__(classifier, score=score, pool=pool, relu=relu, relu_scale=relu_scale)
+        super().__init__(classifier, score=score, pool=pool, relu=relu, relu_scale=relu_scale, softplus_beta=softplus_beta)
         self.samples = check_count("samples", samples)
         self.noise = float(noise)
 

@@ -21,7 +21,7 @@ class InputXGrad(Grad):
     """Gradient × Input of the class score (the logit by default, ``score="ce"`` as GRAD's).
 
     Args:
-        score, pool, relu, relu_scale, share_forward: as for :class:`~.gradient.Grad`.
+        score, pool, relu, relu_scale, share_forward, softplus_beta: as for :class:`~.gradient.Grad`.
     """
 
     name: ClassVar[str] = "inputxgrad"

@@ -23,7 +23,7 @@ import torch
 from ..errors import InputError
 from ..models.classifier import Classifier
 from ..presets import Preset
-from ..smoothing import ReluSurrogate, relu_surrogate
+from ..smoothing import ReluSurrogate
 from .attribution import (
     Attribution,
     BaselineKind,
@@ -66,7 +66,7 @@ class IntegratedGradients(BaselineMixin, Attribution):
         baseline: ``"black"`` (zeros, default), ``"blur"`` (σ = ``baseline_sigma`` px) or a
             tensor (C, H, W) / (N, C, H, W) in [0, 1] (Python only).
         baseline_sigma: σ of the blurred baseline, in pixels.
-        score, pool, relu, relu_scale: as for :class:`~.gradient.Grad`.
+        score, pool, relu, relu_scale, softplus_beta: as for :class:`~.gradient.Grad`.
     """
 
     name: ClassVar[str] = "ig"
@@ -86,8 +86,9 @@ class IntegratedGradients(BaselineMixin, Attribution):
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
         relu_scale: ReluScale = "absolute",
+        softplus_beta: float | None = None,
     ) -> None:
-        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale)
+        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale, softplus_beta=softplus_beta)
         if method not in QUADRATURES:
             raise InputError(f"unknown quadrature {method!r}; choose one of {', '.join(QUADRATURES)}")
         self.steps, self.chunk = check_count("steps", steps), check_count("chunk", chunk)
@@ -155,7 +156,7 @@ class _PathGradient(torch.autograd.Function):
         x, reference, classes = ctx.saved_tensors
         ig: IntegratedGradients = ctx.ig
         grad_x, grad_reference = torch.zeros_like(x), torch.zeros_like(reference)
-        with torch.enable_grad(), relu_surrogate(ig.relu):
+        with torch.enable_grad(), ig.relu_mode(attack=True):
             for start in range(0, ig.steps, ig.chunk):
                 leaf_x = x.detach().requires_grad_(True)
                 leaf_reference = reference.detach().requires_grad_(True)

@@ -109,7 +109,7 @@ class Lrp(Attribution):
             every layer: ``"epsilon"``, ``"zplus"``, ``"alphabeta"``.
         epsilon: ε of the ε rule and every denominator's stabiliser (zennit's default 1e-6).
         alpha: α of the αβ rule (β = α − 1; Montavon et al. use α = 2, β = 1).
-        pool, relu, relu_scale: as for :class:`~.gradient.Grad`.
+        pool, relu, relu_scale, softplus_beta: as for :class:`~.gradient.Grad`.
     """
 
     name: ClassVar[str] = "lrp"
@@ -127,8 +127,9 @@ class Lrp(Attribution):
         pool: int = 1,
         relu: ReluSurrogate | str = "h",
         relu_scale: ReluScale = "absolute",
+        softplus_beta: float | None = None,
     ) -> None:
-        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale)
+        super().__init__(classifier, pool=pool, relu=relu, relu_scale=relu_scale, softplus_beta=softplus_beta)
         check_traceable(classifier, self.name)
         if rule not in LRP_RULES:
             raise InputError(f"unknown LRP rule {rule!r}; choose one of {', '.join(LRP_RULES)}")
