@@ -147,7 +147,7 @@ def test_interpreters_are_listed() -> None:
     assert code == 0
     # the paper's classes in order, names alphabetical within each
     assert [line.split()[0] for line in out.strip().splitlines()] == [
-        "deeplift", "grad", "ig", "inputxgrad", "lrp", "smoothgrad", "cam", "gradcam", "rts", "mask",
+        "deeplift", "grad", "ig", "inputxgrad", "lrp", "smoothgrad", "cam", "gradcam", "rts", "mask", "ensemble",
     ]
 
 

@@ -43,6 +43,7 @@ FACTORIES: dict[str, Callable[[Classifier], Interpreter]] = {
     "gradcam": lambda clf: build_interpreter("gradcam", clf),
     "rts": small_rts,
     "mask": small_mask,
+    "ensemble": lambda clf: build_interpreter("ensemble", clf, members=("grad", "cam")),
 }
 
 

@@ -147,6 +147,8 @@ class AttackConfig:
             math.isfinite(self.lam_adaptation) and self.lam_adaptation >= 1
         ):
             raise InputError(f"lam_adaptation must be a number >= 1 (1 = off), got {self.lam_adaptation!r}")
+        # a list of λ values or a {values, mode, fractions} table, as run configs write it
+        object.__setattr__(self, "lam", LambdaSchedule.from_value("lam", self.lam))
         low, high = _pair("lam_range", self.lam_range)
         if not 0 < low <= 1 <= high:
             raise InputError(f"lam_range must satisfy 0 < low <= 1 <= high, got {self.lam_range!r}")

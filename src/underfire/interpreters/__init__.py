@@ -17,6 +17,7 @@ from .base import PAPER_CLASSES, AttackTerms, Interpreter, normalize_maps
 from .cam import CAM, GradCAM
 from .cam_layers import CamLayers, find_cam_layers
 from .deeplift import DeepLift
+from .ensemble import Ensemble
 from .gradient import Grad, SmoothGrad
 from .inputxgrad import InputXGrad
 from .integrated import IntegratedGradients
@@ -66,6 +67,7 @@ __all__ = [
     "Attribution",
     "CamLayers",
     "DeepLift",
+    "Ensemble",
     "Grad",
     "GradCAM",
     "InputXGrad",

@@ -1,0 +1,190 @@
+"""An ensemble of interpreters as one interpreter: the adaptive ADV² against an ensemble defence.
+
+Zhang et al. (2020, §7) observe that ADV² transfers poorly across interpreters and propose an
+ensemble of interpreters as a countermeasure; an attacker who knows the ensemble attacks all of it
+at once (Carlini et al. 2019; Tramèr et al. 2020). This composite makes that attacker an ordinary
+interpreter: its map is its members' maps side by side on one grid, so the ADV² distance, the
+mean squared difference to the benign ensemble map, is the weighted mean of the members' own
+distances, and its state and extra attack terms are its members'.
+
+The grid is the finest member map (each coarser map is repeated by an integer factor, nearest
+neighbour, so average pooling recovers it exactly: :meth:`Ensemble.split`); tile m is scaled by
+√(w_m / max w), so it enters the distance with weight w_m / (M · max w).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..models.classifier import Classifier
+from ..presets import Preset
+from .base import AttackStage, AttackTerms, Interpreter
+
+
+class Ensemble(Interpreter):
+    """Several interpreters attacked, or watched, together.
+
+    Args:
+        members: registered interpreter names, e.g. ``("grad", "cam", "rts", "mask")``.
+        weights: one positive weight per member for the attack's distance (default: equal).
+        member_preset: build every member with this preset's options (the ensemble's own presets
+            set it, so a ``quick`` run gets ``quick`` members); ``None``: the members' defaults.
+    """
+
+    name: ClassVar[str] = "ensemble"
+    description: ClassVar[str] = (
+        "several interpreters side by side, ADV² distance their weighted sum: the adaptive attack "
+        "on an ensemble defence (Zhang et al. 2020, §7)"
+    )
+    paper_class: ClassVar[str] = "other"
+    presets = {
+        "quick": Preset(options={"member_preset": "quick"}),
+        "paper": Preset(options={"member_preset": "paper"}),
+    }
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        members: tuple[str, ...] = ("grad", "cam", "rts", "mask"),
+        weights: tuple[float, ...] | None = None,
+        member_preset: Literal["quick", "paper"] | None = None,
+    ) -> None:
+        super().__init__(classifier)
+        from . import build_interpreter  # the registry module imports this one
+
+        names = tuple(members)
+        if len(names) < 2:
+            raise InputError(f"an ensemble needs at least two members, got {list(names)}")
+        if len(set(names)) != len(names) or self.name in names:
+            raise InputError(f"ensemble members must be distinct interpreters other than ensemble, got {list(names)}")
+        weights = (1.0,) * len(names) if weights is None else tuple(weights)
+        if len(weights) != len(names) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights
+        ):
+            raise InputError(f"give one positive weight per member ({len(names)}), got {list(weights)}")
+        self.names = names
+        self.weights = tuple(float(w) for w in weights)
+        self.members: list[Interpreter] = [build_interpreter(n, classifier, preset=member_preset) for n in names]
+        top = max(self.weights)
+        #: each member's share of the distance: w_m / (M · max w)
+        self.shares = tuple(w / (top * len(names)) for w in self.weights)
+        self._scales = tuple(math.sqrt(w / top) for w in self.weights)
+        self._shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    # --- the grid ---------------------------------------------------------------------------
+
+    def member_shapes(self, images: torch.Tensor) -> list[tuple[int, int]]:
+        """Each member's (h, w) for ``images``' size (asked once per size: the attack asks every step)."""
+        size = tuple(images.shape[-2:])
+        if size not in self._shapes:
+            self._shapes[size] = [tuple(m.map_shape(images)) for m in self.members]  # type: ignore[misc]
+        return self._shapes[size]
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """The finest member map; every member's must divide it."""
+        shapes = self.member_shapes(images)
+        height, width = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        for name, (h, w) in zip(self.names, shapes):
+            if height % h or width % w:
+                raise InputError(
+                    f"the ensemble's grid is {height}x{width}, which {name}'s {h}x{w} maps do not divide; "
+                    "choose members whose map sizes divide the finest one"
+                )
+        return height, width
+
+    def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
+        height, width = self.grid(images)
+        return height, width * len(self.members)
+
+    def tile(self, member_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Members' maps (N, 1, h_m, w_m) → the ensemble map (N, 1, H, M·W)."""
+        height = max(m.shape[-2] for m in member_maps)
+        width = max(m.shape[-1] for m in member_maps)
+        tiles = [
+            scale * (maps if maps.shape[-2:] == (height, width) else F.interpolate(maps, size=(height, width), mode="nearest"))
+            for maps, scale in zip(member_maps, self._scales)
+        ]
+        return torch.cat(tiles, dim=-1)
+
+    def split(self, maps: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """The ensemble map → each member's map at its own ``shapes`` (exact inverse of ``tile``)."""
+        tiles = maps.chunk(len(self.members), dim=-1)
+        return [
+            F.adaptive_avg_pool2d(tile / scale, shape) if tuple(tile.shape[-2:]) != tuple(shape) else tile / scale
+            for tile, scale, shape in zip(tiles, self._scales, shapes)
+        ]
+
+    # --- the contract -----------------------------------------------------------------------
+
+    def source_files(self) -> tuple[str, ...]:
+        return tuple(f for m in self.members for f in m.source_files())
+
+    def check_attackable(self) -> None:
+        for member in self.members:
+            member.check_attackable()
+
+    def initial_state(self, seed: int, device: torch.device) -> tuple[Any, ...]:
+        return tuple(m.initial_state(seed, device) for m in self.members)
+
+    def explain(
+        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return self.tile([m.explain(images, classes, generator=generator) for m in self.members])
+
+    def surrogate(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        states = self._states(state)
+        results = [m.surrogate(images, classes, s) for m, s in zip(self.members, states)]
+        return self.tile([maps for maps, _ in results]), tuple(s for _, s in results)
+
+    def surrogate_and_logits(
+        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+        """Every member's ``surrogate_and_logits`` (their states feed their attack terms); the
+        logits are the first member's (all equal ``classifier(images)``)."""
+        states = self._states(state)
+        results = [m.surrogate_and_logits(images, classes, s) for m, s in zip(self.members, states)]
+        return self.tile([maps for maps, _, _ in results]), results[0][1], tuple(s for _, _, s in results)
+
+    def attack_terms(
+        self,
+        stage: AttackStage,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        target_maps: torch.Tensor,
+        state: Any = None,
+    ) -> AttackTerms | None:
+        """The members' own terms: interpretation terms at their share of the distance, extra
+        terms at w_m / max w."""
+        states = self._states(state) if state is not None else (None,) * len(self.members)
+        targets = self.split(target_maps, self.member_shapes(images))
+        interpretation: torch.Tensor | None = None
+        extra: torch.Tensor | None = None
+        for member, target, member_state, share, scale in zip(self.members, targets, states, self.shares, self._scales):
+            terms = member.attack_terms(stage, images, classes, target, member_state)
+            if terms is None:
+                continue
+            if terms.interpretation is not None:
+                part = share * terms.interpretation
+                interpretation = part if interpretation is None else interpretation + part
+            if terms.extra is not None:
+                part = scale**2 * terms.extra
+                extra = part if extra is None else extra + part
+        if interpretation is None and extra is None:
+            return None
+        return AttackTerms(interpretation=interpretation, extra=extra)
+
+    def _states(self, state: Any) -> tuple[Any, ...]:
+        if state is None:
+            return (None,) * len(self.members)
+        if not isinstance(state, tuple) or len(state) != len(self.members):
+            raise InputError(f"the ensemble's state is one state per member ({len(self.members)}), got {type(state).__name__}")
+        return state

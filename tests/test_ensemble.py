@@ -1,0 +1,147 @@
+"""The ensemble interpreter (issue 15's adaptive attack on an ensemble defence): its ADV² distance
+and its gradient are the weighted sum of its members', its map splits back into theirs exactly,
+its attack terms are theirs, and it runs through the attack API and the CLI like any interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from underfire import Classifier
+from underfire.attacks import ADV2, AttackConfig
+from underfire.cli import app
+from underfire.errors import InputError
+from underfire.interpreters import Ensemble, Mask, MaskConfig, build_interpreter
+
+SIZE = 32
+
+
+def tiny_classifier() -> Classifier:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    ).eval()
+    with torch.no_grad():
+        net[-1].weight.mul_(30)
+    return Classifier(net, input_size=SIZE, num_classes=4)
+
+
+def batch(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def distance(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (maps - target).pow(2).flatten(1).mean(1)
+
+
+def test_the_distance_and_its_gradient_are_the_weighted_sum_of_the_members() -> None:
+    clf = tiny_classifier()
+    ensemble = Ensemble(clf, members=("grad", "cam"), weights=(1.0, 3.0))
+    classes = torch.tensor([0, 1, 2])
+    target = ensemble(batch(seed=1), classes)
+    x = batch().requires_grad_(True)
+    with clf.frozen():
+        maps, _ = ensemble.surrogate(x, classes)
+        assert maps.shape == (3, 1, SIZE, 2 * SIZE)
+        (ours,) = torch.autograd.grad(distance(maps, target).sum(), x)
+        shapes = ensemble.member_shapes(x)
+        assert shapes == [(SIZE, SIZE), (SIZE // 2, SIZE // 2)]
+        parts = []
+        for member, share, member_target in zip(ensemble.members, ensemble.shares, ensemble.split(target, shapes)):
+            member_maps, _ = member.surrogate(x, classes)
+            parts.append(share * distance(member_maps, member_target))
+        (expected,) = torch.autograd.grad(sum(parts).sum(), x)
+    assert ensemble.shares == (1 / 6, 1 / 2)
+    assert torch.allclose(distance(maps, target), sum(parts).detach(), atol=1e-6)
+    assert ours.abs().sum() > 0
+    assert torch.allclose(ours, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_split_inverts_tile_exactly_and_benign_tiles_are_the_members_maps() -> None:
+    clf = tiny_classifier()
+    ensemble = Ensemble(clf, members=("cam", "grad"), weights=(2.0, 1.0))
+    x, classes = batch(), torch.tensor([3, 2, 1])
+    maps = ensemble(x, classes)
+    members = [build_interpreter(name, clf)(x, classes) for name in ("cam", "grad")]
+    split = ensemble.split(maps, ensemble.member_shapes(x))
+    for got, expected in zip(split, members):
+        assert torch.allclose(got, expected, atol=1e-6)
+    assert 0 <= maps.min() and maps.max() <= 1
+
+
+def test_attack_terms_are_the_members_at_their_share() -> None:
+    clf = tiny_classifier()
+    ensemble = Ensemble(clf, members=("grad", "mask"))
+    mask = ensemble.members[1]
+    assert isinstance(mask, Mask) and mask.config.evidence_weight > 0
+    x, classes = batch(2).requires_grad_(True), torch.tensor([0, 1])
+    target = ensemble(batch(2, seed=3), classes)
+    with clf.frozen():
+        _, _, state = ensemble.surrogate_and_logits(x, classes, ensemble.initial_state(0, x.device))
+        terms = ensemble.attack_terms("joint", x, classes, target, state)
+        own = mask.attack_terms("joint", x, classes, ensemble.split(target, ensemble.member_shapes(x))[1], state[1])
+    assert terms is not None and own is not None and terms.extra is None
+    assert torch.allclose(terms.interpretation, ensemble.shares[1] * own.interpretation)
+
+
+def test_adv2_against_the_ensemble_keeps_every_members_map_closer_than_pgd() -> None:
+    """On the built-in ResNet (a real trained model), 4 images, a short schedule."""
+    import underfire as uf
+    from underfire.attacks import PGD
+
+    clf = uf.load_model("shapes-resnet")
+    x, labels, _ = uf.ShapesDataset("test").tensors(range(4))
+    targets = (labels + 1) % clf.num_classes
+    ensemble = Ensemble(clf, members=("grad", "cam"))
+    benign = ensemble(x, labels)
+    config = AttackConfig(pgd_steps=20, adv_steps=40, lam=[5.0, 10.0], confidence=0.5)
+    adversarial = ADV2(clf, ensemble, config)(x, targets).adversarial
+    pgd = PGD(clf, config)(x, targets).adversarial
+    assert (adversarial - x).abs().max() <= config.eps + 1e-6
+    assert torch.equal(clf(adversarial).argmax(1), targets)
+    shapes = ensemble.member_shapes(x)
+    for name, ours, theirs, reference in zip(
+        ensemble.names,
+        ensemble.split(ensemble(adversarial, targets), shapes),
+        ensemble.split(ensemble(pgd, targets), shapes),
+        ensemble.split(benign, shapes),
+    ):
+        assert (distance(ours, reference) < distance(theirs, reference) / 2).all(), name
+
+
+def test_bad_ensembles_are_one_line() -> None:
+    clf = tiny_classifier()
+    for options, message in (
+        ({"members": ("grad",)}, "at least two"),
+        ({"members": ("grad", "grad")}, "distinct"),
+        ({"members": ("grad", "ensemble")}, "distinct"),
+        ({"members": ("grad", "cam"), "weights": (1.0,)}, "one positive weight"),
+        ({"members": ("grad", "cam"), "weights": (1.0, -2.0)}, "one positive weight"),
+        ({"members": ("grad", "nope")}, "nope"),
+    ):
+        with pytest.raises(InputError, match=message) as error:
+            build_interpreter("ensemble", clf, **options)
+        assert "\n" not in str(error.value)
+
+
+def test_members_get_the_run_preset_and_the_cli_takes_the_options(tmp_path) -> None:
+    clf = tiny_classifier()
+    quick = build_interpreter("ensemble", clf, preset="quick", members="grad,mask")
+    assert quick.names == ("grad", "mask")
+    assert quick.members[1].config == build_interpreter("mask", clf, preset="quick").config
+    assert isinstance(build_interpreter("mask", clf).config, MaskConfig)
+
+    from PIL import Image
+    import numpy as np
+
+    image = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(image)
+    result = CliRunner().invoke(
+        app, ["explain", str(image), "-i", "ensemble", "-O", "members=grad,cam", "-O", "weights=1,2", "-o", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    saved = np.load(next((tmp_path / "out").glob("*.npy")))
+    assert saved.shape == (64, 128)
