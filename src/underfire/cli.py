@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from .errors import ResizeNotice, UnderfireError
+from .errors import InputError, ResizeNotice, UnderfireError
 
 app = typer.Typer(
     name="underfire",
@@ -685,6 +685,39 @@ def report(
     if out is not None:
         check_output_file(out, "--out")
     typer.echo(f"wrote {write_report(run_dir, fmt=fmt, out=out)}")
+
+
+@app.command()
+@user_errors
+def detect(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (holds results.sqlite) with benign and attacked images.")],
+    ensemble: Annotated[str, typer.Option("--ensemble", help="Interpreters that explain each image, comma-separated (different classes).")] = "grad,cam,rts,mask",
+    fpr: Annotated[float, typer.Option("--fpr", help="False-positive rate the threshold is calibrated for, on the run's benign images.")] = 0.05,
+    score: Annotated[str, typer.Option("--score", help="Disagreement score: iou (1 - mean pairwise IoU test), l1 or rank (1 - Spearman).")] = "iou",
+    grid: Annotated[Optional[int], typer.Option("--grid", help="Side of the common grid (default: the coarsest member map).")] = None,
+    preset_name: Annotated[str, typer.Option("--preset", help="Preset whose interpreter options the members get.")] = "quick",
+    device: DeviceArg = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list: a row per model x attack x attacked interpreter.")] = False,
+) -> None:
+    """Ensemble-interpretation detector on a run: TPR at a calibrated FPR and ROC AUC per attack and attacked interpreter."""
+    from .detection import DetectorConfig
+    from .options import coerce_value
+    from .runs.detect import detect_run
+
+    if not 0 < fpr < 1:
+        raise InputError(f"--fpr must be in (0, 1), got {fpr}")
+    members = coerce_value("--ensemble", ensemble, tuple[str, ...])
+    config = DetectorConfig(members=members, score=score, grid=grid, preset=preset_name)  # type: ignore[arg-type]
+    rows = detect_run(run_dir, config, fpr, device=device, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    for model in dict.fromkeys(row.model for row in rows):
+        spread = next(row.benign for row in rows if row.model == model)
+        typer.echo(f"{model}: benign {score} scores of {spread['n']} images: mean {spread['mean']:.3f}, sd {spread['std']:.3f}, 95th percentile {spread['p95']:.3f}")
+        for row in (r for r in rows if r.model == model):
+            rates = "no successful example" if row.tpr is None else f"TPR {row.tpr:.2f} at FPR {row.fpr:.2f} (threshold {row.threshold:.3f}), AUC {row.auc:.2f}"
+            typer.echo(f"  {row.attack} vs {row.interpreter} ({row.target_map}, {row.examples} examples): {rates}")
 
 
 @app.command()

@@ -17,9 +17,15 @@ Tables (paths are relative to the run folder; the schema is a contract with the 
   explained by another.
 - ``failures``: units that failed for good in a distributed run (their error), until a later
   resume computes them.
+- ``detector_scores``: an ensemble detector's disagreement score of a stored image (benign or
+  adversarial, by path), per model and detector (``underfire detect``: computed once).
+- ``detections``: its summary per model × attack × attacked interpreter × target map at a
+  false-positive rate (threshold, realised FPR, TPR, AUC, NULL without a successful example;
+  derived, replaced on a re-run).
 
-The schema is versioned (``PRAGMA user_version`` = ``SCHEMA_VERSION``): a database of version 0–2
-(before interpreter options, the transfer table's attack column, the failures table) is migrated
+The schema is versioned (``PRAGMA user_version`` = ``SCHEMA_VERSION``): a database of version 0–3
+(before interpreter options, the transfer table's attack column, the failures table, the
+detector tables) is migrated
 in place when a run opens it; a newer version is refused with one line, before any work.
 """
 
@@ -36,8 +42,9 @@ from typing import Any
 from ..errors import InputError
 
 DATABASE_NAME = "results.sqlite"
-#: Version 2: ``results.interpreter_options`` and ``transfer.attack``; version 3: ``failures``.
-SCHEMA_VERSION = 3
+#: Version 2: ``results.interpreter_options`` and ``transfer.attack``; version 3: ``failures``;
+#: version 4: ``detector_scores`` and ``detections``.
+SCHEMA_VERSION = 4
 
 #: A unit's key in ``failures``: (model, attack, interpreter, target map, batch); "" where a unit
 #: has no interpreter or target map (an interpreter-free attack's).
@@ -74,6 +81,14 @@ CREATE TABLE IF NOT EXISTS failures (
   model TEXT NOT NULL, attack TEXT NOT NULL, interpreter TEXT NOT NULL, target_map TEXT NOT NULL,
   batch INTEGER NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL, failed_at TEXT NOT NULL,
   PRIMARY KEY (model, attack, interpreter, target_map, batch));
+CREATE TABLE IF NOT EXISTS detector_scores (
+  model TEXT NOT NULL, detector TEXT NOT NULL, path TEXT NOT NULL, score REAL NOT NULL,
+  PRIMARY KEY (model, detector, path));
+CREATE TABLE IF NOT EXISTS detections (
+  model TEXT NOT NULL, detector TEXT NOT NULL, attack TEXT NOT NULL, interpreter TEXT NOT NULL,
+  target_map TEXT NOT NULL, target_fpr REAL NOT NULL, examples INTEGER NOT NULL,
+  threshold REAL NOT NULL, fpr REAL NOT NULL, tpr REAL, auc REAL,
+  PRIMARY KEY (model, detector, attack, interpreter, target_map, target_fpr));
 """
 
 #: Version 1 → 2: the columns version 2 added (old rows get the defaults: no options, ADV²).
@@ -361,6 +376,28 @@ class ResultStore:
                         f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                         [tuple(row[name] for name in names) for row in rows],
                     )
+
+    def detector_scores(self, model: str, detector: str) -> dict[str, float]:
+        """The stored scores of ``detector`` on ``model``'s images, by path."""
+        query = "SELECT path, score FROM detector_scores WHERE model = ? AND detector = ?"
+        return {path: score for path, score in self.connection.execute(query, (model, detector))}
+
+    def insert_detector_scores(self, model: str, detector: str, scores: dict[str, float]) -> None:
+        """New scores of one batch of images, in one transaction."""
+        with self._transaction() as cursor:
+            cursor.executemany(
+                "INSERT INTO detector_scores (model, detector, path, score) VALUES (?, ?, ?, ?)",
+                [(model, detector, path, float(score)) for path, score in scores.items()],
+            )
+
+    def replace_detections(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Summaries of a detector (derived from its scores): a re-run with the same key replaces them."""
+        columns = ("model", "detector", "attack", "interpreter", "target_map", "target_fpr", "examples", "threshold", "fpr", "tpr", "auc")
+        with self._transaction() as cursor:
+            cursor.executemany(
+                f"INSERT OR REPLACE INTO detections ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                [tuple(row[c] for c in columns) for row in rows],
+            )
 
     def record_failure(self, unit: FailureKey, error: str, attempts: int, when: str) -> None:
         """A unit that failed for good: kept (replacing an older attempt's) until it succeeds."""
