@@ -110,3 +110,14 @@ def test_bad_detector_options_are_one_line(run_dir: Path, args: list[str], messa
 def test_a_folder_without_a_run_is_one_line(tmp_path: Path) -> None:
     code, _, err = invoke("detect", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_the_report_shows_the_detector_rates_and_roc_curves(run_dir: Path) -> None:
+    invoke("detect", str(run_dir), "--ensemble", "grad,cam", "--device", "cpu")
+    code, _, err = invoke("report", str(run_dir), "--out", str(run_dir / "page.html"))
+    assert code == 0, err
+    page = (run_dir / "page.html").read_text()
+    section = page[page.index("<h2>Ensemble detector</h2>"):page.index("<h2>Examples</h2>")]
+    assert 'id="detection"' in section and 'alt="ROC curves of the ensemble detector"' in section
+    rows = stored(run_dir, "SELECT COUNT(*) FROM detections")[0][0]
+    assert section.count("<tr>") == rows + 1  # the head and one row per summary

@@ -116,6 +116,10 @@ class RunData:
     attacks: list[str] = field(default_factory=list)
     images: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     results: dict[tuple[str, str, str, str, str], dict[str, Any]] = field(default_factory=dict)
+    #: ``underfire detect``'s summaries, and ROC curves (model, detector, attack, interpreter,
+    #: target_map, fpr, tpr) drawn from its stored scores
+    detections: list[dict[str, Any]] = field(default_factory=list)
+    roc: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def models(self) -> list[str]:
@@ -179,6 +183,22 @@ def _transfer(reader: RunReader) -> list[dict[str, Any]]:
     return rows
 
 
+def _roc(reader: RunReader) -> list[dict[str, Any]]:
+    from ..detection import roc_curve
+
+    curves = []
+    for entry in reader.detector_score_sets():
+        if not entry["benign"]:
+            continue
+        for (attack, interpreter, target_map), scores in entry["attacked"].items():
+            fpr, tpr = roc_curve(entry["benign"], scores)
+            curves.append({
+                "model": entry["model"], "detector": entry["detector"], "attack": attack, "interpreter": interpreter,
+                "target_map": target_map, "fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr],
+            })
+    return curves
+
+
 def _run_name(config: Any) -> str | None:
     """The experiment's name from its config (``name`` or ``experiment.name``), if it has one."""
     if not isinstance(config, dict):
@@ -220,6 +240,8 @@ def load_run(run_dir: Path) -> RunData:
             attacks=attacks,
             images=images,
             results=results,
+            detections=reader.detections(),
+            roc=_roc(reader),
         )
 
 

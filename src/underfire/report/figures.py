@@ -168,3 +168,29 @@ def _heat_map(axis: Any, cells: list[dict[str, Any]], title: str) -> Any:
             colour = "black" if values[i, j] > 0.6 else "white"
             axis.text(j, i, f"{values[i, j]:.3f}\nn={counts[i, j]}", ha="center", va="center", fontsize=8.5, color=colour)
     return image
+
+
+def roc_figure(curves: list[dict[str, Any]], style: FigureStyle = FigureStyle()) -> bytes:
+    """ROC curves of the ensemble detector: one panel per model × detector, one colour per
+    attacked interpreter, one line style per attack (as in the IoU figure), the chance diagonal."""
+    panels = list(dict.fromkeys((curve["model"], curve["detector"]) for curve in curves))
+    lines = attack_lines(list(dict.fromkeys(curve["attack"] for curve in curves)))
+    colours = interpreter_colours([curve["interpreter"] for curve in curves])
+    figure = Figure(figsize=(style.panel_height * 1.1 * len(panels) + 1.6, style.panel_height * 1.1), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axis, (model, detector) in zip(axes, panels):
+        axis.plot([0, 1], [0, 1], color="#999999", linewidth=0.8, linestyle=":")
+        for curve in (c for c in curves if (c["model"], c["detector"]) == (model, detector)):
+            line = lines[curve["attack"]]
+            axis.plot(curve["fpr"], curve["tpr"], color=colours[curve["interpreter"]], linestyle=line.linestyle, linewidth=line.linewidth)
+        axis.set_title(f"{model}\n{detector}", fontsize=9)
+        axis.set_xlabel("false-positive rate (benign images)")
+        axis.set_ylabel("detection rate")
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.02)
+        axis.set_aspect("equal")
+        axis.grid(True, alpha=0.3)
+    handles = [Line2D([], [], color=colour, linewidth=2.5, label=f"against {name}") for name, colour in colours.items()]
+    handles += [Line2D([], [], color="#333333", linestyle=line.linestyle, label=attack_label(name)) for name, line in lines.items()]
+    figure.legend(handles=handles, fontsize=8, loc="outside right upper", frameon=False)
+    return _png(figure, style.dpi)

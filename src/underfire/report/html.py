@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..data.shapes import SHAPE_CLASSES
-from .data import MEASURES, RunData, attack_label, baseline_attack, formatted, gain_key, gained, summary_key
+from .data import MEASURES, RunData, attack_label, baseline_attack, formatted, gain_key, gained, rounded, summary_key
 
 if TYPE_CHECKING:  # figures (matplotlib) are imported only when a page is drawn
     from .figures import FigureStyle
@@ -406,6 +406,50 @@ def _figures(run: RunData, options: PageOptions) -> str:
     return f'<div class="figrow">{"".join(parts)}</div>' if parts else ""
 
 
+def _detection(run: RunData, options: PageOptions) -> str:
+    """``underfire detect``'s results: ROC curves and, per attack, its success rate undefended and
+    the share that also evades the detector (success × (1 − TPR))."""
+    if not run.detections:
+        return ""
+    from .figures import FigureStyle, roc_figure
+
+    def success(model: str, attack: str, interpreter: str, target_map: str) -> float | None:
+        rows = [r for key, r in run.results.items() if key[:4] == (model, interpreter, attack, target_map)]
+        return sum(bool(r["success"]) for r in rows) / len(rows) if rows else None
+
+    body = []
+    for row in run.detections:
+        rate = success(row["model"], row["attack"], row["interpreter"], row["target_map"])
+        evades = None if rate is None or row["tpr"] is None else rate * (1 - row["tpr"])
+        cells = [
+            escape(row["model"]), escape(row["detector"]), escape(_label(row["attack"])), escape(row["interpreter"]),
+            escape(row["target_map"]), str(row["examples"]),
+            *(formatted(rounded(value, kind), kind) for value, kind in (
+                (row["target_fpr"], "percent"), (row["fpr"], "percent"), (row["tpr"], "percent"), (row["auc"], "number"),
+                (rate, "percent"), (evades, "percent"),
+            )),
+        ]
+        body.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    head = "".join(
+        f"<th>{name}</th>" for name in (
+            "model", "detector", "attack", "against", "target map", "examples", "FPR asked", "FPR", "TPR", "AUC",
+            "success (undefended)", "success and undetected",
+        )
+    )
+    figure = ""
+    if run.roc:
+        png = roc_figure(run.roc, options.figures or FigureStyle())
+        figure = f'<img class="figure" src="{_data_uri(png)}" alt="ROC curves of the ensemble detector">'
+    note = (
+        '<p class="note">The ensemble detector (underfire detect) explains each image with several interpreters and scores '
+        "their disagreement; its threshold is calibrated on this run's benign images (in-sample) for the asked false-positive "
+        "rate. TPR is over the successful adversarial examples; the last column is the attack's success rate times the share "
+        "the detector misses.</p>"
+    )
+    table = f'<div class="scroll"><table class="summary" id="detection"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return f'<section class="figsec"><h2>Ensemble detector</h2>{note}{table}{figure}</section>'
+
+
 def _verdict(row: dict[str, Any], model: str) -> str:
     """Caption of an adversarial image: did it reach the target class, and with what probability."""
     mark = '<span class="ok">✓</span>' if row.get("success") else '<span class="fail">✗</span>'
@@ -491,6 +535,7 @@ def render_html(run: RunData, options: PageOptions = PageOptions()) -> str:
         _header(run)
         + _summary_table(run)
         + _figures(run, options)
+        + _detection(run, options)
         + "<h2>Examples</h2>"
         + _examples_note(run.attacks)
         + "".join(grids)

@@ -196,6 +196,35 @@ class RunReader:
             for (m, a, t, s, d), cell in cells.items()
         ]
 
+    def detections(self) -> list[dict[str, Any]]:
+        """Rows of ``detections`` (``underfire detect``'s summaries); none before version 4."""
+        if "detections" not in self.tables:
+            return []
+        query = "SELECT * FROM detections ORDER BY model, detector, target_fpr, attack, interpreter, target_map"
+        return [dict(row) for row in self.connection.execute(query)]
+
+    def detector_score_sets(self) -> list[dict[str, Any]]:
+        """Per model × detector: the benign images' scores and, per attack × attacked interpreter ×
+        target map, the successful adversarial examples' scores (what ROC curves are drawn from)."""
+        if "detector_scores" not in self.tables:
+            return []
+        sets: dict[tuple[str, str], dict[str, Any]] = {}
+        benign = (
+            "SELECT s.model, s.detector, s.score FROM detector_scores s "
+            "JOIN images i ON i.model = s.model AND i.image_path = s.path ORDER BY s.model, s.detector, i.position"
+        )
+        for row in self.connection.execute(benign):
+            entry = sets.setdefault((row["model"], row["detector"]), {"benign": [], "attacked": {}})
+            entry["benign"].append(row["score"])
+        attacked = (
+            "SELECT s.model, s.detector, r.attack, r.interpreter, r.target_map, s.score FROM detector_scores s "
+            "JOIN results r ON r.model = s.model AND r.adversarial_path = s.path AND r.success = 1 ORDER BY r.rowid"
+        )
+        for row in self.connection.execute(attacked):
+            entry = sets.setdefault((row["model"], row["detector"]), {"benign": [], "attacked": {}})
+            entry["attacked"].setdefault((row["attack"], row["interpreter"], row["target_map"]), []).append(row["score"])
+        return [{"model": m, "detector": d, **entry} for (m, d), entry in sorted(sets.items())]
+
     # ------------------------------------------------------------------ rows
     def results(self, **where: str) -> list[dict[str, Any]]:
         """Rows of ``results`` as dicts (``iou_by_k`` decoded), optionally filtered by column
