@@ -4,6 +4,7 @@
     python scripts/attack_table.py shapes-resnet --out ablation.jsonl --interpreters grad --relus h,sigmoid,none
     python scripts/attack_table.py shapes-resnet --out family.jsonl --interpreters inputxgrad,deeplift,lrp
     python scripts/attack_table.py shapes-resnet --out budget.jsonl --interpreters mask --eps 16/255
+    python scripts/attack_table.py shapes-resnet --out smoothing.jsonl --interpreters grad --sweep softplus_beta=1,3,10
 
 Setting: the ``quick`` preset (its attack settings and interpreter options), the first ``--images`` correctly classified shapes test images,
 random targets (seed 0), ε = 8/255 unless ``--eps`` says otherwise (rows then carry ``eps``).
@@ -26,6 +27,7 @@ import torch
 from underfire.attacks.config import parse_fraction, preset
 from underfire.attacks.core import ADV2, PGD
 from underfire.attacks.measure import AttackMeasures, measure_attack
+from underfire.metrics import iou_top_k
 from underfire.runs.inputs import images_from_dataset
 from underfire.attacks.targets import random_targets
 from underfire.data import ShapesDataset
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--interpreters", default="cam,rts,grad,mask")
     parser.add_argument("--relus", default=None, help="ReLU-surrogate ablation: ADV² on each of --interpreters with each surrogate (no PGD)")
+    parser.add_argument("--sweep", default=None, help="KEY=V1,V2,...: per value of the interpreter option KEY, ADV² against the interpreter with it "
+                        "(targets: its own benign maps), and PGD and the default interpreter's ADV² measured on it (no transfer), e.g. softplus_beta=1,3,10")
     parser.add_argument("--no-pgd", action="store_true", help="ADV² rows only")
     parser.add_argument("--pgd-only", action="store_true", help="PGD rows only")
     parser.add_argument("--pgd-steps", type=int, default=None, help="PGD's steps (default: the largest ADV² budget of the interpreters asked for)")
@@ -72,14 +76,44 @@ def main() -> None:
             handle.write(json.dumps(row) + "\n")
         print(row, flush=True)
 
-    def adv2(name: str, interpreter_options: dict) -> tuple[list[AttackMeasures], int, int]:
+    def adv2(
+        name: str, interpreter_options: dict, reference: list[torch.Tensor] | None = None, keep: list[torch.Tensor] | None = None
+    ) -> tuple[list[AttackMeasures], int, int]:
+        """ADV² against ``name`` with ``interpreter_options``, toward ``reference`` maps (default:
+        the plain interpreter's benign maps); the adversarial images are appended to ``keep``."""
         interpreter = build_interpreter(name, clf, preset="quick", **interpreter_options)
+        reference = benign[name] if reference is None else reference
         config, start = preset("quick", name, **budget), time.time()
         measures = []
         for k, c in enumerate(chunks):
-            result = ADV2(clf, interpreter, config)(images[c], targets[c], benign[name][k], labels=labels[c])
-            measures.append(measure_attack(interpreter, result.adversarial, targets[c], benign[name][k], seed=0))
+            result = ADV2(clf, interpreter, config)(images[c], targets[c], reference[k], labels=labels[c])
+            measures.append(measure_attack(interpreter, result.adversarial, targets[c], reference[k], seed=0))
+            if keep is not None:
+                keep.append(result.adversarial)
         return measures, config.pgd_steps + config.adv_steps, round(time.time() - start)
+
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        steps = args.pgd_steps or max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
+        config = preset("quick", "cam", pgd_steps=steps, adv_steps=0, **budget)
+        pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
+        for name in names:
+            plain: list[torch.Tensor] = []
+            measures, total, seconds = adv2(name, {}, keep=plain)
+            log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=None, steps=total, seconds=seconds, **summary(measures)))
+            for value in values.split(","):
+                swept = build_interpreter(name, clf, preset="quick", **{key: value})
+                reference = [swept(images[c], labels[c], seed=0) for c in chunks]
+                moved = torch.cat([iou_top_k(r, b).mean(1) for r, b in zip(reference, benign[name])]).mean().item()
+                on_swept = {
+                    attack: summary([measure_attack(swept, x, targets[c], reference[k], seed=0) for k, (x, c) in enumerate(zip(examples, chunks))])
+                    for attack, examples in (("pgd", pgd), ("adv2_plain", plain))
+                }
+                measures, total, seconds = adv2(name, {key: value}, reference)
+                log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=value, steps=total, seconds=seconds,
+                         benign_iou_to_plain=round(moved, 3), pgd_iou=on_swept["pgd"]["iou"], plain_adv2_iou=on_swept["adv2_plain"]["iou"],
+                         plain_adv2_success=on_swept["adv2_plain"]["success"], **summary(measures)))
+        return
 
     if args.relus:
         for name in names:
