@@ -43,8 +43,10 @@ class Ensemble(Interpreter):
         "on an ensemble defence (Zhang et al. 2020, §7)"
     )
     paper_class: ClassVar[str] = "other"
+    #: quick: 500 stage-2 steps at λ 10 → 40 (pilots on 10 images, docs/tuning.md); paper: the
+    #: default schedule; members get the same preset's options
     presets = {
-        "quick": Preset(options={"member_preset": "quick"}),
+        "quick": Preset(attack={"adv_steps": 500, "lam": (10.0, 40.0)}, options={"member_preset": "quick"}),
         "paper": Preset(options={"member_preset": "paper"}),
     }
 
