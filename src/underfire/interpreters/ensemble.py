@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, UnderfireError
 from ..models.classifier import Classifier
 from ..presets import Preset
 from .base import AttackStage, AttackTerms, Interpreter
@@ -73,7 +73,12 @@ class Ensemble(Interpreter):
             raise InputError(f"give one positive weight per member ({len(names)}), got {list(weights)}")
         self.names = names
         self.weights = tuple(float(w) for w in weights)
-        self.members: list[Interpreter] = [build_interpreter(n, classifier, preset=member_preset) for n in names]
+        self.members: list[Interpreter] = []
+        for name in names:
+            try:
+                self.members.append(build_interpreter(name, classifier, preset=member_preset))
+            except UnderfireError as error:
+                raise type(error)(f"ensemble member {name!r}: {error}") from None
         top = max(self.weights)
         #: each member's share of the distance: w_m / (M · max w)
         self.shares = tuple(w / (top * len(names)) for w in self.weights)
