@@ -145,3 +145,22 @@ def test_members_get_the_run_preset_and_the_cli_takes_the_options(tmp_path) -> N
     assert result.exit_code == 0, result.output
     saved = np.load(next((tmp_path / "out").glob("*.npy")))
     assert saved.shape == (64, 128)
+
+
+def test_a_run_config_attacks_the_ensemble_and_measures_transfer_to_its_members(tmp_path) -> None:
+    import sqlite3
+
+    config = tmp_path / "e.toml"
+    config.write_text(
+        '[experiment]\nname = "ens"\nimages = 2\nbatch_size = 2\ndata = "shapes:test"\nmodels = ["shapes-resnet"]\n'
+        'interpreters = ["grad", "ensemble"]\nattacks = ["pgd", "adv2"]\ntransfer = true\n'
+        '[interpreters.ensemble]\nmembers = ["grad", "cam"]\nweights = [2, 1]\n'
+        "[overrides]\npgd_steps = 2\nadv_steps = 2\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(tmp_path / "run" / "results.sqlite") as connection:
+        options = {json for (json,) in connection.execute("SELECT interpreter_options FROM results WHERE interpreter = 'ensemble'")}
+        pairs = set(connection.execute("SELECT source_interpreter, target_interpreter FROM transfer"))
+    assert any('"weights": [2.0, 1.0]' in text or '"weights": [2, 1]' in text for text in options), options
+    assert ("ensemble", "grad") in pairs and ("grad", "ensemble") in pairs
