@@ -523,3 +523,29 @@ def test_deeplift_refuses_a_model_that_runs_other_relus_on_its_baseline() -> Non
     assert not _get_current_function_mode_stack()
     with pytest.raises(ModelStructureError, match="2 ReLUs to the baseline but 1"):
         DeepLift(model, baseline=torch.ones(1, 2, 2))(torch.zeros(1, 1, 2, 2), torch.tensor([0]))
+
+
+def test_deeplift_records_the_baseline_before_a_later_in_place_change() -> None:
+    """``h = relu(z); h += skip``: the baseline's recorded activation is a copy, so the secant
+    uses relu(z̄), and summation-to-delta (exact without max pooling) holds."""
+
+    class LateAdd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.skip, self.fc2 = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = x.flatten(1)
+            h = torch.relu(self.fc1(flat))
+            h += self.skip(flat)
+            return self.fc2(torch.relu(h))
+
+    torch.manual_seed(0)
+    net = LateAdd().double().eval()
+    model = uf.Classifier(net, mean=(0.0,), std=(1.0,), num_classes=2, in_channels=1, channels_last=False).double()
+    x = torch.rand(3, 1, 2, 2, dtype=torch.double)
+    classes = torch.tensor([0, 1, 0])
+    for baseline in (torch.full((1, 2, 2), 0.5, dtype=torch.double), "black"):
+        with model.frozen():
+            _, delta = DeepLift(model, baseline=baseline).attribute_with_delta(x, classes)
+        assert delta.abs().max() < 1e-10

@@ -90,6 +90,7 @@ def test_bad_detector_settings_are_one_line() -> None:
         ({"members": ("grad", "grad")}, "two or more"),
         ({"score": "cosine"}, "unknown detector score"),
         ({"grid": 1}, "grid"),
+        ({"members": ("grad", "ensemble")}, "single interpreters"),
     ):
         with pytest.raises(InputError, match=message):
             DetectorConfig(**kwargs)

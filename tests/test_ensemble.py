@@ -164,3 +164,25 @@ def test_a_run_config_attacks_the_ensemble_and_measures_transfer_to_its_members(
         pairs = set(connection.execute("SELECT source_interpreter, target_interpreter FROM transfer"))
     assert any('"weights": [2.0, 1.0]' in text or '"weights": [2, 1]' in text for text in options), options
     assert ("ensemble", "grad") in pairs and ("grad", "ensemble") in pairs
+
+
+def test_drawn_target_maps_are_refused_for_the_ensemble_before_any_work(tmp_path) -> None:
+    config = tmp_path / "e.toml"
+    config.write_text(
+        '[experiment]\nname = "ens"\nimages = 2\ndata = "shapes:test"\nmodels = ["shapes-resnet"]\n'
+        'interpreters = ["ensemble"]\ntarget_maps = ["benign", "circle"]\n'
+        '[interpreters.ensemble]\nmembers = ["grad", "cam"]\n'
+    )
+    result = CliRunner().invoke(app, ["run", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "'circle'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_members_whose_maps_do_not_divide_the_grid_are_one_line() -> None:
+    clf = tiny_classifier()
+    ensemble = Ensemble(clf, members=("grad", "mask"))
+    odd = torch.rand(1, 3, 30, 30)  # GRAD 30x30, MASK a quarter: 7x7 does not divide 30
+    if 30 % ensemble.members[1].map_shape(odd)[0] == 0:
+        pytest.skip("MASK's grid divides 30 here")
+    with pytest.raises(InputError, match="do not divide"):
+        ensemble(odd, torch.tensor([0]))

@@ -59,6 +59,8 @@ class DetectorConfig:
         if len(members) < 2 or len(set(members)) != len(members):
             raise InputError(f"the detector needs two or more distinct interpreters, got {list(members)}")
         object.__setattr__(self, "members", members)
+        if "ensemble" in members:
+            raise InputError("the detector's members are single interpreters (the ensemble is the detector itself)")
         if self.score not in SCORES:
             raise InputError(f"unknown detector score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.grid is not None and (isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 2):

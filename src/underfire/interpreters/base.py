@@ -71,6 +71,9 @@ class Interpreter(ABC):
     paper_class: ClassVar[str] = "other"
     #: Attack settings and options per preset name; missing names or keys: ``DEFAULT_PRESETS``.
     presets: ClassVar[Mapping[str, Preset]] = {}
+    #: Whether a target map drawn at the map's size (a shape, a user ``.npy``) means anything for
+    #: this interpreter; a composite whose map is several maps side by side says no.
+    accepts_drawn_targets: ClassVar[bool] = True
 
     def __init__(self, classifier: Classifier) -> None:
         self.classifier = classifier

@@ -43,9 +43,10 @@ class RescaleRules(TwinRules):
 
     needs_preactivation = True
 
-    def __init__(self, reference: ReluRecorder, method: str) -> None:
+    def __init__(self, reference: ReluRecorder, method: str, softplus_beta: float | None = None) -> None:
         self.reference = reference
         self.method = method
+        self.softplus_beta = softplus_beta
         self.used = 0
 
     def layer(self, layer: LinearLayer, twin: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,9 @@ class RescaleRules(TwinRules):
         delta = pre - z_ref
         close = delta.abs() < SECANT_EPS
         secant = (out - a_ref) / torch.where(close, torch.ones_like(delta), delta)
-        return twin * torch.where(close, (pre > 0).to(pre.dtype), secant)
+        # the derivative where the secant is undefined: ReLU's step, or softplus's sigmoid
+        slope = (pre > 0).to(pre.dtype) if self.softplus_beta is None else torch.sigmoid(self.softplus_beta * pre)
+        return twin * torch.where(close, slope, secant)
 
     def sum(self, a: torch.Tensor, b: torch.Tensor, twin_a: torch.Tensor, twin_b: torch.Tensor) -> torch.Tensor:
         return twin_a + twin_b
@@ -122,7 +125,7 @@ class DeepLift(BaselineMixin, Attribution):
         with torch.set_grad_enabled(keep_graph), ReluRecorder() as recorder:
             recorder.bind(reference)
             reference_logits = self.classifier(reference)
-        rules = RescaleRules(recorder, self.name)
+        rules = RescaleRules(recorder, self.name, self.softplus_beta)
         logits, twin, seed = trace_logits(self.classifier, x, rules, self.name)
         recorder.check_all_used(rules.used, self.name)
         score = twin.gather(1, classes.view(-1, 1)).sum()

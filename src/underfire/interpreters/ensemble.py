@@ -8,8 +8,13 @@ mean squared difference to the benign ensemble map, is the weighted mean of the 
 distances, and its state and extra attack terms are its members'.
 
 The grid is the finest member map (each coarser map is repeated by an integer factor, nearest
-neighbour, so average pooling recovers it exactly: :meth:`Ensemble.split`); tile m is scaled by
-√(w_m / max w), so it enters the distance with weight w_m / (M · max w).
+neighbour, so average pooling recovers it up to float rounding: :meth:`Ensemble.split`); tile m
+is scaled by √(w_m / max w), so the distance is Σ_m w_m·d_m / (M · max w): proportional to the
+weighted sum of the members' distances. Target maps are the ensemble's own maps (of the image, or
+of another image); a shape drawn over the whole strip would not be one target per member, so
+drawn and user target maps are refused. The measures of an ensemble row (IoU, L1) are of the
+whole strip, where top-k is dominated by the heaviest member: each member's own IoU is the
+transfer table's (ensemble → member).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Ensemble(Interpreter):
         "on an ensemble defence (Zhang et al. 2020, §7)"
     )
     paper_class: ClassVar[str] = "other"
+    accepts_drawn_targets: ClassVar[bool] = False
     #: quick: 500 stage-2 steps at λ 10 → 40 (pilots on 10 images, docs/tuning.md); paper: the
     #: default schedule; members get the same preset's options
     presets = {
@@ -121,7 +127,7 @@ class Ensemble(Interpreter):
         return torch.cat(tiles, dim=-1)
 
     def split(self, maps: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-        """The ensemble map → each member's map at its own ``shapes`` (exact inverse of ``tile``)."""
+        """The ensemble map → each member's map at its own ``shapes`` (``tile``'s inverse, to rounding)."""
         tiles = maps.chunk(len(self.members), dim=-1)
         return [
             F.adaptive_avg_pool2d(tile / scale, shape) if tuple(tile.shape[-2:]) != tuple(shape) else tile / scale
@@ -143,12 +149,14 @@ class Ensemble(Interpreter):
     def explain(
         self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        self.grid(images)  # members whose maps do not divide the grid: one line, not a blurred tile
         return self.tile([m.explain(images, classes, generator=generator) for m in self.members])
 
     def surrogate(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, tuple[Any, ...]]:
         states = self._states(state)
+        self.grid(images)
         results = [m.surrogate(images, classes, s) for m, s in zip(self.members, states)]
         return self.tile([maps for maps, _ in results]), tuple(s for _, s in results)
 
@@ -158,6 +166,7 @@ class Ensemble(Interpreter):
         """Every member's ``surrogate_and_logits`` (their states feed their attack terms); the
         logits are the first member's (all equal ``classifier(images)``)."""
         states = self._states(state)
+        self.grid(images)
         results = [m.surrogate_and_logits(images, classes, s) for m, s in zip(self.members, states)]
         return self.tile([maps for maps, _, _ in results]), results[0][1], tuple(s for _, _, s in results)
 

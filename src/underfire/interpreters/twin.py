@@ -367,9 +367,12 @@ class ReluRecorder(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in _RELU_FUNCS:
             z = args[0] if args else kwargs["input"]
-            pre = z.clone() if _is_in_place_relu(func, args, kwargs) else z
+            # copies: an activation changed in place later (h = relu(z); h += skip) must not
+            # change the recorded one (an in-place ReLU's pre-activation is copied before the call)
+            in_place = _is_in_place_relu(func, args, kwargs)
+            pre = z.clone() if in_place else z
             out = func(*args, **kwargs)
-            self.activations.append((pre, out))
+            self.activations.append((pre if in_place else pre.clone(), out.clone()))
         else:
             out = func(*args, **kwargs)
         if func not in _CONSTANT:

@@ -422,7 +422,7 @@ def _detection(run: RunData, options: PageOptions) -> str:
         rate = success(row["model"], row["attack"], row["interpreter"], row["target_map"])
         evades = None if rate is None or row["tpr"] is None else rate * (1 - row["tpr"])
         cells = [
-            escape(row["model"]), escape(row["detector"]), escape(_label(row["attack"])), escape(row["interpreter"]),
+            escape(row["model"]), escape(row["detector"]), _label(row["attack"]), escape(row["interpreter"]),
             escape(row["target_map"]), str(row["examples"]),
             *(formatted(rounded(value, kind), kind) for value, kind in (
                 (row["target_fpr"], "percent"), (row["fpr"], "percent"), (row["tpr"], "percent"), (row["auc"], "number"),

@@ -105,6 +105,12 @@ def _score_model(
             batch = todo[start:start + BATCH]
             tensors = torch.stack([read_image(run_dir / path, channels=classifier.in_channels) for path in batch])
             values = detector.scores(tensors).tolist()
+            bad = [path for path, value in zip(batch, values) if not np.isfinite(value)]
+            if bad:
+                raise InputError(
+                    f"the detector's score of {str(run_dir / bad[0])!r} is not finite (a member's map holds NaN); "
+                    "the scores before it are stored"
+                )
             fresh = dict(zip(batch, values))
             store.insert_detector_scores(spec, key, fresh)
             scores.update(fresh)

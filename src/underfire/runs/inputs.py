@@ -69,6 +69,8 @@ def make_target_maps(
     interpreter's map size when ``resize``, else it must match)."""
     if kind == "benign":
         return benign
+    if kind != "other" and not interpreter.accepts_drawn_targets:
+        raise InputError(drawn_target_refusal(interpreter.name, kind))
     size = tuple(benign.shape[-2:])
     if kind in ("shape", "circle", "rectangle"):
         return shape_maps("circle" if kind == "shape" else kind, len(targets), size, seed)
@@ -81,6 +83,13 @@ def make_target_maps(
             raise InputError(f"target map {kind!r} is {tuple(user.shape[-2:])}, the {interpreter.name} maps are {size}")
         user = resize_maps(user, size).clamp(0, 1)  # type: ignore[arg-type]
     return user.expand(len(targets), -1, -1, -1)
+
+
+def drawn_target_refusal(interpreter: str, kind: str) -> str:
+    return (
+        f"target map {kind!r} is drawn at the map's size, which for {interpreter} (several maps side by side) "
+        "is not one target per member; use benign or other"
+    )
 
 
 def other_pool(classifier: Classifier) -> tuple[torch.Tensor, torch.Tensor]:

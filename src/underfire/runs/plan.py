@@ -25,7 +25,7 @@ from ..errors import InputError, UnderfireError
 from ..interpreters import Interpreter, build_interpreter
 from ..models import Classifier, load_model
 from .config import ExperimentConfig
-from .inputs import images_from_dataset, images_from_files, other_pool
+from .inputs import drawn_target_refusal, images_from_dataset, images_from_files, other_pool
 
 #: (model, interpreter, attack, target map, image): a row of ``results``.
 Key = tuple[str, str, str, str, str]
@@ -101,6 +101,9 @@ def prepare_models(config: ExperimentConfig, device: str = "cpu") -> list[Prepar
                 interpreters[name] = build_interpreter(name, classifier, **config.options_for(name))
             except UnderfireError as error:
                 raise InputError(f"experiment.interpreters: {name!r} on {spec!r}: {error}") from None
+            drawn = [kind for kind in config.target_maps if kind not in ("benign", "other")]
+            if drawn and not interpreters[name].accepts_drawn_targets:
+                raise InputError(f"experiment.target_maps: {drawn_target_refusal(name, drawn[0])}")
         fixed = None
         if config.target != "random":
             try:
