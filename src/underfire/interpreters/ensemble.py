@@ -4,7 +4,7 @@ Zhang et al. (2020, §7) observe that ADV² transfers poorly across interpreters
 ensemble of interpreters as a countermeasure; an attacker who knows the ensemble attacks all of it
 at once (Carlini et al. 2019; Tramèr et al. 2020). This composite makes that attacker an ordinary
 interpreter: its map is its members' maps side by side on one grid, so the ADV² distance, the
-mean squared difference to the benign ensemble map, is the weighted mean of the members' own
+mean squared difference to the benign ensemble map, is a weighted sum of the members' own
 distances, and its state and extra attack terms are its members'.
 
 The grid is the finest member map (each coarser map is repeated by an integer factor, nearest
