@@ -146,6 +146,7 @@ def test_no_state_change_and_no_hooks_after_an_exception(name: str, when: str) -
     if name in ("cam", "gradcam"):
         assert interpreter.layers is not None  # found when built: the tripwire is for the explanation itself
     clf.prepare_images(images())  # so is the one-time memory-layout probe
+    interpreter.map_shape(images())  # and a composite's one-time probe of its members' map sizes
     clf.network.calls = 0
     interpreter(images(), [0, 1, 2], seed=0)  # a dry run counts the model calls
     calls = clf.network.calls
