@@ -128,6 +128,12 @@ _IN_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu_, torch.Tensor.
 _RELU_FUNCS = _OUT_OF_PLACE | _IN_PLACE | {F.relu}
 
 
+def is_in_place_relu(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a ReLU call overwrites its argument (``relu_``, or ``F.relu(x, inplace=True)``,
+    also given positionally): the one test every mode that replaces ReLUs uses."""
+    return func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", len(args) > 1 and args[1])))
+
+
 class _ReluSurrogateMode(TorchFunctionMode):
     """Replaces every ReLU call while active; all other torch functions pass through."""
 
@@ -154,7 +160,7 @@ class _ReluSurrogateMode(TorchFunctionMode):
             # The true ReLU, hidden from any enclosing surrogate mode: the innermost context wins.
             with torch._C.DisableTorchFunction():
                 return func(*args, **kwargs)
-        inplace = func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", False)))
+        inplace = is_in_place_relu(func, args, kwargs)
         # An in-place call overwrites z, which g's backward must not have saved: work on a copy,
         # then write the result into z (autograd records the copy like any in-place op).
         source = z.clone() if inplace else z
@@ -202,7 +208,7 @@ class _SoftplusMode(TorchFunctionMode):
         if func not in _RELU_FUNCS:
             return func(*args, **kwargs)
         z = args[0] if args else kwargs.get("input")
-        inplace = func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", len(args) > 1 and args[1])))
+        inplace = is_in_place_relu(func, args, kwargs)
         with torch._C.DisableTorchFunction():  # no enclosing ReLU surrogate sees it: softplus is not a ReLU
             out = F.softplus(z.clone() if inplace else z, beta=self.beta)
             return z.copy_(out) if inplace else out

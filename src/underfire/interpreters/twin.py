@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ModelStructureError
-from ..smoothing import _IN_PLACE, _RELU_FUNCS
+from ..smoothing import _RELU_FUNCS, is_in_place_relu
 
 _CONV = {torch.conv1d, torch.conv2d, torch.conv3d}
 _LINEAR = {F.linear}
@@ -257,7 +257,7 @@ class TwinTrace(TorchFunctionMode):
     def _relu(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         z = args[0] if args else kwargs["input"]
         twin = self._lookup(z)
-        pre = z.clone() if _is_in_place_relu(func, args, kwargs) and self.rules.needs_preactivation else z
+        pre = z.clone() if is_in_place_relu(func, args, kwargs) and self.rules.needs_preactivation else z
         out = func(*args, **kwargs)
         return self._set(out, self.rules.relu(pre, out, twin))
 
@@ -369,7 +369,7 @@ class ReluRecorder(TorchFunctionMode):
             z = args[0] if args else kwargs["input"]
             # copies: an activation changed in place later (h = relu(z); h += skip) must not
             # change the recorded one (an in-place ReLU's pre-activation is copied before the call)
-            in_place = _is_in_place_relu(func, args, kwargs)
+            in_place = is_in_place_relu(func, args, kwargs)
             pre = z.clone() if in_place else z
             out = func(*args, **kwargs)
             self.activations.append((pre if in_place else pre.clone(), out.clone()))
@@ -398,10 +398,6 @@ class ReluRecorder(TorchFunctionMode):
                 f"{method}: the model applies {len(self.activations)} ReLUs to the baseline but {used} "
                 "to the input; it needs the same operations on both"
             )
-
-
-def _is_in_place_relu(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    return func in _IN_PLACE or (func is F.relu and bool(kwargs.get("inplace", len(args) > 1 and args[1])))
 
 
 def check_traceable(classifier: Any, method: str) -> None:
