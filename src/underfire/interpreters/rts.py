@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,11 @@ __all__ = [
 SHIPPED_RTS: dict[str, str] = {
     "shapes-resnet": "rts-shapes-resnet.safetensors",
     "shapes-densenet": "rts-shapes-densenet.safetensors",
+}
+#: The same, fine-tuned against ADV² (``underfire train rts-adversarial``; Rts ``variant="adversarial"``).
+SHIPPED_ADVERSARIAL_RTS: dict[str, str] = {
+    "shapes-resnet": "rts-shapes-resnet-adversarial.safetensors",
+    "shapes-densenet": "rts-shapes-densenet-adversarial.safetensors",
 }
 #: The shared, separately trained encoder the shipped RTS networks were built on.
 SHIPPED_ENCODER = "rts-encoder.safetensors"
@@ -222,13 +227,14 @@ class SaliencyNetwork(nn.Module):
     def masks_and_logits(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks and the encoder's own logits from one encoder pass (what the ADV² attack needs)."""
         features = self.encode(images)
-        return self.decode(features, classes), self._head(features[-1])
+        return self.decode(features, classes), self.encoder_head(features[-1])
 
     def encoder_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The encoder's own classification logits of [0, 1] images (differentiable)."""
-        return self._head(self.encode(images)[-1])
+        return self.encoder_head(self.encode(images)[-1])
 
-    def _head(self, s4: torch.Tensor) -> torch.Tensor:
+    def encoder_head(self, s4: torch.Tensor) -> torch.Tensor:
+        """The encoder's classification logits from its deepest features (``encode(...)[-1]``)."""
         return self.encoder.fc(torch.flatten(self.encoder.avgpool(s4), 1))
 
     # ------------------------------------------------------------------ state
@@ -294,6 +300,8 @@ class Rts(Interpreter):
             addition, 0.3: the warm start then also fools RTS's encoder, so stage 2 starts with
             the mask on for c_t, see docs/tuning.md; the ``paper`` preset sets 0, the paper's
             plain warm start).
+        variant: ``"adversarial"`` loads the shipped network fine-tuned against ADV²
+            (``training.rts_adversarial``, a defence) instead of the plain one.
 
     With neither network nor checkpoint, the classifier's own (its metadata's ``rts``: the CLI's
     ``--rts``, a model card's or a ``[models.NAME]`` table's key), else the shipped network of a
@@ -322,8 +330,12 @@ class Rts(Interpreter):
         checkpoint: str | Path | None = None,
         encoder_weight: float = 0.1,
         warm_start_encoder_weight: float = 0.3,
+        variant: Literal["plain", "adversarial"] = "plain",
     ) -> None:
         super().__init__(classifier)
+        if variant not in ("plain", "adversarial"):
+            raise InputError(f"RTS variant must be 'plain' or 'adversarial', got {variant!r}")
+        self.variant = variant
         for label, weight in (("encoder_weight", encoder_weight), ("warm_start_encoder_weight", warm_start_encoder_weight)):
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 raise InputError(f"{label} must be finite and >= 0, got {weight!r}")
@@ -333,20 +345,27 @@ class Rts(Interpreter):
         self._files: tuple[str, ...] = ()
         if network is not None and checkpoint is not None:
             raise InputError("pass either an RTS network or a checkpoint path, not both")
+        if variant == "adversarial" and (network is not None or checkpoint is not None):
+            raise InputError(
+                "variant=adversarial picks the shipped adversarially trained network; with your own "
+                "network or checkpoint, pass the adversarially trained one itself (underfire train rts-adversarial)"
+            )
         if network is None:
-            if checkpoint is None:
+            if checkpoint is None and variant == "plain":
                 checkpoint = classifier.metadata.get("rts")  # the model's metadata (--rts, a card)
             if checkpoint is None:
-                if classifier.name not in SHIPPED_RTS:
+                shipped = SHIPPED_ADVERSARIAL_RTS if variant == "adversarial" else SHIPPED_RTS
+                if classifier.name not in shipped:
                     raise InputError(
                         f"no RTS network ships for model {classifier.name!r}; train one with "
                         "`underfire train rts --model SPEC` and pass it with --rts PATH (or checkpoint=PATH)"
                     )
-                checkpoint = shipped_rts_path(SHIPPED_RTS[classifier.name])
+                checkpoint = shipped_rts_path(shipped[classifier.name])
                 if not checkpoint.is_file():
+                    command = "rts-adversarial" if variant == "adversarial" else "rts"
                     raise InputError(
                         f"the shipped RTS network {checkpoint.name!r} is missing from this installation; "
-                        f"train one with `underfire train rts --model {classifier.name}`"
+                        f"train one with `underfire train {command} --model {classifier.name}`"
                     )
             network, self.metadata = load_saliency_network(checkpoint)
             self._files = (str(checkpoint), str(metadata_path(checkpoint)))
