@@ -649,6 +649,59 @@ def train_rts_command(
     typer.echo(f"wrote {result.path}: {scores}{pointing}; {result.seconds:.0f} s; use it with --rts {result.path}")
 
 
+@train_app.command("rts-adversarial")
+@user_errors
+@with_model_metadata
+def train_rts_adversarial_command(
+    model: ModelArg = "shapes-resnet",
+    base: Annotated[Optional[Path], typer.Option(help="RTS checkpoint to start from; default: the model's own (--rts, else the shipped one).")] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds of (craft ADV² against the current network, fine-tune).")] = 8,
+    attack_images: Annotated[int, typer.Option(help="Fresh training images attacked per round.")] = 128,
+    steps_per_round: Annotated[int, typer.Option(help="Fine-tuning steps per round.")] = 100,
+    adversarial_weight: Annotated[float, typer.Option(help="Weight of the empty-mask loss on adversarial images.")] = 2.0,
+    train_encoder: Annotated[bool, typer.Option(help="Fine-tune RTS's encoder too (CE toward the true class of clean and adversarial images).")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for image choice, targets, batches and the attack.")] = 0,
+    train_size: Annotated[int, typer.Option(help="Training images drawn from (at most).")] = 4000,
+    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it). A re-run resumes an unfinished one.")] = Path("rts-adversarial.safetensors"),
+    weights: WeightsArg = None,
+    device: DeviceArg = "auto",
+    metadata: Any = None,
+) -> None:
+    """Fine-tune MODEL's RTS network against ADV² (a defence); writes safetensors + JSON.
+
+    Every round crafts ADV² examples against the current network and teaches it the empty mask
+    for their target class. Use the result with --rts PATH, or variant=adversarial for the
+    shipped ones.
+    """
+    from .devices import resolve_device
+    from .store.files import check_output_file
+    from .training.rts_adversarial import AdversarialRtsConfig, train_adversarial_rts
+
+    check_output_file(out, "--out")
+    options = _model_options(weights, metadata)
+    config = AdversarialRtsConfig(
+        model=model,
+        base=None if base is None else str(base),
+        rounds=rounds,
+        attack_images=attack_images,
+        steps_per_round=steps_per_round,
+        adversarial_weight=adversarial_weight,
+        train_encoder=train_encoder,
+        seed=seed,
+        train_size=train_size,
+        model_options=options.as_table(),
+    )
+    _threads()
+    result = train_adversarial_rts(config, out, progress=True, device=resolve_device(device))
+    before, after = result.before, result.after
+    last = result.rounds[-1]
+    typer.echo(
+        f"wrote {result.path}: pointing game {before['pointing_game']:.3f} -> {after['pointing_game']:.3f}, "
+        f"object IoU {before['iou_object_area']:.3f} -> {after['iou_object_area']:.3f}; last round's ADV2 "
+        f"against it: success {last['attack_success']:.0%}, IoU {last['attack_iou']:.3f}; {result.seconds:.0f} s"
+    )
+
+
 @data_app.command("export")
 @user_errors
 def export_command(
