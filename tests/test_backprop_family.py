@@ -452,8 +452,11 @@ def test_agreement_with_captum_and_zennit_on_torchvision_at_224(arch: str) -> No
     deeplift = build_interpreter("deeplift", model).attribute(images, classes)
     theirs = CaptumDeepLift(peer).attribute(images.clone().requires_grad_(True), target=classes)
     assert (maps_of(deeplift) - maps_of(theirs)).abs().max() < 1e-4
-    lrp = build_interpreter("lrp", model).attribute(images, classes)
-    assert (maps_of(lrp) - maps_of(_zennit_lrp(peer, peer.model, images, classes))).abs().max() < 1e-4
+    # LRP in float64: at 224 px through 20 random layers, float32 rounding alone moves both
+    # libraries' maps by up to 7e-4 on some CPUs (measured), more than the rules could differ by
+    model, peer, x = model.to(torch.float64), peer.to(torch.float64), images.to(torch.float64)
+    lrp = build_interpreter("lrp", model).attribute(x, classes)
+    assert (maps_of(lrp) - maps_of(_zennit_lrp(peer, peer.model, x, classes))).abs().max() < 1e-7
 
 
 # --- everything else follows: the CLI and runs -----------------------------------------------------
