@@ -76,8 +76,7 @@ SHIPPED_RTS: dict[str, str] = {
 }
 #: The same, fine-tuned against ADV² (``underfire train rts-adversarial``; Rts ``variant="adversarial"``).
 SHIPPED_ADVERSARIAL_RTS: dict[str, str] = {
-    "shapes-resnet": "rts-shapes-resnet-adversarial.safetensors",
-    "shapes-densenet": "rts-shapes-densenet-adversarial.safetensors",
+    model: file.removesuffix(".safetensors") + "-adversarial.safetensors" for model, file in SHIPPED_RTS.items()
 }
 #: The shared, separately trained encoder the shipped RTS networks were built on.
 SHIPPED_ENCODER = "rts-encoder.safetensors"
@@ -335,7 +334,6 @@ class Rts(Interpreter):
         super().__init__(classifier)
         if variant not in ("plain", "adversarial"):
             raise InputError(f"RTS variant must be 'plain' or 'adversarial', got {variant!r}")
-        self.variant = variant
         for label, weight in (("encoder_weight", encoder_weight), ("warm_start_encoder_weight", warm_start_encoder_weight)):
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 raise InputError(f"{label} must be finite and >= 0, got {weight!r}")
@@ -354,15 +352,14 @@ class Rts(Interpreter):
             if checkpoint is None and variant == "plain":
                 checkpoint = classifier.metadata.get("rts")  # the model's metadata (--rts, a card)
             if checkpoint is None:
-                shipped = SHIPPED_ADVERSARIAL_RTS if variant == "adversarial" else SHIPPED_RTS
+                shipped, command = (SHIPPED_ADVERSARIAL_RTS, "rts-adversarial") if variant == "adversarial" else (SHIPPED_RTS, "rts")
                 if classifier.name not in shipped:
                     raise InputError(
                         f"no RTS network ships for model {classifier.name!r}; train one with "
-                        "`underfire train rts --model SPEC` and pass it with --rts PATH (or checkpoint=PATH)"
+                        f"`underfire train {command} --model SPEC` and pass it with --rts PATH (or checkpoint=PATH)"
                     )
                 checkpoint = shipped_rts_path(shipped[classifier.name])
                 if not checkpoint.is_file():
-                    command = "rts-adversarial" if variant == "adversarial" else "rts"
                     raise InputError(
                         f"the shipped RTS network {checkpoint.name!r} is missing from this installation; "
                         f"train one with `underfire train {command} --model {classifier.name}`"

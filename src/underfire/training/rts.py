@@ -407,13 +407,28 @@ def _save_progress(
     schedule: Any, generator: torch.Generator, records: list[dict[str, float]],
 ) -> None:
     trained = {k: v for k, v in network.state_dict().items() if not k.startswith("encoder.")}
-    state = {
+    write_progress(path, {
         "config": repr(config), "epochs": epochs, "network": trained, "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(), "generator": generator.get_state(), "records": records,
-    }
+    })
+
+
+def write_progress(path: Path, state: dict[str, Any]) -> None:
+    """Write a training run's progress ``state`` atomically (a kill mid-write leaves the old file)."""
     temporary = path.with_name(path.name + ".tmp")
     torch.save(state, temporary)
     temporary.replace(path)
+
+
+def read_progress(path: Path, config: Any, what: str) -> dict[str, Any]:
+    """The progress state at ``path``, refused in one line if unreadable or of another ``config``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file cut short by a kill, or not ours
+        raise InputError(f"cannot resume from '{path}' ({type(error).__name__}); delete it to start again") from None
+    if state.get("config") != repr(config):
+        raise InputError(f"'{path}' holds the progress of another {what} config; delete it or use another --out")
+    return state
 
 
 def _restore(
@@ -421,12 +436,7 @@ def _restore(
     schedule: Any, generator: torch.Generator,
 ) -> tuple[int, list[dict[str, float]]]:
     """The epoch to continue from and the records so far, from a progress file of the same config."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a file cut short by a kill, or not ours
-        raise InputError(f"cannot resume from '{path}' ({type(error).__name__}); delete it to start again") from None
-    if state.get("config") != repr(config):
-        raise InputError(f"'{path}' holds the progress of another RTS training config; delete it or use another --out")
+    state = read_progress(path, config, "RTS training")
     network.load_state_dict(state["network"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
@@ -435,7 +445,7 @@ def _restore(
 
 
 def progress_path(out: Path) -> Path:
-    """Where ``train_rts`` keeps the progress of an unfinished training run for ``out``."""
+    """Where ``train_rts`` (and ``train_adversarial_rts``) keep the progress of an unfinished run for ``out``."""
     return out.with_name(out.stem + ".progress.pt")
 
 
