@@ -18,25 +18,18 @@ arrays, so a run's stored images can be scored once and summarised many ways.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
 from .errors import InputError
 from .interpreters import Interpreter, build_interpreter
-from .metrics import iou_top_k, resize_maps, spearman
+from .metrics import SCORES, Score, disagreement, to_grid
 from .models.classifier import Classifier
-
-Score = Literal["iou", "l1", "rank"]
-SCORES: tuple[str, ...] = ("iou", "l1", "rank")
-
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -88,36 +81,11 @@ class EnsembleDetector:
             size = min((tuple(m.shape[-2:]) for m in raw), key=lambda s: s[0] * s[1])
         else:
             size = (self.config.grid, self.config.grid)
-        return [_to_grid(m, size) for m in raw]
+        return [to_grid(m, size) for m in raw]
 
     def scores(self, images: torch.Tensor, classes: Any = None) -> torch.Tensor:
         """(N,) disagreement: high = the members disagree."""
         return disagreement(self.maps(images, classes), self.config.score)
-
-
-def _to_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Area average to a coarser grid, bilinear to a finer one."""
-    height, width = maps.shape[-2:]
-    if height >= size[0] and width >= size[1]:
-        return F.adaptive_avg_pool2d(maps, size)
-    return resize_maps(maps, size)
-
-
-def disagreement(maps: Sequence[torch.Tensor], score: Score = "iou") -> torch.Tensor:
-    """(N,) disagreement of several interpreters' maps (each (N, 1, h, w), one grid)."""
-    if len(maps) < 2:
-        raise InputError("disagreement needs the maps of two or more interpreters")
-    if score not in SCORES:
-        raise InputError(f"unknown detector score {score!r}; choose one of {', '.join(SCORES)}")
-    pairs = []
-    for a, b in itertools.combinations(maps, 2):
-        if score == "iou":
-            pairs.append(1.0 - iou_top_k(a, b).mean(1))
-        elif score == "l1":
-            pairs.append((a - b).abs().flatten(1).mean(1))
-        else:
-            pairs.append(1.0 - spearman(a, b))
-    return torch.stack(pairs).mean(0)
 
 
 # --- statistics on score arrays ----------------------------------------------------------------

@@ -15,7 +15,9 @@ larger of the two (object masks: to the mask's resolution).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -145,3 +147,33 @@ def object_iou(maps: torch.Tensor, objects: torch.Tensor, fraction: float | None
         top = top_k_mask(row[None], share)[0]
         scores.append((top & obj).sum().float() / (top | obj).sum().float())
     return torch.stack(scores)
+
+
+#: The ensemble detector's disagreement scores (``underfire.detection``).
+Score = Literal["iou", "l1", "rank"]
+SCORES: tuple[str, ...] = ("iou", "l1", "rank")
+
+
+def to_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area average to a coarser grid, bilinear to a finer one."""
+    height, width = maps.shape[-2:]
+    if height >= size[0] and width >= size[1]:
+        return F.adaptive_avg_pool2d(maps, size)
+    return resize_maps(maps, size)
+
+
+def disagreement(maps: Sequence[torch.Tensor], score: Score = "iou") -> torch.Tensor:
+    """(N,) disagreement of several interpreters' maps (each (N, 1, h, w), one grid)."""
+    if len(maps) < 2:
+        raise InputError("disagreement needs the maps of two or more interpreters")
+    if score not in SCORES:
+        raise InputError(f"unknown detector score {score!r}; choose one of {', '.join(SCORES)}")
+    pairs = []
+    for a, b in itertools.combinations(maps, 2):
+        if score == "iou":
+            pairs.append(1.0 - iou_top_k(a, b).mean(1))
+        elif score == "l1":
+            pairs.append((a - b).abs().flatten(1).mean(1))
+        else:
+            pairs.append(1.0 - spearman(a, b))
+    return torch.stack(pairs).mean(0)

@@ -15,21 +15,36 @@ of another image); a shape drawn over the whole strip would not be one target pe
 drawn and user target maps are refused. The measures of an ensemble row (IoU, L1) are of the
 whole strip, where top-k is dominated by the heaviest member: each member's own IoU is the
 transfer table's (ensemble → member).
+
+``detector_weight`` adds the ensemble detector's own score to ℓ_int: the mean pairwise L1
+disagreement of the members' maps of c_t on the coarsest member grid (``underfire.detection``'s
+``l1`` score, the differentiable one of its scores), so the attacker also pays for the members
+disagreeing with each other, not only for each drifting from its benign map.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UnderfireError
+from ..metrics import disagreement, to_grid
 from ..models.classifier import Classifier
 from ..presets import Preset
 from .base import AttackStage, AttackTerms, Interpreter
+
+
+@dataclass(frozen=True)
+class EnsembleState:
+    """The members' attack states, and their maps of the last surrogate call (for the detector term)."""
+
+    members: tuple[Any, ...]
+    maps: tuple[torch.Tensor, ...] | None = None
 
 
 class Ensemble(Interpreter):
@@ -40,6 +55,8 @@ class Ensemble(Interpreter):
         weights: one positive weight per member for the attack's distance (default: equal).
         member_preset: build every member with this preset's options (the ensemble's own presets
             set it, so a ``quick`` run gets ``quick`` members); ``None``: the members' defaults.
+        detector_weight: weight of the detector's L1 disagreement among the members' maps in
+            ℓ_int (0: the attack ignores the detector's score).
     """
 
     name: ClassVar[str] = "ensemble"
@@ -63,6 +80,7 @@ class Ensemble(Interpreter):
         members: tuple[str, ...] = ("grad", "cam", "rts", "mask"),
         weights: tuple[float, ...] | None = None,
         member_preset: Literal["quick", "paper"] | None = None,
+        detector_weight: float = 0.0,
     ) -> None:
         super().__init__(classifier)
         from . import build_interpreter  # the registry module imports this one
@@ -77,6 +95,11 @@ class Ensemble(Interpreter):
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights
         ):
             raise InputError(f"give one positive weight per member ({len(names)}), got {list(weights)}")
+        if isinstance(detector_weight, bool) or not isinstance(detector_weight, (int, float)) or not (
+            math.isfinite(detector_weight) and detector_weight >= 0
+        ):
+            raise InputError(f"the ensemble's detector_weight must be a finite number >= 0, got {detector_weight!r}")
+        self.detector_weight = float(detector_weight)
         self.names = names
         self.weights = tuple(float(w) for w in weights)
         self.members: list[Interpreter] = []
@@ -143,8 +166,8 @@ class Ensemble(Interpreter):
         for member in self.members:
             member.check_attackable()
 
-    def initial_state(self, seed: int, device: torch.device) -> tuple[Any, ...]:
-        return tuple(m.initial_state(seed, device) for m in self.members)
+    def initial_state(self, seed: int, device: torch.device) -> EnsembleState:
+        return EnsembleState(tuple(m.initial_state(seed, device) for m in self.members))
 
     def explain(
         self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
@@ -154,21 +177,23 @@ class Ensemble(Interpreter):
 
     def surrogate(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    ) -> tuple[torch.Tensor, EnsembleState]:
         states = self._states(state)
         self.grid(images)
         results = [m.surrogate(images, classes, s) for m, s in zip(self.members, states)]
-        return self.tile([maps for maps, _ in results]), tuple(s for _, s in results)
+        maps = tuple(maps for maps, _ in results)
+        return self.tile(maps), EnsembleState(tuple(s for _, s in results), maps)
 
     def surrogate_and_logits(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
-        """Every member's ``surrogate_and_logits`` (their states feed their attack terms); the
-        logits are the first member's (all equal ``classifier(images)``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, EnsembleState]:
+        """Every member's ``surrogate_and_logits`` (their states feed their attack terms, their
+        maps the detector term); the logits are the first member's (all equal ``classifier(images)``)."""
         states = self._states(state)
         self.grid(images)
         results = [m.surrogate_and_logits(images, classes, s) for m, s in zip(self.members, states)]
-        return self.tile([maps for maps, _, _ in results]), results[0][1], tuple(s for _, _, s in results)
+        maps = tuple(maps for maps, _, _ in results)
+        return self.tile(maps), results[0][1], EnsembleState(tuple(s for _, _, s in results), maps)
 
     def attack_terms(
         self,
@@ -179,8 +204,8 @@ class Ensemble(Interpreter):
         state: Any = None,
     ) -> AttackTerms | None:
         """The members' own terms: interpretation terms at their share of the distance, extra
-        terms at w_m / max w."""
-        states = self._states(state) if state is not None else (None,) * len(self.members)
+        terms at w_m / max w; in the joint stage, ``detector_weight`` × the members' disagreement."""
+        states = self._states(state)
         targets = self.split(target_maps, self.member_shapes(images))
         interpretation: torch.Tensor | None = None
         extra: torch.Tensor | None = None
@@ -194,13 +219,25 @@ class Ensemble(Interpreter):
             if terms.extra is not None:
                 part = scale**2 * terms.extra
                 extra = part if extra is None else extra + part
+        if self.detector_weight > 0 and stage == "joint":
+            if not isinstance(state, EnsembleState) or state.maps is None:
+                raise InputError("the ensemble's detector term needs the state of its surrogate call (surrogate_and_logits)")
+            part = self.detector_weight * self.disagreement(state.maps)
+            interpretation = part if interpretation is None else interpretation + part
         if interpretation is None and extra is None:
             return None
         return AttackTerms(interpretation=interpretation, extra=extra)
 
+    def disagreement(self, member_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(N,) the detector's ``l1`` score of members' maps (at their own sizes), on the coarsest grid."""
+        size = min((tuple(m.shape[-2:]) for m in member_maps), key=lambda s: s[0] * s[1])
+        return disagreement([to_grid(m, size) for m in member_maps], "l1")  # type: ignore[arg-type]
+
     def _states(self, state: Any) -> tuple[Any, ...]:
         if state is None:
             return (None,) * len(self.members)
+        if isinstance(state, EnsembleState):
+            state = state.members
         if not isinstance(state, tuple) or len(state) != len(self.members):
             raise InputError(f"the ensemble's state is one state per member ({len(self.members)}), got {type(state).__name__}")
         return state
