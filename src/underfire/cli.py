@@ -749,8 +749,10 @@ def detect(
     score: Annotated[str, typer.Option("--score", help="Disagreement score: iou (1 - mean pairwise IoU test), l1 or rank (1 - Spearman).")] = "iou",
     grid: Annotated[Optional[int], typer.Option("--grid", help="Side of the common grid (default: the coarsest member map).")] = None,
     preset_name: Annotated[str, typer.Option("--preset", help="Preset whose interpreter options the members get.")] = "quick",
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of the benign images held out of the calibration: the rates are measured on them and on the attacks of them (0: in-sample).")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration / held-out split.")] = 0,
     device: DeviceArg = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON list: a row per model x attack x attacked interpreter.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list: a row per model x attack x attacked interpreter (PGD: one row, interpreter any).")] = False,
 ) -> None:
     """Ensemble-interpretation detector on a run: TPR at a calibrated FPR and ROC AUC per attack and attacked interpreter."""
     from .detection import DetectorConfig
@@ -761,13 +763,16 @@ def detect(
         raise InputError(f"--fpr must be in (0, 1), got {fpr}")
     members = coerce_value("--ensemble", ensemble, tuple[str, ...])
     config = DetectorConfig(members=members, score=score, grid=grid, preset=preset_name)  # type: ignore[arg-type]
-    rows = detect_run(run_dir, config, fpr, device=device, progress=not as_json)
+    rows = detect_run(run_dir, config, fpr, device=device, progress=not as_json, holdout=holdout, seed=seed)
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
         return
     for model in dict.fromkeys(row.model for row in rows):
         spread = next(row.benign for row in rows if row.model == model)
         typer.echo(f"{model}: benign {score} scores of {spread['n']} images: mean {spread['mean']:.3f}, sd {spread['std']:.3f}, 95th percentile {spread['p95']:.3f}")
+        first = next(row for row in rows if row.model == model)
+        if holdout:
+            typer.echo(f"  threshold calibrated on {first.calibration} benign images, rates measured on the {first.evaluation} held out and their attacks")
         for row in (r for r in rows if r.model == model):
             rates = "no successful example" if row.tpr is None else f"TPR {row.tpr:.2f} at FPR {row.fpr:.2f} (threshold {row.threshold:.3f}), AUC {row.auc:.2f}"
             typer.echo(f"  {row.attack} vs {row.interpreter} ({row.target_map}, {row.examples} examples): {rates}")

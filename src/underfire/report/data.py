@@ -185,13 +185,15 @@ def _transfer(reader: RunReader) -> list[dict[str, Any]]:
 
 def _roc(reader: RunReader) -> list[dict[str, Any]]:
     from ..detection import roc_curve
+    from ..runs.detect import example_groups
 
     curves = []
     for entry in reader.detector_score_sets():
         if not entry["benign"]:
             continue
-        for (attack, interpreter, target_map), scores in entry["attacked"].items():
-            fpr, tpr = roc_curve(entry["benign"], scores)
+        score = {row["adversarial_path"]: row["score"] for row in entry["examples"]}
+        for (attack, interpreter, target_map), examples in example_groups(entry["examples"]).items():
+            fpr, tpr = roc_curve(entry["benign"], [score[path] for _, path in examples])
             curves.append({
                 "model": entry["model"], "detector": entry["detector"], "attack": attack, "interpreter": interpreter,
                 "target_map": target_map, "fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr],

@@ -413,7 +413,12 @@ def _detection(run: RunData, options: PageOptions) -> str:
         return ""
     from .figures import FigureStyle, roc_figure
 
+    from ..runs.detect import ANY
+
     def success(model: str, attack: str, interpreter: str, target_map: str) -> float | None:
+        """The attack's success rate (an ``any`` row's: over its first interpreter's rows, the same images)."""
+        if interpreter == ANY:
+            interpreter = next((key[1] for key in run.results if (key[0], key[2], key[3]) == (model, attack, target_map)), ANY)
         rows = [r for key, r in run.results.items() if key[:4] == (model, interpreter, attack, target_map)]
         return sum(bool(r["success"]) for r in rows) / len(rows) if rows else None
 

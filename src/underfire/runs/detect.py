@@ -1,9 +1,12 @@
 """``underfire detect``: the ensemble detector on a finished (or partial) run's stored images.
 
-The run's benign images calibrate the threshold at the chosen false-positive rate (in-sample: the
-same images the rates are reported on); each model × attack × attacked interpreter × target map
-gives the detection rate of its *successful* adversarial examples (a failed attack is not an
-adversarial example) and the ROC AUC. Scores are stored per image path in the run's database
+The run's benign images calibrate the threshold at the chosen false-positive rate: all of them
+(in-sample, the same images the rates are reported on), or with ``holdout=h`` a seeded share 1 − h
+of them, the rates (FPR, TPR, AUC) then taken on the held-out benign images and on the adversarial
+examples made from them only. Each model × attack × attacked interpreter × target map gives the
+detection rate of its *successful* adversarial examples (a failed attack is not an adversarial
+example) and the ROC AUC; an attack whose examples do not depend on the interpreter (PGD: one
+image per input, measured on each interpreter) is one row, interpreter ``any``. Scores are stored per image path in the run's database
 (``detector_scores``), one transaction per batch, so a re-run or another false-positive rate
 costs no explanation again and an interrupted one keeps what it scored; the summaries go to
 ``detections``.
@@ -20,7 +23,8 @@ import numpy as np
 import torch
 
 from ..data.images import read_image
-from ..detection import DetectorConfig, EnsembleDetector, summarize
+from .. import __version__
+from ..detection import DetectorConfig, EnsembleDetector, detection_rate, roc_auc, threshold_at_fpr
 from ..devices import resolve_device
 from ..errors import InputError, UnderfireError
 from ..models import load_model
@@ -48,22 +52,35 @@ class Detection:
     tpr: float | None
     auc: float | None
     benign: dict[str, float]
+    #: benign images the threshold was calibrated on, and those the rates were measured on (the
+    #: same images when in-sample)
+    calibration: int = 0
+    evaluation: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+#: The interpreter of a summary row whose attack's examples are shared by every interpreter.
+ANY = "any"
+
+
 def detector_key(config: DetectorConfig) -> str:
-    """The ``detector`` column: what makes two detectors' scores different."""
+    """The ``detector`` column: what makes two detectors' scores different. The members are built
+    by name and preset, so the library version pins their options and shipped networks."""
     grid = "auto" if config.grid is None else str(config.grid)
-    return f"{config.score}:{','.join(config.members)}:grid={grid}:preset={config.preset}"
+    return f"{config.score}:{','.join(config.members)}:grid={grid}:preset={config.preset}:underfire={__version__}"
 
 
 def detect_run(
-    run_dir: str | Path, config: DetectorConfig, fpr: float, *, device: str = "cpu", progress: bool = False
+    run_dir: str | Path, config: DetectorConfig, fpr: float, *, device: str = "cpu", progress: bool = False,
+    holdout: float = 0.0, seed: int = 0,
 ) -> list[Detection]:
     """Score ``run_dir``'s benign and adversarial images with ``config``'s detector, summarise at
-    ``fpr``, store both, and return the summaries."""
+    ``fpr`` (calibrated in-sample, or on a seeded share 1 − ``holdout`` of the benign images),
+    store both, and return the summaries."""
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise InputError(f"the held-out share of benign images must be in [0, 1), got {holdout!r}")
     run_dir = Path(run_dir)
     with open_reader(run_dir) as reader:
         meta, images, results = reader.meta(), reader.images(), reader.results()
@@ -71,17 +88,57 @@ def detect_run(
         raise InputError(f"{str(run_dir)!r} holds no attacked images yet; run the experiment first")
     experiment = ExperimentConfig.from_mapping(meta["config"])
     key = detector_key(config)
+    summary_key = key if not holdout else f"{key}:holdout={holdout:g}:seed={seed}"
     summaries: list[Detection] = []
     with run_lock(run_dir), ResultStore(run_dir) as store:
         for spec in experiment.models:
-            benign_paths = [row["image_path"] for row in images if row["model"] == spec]
+            benign = {row["image"]: row["image_path"] for row in images if row["model"] == spec}
             rows = [row for row in results if row["model"] == spec]
-            if not benign_paths:
+            if not benign:
                 continue
-            scores = _score_model(store, run_dir, experiment, spec, config, key, benign_paths, rows, device, progress)
-            summaries += _summaries(spec, benign_paths, rows, scores, fpr)
-        store.replace_detections([{**s.as_dict(), "detector": key, "target_fpr": fpr} for s in summaries])
+            scores = _score_model(store, run_dir, experiment, spec, config, key, list(benign.values()), rows, device, progress)
+            calibration, evaluation = split_images(sorted(benign), holdout, seed)
+            summaries += _summaries(spec, benign, calibration, evaluation, rows, scores, fpr)
+        store.replace_detections([{**s.as_dict(), "detector": summary_key, "target_fpr": fpr} for s in summaries])
     return summaries
+
+
+def split_images(names: list[str], holdout: float, seed: int) -> tuple[list[str], list[str]]:
+    """(calibration, evaluation) image names: all of them twice when ``holdout`` is 0, else a
+    seeded permutation's first 1 − ``holdout`` and the rest (each at least one image)."""
+    if not holdout:
+        return names, names
+    held = int(round(holdout * len(names)))
+    if not 1 <= held < len(names):
+        raise InputError(
+            f"holding out {holdout:g} of {len(names)} benign images leaves no image to "
+            f"{'evaluate on' if held < 1 else 'calibrate on'}; run more images or change --holdout"
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    return [names[i] for i in sorted(order[held:])], [names[i] for i in sorted(order[:held])]
+
+
+def example_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[tuple[str, str]]]:
+    """(attack, interpreter, target map) → the (image, adversarial path) of its successful
+    examples, in row order; an attack × target map whose rows hold the same adversarial images for
+    every interpreter (PGD) is one group, interpreter ``ANY``, so its examples count once."""
+    groups: dict[tuple[str, str, str], list[tuple[str, str]]] = defaultdict(list)
+    files: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for row in rows:
+        key = (row["attack"], row["interpreter"], row["target_map"])
+        files[key].add(row["adversarial_path"])
+        if row["success"]:
+            groups[key].append((row["image"], row["adversarial_path"]))
+        else:
+            groups.setdefault(key, [])
+    merged: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    for attack, target_map in dict.fromkeys((a, t) for a, _, t in files):
+        keys = [k for k in files if (k[0], k[2]) == (attack, target_map)]
+        if len(keys) > 1 and all(files[k] == files[keys[0]] for k in keys):
+            merged[(attack, ANY, target_map)] = groups[keys[0]]
+        else:
+            merged.update((k, groups[k]) for k in keys)
+    return merged
 
 
 def _score_model(
@@ -119,24 +176,24 @@ def _score_model(
 
 
 def _summaries(
-    spec: str, benign_paths: list[str], rows: list[dict[str, Any]], scores: dict[str, float], fpr: float
+    spec: str, benign_paths: dict[str, str], calibration: list[str], evaluation: list[str],
+    rows: list[dict[str, Any]], scores: dict[str, float], fpr: float,
 ) -> list[Detection]:
-    benign = np.array([scores[path] for path in benign_paths])
+    every = np.array([scores[path] for path in benign_paths.values()])
     spread = {
-        "n": int(benign.size), "mean": float(benign.mean()), "std": float(benign.std()),
-        "median": float(np.median(benign)), "p95": float(np.quantile(benign, 0.95)),
+        "n": int(every.size), "mean": float(every.mean()), "std": float(every.std()),
+        "median": float(np.median(every)), "p95": float(np.quantile(every, 0.95)),
     }
-    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    for row in rows:
-        group = groups[(row["attack"], row["interpreter"], row["target_map"])]
-        if row["success"]:
-            group.append(scores[row["adversarial_path"]])
+    threshold = threshold_at_fpr([scores[benign_paths[name]] for name in calibration], fpr)
+    benign = np.array([scores[benign_paths[name]] for name in evaluation])
+    evaluated = set(evaluation)
     out = []
-    for (attack, interpreter, target_map), attacked in sorted(groups.items()):
-        if attacked:
-            stats = summarize(benign, attacked, fpr)
-            tpr, auc = stats["tpr"], stats["auc"]
-        else:  # no successful example to detect
-            stats, tpr, auc = summarize(benign, benign, fpr), None, None
-        out.append(Detection(spec, attack, interpreter, target_map, len(attacked), stats["threshold"], stats["fpr"], tpr, auc, spread))
+    for (attack, interpreter, target_map), examples in sorted(example_groups(rows).items()):
+        attacked = [scores[path] for image, path in examples if image in evaluated]
+        tpr = detection_rate(attacked, threshold) if attacked else None  # None: no successful example to detect
+        auc = roc_auc(benign, attacked) if attacked else None
+        out.append(Detection(
+            spec, attack, interpreter, target_map, len(attacked), threshold, detection_rate(benign, threshold), tpr, auc,
+            spread, len(calibration), len(evaluation),
+        ))
     return out

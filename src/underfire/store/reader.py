@@ -204,8 +204,9 @@ class RunReader:
         return [dict(row) for row in self.connection.execute(query)]
 
     def detector_score_sets(self) -> list[dict[str, Any]]:
-        """Per model × detector: the benign images' scores and, per attack × attacked interpreter ×
-        target map, the successful adversarial examples' scores (what ROC curves are drawn from)."""
+        """Per model × detector: the benign images' scores and the successful adversarial
+        examples' rows (attack, interpreter, target map, image, path, score): what ROC curves are
+        drawn from."""
         if "detector_scores" not in self.tables:
             return []
         sets: dict[tuple[str, str], dict[str, Any]] = {}
@@ -214,15 +215,15 @@ class RunReader:
             "JOIN images i ON i.model = s.model AND i.image_path = s.path ORDER BY s.model, s.detector, i.position"
         )
         for row in self.connection.execute(benign):
-            entry = sets.setdefault((row["model"], row["detector"]), {"benign": [], "attacked": {}})
+            entry = sets.setdefault((row["model"], row["detector"]), {"benign": [], "examples": []})
             entry["benign"].append(row["score"])
         attacked = (
-            "SELECT s.model, s.detector, r.attack, r.interpreter, r.target_map, s.score FROM detector_scores s "
-            "JOIN results r ON r.model = s.model AND r.adversarial_path = s.path AND r.success = 1 ORDER BY r.rowid"
+            "SELECT s.model, s.detector, r.attack, r.interpreter, r.target_map, r.image, r.adversarial_path, r.success, s.score "
+            "FROM detector_scores s JOIN results r ON r.model = s.model AND r.adversarial_path = s.path AND r.success = 1 ORDER BY r.rowid"
         )
         for row in self.connection.execute(attacked):
-            entry = sets.setdefault((row["model"], row["detector"]), {"benign": [], "attacked": {}})
-            entry["attacked"].setdefault((row["attack"], row["interpreter"], row["target_map"]), []).append(row["score"])
+            entry = sets.setdefault((row["model"], row["detector"]), {"benign": [], "examples": []})
+            entry["examples"].append({key: row[key] for key in ("attack", "interpreter", "target_map", "image", "adversarial_path", "success", "score")})
         return [{"model": m, "detector": d, **entry} for (m, d), entry in sorted(sets.items())]
 
     # ------------------------------------------------------------------ rows
