@@ -48,7 +48,8 @@ class Attribution(Interpreter):
         softplus_beta: explain the β-smoothed network instead (every ReLU softplus(βz)/β, in value
             and derivative; Dombrowski et al. 2019), a defence against manipulated maps. The
             prediction stays the model's; the attack then differentiates the smoothed network
-            itself, so ``relu`` does not apply. ``None`` (default): the model as it is.
+            itself, so ``relu`` does not apply (a ``relu`` other than the default is refused).
+            ``None`` (default): the model as it is.
     """
 
     paper_class: ClassVar[str] = "back-propagation"
@@ -66,6 +67,11 @@ class Attribution(Interpreter):
         self.pool = check_count("pool", pool)
         self.relu = surrogate_spec(relu, relu_scale)
         self.softplus_beta = None if softplus_beta is None else check_positive("softplus_beta", softplus_beta)
+        if self.softplus_beta is not None and self.relu != ReluSurrogate():
+            raise InputError(
+                f"{self.name}: softplus_beta replaces every ReLU, in the map and in the attack, so the ReLU "
+                f"surrogate {self.relu.kind!r}{' (relative)' if self.relu.relative else ''} would not apply; drop relu/relu_scale or softplus_beta"
+            )
         if self.softplus_beta is not None and classifier.is_scripted:
             raise ModelStructureError(
                 f"{self.name}: softplus_beta cannot reach the ReLUs inside the TorchScript graph of "
