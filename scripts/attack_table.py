@@ -5,8 +5,9 @@
     python scripts/attack_table.py shapes-resnet --out family.jsonl --interpreters inputxgrad,deeplift,lrp
     python scripts/attack_table.py shapes-resnet --out budget.jsonl --interpreters mask --eps 16/255
     python scripts/attack_table.py shapes-resnet --out smoothing.jsonl --interpreters grad --sweep softplus_beta=1,3,10
+    python scripts/attack_table.py shapes-resnet --out strong.jsonl --interpreters rts --sweep variant=adversarial --set adv_steps=900 --set 'lam=[40, 160]'
 
-Setting: the ``quick`` preset (its attack settings and interpreter options), the first ``--images`` correctly classified shapes test images,
+Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² settings; rows then carry ``settings``) (its attack settings and interpreter options), the first ``--images`` correctly classified shapes test images,
 random targets (seed 0), ε = 8/255 unless ``--eps`` says otherwise (rows then carry ``eps``).
 Every measure is taken on the returned 8-bit images with the full interpreter run afresh for c_t,
 against the benign map. PGD runs once per model with as many steps as the largest ADV² budget of
@@ -57,11 +58,16 @@ def main() -> None:
     parser.add_argument("--pgd-only", action="store_true", help="PGD rows only")
     parser.add_argument("--pgd-steps", type=int, default=None, help="PGD's steps (default: the largest ADV² budget of the interpreters asked for)")
     parser.add_argument("--eps", default=None, help="L∞ budget, e.g. 16/255 (default: the preset's 8/255)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override an ADV² setting of the preset, e.g. adv_steps=900 or 'lam=[40, 160]' (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    overrides = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     budget = {} if args.eps is None else {"eps": parse_fraction(args.eps)}
     tag = {} if args.eps is None else {"eps": args.eps}
+    if overrides:
+        tag["settings"] = overrides
 
     clf = load_model(args.model)
     images, labels, _, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
@@ -83,7 +89,7 @@ def main() -> None:
         the plain interpreter's benign maps); the adversarial images are appended to ``keep``."""
         interpreter = build_interpreter(name, clf, preset="quick", **interpreter_options)
         reference = benign[name] if reference is None else reference
-        config, start = preset("quick", name, **budget), time.time()
+        config, start = preset("quick", name, **budget, **overrides), time.time()
         measures = []
         for k, c in enumerate(chunks):
             result = ADV2(clf, interpreter, config)(images[c], targets[c], reference[k], labels=labels[c])
@@ -100,7 +106,7 @@ def main() -> None:
         for name in names:
             plain: list[torch.Tensor] = []
             measures, total, seconds = adv2(name, {}, keep=plain)
-            log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=None, steps=total, seconds=seconds, **summary(measures)))
+            log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=None, **tag, steps=total, seconds=seconds, **summary(measures)))
             for value in values.split(","):
                 swept = build_interpreter(name, clf, preset="quick", **{key: value})
                 reference = [swept(images[c], labels[c], seed=0) for c in chunks]
@@ -110,7 +116,7 @@ def main() -> None:
                     for attack, examples in (("pgd", pgd), ("adv2_plain", plain))
                 }
                 measures, total, seconds = adv2(name, {key: value}, reference)
-                log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=value, steps=total, seconds=seconds,
+                log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=value, **tag, steps=total, seconds=seconds,
                          benign_iou_to_plain=round(moved, 3), pgd_iou=on_swept["pgd"]["iou"], plain_adv2_iou=on_swept["adv2_plain"]["iou"],
                          plain_adv2_success=on_swept["adv2_plain"]["success"], **summary(measures)))
         return
