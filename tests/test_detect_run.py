@@ -54,7 +54,7 @@ def stored(run_dir: Path, query: str) -> list[tuple]:
 
 
 def test_detect_reports_every_attack_and_interpreter_and_stores_the_scores(run_dir: Path) -> None:
-    code, out, err = invoke("detect", str(run_dir), "--ensemble", "grad,cam", "--fpr", "0.25", "--json", "--device", "cpu")
+    code, out, err = invoke("detect", str(run_dir), "--ensemble", "grad,cam", "--fpr", "0.25", "--json", "--device", "cpu", "--model", "shapes-resnet")
     assert code == 0, err
     rows = json.loads(out)
     # PGD's examples are the same images whichever interpreter measured them: one row, ``any``
@@ -137,6 +137,7 @@ def test_a_second_detect_reuses_the_scores_and_adds_its_rate(run_dir: Path) -> N
         (["--ensemble", "grad,lime"], "lime"),
         (["--score", "cosine"], "unknown detector score"),
         (["--holdout", "1"], "held-out share"),
+        (["--model", "shapes-densenet"], "the run has no model 'shapes-densenet'"),
     ],
 )
 def test_bad_detector_options_are_one_line(run_dir: Path, args: list[str], message: str) -> None:

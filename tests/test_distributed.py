@@ -247,3 +247,26 @@ def test_the_estimate_writes_nothing_and_predicts_every_unit_left(serial: tuple[
     assert estimate_experiment(load_experiment_config(config), serial_dir).units == 0  # a finished run: nothing left
     result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "fresh"), "--estimate"])
     assert result.exit_code == 0 and result.stdout.startswith("estimate: about ") and not (tmp_path / "fresh").exists()
+
+
+def test_shards_get_their_share_of_every_interpreter() -> None:
+    """Dealing the plan in turn sent the same interpreters to every second shard (six units per
+    batch: PGD, then ADV² against five interpreters); shards now deal each group's batches."""
+    from underfire.runs.execute import shard_units
+    from underfire.runs.plan import Unit
+
+    plan = [
+        Unit(model, attack, interpreter, None if interpreter is None else "benign", batch, frozenset(), frozenset())
+        for model in ("a", "b")
+        for batch in range(10)
+        for attack, interpreter in [("pgd", None)] + [("adv2", name) for name in ("grad", "cam", "rts", "mask", "ensemble")]
+    ]
+    for count_ in (2, 3, 4):
+        parts = [shard_units(plan, (index, count_)) for index in range(1, count_ + 1)]
+        assert sorted((u.model, u.attack, str(u.interpreter), u.batch) for part in parts for u in part) == sorted(
+            (u.model, u.attack, str(u.interpreter), u.batch) for u in plan
+        )
+        for model in ("a", "b"):
+            for interpreter in (None, "grad", "cam", "rts", "mask", "ensemble"):
+                shares = [sum(u.model == model and u.interpreter == interpreter for u in part) for part in parts]
+                assert max(shares) - min(shares) <= 1, (count_, model, interpreter, shares)

@@ -751,6 +751,7 @@ def detect(
     preset_name: Annotated[str, typer.Option("--preset", help="Preset whose interpreter options the members get.")] = "quick",
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the benign images held out of the calibration: the rates are measured on them and on the attacks of them (0: in-sample).")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration / held-out split.")] = 0,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Only this model of the run (repeatable; default: all).")] = None,
     device: DeviceArg = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list: a row per model x attack x attacked interpreter (PGD: one row, interpreter any).")] = False,
 ) -> None:
@@ -763,7 +764,7 @@ def detect(
         raise InputError(f"--fpr must be in (0, 1), got {fpr}")
     members = coerce_value("--ensemble", ensemble, tuple[str, ...])
     config = DetectorConfig(members=members, score=score, grid=grid, preset=preset_name)  # type: ignore[arg-type]
-    rows = detect_run(run_dir, config, fpr, device=device, progress=not as_json, holdout=holdout, seed=seed)
+    rows = detect_run(run_dir, config, fpr, device=device, progress=not as_json, holdout=holdout, seed=seed, models=tuple(model) if model else None)
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
         return

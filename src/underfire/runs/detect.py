@@ -74,11 +74,11 @@ def detector_key(config: DetectorConfig) -> str:
 
 def detect_run(
     run_dir: str | Path, config: DetectorConfig, fpr: float, *, device: str = "cpu", progress: bool = False,
-    holdout: float = 0.0, seed: int = 0,
+    holdout: float = 0.0, seed: int = 0, models: tuple[str, ...] | None = None,
 ) -> list[Detection]:
     """Score ``run_dir``'s benign and adversarial images with ``config``'s detector, summarise at
     ``fpr`` (calibrated in-sample, or on a seeded share 1 − ``holdout`` of the benign images),
-    store both, and return the summaries."""
+    store both, and return the summaries (of ``models`` only, when given: the run's model specs)."""
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
         raise InputError(f"the held-out share of benign images must be in [0, 1), got {holdout!r}")
     run_dir = Path(run_dir)
@@ -87,11 +87,16 @@ def detect_run(
     if "config" not in meta or not images:
         raise InputError(f"{str(run_dir)!r} holds no attacked images yet; run the experiment first")
     experiment = ExperimentConfig.from_mapping(meta["config"])
+    unknown = sorted(set(models or ()) - set(experiment.models))
+    if unknown:
+        raise InputError(f"the run has no model {unknown[0]!r}; its models: {', '.join(experiment.models)}")
     key = detector_key(config)
     summary_key = key if not holdout else f"{key}:holdout={holdout:g}:seed={seed}"
     summaries: list[Detection] = []
     with run_lock(run_dir), ResultStore(run_dir) as store:
         for spec in experiment.models:
+            if models and spec not in models:
+                continue
             benign = {row["image"]: row["image_path"] for row in images if row["model"] == spec}
             rows = [row for row in results if row["model"] == spec]
             if not benign:

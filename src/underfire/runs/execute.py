@@ -205,10 +205,23 @@ def check_shard(shard: tuple[int, int]) -> None:
 
 
 def shard_units(units: list[Unit], shard: tuple[int, int]) -> list[Unit]:
-    """The i-th of n parts of a run's units: every n-th unit of the plan, starting at the i-th.
-    The plan is deterministic, so the parts are disjoint and together the whole run."""
+    """The i-th of n parts of a run's units. Units are dealt per (model, attack, interpreter,
+    target map) group, each group's batches in turn and each group starting one part further on,
+    so every part gets about 1/n of every group: dealing the whole plan in turn sent the same
+    interpreters (GRAD, RTS, the ensemble: the dear ones) to every second part. The plan is
+    deterministic, so the parts are disjoint and together the whole run."""
     index, count = shard
-    return [unit for position, unit in enumerate(units) if position % count == index - 1]
+    groups: dict[tuple[str, str, str | None, str | None], int] = {}
+    dealt: dict[tuple[str, str, str | None, str | None], int] = {}
+    part = []
+    for unit in units:
+        key = (unit.model, unit.attack, unit.interpreter, unit.target_map)
+        offset = groups.setdefault(key, len(groups))
+        position = dealt.get(key, 0)
+        dealt[key] = position + 1
+        if (offset + position) % count == index - 1:
+            part.append(unit)
+    return part
 
 
 def _minutes(seconds: float) -> str:
