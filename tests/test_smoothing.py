@@ -385,3 +385,45 @@ def test_every_relu_of_torchvision_models_is_reached(
     torch.testing.assert_close(logits_ref, logits_true, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6 * float(grad_ref.abs().max()))
     assert (grad - grad_true).abs().max() > 0.05 * grad_true.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["h", "softplus_beta"])
+def test_an_inplace_relu_after_batchnorm_sends_the_channels_last_gradient_back_unchanged(mode: str) -> None:
+    """The in-place result is written into the argument without copy_'s zero gradient to the old
+    value (summed with the real one it came back contiguous, and BatchNorm's backward then took
+    its slow path): the gradient reaching BatchNorm keeps the channels-last layout, and the first
+    and second derivatives equal the out-of-place network's exactly."""
+    from underfire.smoothing import softplus_relus
+
+    torch.manual_seed(0)
+
+    def net(inplace: bool) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=inplace),
+            nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ).double().eval().to(memory_format=torch.channels_last)
+
+    inplace, plain = net(True), net(False)
+    plain.load_state_dict(inplace.state_dict())
+    with torch.no_grad():
+        inplace[1].running_mean.uniform_(-0.5, 0.5)
+        plain[1].running_mean.copy_(inplace[1].running_mean)
+    layouts: list[bool] = []
+
+    def watch(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:  # BatchNorm's output, before the ReLU overwrites it
+        out.register_hook(lambda g: layouts.append(g.is_contiguous(memory_format=torch.channels_last)))
+
+    inplace[1].register_forward_hook(watch)
+    context = (lambda: relu_surrogate("h")) if mode == "h" else (lambda: softplus_relus(3.0))
+    x0 = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (inplace, plain):
+        x = x0.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with context():
+            (g,) = torch.autograd.grad(model(x)[:, 1].sum(), x, create_graph=True)
+            (gg,) = torch.autograd.grad(g.abs().sum(), x)
+        results.append((g.detach(), gg))
+    assert layouts and all(layouts)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    assert results[0][1].abs().sum() > 0
