@@ -191,3 +191,14 @@ def test_cli_trains_a_network_the_rts_interpreter_loads(tmp_path) -> None:
     assert maps.shape == (2, 1, 16, 16)
     bad = CliRunner().invoke(app, [*args[:4], "--rounds", "0", "--out", str(tmp_path / "b.safetensors")])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1 and "rounds must be" in bad.stderr
+
+
+def test_progress_counts_fine_tuning_steps_and_names_the_round(tmp_path, capsys) -> None:
+    """A round takes minutes at the defaults: the log's progress moves per step, not per round."""
+    config = tiny(steps_per_round=3, train_encoder=False)
+    train_adversarial_rts(config, tmp_path / "adv.safetensors", progress=True)
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.startswith("adversarial rts shapes-resnet:")]
+    assert lines[0].startswith("adversarial rts shapes-resnet: 0/6 steps (0%)")
+    assert lines[-1].startswith("adversarial rts shapes-resnet: 6/6 steps (100%)")
+    assert "[round 2/2: fine-tuning, attack_iou=" in lines[-1]

@@ -244,7 +244,11 @@ def train_adversarial_rts(
     resume = progress_path(out)
     if resume.is_file():
         first, pool, records = _restore(resume, config, network, optimizer, generator)
-    bar = progress_bar(config.rounds, initial=first, desc=f"adversarial rts {config.model}", enabled=progress, unit="round")
+    # counted in fine-tuning steps, not rounds: a round takes minutes, and the bar should move
+    bar = progress_bar(
+        config.rounds * config.steps_per_round, initial=first * config.steps_per_round,
+        desc=f"adversarial rts {config.model}", enabled=progress, unit="step",
+    )
     try:
         with classifier.frozen():
             for round_index in range(first, config.rounds):
@@ -252,17 +256,19 @@ def train_adversarial_rts(
                 clean = images_u8[ids].float().div(255).to(classifier.device)
                 targets = random_targets(labels[ids], classifier.num_classes, config.seed + 1000 * (round_index + 1))
                 network.eval()
+                bar.set_postfix_str(f"round {round_index + 1}/{config.rounds}: crafting ADV²")
                 adversarial, success, summary = _adversarial_examples(
                     classifier, network, clean, labels[ids].to(classifier.device), targets.to(classifier.device), config,
                     config.seed + round_index,
                 )
                 new = {"images": adversarial[success], "targets": targets[success], "labels": labels[ids][success]}
                 pool = {key: torch.cat([pool[key], new[key]]) for key in pool}
-                losses = _fine_tune(network, optimizer, classifier, images_u8, labels, pool, config, generator)
+                bar.set_postfix_str(
+                    f"round {round_index + 1}/{config.rounds}: fine-tuning, attack_iou={summary['attack_iou']:.3f}"
+                )
+                losses = _fine_tune(network, optimizer, classifier, images_u8, labels, pool, config, generator, bar)
                 records.append({"round": round_index + 1, **summary, "pool": int(pool["targets"].numel()), **losses})
                 _save(resume, config, round_index + 1, network, optimizer, generator, pool, records)
-                bar.update()
-                bar.set_postfix(attack_iou=f"{summary['attack_iou']:.3f}", loss=f"{losses['loss']:.3f}")
     finally:
         bar.close()
         network.eval()
@@ -301,6 +307,7 @@ def _fine_tune(
     pool: Pool,
     config: AdversarialRtsConfig,
     generator: torch.Generator,
+    bar: Any,
 ) -> dict[str, float]:
     """``steps_per_round`` steps: clean RTS loss + weight × empty-mask loss on pooled adversarial
     examples for their target class [+ the encoder's CE toward the true class of both]."""
@@ -336,4 +343,5 @@ def _fine_tune(
         optimizer.step()
         for key, value in (("loss", loss), ("clean", clean), ("adversarial", adversarial), ("encoder", encoder)):
             totals[key] += float(value.detach())
+        bar.update()
     return {key: round(value / config.steps_per_round, 5) for key, value in totals.items()}
