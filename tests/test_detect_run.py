@@ -56,7 +56,8 @@ def stored(run_dir: Path, query: str) -> list[tuple]:
 def test_detect_reports_every_attack_and_interpreter_and_stores_the_scores(run_dir: Path) -> None:
     code, out, err = invoke("detect", str(run_dir), "--ensemble", "grad,cam", "--fpr", "0.25", "--json", "--device", "cpu", "--model", "shapes-resnet")
     assert code == 0, err
-    rows = json.loads(out)
+    rows = json.loads(out)  # stdout is the JSON alone; the scoring's progress went to stderr
+    assert "detect shapes-resnet:" in err
     # PGD's examples are the same images whichever interpreter measured them: one row, ``any``
     assert sorted((r["attack"], r["interpreter"]) for r in rows) == [("adv2", "cam"), ("adv2", "grad"), ("pgd", "any")]
     successes = dict(stored(run_dir, "SELECT attack || interpreter, SUM(success) FROM results GROUP BY attack, interpreter"))

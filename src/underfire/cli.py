@@ -764,7 +764,8 @@ def detect(
         raise InputError(f"--fpr must be in (0, 1), got {fpr}")
     members = coerce_value("--ensemble", ensemble, tuple[str, ...])
     config = DetectorConfig(members=members, score=score, grid=grid, preset=preset_name)  # type: ignore[arg-type]
-    rows = detect_run(run_dir, config, fpr, device=device, progress=not as_json, holdout=holdout, seed=seed, models=tuple(model) if model else None)
+    # progress goes to stderr, so --json's stdout stays one JSON document; scoring a run takes minutes
+    rows = detect_run(run_dir, config, fpr, device=device, progress=True, holdout=holdout, seed=seed, models=tuple(model) if model else None)
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
         return
