@@ -1,15 +1,21 @@
 """``underfire run --estimate`` against the run itself: predicted and measured wall time.
 
     python -m benchmarks.estimate                       # two small configs on shapes-resnet
+    python -m benchmarks.estimate --memory              # the memory estimate, GRAD + CAM + MASK
 
 For each config: the estimate (pilot runs of the first batch, ``runs.estimate``), then every unit
 computed for real by one ``UnitWorker`` in the same process, one torch thread, nothing written.
-The target is a prediction within 30 % of the measured time.
+The target is a prediction within 30 % of the measured time. With ``--memory``, the estimate and
+the real run each go in a process of their own (a CPU process's peak resident size only grows,
+so one process cannot measure both), and their peaks are compared.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from underfire.runs import load_experiment_config  # noqa: E402
-from underfire.runs.estimate import estimate_run  # noqa: E402
+from underfire.runs.estimate import estimate_run, peak_resident_bytes  # noqa: E402
 from underfire.runs.plan import plan_units, prepare_models  # noqa: E402
 from underfire.runs.worker import UnitWorker  # noqa: E402
 
@@ -54,5 +60,41 @@ def main() -> None:
                   f"measured {actual:.1f} s, ratio {estimate.seconds / actual:.2f}")
 
 
+def child(mode: str, path: str) -> None:
+    """One side of ``--memory`` in this process: the estimate alone, or every unit for real."""
+    torch.set_num_threads(1)
+    config = load_experiment_config(Path(path))
+    models = prepare_models(config)
+    units = [unit for model in models for unit in plan_units(config, model)]
+    if mode == "estimate":
+        peak = estimate_run(config, models, units).peak_bytes
+    else:
+        worker = UnitWorker(config, {model.spec: model for model in models})
+        for unit in units:
+            worker(unit)
+        peak = peak_resident_bytes()
+    print(json.dumps({"mode": mode, "peak_bytes": peak}))
+
+
+def memory() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "experiment.toml"
+        path.write_text(CONFIG.format(interpreters='["grad", "cam", "mask"]'))
+        peaks = {}
+        for mode in ("estimate", "run"):
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.estimate", "--child", mode, str(path)],
+                check=True, capture_output=True, text=True,
+            )
+            peaks[mode] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+        print(f"grad, cam, mask: estimated peak {peaks['estimate'] / 2**20:.0f} MiB, "
+              f"measured {peaks['run'] / 2**20:.0f} MiB, ratio {peaks['estimate'] / peaks['run']:.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["--memory"]:
+        memory()
+    else:
+        main()

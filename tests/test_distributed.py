@@ -243,10 +243,13 @@ def test_the_estimate_writes_nothing_and_predicts_every_unit_left(serial: tuple[
     estimate = estimate_experiment(load_experiment_config(config), tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
     assert estimate.units == 6 and estimate.seconds > 0 and estimate.pilot_seconds > 0
+    # on a CPU the peak is the process's resident size: at least the loaded model and torch
+    assert estimate.memory_kind == "cpu" and estimate.peak_bytes > 100 * 2**20 and not estimate.peak_per_unit
     assert set(estimate.per_unit) == {"shapes-resnet pgd batch 1", "shapes-resnet adv2 vs cam batch 1", "shapes-resnet adv2 vs grad batch 1"}
     assert estimate_experiment(load_experiment_config(config), serial_dir).units == 0  # a finished run: nothing left
     result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "fresh"), "--estimate"])
     assert result.exit_code == 0 and result.stdout.startswith("estimate: about ") and not (tmp_path / "fresh").exists()
+    assert "peak memory " in result.stdout and "resident in this process" in result.stdout
 
 
 def test_shards_get_their_share_of_every_interpreter() -> None:

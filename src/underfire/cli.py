@@ -397,7 +397,7 @@ def run_command(
     workers: Annotated[Optional[int], typer.Option("--workers", help="With --executor ray and no --address: CPUs of the local cluster (default: all).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Do part I of N of the units (I/N, e.g. 2/4) into its own folder; join the parts with underfire merge.")] = None,
     device: DeviceArg = "auto",
-    estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time of what is left (pilot runs of the first batch at 10% and 20% of the steps); write nothing.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time and peak memory of what is left (pilot runs of the first batch at 10% and 20% of the steps); write nothing.")] = False,
 ) -> None:
     """Run an experiment: models × interpreters × attacks × target maps into RUN_DIR/results.sqlite.
 
@@ -448,7 +448,7 @@ def demo(
     images: Annotated[Optional[int], typer.Option(help="Images per model (default 12: measured 10.5 minutes on a 2-core CPU with one core busy elsewhere).")] = None,
     preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
     device: DeviceArg = "auto",
-    estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time (pilot runs of the first batch); write nothing.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time and peak memory (pilot runs of the first batch); write nothing.")] = False,
 ) -> None:
     """Attack both built-in models with PGD and ADV² against grad, cam, rts and mask; write an HTML report."""
     from .runs import DEMO_IMAGES, demo_config, format_summary, run_experiment, summarise_run

@@ -9,16 +9,25 @@ fresh worker (so the shared benign maps are paid as in the run). Per unit, time 
 fixed + per-step part is fitted through the two points and read at the full budget; every batch
 is taken to cost what the first does. Attacks whose configuration has no ``pgd_steps`` /
 ``adv_steps`` are timed once at their full budget.
+
+Memory comes from the same pilots: they run the run's own batches, and an attack's memory does
+not grow with its step budget, so their peak is the run's. On a GPU it is the peak of memory
+allocated on the device (reset before each unit); on a CPU, the process's peak resident size
+(models and data included: what the machine must hold), which is all the operating system
+counts per process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .config import ExperimentConfig
 from .plan import PreparedModel, Unit
@@ -31,16 +40,23 @@ SCALES = (0.1, 0.2)
 
 @dataclass(frozen=True)
 class RunEstimate:
-    """The predicted wall time of the units to do, and what the pilots cost."""
+    """The predicted wall time of the units to do, their peak memory, and what the pilots cost."""
 
     seconds: float
     units: int
     pilot_seconds: float
     per_unit: dict[str, float]  # first batch's units: label → predicted seconds at the full budget
+    #: peak bytes: of GPU memory allocated (``memory_kind`` "gpu"), or the process's resident size ("cpu")
+    peak_bytes: int = 0
+    memory_kind: str = "cpu"
+    #: first batch's units: label → peak bytes allocated on the GPU (empty on a CPU: per process only)
+    peak_per_unit: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def line(self) -> str:
+        where = "allocated on the GPU" if self.memory_kind == "gpu" else "resident in this process, models included"
         return (
-            f"estimate: about {_clock(self.seconds)} for {self.units} units on this machine now "
+            f"estimate: about {_clock(self.seconds)} for {self.units} units on this machine now, "
+            f"peak memory {_gib(self.peak_bytes)} ({where}) "
             f"(from pilot runs of the first batch at {SCALES[0]:.0%} and {SCALES[1]:.0%} of the steps, which took {self.pilot_seconds:.0f} s)"
         )
 
@@ -100,14 +116,21 @@ def estimate_run(config: ExperimentConfig, models: Sequence[PreparedModel], todo
         first_batch[unit.model] = min(unit.batch, first_batch.get(unit.model, unit.batch))
     first = [unit for unit in todo if unit.batch == first_batch[unit.model]]
     points: dict[Unit, list[tuple[float, float]]] = {unit: [] for unit in first}  # (budget share, seconds)
+    devices = {model.classifier.device for model in models}
+    gpu = next((device for device in devices if device.type == "cuda"), None)
+    peaks: dict[str, int] = {}
     started = time.perf_counter()
     for scale in (SCALES[0], SCALES[1], SCALES[0]):
         scaled = _ScaledConfig(config, scale)
         worker = UnitWorker(scaled, by_model)  # type: ignore[arg-type]
         for unit in first:
+            if gpu is not None:
+                torch.cuda.reset_peak_memory_stats(gpu)
             begun = time.perf_counter()
             worker(unit)
             points[unit].append((scaled.fraction(unit), time.perf_counter() - begun))
+            if gpu is not None:
+                peaks[unit.label] = max(peaks.get(unit.label, 0), torch.cuda.max_memory_allocated(gpu))
     pilot = time.perf_counter() - started
     for unit, (warm, high, low) in points.items():
         points[unit] = [min(warm, low, key=lambda point: point[1]), high]
@@ -120,7 +143,24 @@ def estimate_run(config: ExperimentConfig, models: Sequence[PreparedModel], todo
         predicted[_kind(unit)] = seconds
         per_unit[unit.label] = round(seconds, 2)
     total = sum(predicted.get(_kind(unit), 0.0) for unit in todo)
-    return RunEstimate(total, len(todo), pilot, per_unit)
+    if gpu is not None:
+        return RunEstimate(total, len(todo), pilot, per_unit, max(peaks.values()), "gpu", peaks)
+    return RunEstimate(total, len(todo), pilot, per_unit, peak_resident_bytes(), "cpu")
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident set size so far (``ru_maxrss``: KiB on Linux, bytes on macOS;
+    0 where there is no ``resource`` module, Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 def _kind(unit: Unit) -> tuple[str, str, str | None, str | None]:
