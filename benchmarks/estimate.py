@@ -76,19 +76,45 @@ def child(mode: str, path: str) -> None:
     print(json.dumps({"mode": mode, "peak_bytes": peak}))
 
 
+#: The 224-px case of ``--memory``: activations, not torch itself, dominate its resident size.
+LARGE = """
+[experiment]
+name = "estimate-224"
+files = ["{folder}/a.png", "{folder}/b.png", "{folder}/c.png", "{folder}/d.png"]
+batch_size = 4
+models = ["torchvision:resnet18@random"]
+interpreters = ["grad", "cam"]
+attacks = ["adv2"]
+[overrides]
+pgd_steps = 10
+adv_steps = 10
+"""
+
+
 def memory() -> None:
+    from PIL import Image
+
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "experiment.toml"
-        path.write_text(CONFIG.format(interpreters='["grad", "cam", "mask"]'))
-        peaks = {}
-        for mode in ("estimate", "run"):
-            done = subprocess.run(
-                [sys.executable, "-m", "benchmarks.estimate", "--child", mode, str(path)],
-                check=True, capture_output=True, text=True,
-            )
-            peaks[mode] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
-        print(f"grad, cam, mask: estimated peak {peaks['estimate'] / 2**20:.0f} MiB, "
-              f"measured {peaks['run'] / 2**20:.0f} MiB, ratio {peaks['estimate'] / peaks['run']:.2f}")
+        generator = torch.Generator().manual_seed(0)
+        for name in ("a", "b", "c", "d"):
+            pixels = torch.randint(0, 256, (224, 224, 3), dtype=torch.uint8, generator=generator)
+            Image.fromarray(pixels.numpy()).save(Path(folder) / f"{name}.png")
+        cases = {
+            "shapes-resnet, grad + cam + mask, 8 images": CONFIG.format(interpreters='["grad", "cam", "mask"]'),
+            "resnet18 @ 224 px, grad + cam ADV2, batch 4": LARGE.replace("{folder}", folder),
+        }
+        for label, text in cases.items():
+            path = Path(folder) / "experiment.toml"
+            path.write_text(text)
+            peaks = {}
+            for mode in ("estimate", "run"):
+                done = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.estimate", "--child", mode, str(path)],
+                    check=True, capture_output=True, text=True,
+                )
+                peaks[mode] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+            print(f"{label}: estimated peak {peaks['estimate'] / 2**20:.0f} MiB, "
+                  f"measured {peaks['run'] / 2**20:.0f} MiB, ratio {peaks['estimate'] / peaks['run']:.2f}", flush=True)
 
 
 if __name__ == "__main__":
