@@ -12,6 +12,7 @@ so one process cannot measure both), and their peaks are compared.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -26,7 +27,8 @@ import torch  # noqa: E402
 
 from underfire.runs import load_experiment_config  # noqa: E402
 from underfire.runs.estimate import estimate_run, peak_resident_bytes  # noqa: E402
-from underfire.runs.plan import plan_units, prepare_models  # noqa: E402
+from underfire.runs.config import ExperimentConfig  # noqa: E402
+from underfire.runs.plan import PreparedModel, Unit, plan_units, prepare_models  # noqa: E402
 from underfire.runs.worker import UnitWorker  # noqa: E402
 
 CONFIG = """
@@ -41,21 +43,31 @@ transfer = true
 """
 
 
+def _planned(path: Path) -> tuple[ExperimentConfig, list[PreparedModel], list[Unit]]:
+    """The config at ``path``, its prepared models and every unit of its plan."""
+    config = load_experiment_config(path)
+    models = prepare_models(config)
+    return config, models, [unit for model in models for unit in plan_units(config, model)]
+
+
+def _run_units(config: ExperimentConfig, models: list[PreparedModel], units: list[Unit]) -> float:
+    """Every unit computed for real in this process, nothing written; the seconds it took."""
+    worker = UnitWorker(config, {model.spec: model for model in models})
+    started = time.perf_counter()
+    for unit in units:
+        worker(unit)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         for interpreters in ('["grad", "cam", "mask"]', '["grad", "cam"]'):
             path = Path(folder) / "experiment.toml"
             path.write_text(CONFIG.format(interpreters=interpreters))
-            config = load_experiment_config(path)
-            models = prepare_models(config)
-            units = [unit for model in models for unit in plan_units(config, model)]
+            config, models, units = _planned(path)
             estimate = estimate_run(config, models, units)
-            worker = UnitWorker(config, {model.spec: model for model in models})
-            started = time.perf_counter()
-            for unit in units:
-                worker(unit)
-            actual = time.perf_counter() - started
+            actual = _run_units(config, models, units)
             print(f"{interpreters}: estimate {estimate.seconds:.1f} s (pilots {estimate.pilot_seconds:.1f} s), "
                   f"measured {actual:.1f} s, ratio {estimate.seconds / actual:.2f}")
 
@@ -63,15 +75,11 @@ def main() -> None:
 def child(mode: str, path: str) -> None:
     """One side of ``--memory`` in this process: the estimate alone, or every unit for real."""
     torch.set_num_threads(1)
-    config = load_experiment_config(Path(path))
-    models = prepare_models(config)
-    units = [unit for model in models for unit in plan_units(config, model)]
+    config, models, units = _planned(Path(path))
     if mode == "estimate":
         peak = estimate_run(config, models, units).peak_bytes
     else:
-        worker = UnitWorker(config, {model.spec: model for model in models})
-        for unit in units:
-            worker(unit)
+        _run_units(config, models, units)
         peak = peak_resident_bytes()
     print(json.dumps({"mode": mode, "peak_bytes": peak}))
 
@@ -118,9 +126,13 @@ def memory() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2], sys.argv[3])
-    elif sys.argv[1:2] == ["--memory"]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", action="store_true", help="compare the memory estimate with a real run instead of the time")
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "CONFIG"), help=argparse.SUPPRESS)  # one side of --memory
+    arguments = parser.parse_args()
+    if arguments.child:
+        child(*arguments.child)
+    elif arguments.memory:
         memory()
     else:
         main()

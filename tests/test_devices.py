@@ -93,3 +93,18 @@ def test_a_cuda_run_matches_the_cpu_run(tmp_path: Path) -> None:
     assert [row[:3] for row in rows["cpu"]] == [row[:3] for row in rows["cuda"]]
     agree = sum(a[3] == b[3] and abs(a[4] - b[4]) < 0.02 for a, b in zip(rows["cpu"], rows["cuda"]))
     assert agree >= 0.9 * len(rows["cpu"])  # sign steps can flip on float ties; most rows must agree
+
+
+@needs_cuda
+def test_the_estimate_on_cuda_gives_each_pilot_units_peak_gpu_memory(tmp_path: Path) -> None:
+    from underfire.runs.estimate import estimate_experiment
+
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[experiment]\nimages = 4\nbatch_size = 2\nmodels = ["shapes-resnet"]\ninterpreters = ["cam", "grad"]\n'
+        'attacks = ["pgd", "adv2"]\n[overrides]\npgd_steps = 5\nadv_steps = 5\n'
+    )
+    estimate = estimate_experiment(load_experiment_config(config), tmp_path / "fresh", device="cuda")
+    assert estimate.memory_kind == "gpu" and set(estimate.peak_per_unit) == set(estimate.per_unit)
+    assert estimate.peak_bytes == max(estimate.peak_per_unit.values()) > 0
+    assert "allocated on the GPU" in estimate.line()

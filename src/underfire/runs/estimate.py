@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -48,7 +48,7 @@ class RunEstimate:
     per_unit: dict[str, float]  # first batch's units: label → predicted seconds at the full budget
     #: peak bytes: of GPU memory allocated (``memory_kind`` "gpu"), or the process's resident size ("cpu")
     peak_bytes: int = 0
-    memory_kind: str = "cpu"
+    memory_kind: Literal["cpu", "gpu"] = "cpu"
     #: first batch's units: label → peak bytes allocated on the GPU (empty on a CPU: per process only)
     peak_per_unit: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -116,8 +116,7 @@ def estimate_run(config: ExperimentConfig, models: Sequence[PreparedModel], todo
         first_batch[unit.model] = min(unit.batch, first_batch.get(unit.model, unit.batch))
     first = [unit for unit in todo if unit.batch == first_batch[unit.model]]
     points: dict[Unit, list[tuple[float, float]]] = {unit: [] for unit in first}  # (budget share, seconds)
-    devices = {model.classifier.device for model in models}
-    gpu = next((device for device in devices if device.type == "cuda"), None)
+    gpu = next((m.classifier.device for m in models if m.classifier.device.type == "cuda"), None)
     peaks: dict[str, int] = {}
     started = time.perf_counter()
     for scale in (SCALES[0], SCALES[1], SCALES[0]):
