@@ -21,6 +21,11 @@ from underfire.runs import load_experiment_config
 
 runner = CliRunner()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
+#: A run small enough to do on both devices.
+SMALL_RUN = (
+    '[experiment]\nimages = 4\nbatch_size = 2\nmodels = ["shapes-resnet"]\ninterpreters = ["cam", "grad"]\n'
+    'attacks = ["pgd", "adv2"]\n[overrides]\npgd_steps = 5\nadv_steps = 5\n'
+)
 
 
 def test_devices_resolve_or_say_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,10 +86,7 @@ def test_cuda_maps_match_cpu(name: str) -> None:
 @needs_cuda
 def test_a_cuda_run_matches_the_cpu_run(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
-    config.write_text(
-        '[experiment]\nimages = 4\nbatch_size = 2\nmodels = ["shapes-resnet"]\ninterpreters = ["cam", "grad"]\n'
-        'attacks = ["pgd", "adv2"]\n[overrides]\npgd_steps = 5\nadv_steps = 5\n'
-    )
+    config.write_text(SMALL_RUN)
     rows = {}
     for device in ("cpu", "cuda"):
         run_experiment(load_experiment_config(config), tmp_path / device, device=device)
@@ -100,10 +102,7 @@ def test_the_estimate_on_cuda_gives_each_pilot_units_peak_gpu_memory(tmp_path: P
     from underfire.runs.estimate import estimate_experiment
 
     config = tmp_path / "run.toml"
-    config.write_text(
-        '[experiment]\nimages = 4\nbatch_size = 2\nmodels = ["shapes-resnet"]\ninterpreters = ["cam", "grad"]\n'
-        'attacks = ["pgd", "adv2"]\n[overrides]\npgd_steps = 5\nadv_steps = 5\n'
-    )
+    config.write_text(SMALL_RUN)
     estimate = estimate_experiment(load_experiment_config(config), tmp_path / "fresh", device="cuda")
     assert estimate.memory_kind == "gpu" and set(estimate.peak_per_unit) == set(estimate.per_unit)
     assert estimate.peak_bytes == max(estimate.peak_per_unit.values()) > 0
