@@ -2,12 +2,16 @@
 
     python -m benchmarks.estimate                       # two small configs on shapes-resnet
     python -m benchmarks.estimate --memory              # the memory estimate, GRAD + CAM + MASK
+    python -m benchmarks.estimate --budget 3GiB         # the batch --max-memory chooses at 224 px, and that run's peak
 
 For each config: the estimate (pilot runs of the first batch, ``runs.estimate``), then every unit
 computed for real by one ``UnitWorker`` in the same process, one torch thread, nothing written.
 The target is a prediction within 30 % of the measured time. With ``--memory``, the estimate and
 the real run each go in a process of their own (a CPU process's peak resident size only grows,
-so one process cannot measure both), and their peaks are compared.
+so one process cannot measure both), and their peaks are compared. With ``--budget``, one process
+chooses the batch of a 224-px ADV² experiment (``runs.memory``: every unit kind's peak fitted as
+fixed + per image) and another runs every unit at that batch; the fitted lines, the chosen batch,
+its predicted peak and the run's measured peak are printed.
 """
 
 from __future__ import annotations
@@ -125,12 +129,83 @@ def memory() -> None:
                   f"measured {peaks['run'] / 2**20:.0f} MiB, ratio {peaks['estimate'] / peaks['run']:.2f}", flush=True)
 
 
+#: The ``--budget`` experiment: ADV² at 224 px on random weights, one PGD and one ADV² step
+#: (a unit's peak does not grow with its steps), the images written by ``budget``.
+BUDGET = """
+[experiment]
+name = "budget-224"
+files = {files}
+batch_size = {batch}
+models = ["{model}"]
+interpreters = {interpreters}
+attacks = ["adv2"]
+transfer = false
+[overrides]
+pgd_steps = 1
+adv_steps = 1
+"""
+
+
+def budget_child(mode: str, path: str, argument: str) -> None:
+    """One side of ``--budget``: ``choose`` (the batch for ``argument`` bytes) or ``run`` (every unit)."""
+    from underfire.runs.memory import choose_batch
+
+    torch.set_num_threads(1)
+    config, models, units = _planned(Path(path))
+    if mode == "choose":
+        choice = choose_batch(config, models, int(argument))
+        print(json.dumps({"batch": choice.batch_size, "predicted": choice.predicted_peak, "fitted": choice.fitted, "line": choice.line()}))
+    else:
+        _run_units(config, models, units)
+        print(json.dumps({"peak_bytes": peak_resident_bytes()}))
+
+
+def budget(size: str, model: str, interpreters: str, images: int) -> None:
+    from PIL import Image
+
+    from underfire.runs.memory import parse_memory
+
+    limit = parse_memory(size)
+    names = json.dumps(interpreters.split(","))
+    with tempfile.TemporaryDirectory() as folder:
+        generator = torch.Generator().manual_seed(0)
+        files = []
+        for number in range(images):
+            pixels = torch.randint(0, 256, (224, 224, 3), dtype=torch.uint8, generator=generator)
+            files.append(str(Path(folder) / f"image{number}.png"))
+            Image.fromarray(pixels.numpy()).save(files[-1])
+        path = Path(folder) / "experiment.toml"
+
+        def child(mode: str, batch: int) -> dict:
+            path.write_text(BUDGET.format(files=json.dumps(files), batch=batch, model=model, interpreters=names))
+            done = subprocess.run([sys.executable, "-m", "benchmarks.estimate", "--budget-child", mode, str(path), str(limit)],
+                                  check=True, capture_output=True, text=True)
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        chosen = child("choose", images)
+        print(chosen["line"])
+        for label, (fixed, per_image) in chosen["fitted"].items():
+            print(f"  {label}: {fixed / 2**20:.0f} MiB fixed + {per_image / 2**20:.1f} MiB per image")
+        measured = child("run", chosen["batch"])["peak_bytes"]
+        print(f"batch {chosen['batch']} of {images}: predicted peak {chosen['predicted'] / 2**20:.0f} MiB, "
+              f"measured {measured / 2**20:.0f} MiB (ratio {chosen['predicted'] / measured:.2f}), budget {limit / 2**20:.0f} MiB", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory", action="store_true", help="compare the memory estimate with a real run instead of the time")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "CONFIG"), help=argparse.SUPPRESS)  # one side of --memory
+    parser.add_argument("--budget", default=None, help="a memory budget (e.g. 3GiB): the batch --max-memory picks at 224 px, and that run's peak")
+    parser.add_argument("--model", default="torchvision:resnet50@random", help="with --budget")
+    parser.add_argument("--interpreters", default="grad,cam,mask", help="with --budget (comma-separated)")
+    parser.add_argument("--images", type=int, default=8, help="with --budget: images, and the configured batch")
+    parser.add_argument("--budget-child", nargs=3, metavar=("MODE", "CONFIG", "BYTES"), help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    if arguments.child:
+    if arguments.budget_child:
+        budget_child(*arguments.budget_child)
+    elif arguments.budget:
+        budget(arguments.budget, arguments.model, arguments.interpreters, arguments.images)
+    elif arguments.child:
         child(*arguments.child)
     elif arguments.memory:
         memory()

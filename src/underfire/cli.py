@@ -61,6 +61,11 @@ HeadArg = Annotated[Optional[str], typer.Option("--head", help="Module name of t
 RtsArg = Annotated[Optional[str], typer.Option("--rts", help="RTS checkpoint trained for this model (underfire train rts).", rich_help_panel="Model metadata")]
 
 DeviceArg = Annotated[str, typer.Option("--device", help="Where to compute: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.")]
+MaxMemoryArg = Annotated[Optional[str], typer.Option(
+    "--max-memory",
+    help="A memory budget such as 8GiB: the batch becomes the largest (up to the configured one) whose measured peak fits "
+    "(bytes torch allocates on a GPU; this process's resident size on a CPU). Chosen at the first start; a resume keeps it.",
+)]
 
 #: Where the CLI's model metadata is set, for the load check's messages.
 MODEL_HINT = "or a model card NAME.toml beside the model file; underfire models --describe SPEC shows what is known"
@@ -343,10 +348,11 @@ def attack(
     data: Annotated[Optional[str], typer.Option(help="Attack correctly classified images of a dataset (e.g. shapes:test) instead of files.")] = None,
     limit: Annotated[int, typer.Option(help="With --data: how many images.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed for targets and stochastic parts.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images attacked together.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Images attacked together (at most: see --max-memory).")] = 50,
     weights: WeightsArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
     device: DeviceArg = "auto",
+    max_memory: MaxMemoryArg = None,
     metadata: Any = None,
 ) -> None:
     """Craft adversarial examples and measure how the interpretation moved.
@@ -374,8 +380,11 @@ def attack(
         preset=preset_name, eps=parse_fraction(eps), seed=seed, batch_size=batch_size,
         files=list(images or []), data=data, limit=limit, overrides=overrides, options=options,
     )
+    budget = _max_memory(max_memory)
     announce = _threads()
-    report = _run_with_interrupt(lambda: run_attack(config, out, progress=not as_json, announce=None if as_json else announce, device=device))
+    report = _run_with_interrupt(lambda: run_attack(
+        config, out, progress=not as_json, announce=None if as_json else announce, device=device, max_memory=budget,
+    ))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -398,6 +407,7 @@ def run_command(
     shard: Annotated[Optional[str], typer.Option("--shard", help="Do part I of N of the units (I/N, e.g. 2/4) into its own folder; join the parts with underfire merge.")] = None,
     device: DeviceArg = "auto",
     estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time and peak memory of what is left (pilot runs of the first batch at 10% and 20% of the steps); write nothing.")] = False,
+    max_memory: MaxMemoryArg = None,
 ) -> None:
     """Run an experiment: models × interpreters × attacks × target maps into RUN_DIR/results.sqlite.
 
@@ -409,12 +419,15 @@ def run_command(
     experiment = load_experiment_config(config)
     run_dir = out if out is not None else Path("runs") / safe_name(experiment.name)
     part = _parse_shard(shard) if shard is not None else None
+    budget = _max_memory(max_memory)
     if estimate:
-        _estimate(experiment, run_dir, device, part)
+        _estimate(experiment, run_dir, device, part, budget)
         return
     executor = _executor(executor_name, address, workers, experiment)
     announce = _threads()
-    outcome = _run_with_interrupt(lambda: run_experiment(experiment, run_dir, progress=True, announce=announce, executor=executor, shard=part, device=device))
+    outcome = _run_with_interrupt(lambda: run_experiment(
+        experiment, run_dir, progress=True, announce=announce, executor=executor, shard=part, device=device, max_memory=budget,
+    ))
     _echo_outcome(outcome)
     if outcome.results:
         typer.echo(format_summary(summarise_run(run_dir)))
@@ -449,16 +462,18 @@ def demo(
     preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
     device: DeviceArg = "auto",
     estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time and peak memory (pilot runs of the first batch); write nothing.")] = False,
+    max_memory: MaxMemoryArg = None,
 ) -> None:
     """Attack both built-in models with PGD and ADV² against grad, cam, rts and mask; write an HTML report."""
     from .runs import DEMO_IMAGES, demo_config, format_summary, run_experiment, summarise_run
 
     experiment = demo_config(DEMO_IMAGES if images is None else images, preset_name)
+    budget = _max_memory(max_memory)
     if estimate:
-        _estimate(experiment, out, device, None)
+        _estimate(experiment, out, device, None, budget)
         return
     announce = _threads()
-    outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=True, announce=announce, device=device))
+    outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=True, announce=announce, device=device, max_memory=budget))
     _echo_outcome(outcome)
     from .report import write_report
 
@@ -478,12 +493,18 @@ def _model_options(weights: str | None, metadata: dict[str, Any], seed: int = 0,
     return ModelOptions(weights=weights, seed=seed, device=device, **values)
 
 
-def _estimate(experiment: Any, run_dir: Path, device: str, shard: tuple[int, int] | None) -> None:
+def _estimate(experiment: Any, run_dir: Path, device: str, shard: tuple[int, int] | None, max_memory: int | None) -> None:
     from .runs.estimate import estimate_experiment
 
     _threads()
-    result = estimate_experiment(experiment, run_dir, device=device, shard=shard)
+    result = estimate_experiment(experiment, run_dir, device=device, shard=shard, max_memory=max_memory, announce=typer.echo)
     typer.echo("nothing to do: the run is complete" if not result.units else result.line())
+
+
+def _max_memory(text: str | None) -> int | None:
+    from .runs.memory import parse_memory
+
+    return None if text is None else parse_memory(text)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

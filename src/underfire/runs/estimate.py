@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,13 +56,14 @@ class RunEstimate:
         where = "allocated on the GPU" if self.memory_kind == "gpu" else "resident in this process, models included"
         return (
             f"estimate: about {_clock(self.seconds)} for {self.units} units on this machine now, "
-            f"peak memory {_gib(self.peak_bytes)} ({where}) "
+            f"peak memory {format_bytes(self.peak_bytes)} ({where}) "
             f"(from pilot runs of the first batch at {SCALES[0]:.0%} and {SCALES[1]:.0%} of the steps, which took {self.pilot_seconds:.0f} s)"
         )
 
 
-class _ScaledConfig:
-    """An experiment config whose attack configurations have their step budgets scaled."""
+class ScaledConfig:
+    """An experiment config whose attack configurations have their step budgets scaled (scale 0:
+    one step per stage, what a memory pilot needs)."""
 
     def __init__(self, config: ExperimentConfig, scale: float) -> None:
         self._config, self._scale = config, scale
@@ -86,21 +87,39 @@ class _ScaledConfig:
 
 
 def estimate_experiment(
-    config: ExperimentConfig, run_dir: str | Path, *, device: str = "cpu", shard: tuple[int, int] | None = None
+    config: ExperimentConfig, run_dir: str | Path, *, device: str = "cpu", shard: tuple[int, int] | None = None,
+    max_memory: int | None = None, announce: Callable[[str], None] | None = None,
 ) -> RunEstimate:
-    """The estimate for what ``run_experiment(config, run_dir, ...)`` would still do; writes nothing."""
+    """The estimate for what ``run_experiment(config, run_dir, ...)`` would still do; writes nothing.
+    With ``max_memory`` (or a budget the run recorded) it estimates the batch the budget chooses,
+    announced first."""
     from ..devices import resolve_device
     from ..store import DATABASE_NAME
     from ..store.database import check_database
-    from .execute import check_shard, shard_units, units_to_do
+    from ..store.reader import open_reader
+    from .execute import check_shard, check_unsharded_budget, shard_units, units_to_do
+    from .memory import META_KEY, choose_batch, recorded_batch
     from .plan import plan_units, prepare_models
 
     database = Path(run_dir) / DATABASE_NAME
     check_database(database)
-    models = prepare_models(config, resolve_device(device))
-    units = [unit for model in models for unit in plan_units(config, model)]
     if shard is not None:
         check_shard(shard)
+        check_unsharded_budget(max_memory)
+    models = prepare_models(config, resolve_device(device))
+    recorded = None
+    if database.is_file():
+        with open_reader(run_dir) as reader:
+            recorded = reader.meta().get(META_KEY)
+    if recorded is not None:
+        config = recorded_batch(config, recorded)
+    elif max_memory is not None:
+        choice = choose_batch(config, models, max_memory, progress=True)
+        if announce is not None:
+            announce(choice.line())
+        config = dataclasses.replace(config, batch_size=choice.batch_size)
+    units = [unit for model in models for unit in plan_units(config, model)]
+    if shard is not None:
         units = shard_units(units, shard)
     todo = units_to_do(units, database) if database.is_file() else units
     if not todo:
@@ -120,7 +139,7 @@ def estimate_run(config: ExperimentConfig, models: Sequence[PreparedModel], todo
     peaks: dict[str, int] = {}
     started = time.perf_counter()
     for scale in (SCALES[0], SCALES[1], SCALES[0]):
-        scaled = _ScaledConfig(config, scale)
+        scaled = ScaledConfig(config, scale)
         worker = UnitWorker(scaled, by_model)  # type: ignore[arg-type]
         for unit in first:
             if gpu is not None:
@@ -158,7 +177,8 @@ def peak_resident_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _gib(size: int) -> str:
+def format_bytes(size: int) -> str:
+    """A size as MiB, or GiB from 1 GiB on."""
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 

@@ -22,6 +22,7 @@ Layout of ``RUN_DIR/files/<model-slug>/`` (paths in the database are relative to
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -45,6 +46,7 @@ from ..visualize import to_uint8
 from .config import ExperimentConfig
 from .executor import Executor, SerialExecutor, UnitFailure
 from .fingerprint import check_inputs, run_inputs
+from .memory import META_KEY, choose_batch, recorded_batch
 from .plan import Key, PreparedModel, TransferKey, Unit, plan_units, prepare_models
 from .worker import UnitOutput, UnitWorker, config_json
 
@@ -76,6 +78,7 @@ def run_experiment(
     announce: Callable[[str], None] | None = None,
     shard: tuple[int, int] | None = None,
     device: str = "cpu",
+    max_memory: int | None = None,
 ) -> RunOutcome:
     """Run (or resume) ``config`` into ``run_dir``; see the module docstring for the layout.
 
@@ -86,16 +89,19 @@ def run_experiment(
     the first unit (the time the rest takes at its pace). ``shard=(i, n)`` does the i-th of n
     deterministic parts of the units (1-based; ``merge_runs`` joins the parts' folders).
     ``device`` is where this process computes (``devices.resolve_device``; Ray workers pick their
-    own from the GPUs Ray gives them).
+    own from the GPUs Ray gives them). ``max_memory`` (bytes) lowers the batch to the largest
+    whose measured peak fits, at the run's first start (``memory``); a resume keeps that batch.
     """
     if shard is not None:
         check_shard(shard)
+        check_unsharded_budget(max_memory)
     started = time.perf_counter()
     run_dir = check_output_folder(run_dir, "run folder")
     check_database(run_dir / DATABASE_NAME)
     models = prepare_models(config, resolve_device(device))
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir), ResultStore(run_dir) as store:
+        config = _sized_batch(config, models, store, max_memory, progress, announce)
         now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         inputs = run_inputs(config.input_files() + [f for model in models for f in model.input_files()],
                             {model.spec: dict(zip(model.names, model.images)) for model in models})
@@ -196,6 +202,40 @@ def units_to_do(units: list[Unit], database: Path) -> list[Unit]:
 def failure_key(unit: Unit) -> tuple[str, str, str, str, int]:
     """A unit's key in the ``failures`` table."""
     return (unit.model, unit.attack, unit.interpreter or "", unit.target_map or "", unit.batch)
+
+
+def check_unsharded_budget(max_memory: int | None) -> None:
+    """The parts of a sharded run must share one batch, which a budget would choose per machine."""
+    if max_memory is not None:
+        raise InputError(
+            "--max-memory chooses the batch on the machine that runs it, and the parts of a sharded run must share one: "
+            "see the batch it picks with --estimate --max-memory, then set batch_size in the config"
+        )
+
+
+def _sized_batch(
+    config: ExperimentConfig, models: list[PreparedModel], store: ResultStore, max_memory: int | None, progress: bool,
+    announce: Callable[[str], None] | None,
+) -> ExperimentConfig:
+    """The config with the batch a memory budget chose: the recorded one on a resume, else measured
+    now when a budget is given (recorded before the config, so a kill in between resumes with it)."""
+    meta = store.meta()
+    if META_KEY in meta:
+        sized = recorded_batch(config, meta[META_KEY])
+        if announce is not None and sized.batch_size != config.batch_size:
+            announce(f"{config.name}: batch {sized.batch_size}, chosen by the run's memory budget at its first start (a resume keeps it)")
+        return sized
+    if max_memory is None:
+        return config
+    if "config" in meta:
+        if announce is not None:
+            announce(f"{config.name}: --max-memory ignored: this run started without a budget, and its batch ({config.batch_size}) stays")
+        return config
+    choice = choose_batch(config, models, max_memory, progress=progress)
+    if announce is not None:
+        announce(f"{config.name}: {choice.line()}")
+    store.claim_value(META_KEY, choice.record(), "a memory budget")
+    return dataclasses.replace(config, batch_size=choice.batch_size)
 
 
 def check_shard(shard: tuple[int, int]) -> None:

@@ -70,6 +70,7 @@ def attack_experiment(
 def run_attack(
     config: ExperimentConfig, out: str | Path, *, progress: bool = False, announce: Callable[[str], None] | None = None,
     device: str = "cpu",
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Run the one-attack experiment into ``out`` (resumable like any run) and return its JSON
     report, also written to ``out/report.json``: per image the classes, the measures and the
@@ -77,7 +78,7 @@ def run_attack(
     out = Path(out)
     if (out / "report.json").is_dir():
         raise InputError(f"cannot write {str(out / 'report.json')!r}: it is a directory")
-    outcome: RunOutcome = run_experiment(config, out, progress=progress, announce=announce, device=device)
+    outcome: RunOutcome = run_experiment(config, out, progress=progress, announce=announce, device=device, max_memory=max_memory)
     report = attack_report(outcome.run_dir)
     write_atomic(out / "report.json", lambda stream: stream.write((json.dumps(report, indent=2) + "\n").encode()))
     return report
