@@ -107,3 +107,19 @@ def test_the_estimate_on_cuda_gives_each_pilot_units_peak_gpu_memory(tmp_path: P
     assert estimate.memory_kind == "gpu" and set(estimate.peak_per_unit) == set(estimate.per_unit)
     assert estimate.peak_bytes == max(estimate.peak_per_unit.values()) > 0
     assert "allocated on the GPU" in estimate.line()
+
+
+@needs_cuda
+def test_a_memory_budget_on_cuda_fits_the_bytes_allocated_on_the_gpu(tmp_path: Path) -> None:
+    from underfire.runs import prepare_models
+    from underfire.runs.memory import choose_batch
+
+    config = tmp_path / "run.toml"
+    config.write_text(SMALL_RUN)
+    experiment = load_experiment_config(config)
+    models = prepare_models(experiment, "cuda:0")
+    ample = choose_batch(experiment, models, 2**40)
+    assert ample.memory_kind == "gpu" and ample.batch_size == 2 and "allocated on the GPU" in ample.line()
+    assert all(per_image > 0 for _, per_image in ample.fitted.values())  # every image adds activations on the device
+    one = max(fixed + per_image for fixed, per_image in ample.fitted.values())  # the peak of one image
+    assert choose_batch(experiment, models, one).batch_size == 1  # allocations repeat exactly: two exceed it
