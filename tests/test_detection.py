@@ -31,7 +31,7 @@ def blobs(n: int = 5, seed: int = 0) -> torch.Tensor:
     return maps / maps.flatten(1).amax(1).view(-1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("score", ["iou", "l1", "rank"])
+@pytest.mark.parametrize("score", ["iou", "l1", "rank", "soft_iou"])
 def test_maps_that_agree_score_low_and_maps_that_disagree_score_high(score: str) -> None:
     a = blobs()
     same = disagreement([a, a.clone(), a.clone()], score)

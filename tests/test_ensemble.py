@@ -110,6 +110,25 @@ def test_the_detector_term_is_the_detectors_l1_score_of_the_members_surrogate_ma
     assert watched.attack_terms("warm_start", x, classes, target) is None  # no maps before stage 2
 
 
+def test_the_soft_iou_detector_term_is_the_detectors_soft_iou_score_with_an_input_gradient() -> None:
+    from underfire.metrics import soft_iou_top_k
+
+    clf = tiny_classifier()
+    watched = Ensemble(clf, members=("grad", "cam"), detector_weight=0.5, detector_score="soft_iou")
+    x, classes = batch(2).requires_grad_(True), torch.tensor([0, 1])
+    target = watched(batch(2, seed=3), classes)
+    with clf.frozen():
+        _, _, state = watched.surrogate_and_logits(x, classes, watched.initial_state(0, x.device))
+        terms = watched.attack_terms("joint", x, classes, target, state)
+        grad_maps, _ = watched.members[0].surrogate(x, classes)
+        cam_maps, _ = watched.members[1].surrogate(x, classes)
+        pooled = grad_maps.reshape(2, 1, 16, 2, 16, 2).mean(dim=(3, 5))
+        expected = 0.5 * (1.0 - soft_iou_top_k(pooled, cam_maps).mean(1))
+        assert terms is not None and torch.allclose(terms.interpretation, expected, atol=1e-6)
+        (gradient,) = torch.autograd.grad(terms.interpretation.sum(), x)
+    assert gradient.abs().sum() > 0
+
+
 def test_the_detector_term_makes_adv2_keep_the_members_in_agreement() -> None:
     """On the built-in ResNet, 4 images: with a heavy detector term the adversarial maps of GRAD
     and CAM disagree less (the detector's l1 score) than without it, every attack still succeeding."""
@@ -166,6 +185,7 @@ def test_bad_ensembles_are_one_line() -> None:
         ({"members": ("grad", "nope")}, "nope"),
         ({"members": ("grad", "cam"), "detector_weight": -1.0}, "detector_weight"),
         ({"members": ("grad", "cam"), "detector_weight": float("nan")}, "detector_weight"),
+        ({"members": ("grad", "cam"), "detector_score": "iou"}, "detector_score must be one of l1, soft_iou"),
     ):
         with pytest.raises(InputError, match=message) as error:
             build_interpreter("ensemble", clf, **options)

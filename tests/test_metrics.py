@@ -15,6 +15,7 @@ from underfire.metrics import (
     l2_distance,
     object_iou,
     pointing_game,
+    soft_iou_top_k,
     spearman,
     top_k_intersection,
     top_k_mask,
@@ -131,3 +132,18 @@ def test_pointing_game_tolerance() -> None:
     assert pointing_game(diagonal, objects, tolerance=6).item()
     with pytest.raises(InputError, match="tolerance"):
         pointing_game(near, objects, tolerance=-1)
+
+
+def test_the_soft_iou_test_tends_to_the_hard_one_and_has_an_input_gradient() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 1, 8, 8, generator=generator), torch.rand(3, 1, 8, 8, generator=generator)
+    hard = iou_top_k(a, b)
+    assert torch.allclose(soft_iou_top_k(a, b, temperature=1e-4), hard, atol=1e-4)  # random maps: no ties
+    assert torch.allclose(soft_iou_top_k(a, a), torch.ones(3, len(DEFAULT_K)))
+    assert (soft_iou_top_k(a, b) - hard).abs().max() < 0.1  # the default temperature: near, not equal
+    x = a.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(soft_iou_top_k(x, b).sum(), x)
+    assert gradient.abs().sum() > 0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="temperature must be a finite number > 0"):
+            soft_iou_top_k(a, b, temperature=bad)

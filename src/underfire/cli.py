@@ -767,7 +767,7 @@ def detect(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (holds results.sqlite) with benign and attacked images.")],
     ensemble: Annotated[str, typer.Option("--ensemble", help="Interpreters that explain each image, comma-separated (different classes).")] = "grad,cam,rts,mask",
     fpr: Annotated[float, typer.Option("--fpr", help="False-positive rate the threshold is calibrated for, on the run's benign images.")] = 0.05,
-    score: Annotated[str, typer.Option("--score", help="Disagreement score: iou (1 - mean pairwise IoU test), l1 or rank (1 - Spearman).")] = "iou",
+    score: Annotated[str, typer.Option("--score", help="Disagreement score: iou (1 - mean pairwise IoU test), l1, rank (1 - Spearman) or soft_iou (iou with soft top-k sets).")] = "iou",
     grid: Annotated[Optional[int], typer.Option("--grid", help="Side of the common grid (default: the coarsest member map).")] = None,
     preset_name: Annotated[str, typer.Option("--preset", help="Preset whose interpreter options the members get.")] = "quick",
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the benign images held out of the calibration: the rates are measured on them and on the attacks of them (0: in-sample).")] = 0.0,

@@ -9,7 +9,9 @@ to one grid (area-averaged down, bilinear up) and scores their disagreement:
 * ``"iou"``: 1 − the mean over member pairs of the IoU test (top-k IoU averaged over k = 5 %…50 %,
   the attack table's measure);
 * ``"l1"``: the mean over pairs of the mean absolute difference;
-* ``"rank"``: 1 − the mean over pairs of Spearman's rank correlation (Ghorbani et al. 2019).
+* ``"rank"``: 1 − the mean over pairs of Spearman's rank correlation (Ghorbani et al. 2019);
+* ``"soft_iou"``: ``"iou"`` with sigmoid-softened top-k sets (``metrics.soft_iou_top_k``): the
+  differentiable score an adaptive attacker can add to ℓ_int (the ensemble's ``detector_score``).
 
 A threshold is calibrated on benign scores for a chosen false-positive rate; the statistics
 (threshold, TPR at it, ROC AUC as the Mann–Whitney probability) are plain functions of score

@@ -16,6 +16,7 @@ larger of the two (object masks: to the mask's resolution).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -30,13 +31,13 @@ from .errors import InputError
 DEFAULT_K: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 11))
 
 
-def _check_maps(maps: torch.Tensor, what: str = "maps") -> torch.Tensor:
+def _check_maps(maps: torch.Tensor, what: str = "maps", *, differentiable: bool = False) -> torch.Tensor:
     if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or maps.shape[1] != 1:
         shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
         raise InputError(f"{what} must be a tensor of shape (N, 1, h, w), got {shape}")
     if not torch.isfinite(maps).all():
         raise InputError(f"{what} contain NaN or Inf values")
-    return maps.detach().float()
+    return maps.float() if differentiable else maps.detach().float()
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -46,8 +47,9 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = _check_maps(a, "first maps"), _check_maps(b, "second maps")
+def _pair(a: torch.Tensor, b: torch.Tensor, *, differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    a = _check_maps(a, "first maps", differentiable=differentiable)
+    b = _check_maps(b, "second maps", differentiable=differentiable)
     if a.shape[0] != b.shape[0]:
         raise InputError(f"cannot compare {a.shape[0]} maps with {b.shape[0]} maps")
     size = max(a.shape[-2:], b.shape[-2:], key=lambda s: s[0] * s[1])
@@ -83,6 +85,39 @@ def iou_top_k(a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float] = DEF
         ma, mb = top_k_mask(a, fraction), top_k_mask(b, fraction)
         columns.append((ma & mb).sum(1).float() / (ma | mb).sum(1).float())
     return torch.stack(columns, 1)
+
+
+def soft_iou_top_k(
+    a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float] = DEFAULT_K, temperature: float = 0.05
+) -> torch.Tensor:
+    """A differentiable stand-in for ``iou_top_k``: (N, len(fractions)).
+
+    Each top-k set becomes a soft one, sigmoid((m − τ) / T), with τ halfway between the k-th and
+    (k+1)-th highest value and T = ``temperature`` × the row's standard deviation; the IoU of two
+    soft sets is Σ min / Σ max. τ carries no gradient (moving it does not change which pixels are
+    in), so the gradient moves pixels across the threshold, which is what changes the hard score.
+    As ``temperature`` → 0 it tends to ``iou_top_k`` on maps without ties. Written for the
+    adaptive attack on the ensemble detector (its ``iou`` score has no gradient)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"the soft top-k temperature must be a finite number > 0, got {temperature!r}")
+    a, b = _pair(a, b, differentiable=True)
+    columns = []
+    for fraction in fractions:
+        sa, sb = _soft_top(a, fraction, temperature), _soft_top(b, fraction, temperature)
+        columns.append(torch.minimum(sa, sb).sum(1) / torch.maximum(sa, sb).sum(1).clamp_min(1e-12))
+    return torch.stack(columns, 1)
+
+
+def _soft_top(flat: torch.Tensor, fraction: float, temperature: float) -> torch.Tensor:
+    if not 0 < fraction <= 1:
+        raise InputError(f"top-k fraction must be in (0, 1], got {fraction}")
+    k = max(1, int(round(fraction * flat.shape[1])))
+    if k >= flat.shape[1]:
+        return torch.ones_like(flat)
+    values = flat.detach().topk(k + 1, dim=1).values
+    threshold = (values[:, k - 1 : k] + values[:, k : k + 1]) / 2
+    spread = temperature * flat.detach().std(1, keepdim=True).clamp_min(1e-12)
+    return torch.sigmoid((flat - threshold) / spread)
 
 
 def top_k_intersection(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
@@ -150,8 +185,8 @@ def object_iou(maps: torch.Tensor, objects: torch.Tensor, fraction: float | None
 
 
 #: The ensemble detector's disagreement scores (``underfire.detection``).
-Score = Literal["iou", "l1", "rank"]
-SCORES: tuple[str, ...] = ("iou", "l1", "rank")
+Score = Literal["iou", "l1", "rank", "soft_iou"]
+SCORES: tuple[str, ...] = ("iou", "l1", "rank", "soft_iou")
 
 
 def to_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -174,6 +209,8 @@ def disagreement(maps: Sequence[torch.Tensor], score: Score = "iou") -> torch.Te
             pairs.append(1.0 - iou_top_k(a, b).mean(1))
         elif score == "l1":
             pairs.append((a - b).abs().flatten(1).mean(1))
+        elif score == "soft_iou":
+            pairs.append(1.0 - soft_iou_top_k(a, b).mean(1))
         else:
             pairs.append(1.0 - spearman(a, b))
     return torch.stack(pairs).mean(0)

@@ -16,10 +16,11 @@ drawn and user target maps are refused. The measures of an ensemble row (IoU, L1
 whole strip, where top-k is dominated by the heaviest member: each member's own IoU is the
 transfer table's (ensemble → member).
 
-``detector_weight`` adds the ensemble detector's own score to ℓ_int: the mean pairwise L1
-disagreement of the members' maps of c_t on the coarsest member grid (``underfire.detection``'s
-``l1`` score, the differentiable one of its scores), so the attacker also pays for the members
-disagreeing with each other, not only for each drifting from its benign map.
+``detector_weight`` adds the ensemble detector's own score to ℓ_int: the members' disagreement
+on c_t on the coarsest member grid, ``detector_score`` ``l1`` (the mean pairwise L1 difference) or
+``soft_iou`` (the detector's ``iou`` score with soft top-k sets, ``metrics.soft_iou_top_k``: the
+``iou`` score itself has no gradient), so the attacker also pays for the members disagreeing with
+each other, not only for each drifting from its benign map.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ from ..presets import Preset
 from .base import AttackStage, AttackTerms, Interpreter
 
 
+#: The detector scores the attack can differentiate (``metrics.disagreement``).
+DETECTOR_SCORES = ("l1", "soft_iou")
+
+
 @dataclass(frozen=True)
 class EnsembleState:
     """The members' attack states, and their maps of the last surrogate call (for the detector term)."""
@@ -55,8 +60,9 @@ class Ensemble(Interpreter):
         weights: one positive weight per member for the attack's distance (default: equal).
         member_preset: build every member with this preset's options (the ensemble's own presets
             set it, so a ``quick`` run gets ``quick`` members); ``None``: the members' defaults.
-        detector_weight: weight of the detector's L1 disagreement among the members' maps in
-            ℓ_int (0: the attack ignores the detector's score).
+        detector_weight: weight of the detector's disagreement among the members' maps in ℓ_int
+            (0: the attack ignores the detector's score).
+        detector_score: that disagreement: ``l1`` or ``soft_iou`` (see the module docstring).
     """
 
     name: ClassVar[str] = "ensemble"
@@ -81,6 +87,7 @@ class Ensemble(Interpreter):
         weights: tuple[float, ...] | None = None,
         member_preset: Literal["quick", "paper"] | None = None,
         detector_weight: float = 0.0,
+        detector_score: Literal["l1", "soft_iou"] = "l1",
     ) -> None:
         super().__init__(classifier)
         from . import build_interpreter  # the registry module imports this one
@@ -99,7 +106,10 @@ class Ensemble(Interpreter):
             math.isfinite(detector_weight) and detector_weight >= 0
         ):
             raise InputError(f"the ensemble's detector_weight must be a finite number >= 0, got {detector_weight!r}")
+        if detector_score not in DETECTOR_SCORES:
+            raise InputError(f"the ensemble's detector_score must be one of {', '.join(DETECTOR_SCORES)}, got {detector_score!r}")
         self.detector_weight = float(detector_weight)
+        self.detector_score = detector_score
         self.names = names
         self.weights = tuple(float(w) for w in weights)
         self.members: list[Interpreter] = []
@@ -229,9 +239,9 @@ class Ensemble(Interpreter):
         return AttackTerms(interpretation=interpretation, extra=extra)
 
     def disagreement(self, member_maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(N,) the detector's ``l1`` score of members' maps (at their own sizes), on the coarsest grid."""
+        """(N,) the detector's ``detector_score`` of members' maps (at their own sizes), on the coarsest grid."""
         size = min((tuple(m.shape[-2:]) for m in member_maps), key=lambda s: s[0] * s[1])
-        return disagreement([to_grid(m, size) for m in member_maps], "l1")  # type: ignore[arg-type]
+        return disagreement([to_grid(m, size) for m in member_maps], self.detector_score)  # type: ignore[arg-type]
 
     def _states(self, state: Any) -> tuple[Any, ...]:
         if state is None:
