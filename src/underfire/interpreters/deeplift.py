@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..models.classifier import Classifier
+from ..presets import Preset
 from ..smoothing import ReluSurrogate
 from .attribution import Attribution, BaselineKind, BaselineMixin, ReluScale
 from .gradient import GRAD_PRESETS
@@ -84,8 +85,12 @@ class DeepLift(BaselineMixin, Attribution):
 
     name: ClassVar[str] = "deeplift"
     description: ClassVar[str] = "DeepLIFT, Rescale rule, against a baseline (Shrikumar et al. 2017)"
-    #: GRAD's schedule (the map is GRAD-like: |·|, max over channels, full resolution); docs/tuning.md
-    presets = GRAD_PRESETS
+    #: GRAD's schedule (the map is GRAD-like: |·|, max over channels, full resolution) with twice
+    #: its ``quick`` stage 2: 1000 steps (ResNet, 100 images: IoU 0.594 at 500, 0.606; docs/tuning.md)
+    presets = {
+        **GRAD_PRESETS,
+        "quick": Preset(attack={**GRAD_PRESETS["quick"].attack, "adv_steps": 1000}, options=GRAD_PRESETS["quick"].options),
+    }
 
     def __init__(
         self,
