@@ -129,8 +129,9 @@ def memory() -> None:
                   f"measured {peaks['run'] / 2**20:.0f} MiB, ratio {peaks['estimate'] / peaks['run']:.2f}", flush=True)
 
 
-#: The ``--budget`` experiment: ADV² at 224 px on random weights, one PGD and one ADV² step
-#: (a unit's peak does not grow with its steps), the images written by ``budget``.
+#: The ``--budget`` experiment: ADV² at 224 px on random weights, one PGD and one ADV² step and
+#: 20 MASK iterations (a unit's peak grows with neither count, only its time), the images
+#: written by ``budget``.
 BUDGET = """
 [experiment]
 name = "budget-224"
@@ -143,6 +144,8 @@ transfer = false
 [overrides]
 pgd_steps = 1
 adv_steps = 1
+[interpreters.mask]
+iterations = 20
 """
 
 
@@ -160,7 +163,7 @@ def budget_child(mode: str, path: str, argument: str) -> None:
         print(json.dumps({"peak_bytes": peak_resident_bytes()}))
 
 
-def budget(size: str, model: str, interpreters: str, images: int) -> None:
+def budget(size: str, model: str, interpreters: str, images: int, fit_only: bool = False) -> None:
     from PIL import Image
 
     from underfire.runs.memory import parse_memory
@@ -186,6 +189,8 @@ def budget(size: str, model: str, interpreters: str, images: int) -> None:
         print(chosen["line"])
         for label, (fixed, per_image) in chosen["fitted"].items():
             print(f"  {label}: {fixed / 2**20:.0f} MiB fixed + {per_image / 2**20:.1f} MiB per image")
+        if fit_only:
+            return
         measured = child("run", chosen["batch"])["peak_bytes"]
         print(f"batch {chosen['batch']} of {images}: predicted peak {chosen['predicted'] / 2**20:.0f} MiB, "
               f"measured {measured / 2**20:.0f} MiB (ratio {chosen['predicted'] / measured:.2f}), budget {limit / 2**20:.0f} MiB", flush=True)
@@ -199,12 +204,13 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="torchvision:resnet50@random", help="with --budget")
     parser.add_argument("--interpreters", default="grad,cam,mask", help="with --budget (comma-separated)")
     parser.add_argument("--images", type=int, default=8, help="with --budget: images, and the configured batch")
+    parser.add_argument("--fit-only", action="store_true", help="with --budget: print the fitted lines, do not run the chosen batch")
     parser.add_argument("--budget-child", nargs=3, metavar=("MODE", "CONFIG", "BYTES"), help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.budget_child:
         budget_child(*arguments.budget_child)
     elif arguments.budget:
-        budget(arguments.budget, arguments.model, arguments.interpreters, arguments.images)
+        budget(arguments.budget, arguments.model, arguments.interpreters, arguments.images, arguments.fit_only)
     elif arguments.child:
         child(*arguments.child)
     elif arguments.memory:

@@ -50,6 +50,8 @@ def test_the_batch_is_the_largest_at_which_every_kind_of_unit_fits() -> None:
     assert choice.fitted == {"a": (0, 100), "b": (240, 10)}
     assert "batch 16 → 3" in choice.line() and "allocated on the GPU" in choice.line()
     assert fit_batch(peaks, 10**9, 16, 16, "cpu").batch_size == 16  # never beyond the configured batch
+    fewer = fit_batch(peaks, 10**9, 5, 16, "cpu")  # five images: a batch of 16 holds five, and fits
+    assert fewer.batch_size == 5 and "batch 16 fits" in fewer.line() and "2 kinds of unit" in fewer.line()
     assert fit_batch(peaks, 255, 16, 16, "cpu").batch_size == 1  # b binds at one image: 250
     # a peak that fell between the pilots (measurement noise) is no reason to refuse any batch
     assert fit_batch({"a": {1: 300, 4: 290}}, 301, 8, 8, "cpu").batch_size == 8

@@ -71,13 +71,16 @@ class BatchChoice:
     memory_kind: Literal["cpu", "gpu"]
     #: unit kind → (fixed bytes, bytes per image) fitted from the pilots
     fitted: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    largest: int = 0  # the largest batch there is: the configured one, or fewer images (0: the configured)
 
     def line(self) -> str:
         where = "allocated on the GPU" if self.memory_kind == "gpu" else "resident in this process, models included"
-        change = f"batch {self.configured} → {self.batch_size}" if self.batch_size != self.configured else f"batch {self.batch_size} fits"
+        fits = self.batch_size >= (self.largest or self.configured)
+        change = f"batch {self.configured} fits" if fits else f"batch {self.configured} → {self.batch_size}"
+        kinds = len(self.fitted)
         return (
             f"memory budget {format_bytes(self.budget)} ({where}): {change}, predicted peak {format_bytes(self.predicted_peak)} "
-            f"({self.binding}; fitted from pilots of {len(self.fitted)} kinds of unit)"
+            f"({self.binding}; fitted from pilots of {kinds} {'kind' if kinds == 1 else 'kinds'} of unit)"
         )
 
     def record(self) -> str:
@@ -148,7 +151,7 @@ def fit_batch(
     measured_once = all(len(points) == 1 for points in peaks.values())
     batch = 1 if measured_once else max(b for b in range(1, most + 1) if worst(b)[0] <= budget)
     peak, label = worst(batch)
-    return BatchChoice(budget, batch, configured, peak, label, memory_kind, fitted)
+    return BatchChoice(budget, batch, configured, peak, label, memory_kind, fitted, most)
 
 
 def measure_peak(work: Callable[[], object], gpu: torch.device | None) -> int:
