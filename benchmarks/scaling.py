@@ -62,9 +62,11 @@ def interpreter_for(method: str, clf: Classifier) -> Any:
     return build_interpreter(method, clf)
 
 
-def make_step(method: str, clf: Classifier, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], torch.Tensor]:
+def make_step(
+    method: str, clf: Classifier, images: torch.Tensor, targets: torch.Tensor, interpreter: Any = None
+) -> Callable[[], torch.Tensor]:
     """A callable doing one attack step and returning the new iterate (state carried between calls,
-    as in the attack)."""
+    as in the attack); ``interpreter`` replaces ``interpreter_for(method)``'s."""
     current = {"x": images.clone()}
     if method == "pgd":
 
@@ -72,7 +74,7 @@ def make_step(method: str, clf: Classifier, images: torch.Tensor, targets: torch
             return F.cross_entropy(clf(x), targets, reduction="none")
 
     else:
-        interpreter = interpreter_for(method, clf)
+        interpreter = interpreter_for(method, clf) if interpreter is None else interpreter
         generator = torch.Generator().manual_seed(1)
         target_maps = torch.rand((images.shape[0], 1, *interpreter.map_shape(images)), generator=generator)
         target_maps = target_maps.to(images.device)

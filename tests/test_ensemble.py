@@ -60,6 +60,37 @@ def test_the_distance_and_its_gradient_are_the_weighted_sum_of_the_members() -> 
     assert torch.allclose(ours, expected, atol=1e-6, rtol=1e-4)
 
 
+def test_only_the_first_member_pays_for_the_logits() -> None:
+    """The ensemble's per-step call: the first member's surrogate_and_logits, the others' surrogate
+    alone (MASK's own would add a classifier forward whose logits the attack drops); same values."""
+    clf = tiny_classifier()
+    ensemble = Ensemble(clf, members=("grad", "mask"))
+    x, classes = batch(2), torch.tensor([0, 1])
+    with clf.frozen():  # one-time forwards (map sizes, MASK's first call) before counting
+        ensemble.surrogate_and_logits(x, classes, ensemble.initial_state(0, x.device))
+    calls = []
+    hook = clf.network.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with clf.frozen():
+            state = ensemble.initial_state(0, x.device)
+            maps, logits, after = ensemble.surrogate_and_logits(x, classes, state)
+            ours = len(calls)
+            calls.clear()
+            grad_maps, grad_logits, _ = ensemble.members[0].surrogate_and_logits(x, classes, state.members[0])
+            mask_maps, _ = ensemble.members[1].surrogate(x, classes, state.members[1])
+            theirs = len(calls)
+            calls.clear()
+            ensemble.members[1].surrogate_and_logits(x, classes, state.members[1])
+            mask_alone = len(calls)
+            calls.clear()
+            ensemble.members[1].surrogate(x, classes, state.members[1])
+    finally:
+        hook.remove()
+    assert ours == theirs and mask_alone == len(calls) + 1
+    assert torch.equal(logits, grad_logits) and torch.equal(maps, ensemble.tile([grad_maps, mask_maps]))
+    assert torch.equal(logits, clf(x))
+
+
 def test_split_inverts_tile_exactly_and_benign_tiles_are_the_members_maps() -> None:
     clf = tiny_classifier()
     ensemble = Ensemble(clf, members=("cam", "grad"), weights=(2.0, 1.0))

@@ -197,13 +197,16 @@ class Ensemble(Interpreter):
     def surrogate_and_logits(
         self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, EnsembleState]:
-        """Every member's ``surrogate_and_logits`` (their states feed their attack terms, their
-        maps the detector term); the logits are the first member's (all equal ``classifier(images)``)."""
+        """The first member's ``surrogate_and_logits`` and the others' ``surrogate`` (their states
+        feed their attack terms, their maps the detector term): the logits are the first member's
+        (every member's equal ``classifier(images)``), so no other member pays a forward pass for
+        logits the attack would drop (RTS's and MASK's: one each per step)."""
         states = self._states(state)
         self.grid(images)
-        results = [m.surrogate_and_logits(images, classes, s) for m, s in zip(self.members, states)]
-        maps = tuple(maps for maps, _, _ in results)
-        return self.tile(maps), results[0][1], EnsembleState(tuple(s for _, _, s in results), maps)
+        first_maps, logits, first_state = self.members[0].surrogate_and_logits(images, classes, states[0])
+        rest = [m.surrogate(images, classes, s) for m, s in zip(self.members[1:], states[1:])]
+        maps = (first_maps, *(maps for maps, _ in rest))
+        return self.tile(maps), logits, EnsembleState((first_state, *(s for _, s in rest)), maps)
 
     def attack_terms(
         self,
