@@ -182,7 +182,9 @@ def budget(size: str, model: str, interpreters: str, images: int, fit_only: bool
         def child(mode: str, batch: int) -> dict:
             path.write_text(BUDGET.format(files=json.dumps(files), batch=batch, model=model, interpreters=names))
             done = subprocess.run([sys.executable, "-m", "benchmarks.estimate", "--budget-child", mode, str(path), str(limit)],
-                                  check=True, capture_output=True, text=True)
+                                  capture_output=True, text=True)
+            if done.returncode != 0:  # the child's own last line says why (an interpreter that cannot run here...)
+                raise SystemExit(f"the {mode} process failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
             return json.loads(done.stdout.strip().splitlines()[-1])
 
         chosen = child("choose", images)
