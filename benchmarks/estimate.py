@@ -144,9 +144,9 @@ transfer = false
 [overrides]
 pgd_steps = 1
 adv_steps = 1
-[interpreters.mask]
-iterations = 20
 """
+#: appended when MASK is among the interpreters
+BUDGET_MASK = "[interpreters.mask]\niterations = 20\n"
 
 
 def budget_child(mode: str, path: str, argument: str) -> None:
@@ -180,7 +180,8 @@ def budget(size: str, model: str, interpreters: str, images: int, fit_only: bool
         path = Path(folder) / "experiment.toml"
 
         def child(mode: str, batch: int) -> dict:
-            path.write_text(BUDGET.format(files=json.dumps(files), batch=batch, model=model, interpreters=names))
+            text = BUDGET.format(files=json.dumps(files), batch=batch, model=model, interpreters=names)
+            path.write_text(text + (BUDGET_MASK if "mask" in interpreters.split(",") else ""))
             done = subprocess.run([sys.executable, "-m", "benchmarks.estimate", "--budget-child", mode, str(path), str(limit)],
                                   capture_output=True, text=True)
             if done.returncode != 0:  # the child's own last line says why (an interpreter that cannot run here...)
