@@ -135,3 +135,27 @@ def test_the_cli_estimates_with_the_batch_a_budget_chooses_and_refuses_a_budget_
     result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "part"), "--shard", "1/2", "--max-memory", "8GiB"])
     errors = result.stderr.strip().splitlines()
     assert result.exit_code != 0 and len(errors) == 1 and "parts of a sharded run must share one" in errors[0], result.output
+
+
+@linux_only
+def test_a_pilot_the_machine_cannot_hold_is_retried_on_fewer_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    from underfire.runs import memory
+
+    config = ExperimentConfig(
+        name="retry", models=("shapes-resnet",), interpreters=("cam",), attacks=("adv2",), transfer=False, images=4,
+        batch_size=4, overrides={"pgd_steps": 1, "adv_steps": 1},
+    )
+    real_pilot, sizes, seen = memory._pilot, [], {}
+
+    def pilot(config, models, size, gpu, peaks, bar):  # noqa: ANN001 - the real one, but 4 images do not fit
+        sizes.append(size)
+        seen["peaks"] = peaks
+        if size == 4:
+            peaks.setdefault("partial", {})[4] = 1  # a pilot cut short leaves nothing behind
+            raise MemoryError
+        real_pilot(config, models, size, gpu, peaks, bar)
+
+    monkeypatch.setattr(memory, "_pilot", pilot)
+    choice = choose_batch(config, prepare_models(config), 2**40)
+    assert sizes == [1, 4, 2] and choice.batch_size == 4  # the line through the 1- and 2-image pilots
+    assert {label: set(points) for label, points in seen["peaks"].items()} == {"shapes-resnet adv2 vs cam": {1, 2}}

@@ -124,8 +124,10 @@ def choose_batch(
                 _pilot(config, models, size, gpu, peaks, bar)
                 break
             except (torch.cuda.OutOfMemoryError, MemoryError):  # the device cannot hold this pilot: try fewer
-                for points in peaks.values():
-                    points.pop(size, None)
+                for label in list(peaks):
+                    peaks[label].pop(size, None)
+                    if not peaks[label]:
+                        del peaks[label]
                 if gpu is not None:
                     torch.cuda.empty_cache()
                 size //= 2
