@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from underfire import Classifier
 from underfire.attacks import project
 from underfire.interpreters import MaskConfig, Rts, build_interpreter
+from underfire.runs.memory import cpu_peaks_measurable, measure_peak
 
 from .common import ROOT, inputs, load_classifier, synchronize, untrained_rts
 
@@ -160,33 +161,15 @@ def measure_memory(model: str, plan: dict[str, list[Any]], device: str, timeout:
 
 
 def peak_step_memory(step: Callable[[], None], device: str) -> float:
-    """Peak bytes above the resident level during one call of ``step``."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - base)
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
-        handle.write("5")
-    step()
-    return float(max(0, _status_kib("VmHWM") - base) * 1024)
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
+    """Peak bytes above the resident level during one call of ``step`` (``runs.memory.measure_peak``)."""
+    before, peak = measure_peak(step, torch.device(device) if device.startswith("cuda") else None)
+    return float(max(0, peak - before))
 
 
 def memory_supported(device: str) -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_available()
-    return os.path.exists("/proc/self/clear_refs") and sys.platform.startswith("linux")
+    return cpu_peaks_measurable()
 
 
 def format_table(result: dict[str, Any], memory: dict[str, dict[int, float]], batches: tuple[int, ...]) -> list[str]:

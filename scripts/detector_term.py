@@ -61,7 +61,7 @@ def main() -> None:
     benign_scores = torch.cat([detector.scores(pool[s : s + args.batch]) for s in range(0, args.benign, args.batch)])
     p95 = float(np.percentile(benign_scores.numpy(), 95))
     threshold = threshold_at_fpr(benign_scores.numpy(), 0.05)
-    members = {name: build_interpreter(name, clf, preset="quick") for name in MEMBERS}
+    members = dict(zip(MEMBERS, detector.members))  # the detector's own, built with the quick preset
     benign_maps = {name: [members[name](images[c], labels[c], seed=0) for c in chunks] for name in MEMBERS}
 
     for term in args.terms.split(","):

@@ -159,3 +159,45 @@ def test_a_pilot_the_machine_cannot_hold_is_retried_on_fewer_images(monkeypatch:
     choice = choose_batch(config, prepare_models(config), 2**40)
     assert sizes == [1, 4, 2] and choice.batch_size == 4  # the line through the 1- and 2-image pilots
     assert {label: set(points) for label, points in seen["peaks"].items()} == {"shapes-resnet adv2 vs cam": {1, 2}}
+
+
+def test_the_batch_a_run_folder_computes_with() -> None:
+    from underfire.runs.memory import sized_config
+
+    config = ExperimentConfig(batch_size=16)
+    record = json.dumps({"batch_size": 5, "configured_batch_size": 16, "budget": 1, "predicted_peak": 1, "memory_kind": "cpu"})
+    # a first start killed after recording its budget and before its config: the recorded batch
+    assert sized_config(config, [], {META_KEY: record}, None)[0].batch_size == 5
+    assert sized_config(config, [], {META_KEY: record, "config": "{}"}, 2**40)[0].batch_size == 5  # no new measurement
+    # a run begun without a budget keeps its batch; so does a new run without one
+    assert sized_config(config, [], {"config": "{}"}, 2**40) == (config, None)
+    assert sized_config(config, [], {}, None) == (config, None)
+
+
+@linux_only
+def test_a_budget_on_a_run_begun_without_one_is_ignored_by_the_run_and_its_estimate(tmp_path: Path) -> None:
+    from underfire.runs.estimate import estimate_experiment
+
+    config = ExperimentConfig(
+        name="late", models=("shapes-resnet",), interpreters=("cam",), attacks=("adv2",), transfer=False, images=4,
+        batch_size=4, overrides={"pgd_steps": 1, "adv_steps": 1},
+    )
+    run_experiment(config, tmp_path / "run")
+    said: list[str] = []
+    again = run_experiment(config, tmp_path / "run", announce=said.append, max_memory=2**40)
+    assert again.was_complete and any("--max-memory ignored: this run started without a budget" in line for line in said)
+    said.clear()
+    assert estimate_experiment(config, tmp_path / "run", max_memory=2**40, announce=said.append).units == 0
+    assert not said  # nothing measured: the estimate keeps the run's batch too
+
+
+@linux_only
+def test_attack_takes_a_budget(tmp_path: Path) -> None:
+    result = runner.invoke(app, [
+        "attack", "--model", "shapes-resnet", "--data", "shapes:test", "--limit", "4", "--interpreter", "cam",
+        "--pgd-steps", "1", "--adv-steps", "1", "--max-memory", "64GiB", "--out", str(tmp_path / "adv"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "memory budget 64.00 GiB" in result.output and "batch 50 fits" in result.output  # 4 images: a batch of 50 holds them
+    record = sqlite3.connect(tmp_path / "adv" / "results.sqlite").execute("SELECT value FROM meta WHERE key = ?", (META_KEY,)).fetchone()
+    assert json.loads(record[0])["batch_size"] == 4

@@ -70,11 +70,16 @@ def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def top_k_mask(flat: torch.Tensor, fraction: float) -> torch.Tensor:
     """Boolean mask of the ``fraction`` highest pixels of each row (exactly k pixels; ties by index)."""
-    if not 0 < fraction <= 1:
-        raise InputError(f"top-k fraction must be in (0, 1], got {fraction}")
-    k = max(1, int(round(fraction * flat.shape[1])))
+    k = _top_k_count(flat.shape[1], fraction)
     index = flat.topk(k, dim=1, sorted=False).indices
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, index, True)
+
+
+def _top_k_count(pixels: int, fraction: float) -> int:
+    """How many of ``pixels`` the top ``fraction`` keeps (at least one)."""
+    if not 0 < fraction <= 1:
+        raise InputError(f"top-k fraction must be in (0, 1], got {fraction}")
+    return max(1, int(round(fraction * pixels)))
 
 
 def iou_top_k(a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float] = DEFAULT_K) -> torch.Tensor:
@@ -109,9 +114,7 @@ def soft_iou_top_k(
 
 
 def _soft_top(flat: torch.Tensor, fraction: float, temperature: float) -> torch.Tensor:
-    if not 0 < fraction <= 1:
-        raise InputError(f"top-k fraction must be in (0, 1], got {fraction}")
-    k = max(1, int(round(fraction * flat.shape[1])))
+    k = _top_k_count(flat.shape[1], fraction)
     if k >= flat.shape[1]:
         return torch.ones_like(flat)
     values = flat.detach().topk(k + 1, dim=1).values

@@ -97,8 +97,8 @@ def estimate_experiment(
     from ..store import DATABASE_NAME
     from ..store.database import check_database
     from ..store.reader import open_reader
-    from .execute import check_shard, check_unsharded_budget, shard_units, units_to_do
-    from .memory import META_KEY, choose_batch, recorded_batch
+    from .execute import check_shard, shard_units, units_to_do
+    from .memory import check_unsharded_budget, sized_config
     from .plan import plan_units, prepare_models
 
     database = Path(run_dir) / DATABASE_NAME
@@ -107,17 +107,13 @@ def estimate_experiment(
         check_shard(shard)
         check_unsharded_budget(max_memory)
     models = prepare_models(config, resolve_device(device))
-    recorded = None
+    meta: dict[str, Any] = {}
     if database.is_file():
         with open_reader(run_dir) as reader:
-            recorded = reader.meta().get(META_KEY)
-    if recorded is not None:
-        config = recorded_batch(config, recorded)
-    elif max_memory is not None:
-        choice = choose_batch(config, models, max_memory, progress=True)
-        if announce is not None:
-            announce(choice.line())
-        config = dataclasses.replace(config, batch_size=choice.batch_size)
+            meta = reader.meta()
+    config, choice = sized_config(config, models, meta, max_memory, progress=True)
+    if choice is not None and announce is not None:
+        announce(choice.line())
     units = [unit for model in models for unit in plan_units(config, model)]
     if shard is not None:
         units = shard_units(units, shard)

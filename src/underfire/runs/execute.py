@@ -22,7 +22,6 @@ Layout of ``RUN_DIR/files/<model-slug>/`` (paths in the database are relative to
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import platform
@@ -46,7 +45,7 @@ from ..visualize import to_uint8
 from .config import ExperimentConfig
 from .executor import Executor, SerialExecutor, UnitFailure
 from .fingerprint import check_inputs, run_inputs
-from .memory import META_KEY, choose_batch, recorded_batch
+from .memory import META_KEY, check_unsharded_budget, sized_config
 from .plan import Key, PreparedModel, TransferKey, Unit, plan_units, prepare_models
 from .worker import UnitOutput, UnitWorker, config_json
 
@@ -204,38 +203,24 @@ def failure_key(unit: Unit) -> tuple[str, str, str, str, int]:
     return (unit.model, unit.attack, unit.interpreter or "", unit.target_map or "", unit.batch)
 
 
-def check_unsharded_budget(max_memory: int | None) -> None:
-    """The parts of a sharded run must share one batch, which a budget would choose per machine."""
-    if max_memory is not None:
-        raise InputError(
-            "--max-memory chooses the batch on the machine that runs it, and the parts of a sharded run must share one: "
-            "see the batch it picks with --estimate --max-memory, then set batch_size in the config"
-        )
-
-
 def _sized_batch(
     config: ExperimentConfig, models: list[PreparedModel], store: ResultStore, max_memory: int | None, progress: bool,
     announce: Callable[[str], None] | None,
 ) -> ExperimentConfig:
-    """The config with the batch a memory budget chose: the recorded one on a resume, else measured
-    now when a budget is given (recorded before the config, so a kill in between resumes with it)."""
+    """``memory.sized_config`` for this folder, said in one line, a new choice recorded before the
+    config (so a kill in between resumes with it)."""
     meta = store.meta()
-    if META_KEY in meta:
-        sized = recorded_batch(config, meta[META_KEY])
-        if announce is not None and sized.batch_size != config.batch_size:
-            announce(f"{config.name}: batch {sized.batch_size}, chosen by the run's memory budget at its first start (a resume keeps it)")
-        return sized
-    if max_memory is None:
-        return config
-    if "config" in meta:
-        if announce is not None:
-            announce(f"{config.name}: --max-memory ignored: this run started without a budget, and its batch ({config.batch_size}) stays")
-        return config
-    choice = choose_batch(config, models, max_memory, progress=progress)
+    sized, choice = sized_config(config, models, meta, max_memory, progress=progress)
     if announce is not None:
-        announce(f"{config.name}: {choice.line()}")
-    store.claim_value(META_KEY, choice.record(), "a memory budget")
-    return dataclasses.replace(config, batch_size=choice.batch_size)
+        if choice is not None:
+            announce(f"{config.name}: {choice.line()}")
+        elif META_KEY in meta and sized.batch_size != config.batch_size:
+            announce(f"{config.name}: batch {sized.batch_size}, chosen by the run's memory budget at its first start (a resume keeps it)")
+        elif max_memory is not None and META_KEY not in meta:
+            announce(f"{config.name}: --max-memory ignored: this run started without a budget, and its batch ({config.batch_size}) stays")
+    if choice is not None:
+        store.claim_value(META_KEY, choice.record(), "a memory budget")
+    return sized
 
 
 def check_shard(shard: tuple[int, int]) -> None:

@@ -111,13 +111,14 @@ def choose_batch(
     images (one step per attack stage) and pick the largest batch whose predicted peak fits."""
     most = min(config.batch_size, max(len(model.names) for model in models))
     gpu = next((m.classifier.device for m in models if m.classifier.device.type == "cuda"), None)
+    kind: Literal["cpu", "gpu"] = "gpu" if gpu is not None else "cpu"
     if gpu is None:
         check_cpu_peaks()
     peaks: dict[str, dict[int, int]] = {}
     kinds = sum(len(_first_units(config, model, 1)) for model in models)
     with progress_bar(kinds * (1 if most == 1 else 2), desc="measuring memory", unit="unit", enabled=progress) as bar:
         _pilot(config, models, 1, gpu, peaks, bar)
-        fit_batch(peaks, budget, 1, config.batch_size, "gpu" if gpu is not None else "cpu")  # refuses a budget below one image
+        fit_batch(peaks, budget, 1, config.batch_size, kind)  # refuses a budget below one image
         size = min(most, PILOT_BATCH)
         while size >= 2:
             try:
@@ -131,7 +132,7 @@ def choose_batch(
                 if gpu is not None:
                     torch.cuda.empty_cache()
                 size //= 2
-    return fit_batch(peaks, budget, most, config.batch_size, "gpu" if gpu is not None else "cpu")
+    return fit_batch(peaks, budget, most, config.batch_size, kind)
 
 
 def fit_batch(
@@ -156,25 +157,58 @@ def fit_batch(
     return BatchChoice(budget, batch, configured, peak, label, memory_kind, fitted, most)
 
 
-def measure_peak(work: Callable[[], object], gpu: torch.device | None) -> int:
-    """The peak memory while ``work()`` runs: GPU bytes allocated, or the process's resident
-    high-water mark (reset first; the freed heap is handed back so earlier work is not counted)."""
+def measure_peak(work: Callable[[], object], gpu: torch.device | None) -> tuple[int, int]:
+    """(before, peak): the memory held just before ``work()`` and its peak while it runs: GPU bytes
+    allocated, or the process's resident size and high-water mark (reset first, after the freed
+    heap is handed back so earlier work is not counted)."""
     if gpu is not None:
         torch.cuda.synchronize(gpu)
+        before = torch.cuda.memory_allocated(gpu)
         torch.cuda.reset_peak_memory_stats(gpu)
         work()
         torch.cuda.synchronize(gpu)
-        return int(torch.cuda.max_memory_allocated(gpu))
+        return int(before), int(torch.cuda.max_memory_allocated(gpu))
     _trim_heap()
+    before = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     work()
-    return _status_bytes("VmHWM")
+    return before, _status_bytes("VmHWM")
+
+
+def cpu_peaks_measurable() -> bool:
+    """Whether ``measure_peak`` works on a CPU here (Linux's ``/proc/self/clear_refs``)."""
+    return sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()
 
 
 def check_cpu_peaks() -> None:
     """Refuse a CPU budget where the peak of a piece of work cannot be measured."""
-    if not (sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()):
+    if not cpu_peaks_measurable():
         raise InputError("--max-memory on a CPU needs Linux (/proc/self/clear_refs) to measure peaks; set batch_size in the config instead")
+
+
+def check_unsharded_budget(max_memory: int | None) -> None:
+    """The parts of a sharded run must share one batch, which a budget would choose per machine."""
+    if max_memory is not None:
+        raise InputError(
+            "--max-memory chooses the batch on the machine that runs it, and the parts of a sharded run must share one: "
+            "see the batch it picks with --estimate --max-memory, then set batch_size in the config"
+        )
+
+
+def sized_config(
+    config: ExperimentConfig, models: Sequence[PreparedModel], meta: Mapping[str, Any], max_memory: int | None,
+    *, progress: bool = False,
+) -> tuple[ExperimentConfig, BatchChoice | None]:
+    """The config a run folder whose meta table is ``meta`` computes with, and the choice to record
+    when one was measured now: the batch its budget recorded at the first start (even a start
+    killed before its config was stored), else, for a new run with ``max_memory``, the batch
+    measured now; else ``config`` (a run begun without a budget keeps its batch)."""
+    if META_KEY in meta:
+        return recorded_batch(config, meta[META_KEY]), None
+    if max_memory is None or "config" in meta:
+        return config, None
+    choice = choose_batch(config, models, max_memory, progress=progress)
+    return dataclasses.replace(config, batch_size=choice.batch_size), choice
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -188,7 +222,7 @@ def _pilot(
     for model in models:
         for unit in _first_units(config, model, size):
             label = _kind_label(unit.label)
-            peaks.setdefault(label, {})[size] = measure_peak(lambda: worker(unit), gpu)
+            peaks.setdefault(label, {})[size] = measure_peak(lambda: worker(unit), gpu)[1]
             bar.set_postfix_str(label, refresh=False)  # type: ignore[attr-defined]
             bar.update(1)  # type: ignore[attr-defined]
 
