@@ -7,7 +7,7 @@
     python scripts/attack_table.py shapes-resnet --out smoothing.jsonl --interpreters grad --sweep softplus_beta=1,3,10
     python scripts/attack_table.py shapes-resnet --out strong.jsonl --interpreters rts --sweep variant=adversarial --set adv_steps=900 --set 'lam=[40, 160]'
 
-Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² settings; rows then carry ``settings``) (its attack settings and interpreter options), the first ``--images`` correctly classified shapes test images,
+Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² settings; rows then carry ``settings``) (its attack settings and interpreter options; ADV² rows whose ℓ_int is on powered maps carry ``map_power``), the first ``--images`` correctly classified shapes test images,
 random targets (seed 0), ε = 8/255 unless ``--eps`` says otherwise (rows then carry ``eps``).
 Every measure is taken on the returned 8-bit images with the full interpreter run afresh for c_t,
 against the benign map. PGD runs once per model with as many steps as the largest ADV² budget of
@@ -77,6 +77,11 @@ def main() -> None:
     interpreters = {name: build_interpreter(name, clf) for name in names}
     benign = {name: [interpreters[name](images[c], labels[c], seed=0) for c in chunks] for name in names}
 
+    def power(name: str) -> dict:
+        """``map_power`` of the ADV² rows whose ℓ_int is not the paper's squared difference."""
+        value = preset("quick", name, **budget, **overrides).map_power
+        return {} if value == 1.0 else {"map_power": value}
+
     def log(row: dict) -> None:
         with args.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -106,7 +111,7 @@ def main() -> None:
         for name in names:
             plain: list[torch.Tensor] = []
             measures, total, seconds = adv2(name, {}, keep=plain)
-            log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=None, **tag, steps=total, seconds=seconds, **summary(measures)))
+            log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=None, **tag, **power(name), steps=total, seconds=seconds, **summary(measures)))
             for value in values.split(","):
                 swept = build_interpreter(name, clf, preset="quick", **{key: value})
                 reference = [swept(images[c], labels[c], seed=0) for c in chunks]
@@ -116,7 +121,7 @@ def main() -> None:
                     for attack, examples in (("pgd", pgd), ("adv2_plain", plain))
                 }
                 measures, total, seconds = adv2(name, {key: value}, reference)
-                log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=value, **tag, steps=total, seconds=seconds,
+                log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=value, **tag, **power(name), steps=total, seconds=seconds,
                          benign_iou_to_plain=round(moved, 3), pgd_iou=on_swept["pgd"]["iou"], plain_adv2_iou=on_swept["adv2_plain"]["iou"],
                          plain_adv2_success=on_swept["adv2_plain"]["success"], **summary(measures)))
         return
@@ -125,7 +130,7 @@ def main() -> None:
         for name in names:
             for relu in args.relus.split(","):
                 measures, steps, seconds = adv2(name, {"relu": relu})
-                log(dict(model=args.model, interpreter=name, relu=relu, attack="adv2", steps=steps, seconds=seconds, **summary(measures)))
+                log(dict(model=args.model, interpreter=name, relu=relu, attack="adv2", **power(name), steps=steps, seconds=seconds, **summary(measures)))
         return
 
     if not args.no_pgd:
@@ -140,7 +145,7 @@ def main() -> None:
         return
     for name in names:
         measures, total, seconds = adv2(name, {})
-        log(dict(model=args.model, interpreter=name, attack="adv2", **tag, steps=total, seconds=seconds, **summary(measures)))
+        log(dict(model=args.model, interpreter=name, attack="adv2", **tag, **power(name), steps=total, seconds=seconds, **summary(measures)))
 
 
 if __name__ == "__main__":

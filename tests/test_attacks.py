@@ -12,7 +12,7 @@ from torch import nn
 
 from underfire import Classifier, InputError
 from underfire.attacks import ADV2, PGD, AttackConfig, LambdaSchedule, parse_fraction, preset, project, quantize
-from underfire.attacks.core import _descend
+from underfire.attacks.core import _descend, map_distance
 from underfire.attacks.targets import check_targets, load_user_map, random_targets, shape_maps
 from underfire.data import read_image
 from underfire.interpreters import build_interpreter
@@ -66,6 +66,10 @@ def test_parse_fraction() -> None:
         ({"pgd_steps": -1}, "pgd_steps"),
         ({"pgd_steps": 0, "adv_steps": 0}, "at least one step"),
         ({"confidence": 1.0}, "confidence"),
+        ({"map_power": 0.0}, "map_power must be a number in"),
+        ({"map_power": 1.5}, "map_power must be a number in"),
+        ({"map_power": float("nan")}, "map_power must be a number in"),
+        ({"map_power": True}, "map_power must be a number in"),
         ({"bogus": 1}, "unknown attack option"),
         ({"evidence_weight": 1.0}, "unknown attack option"),  # an option of MASK, not of every attack
     ],
@@ -115,6 +119,50 @@ def test_presets_and_their_errors() -> None:
         preset("fast", "cam")
     with pytest.raises(InputError, match="unknown interpreter 'lime'"):
         preset("quick", "lime")
+
+
+def test_family_quick_presets_compare_root_maps_and_the_rest_keep_the_paper_distance() -> None:
+    """Gradient × Input, IG and DeepLIFT attack the maps' square roots under ``quick``; GRAD, LRP
+    and every ``paper`` preset keep the squared difference of the maps (docs/tuning.md)."""
+    for name in ("inputxgrad", "ig", "deeplift"):
+        assert preset("quick", name).map_power == 0.5
+        assert preset("paper", name).map_power == 1.0
+    for name in ("grad", "lrp", "cam", "rts", "mask"):
+        assert preset("quick", name).map_power == 1.0
+
+
+def test_map_distance_by_hand_and_why_a_power_below_one() -> None:
+    maps = torch.tensor([0.0, 0.25, 1.0, 0.01, 0.5]).view(1, 1, 1, 5)
+    target = torch.tensor([1.0, 0.25, 0.0, 0.02, 0.51]).view(1, 1, 1, 5)
+    plain = ((1 + 0 + 1 + 0.01**2 + 0.01**2) / 5)
+    torch.testing.assert_close(map_distance(maps, target), torch.tensor([plain]))
+    floor = 1e-4
+    root = lambda v: (floor + (1 - floor) * v) ** 0.5  # noqa: E731
+    by_hand = sum((root(a) - root(b)) ** 2 for a, b in zip(maps.flatten().tolist(), target.flatten().tolist())) / 5
+    torch.testing.assert_close(map_distance(maps, target, 0.5), torch.tensor([by_hand]))
+    assert map_distance(target, target, 0.5).item() == 0.0
+    # the faint pixel (0.01 vs 0.02) and the bright one (0.5 vs 0.51) differ by the same 0.01:
+    # the plain distance pulls them equally, the root pulls the faint one several times harder
+    x = maps.clone().requires_grad_(True)
+    (flat,) = torch.autograd.grad(map_distance(x, target).sum(), x)
+    x = maps.clone().requires_grad_(True)
+    (rooted,) = torch.autograd.grad(map_distance(x, target, 0.5).sum(), x)
+    assert flat[0, 0, 0, 3] == pytest.approx(flat[0, 0, 0, 4].item())
+    assert rooted[0, 0, 0, 3].abs() > 3 * rooted[0, 0, 0, 4].abs()
+    assert torch.isfinite(rooted).all() and rooted[0, 0, 0, 0] != 0  # finite where the map is 0
+
+
+def test_map_power_changes_the_trajectory_only_through_the_interpretation_loss() -> None:
+    clf = tiny_classifier()
+    explainer = build_interpreter("grad", clf)
+    images = batch(4)
+    targets = (clf.predict(images).argmax(1) + 2) % 4
+    base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=3, adv_steps=6, lam=LambdaSchedule((50.0,)))
+    square = ADV2(clf, explainer, base)(images, targets)
+    root = ADV2(clf, explainer, base.with_overrides(map_power=0.5))(images, targets)
+    assert not torch.equal(square.last, root.last)
+    off = base.with_overrides(lam=LambdaSchedule((0.0,)))
+    assert torch.equal(ADV2(clf, explainer, off)(images, targets).last, ADV2(clf, explainer, off.with_overrides(map_power=0.5))(images, targets).last)
 
 
 def test_lambda_schedules() -> None:

@@ -103,6 +103,18 @@ def _descend(
     return x.detach()
 
 
+#: the floor under a powered map: keeps d(m^p)/dm finite at m = 0
+_POWER_FLOOR = 1e-4
+
+
+def map_distance(maps: torch.Tensor, target_maps: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """ℓ_int per sample: the mean squared difference of two maps in [0, 1] (Zhang et al. 2020,
+    §3.2), after raising both to ``power`` (``AttackConfig.map_power``; 1 leaves them as they are)."""
+    if power != 1.0:
+        maps, target_maps = ((_POWER_FLOOR + (1 - _POWER_FLOOR) * m.clamp(0, 1)).pow(power) for m in (maps, target_maps))
+    return (maps - target_maps).pow(2).flatten(1).mean(1)
+
+
 def _targeted_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     return F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing)
 
@@ -231,7 +243,7 @@ class ADV2(PGD):
                 # one forward for the map and the logits where the interpreter allows it
                 maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
                 terms = interpreter.attack_terms("joint", x, targets, target_maps, state)
-                distance = (maps - target_maps).pow(2).flatten(1).mean(1)
+                distance = map_distance(maps, target_maps, config.map_power)
                 interpretation = distance
                 if terms is not None and terms.interpretation is not None:
                     interpretation = distance + terms.interpretation

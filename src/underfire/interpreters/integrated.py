@@ -31,14 +31,14 @@ from .attribution import (
     ReluScale,
     check_count,
 )
-from .gradient import GRAD_PRESETS, Score, check_score, score_gradient
+from .gradient import GRAD_PRESETS, ROOT_MAP_QUICK, Score, check_score, score_gradient
 
 Quadrature = Literal["gausslegendre", "trapezoid"]
 QUADRATURES: tuple[str, ...] = ("gausslegendre", "trapezoid")
 
 #: ``quick`` attacks 8-node IG (every attack step evaluates the whole path); ``paper`` keeps 32.
 IG_PRESETS = {
-    "quick": Preset(attack=GRAD_PRESETS["quick"].attack, options={**GRAD_PRESETS["quick"].options, "steps": 8}),
+    "quick": Preset(attack=ROOT_MAP_QUICK.attack, options={**ROOT_MAP_QUICK.options, "steps": 8}),
     "paper": GRAD_PRESETS["paper"],
 }
 
