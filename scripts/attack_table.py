@@ -7,7 +7,7 @@
     python scripts/attack_table.py shapes-resnet --out smoothing.jsonl --interpreters grad --sweep softplus_beta=1,3,10
     python scripts/attack_table.py shapes-resnet --out strong.jsonl --interpreters rts --sweep variant=adversarial --set adv_steps=900 --set 'lam=[40, 160]'
 
-Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² settings; rows then carry ``settings``) (its attack settings and interpreter options; ADV² rows whose ℓ_int is on powered maps carry ``map_power``), the first ``--images`` correctly classified shapes test images,
+Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² settings; rows then carry ``settings``) (its attack settings and interpreter options; ADV² rows whose ℓ_int is not the paper's carry ``map_power`` / ``soft_iou_weight``), the first ``--images`` correctly classified shapes test images,
 random targets (seed 0), ε = 8/255 unless ``--eps`` says otherwise (rows then carry ``eps``).
 Every measure is taken on the returned 8-bit images with the full interpreter run afresh for c_t,
 against the benign map. PGD runs once per model with as many steps as the largest ADV² budget of
@@ -78,9 +78,10 @@ def main() -> None:
     benign = {name: [interpreters[name](images[c], labels[c], seed=0) for c in chunks] for name in names}
 
     def power(name: str) -> dict:
-        """``map_power`` of the ADV² rows whose ℓ_int is not the paper's squared difference."""
-        value = preset("quick", name, **budget, **overrides).map_power
-        return {} if value == 1.0 else {"map_power": value}
+        """``map_power`` and ``soft_iou_weight`` of the ADV² rows whose ℓ_int is not the paper's
+        squared difference."""
+        config = preset("quick", name, **budget, **overrides)
+        return {key: value for key, value, paper in (("map_power", config.map_power, 1.0), ("soft_iou_weight", config.soft_iou_weight, 0.0)) if value != paper}
 
     def log(row: dict) -> None:
         with args.out.open("a") as handle:

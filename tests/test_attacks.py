@@ -16,6 +16,7 @@ from underfire.attacks.core import _descend, map_distance
 from underfire.attacks.targets import check_targets, load_user_map, random_targets, shape_maps
 from underfire.data import read_image
 from underfire.interpreters import build_interpreter
+from underfire.metrics import soft_iou_top_k
 from underfire.visualize import save_png, to_uint8
 
 SIZE = 32
@@ -70,6 +71,9 @@ def test_parse_fraction() -> None:
         ({"map_power": 1.5}, "map_power must be a number in"),
         ({"map_power": float("nan")}, "map_power must be a number in"),
         ({"map_power": True}, "map_power must be a number in"),
+        ({"soft_iou_weight": -0.1}, "soft_iou_weight must be a finite number"),
+        ({"soft_iou_weight": float("inf")}, "soft_iou_weight must be a finite number"),
+        ({"soft_iou_weight": True}, "soft_iou_weight must be a finite number"),
         ({"bogus": 1}, "unknown attack option"),
         ({"evidence_weight": 1.0}, "unknown attack option"),  # an option of MASK, not of every attack
     ],
@@ -152,6 +156,22 @@ def test_map_distance_by_hand_and_why_a_power_below_one() -> None:
     assert torch.isfinite(rooted).all() and rooted[0, 0, 0, 0] != 0  # finite where the map is 0
 
 
+def test_the_soft_iou_term_by_hand_and_its_pull_toward_the_target_top_k_set() -> None:
+    floor = 1e-4
+    maps = torch.tensor([0.9, 0.05, 0.3, 0.02, 1.0, 0.0, 0.1, 0.2, 0.04, 0.5]).view(1, 1, 2, 5)
+    target = torch.tensor([1.0, 0.3, 0.05, 0.02, 0.8, 0.0, 0.1, 0.2, 0.04, 0.5]).view(1, 1, 2, 5)
+    root = lambda m: (floor + (1 - floor) * m) ** 0.5  # noqa: E731
+    by_hand = map_distance(maps, target, 0.5) + 0.2 * (1 - soft_iou_top_k(root(maps), root(target)).mean(1))
+    torch.testing.assert_close(map_distance(maps, target, 0.5, 0.2), by_hand)
+    assert map_distance(maps, target, 0.5, 0.2) > map_distance(maps, target, 0.5)
+    assert map_distance(target, target, 0.5, 0.2).item() == pytest.approx(0.0, abs=1e-6)
+    # pixel 1 is in the target's top 40 % and not in the map's, pixel 2 the other way round: the
+    # term pulls the first up and the second down
+    x = maps.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(map_distance(x, target, 1.0, 1.0).sum() - map_distance(x, target).sum(), x)
+    assert gradient.flatten()[1] < 0 < gradient.flatten()[2]
+
+
 def test_map_power_changes_the_trajectory_only_through_the_interpretation_loss() -> None:
     clf = tiny_classifier()
     explainer = build_interpreter("grad", clf)
@@ -163,6 +183,9 @@ def test_map_power_changes_the_trajectory_only_through_the_interpretation_loss()
     assert not torch.equal(square.last, root.last)
     off = base.with_overrides(lam=LambdaSchedule((0.0,)))
     assert torch.equal(ADV2(clf, explainer, off)(images, targets).last, ADV2(clf, explainer, off.with_overrides(map_power=0.5))(images, targets).last)
+    soft = ADV2(clf, explainer, base.with_overrides(soft_iou_weight=0.5))(images, targets)
+    assert not torch.equal(square.last, soft.last)
+    assert torch.equal(ADV2(clf, explainer, off)(images, targets).last, ADV2(clf, explainer, off.with_overrides(soft_iou_weight=0.5))(images, targets).last)
 
 
 def test_lambda_schedules() -> None:

@@ -32,7 +32,8 @@ class AttackResult:
     ``adversarial`` lies on the 8-bit grid inside the ε-ball and [0, 1]; ``success`` and
     ``confidence`` (p(c_t)) are measured on it. ``last`` is the final iterate before selection
     (useful to compare trajectories); ``map_distance`` is ℓ_int of the chosen iterate (ADV²; of
-    the powered maps when ``map_power`` ≠ 1); ``chosen_step`` is its step index counted over both
+    the powered maps when ``map_power`` ≠ 1, with the soft top-k IoU term when
+    ``soft_iou_weight`` > 0); ``chosen_step`` is its step index counted over both
     stages (−1: none qualified, the warm start's result is returned).
     """
 

@@ -116,6 +116,11 @@ class AttackConfig:
             the squared difference all but ignores and that the top-k IoU still ranks: gradient
             maps of a model with peaked saliency (the built-in DenseNet) hold most of their ranks
             there (docs/tuning.md).
+        soft_iou_weight: ℓ_int adds this weight × (1 − the soft top-k IoU of the two maps),
+            ``metrics.soft_iou_top_k`` on the (powered) maps: the IoU test the maps are judged by,
+            made differentiable, as Ghorbani et al. (AAAI 2019) made top-k intersection a loss.
+            0 (default): the squared difference alone. It serves maps whose top-k sets a squared
+            difference cannot hold: the built-in DenseNet's LRP maps (docs/tuning.md).
         random_start: begin stage 1 from a uniform random point of the ε-ball.
         seed: seeds the random start and stochastic interpreters.
     """
@@ -132,6 +137,7 @@ class AttackConfig:
     confidence: float = 0.8
     label_smoothing: float = 0.0
     map_power: float = 1.0
+    soft_iou_weight: float = 0.0
     random_start: bool = False
     seed: int = 0
 
@@ -167,6 +173,10 @@ class AttackConfig:
             math.isfinite(self.map_power) and 0 < self.map_power <= 1
         ):
             raise InputError(f"map_power must be a number in (0, 1] (1 = the paper's distance), got {self.map_power!r}")
+        if isinstance(self.soft_iou_weight, bool) or not isinstance(self.soft_iou_weight, (int, float)) or not (
+            math.isfinite(self.soft_iou_weight) and self.soft_iou_weight >= 0
+        ):
+            raise InputError(f"soft_iou_weight must be a finite number >= 0 (0 = off), got {self.soft_iou_weight!r}")
 
     def stage_two_alpha(self, step: int) -> float:
         """Step size at ``step`` (0-based) of stage 2: ``adv_alpha`` cosine-decayed to ``adv_alpha_final``."""

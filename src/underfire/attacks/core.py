@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import AttackError, InputError
 from ..interpreters.base import Interpreter
+from ..metrics import soft_iou_top_k
 from ..models.classifier import Classifier
 from .base import Attack, AttackResult
 from .config import AttackConfig
@@ -107,12 +108,18 @@ def _descend(
 _POWER_FLOOR = 1e-4
 
 
-def map_distance(maps: torch.Tensor, target_maps: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+def map_distance(
+    maps: torch.Tensor, target_maps: torch.Tensor, power: float = 1.0, soft_iou_weight: float = 0.0
+) -> torch.Tensor:
     """ℓ_int per sample: the mean squared difference of two maps in [0, 1] (Zhang et al. 2020,
-    §3.2), after raising both to ``power`` (``AttackConfig.map_power``; 1 leaves them as they are)."""
+    §3.2), after raising both to ``power`` (``AttackConfig.map_power``; 1 leaves them as they are),
+    plus ``soft_iou_weight`` × (1 − their soft top-k IoU) (``AttackConfig.soft_iou_weight``)."""
     if power != 1.0:
         maps, target_maps = ((_POWER_FLOOR + (1 - _POWER_FLOOR) * m.clamp(0, 1)).pow(power) for m in (maps, target_maps))
-    return (maps - target_maps).pow(2).flatten(1).mean(1)
+    distance = (maps - target_maps).pow(2).flatten(1).mean(1)
+    if soft_iou_weight:
+        distance = distance + soft_iou_weight * (1 - soft_iou_top_k(maps, target_maps).mean(1))
+    return distance
 
 
 def _targeted_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -243,7 +250,7 @@ class ADV2(PGD):
                 # one forward for the map and the logits where the interpreter allows it
                 maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
                 terms = interpreter.attack_terms("joint", x, targets, target_maps, state)
-                distance = map_distance(maps, target_maps, config.map_power)
+                distance = map_distance(maps, target_maps, config.map_power, config.soft_iou_weight)
                 interpretation = distance
                 if terms is not None and terms.interpretation is not None:
                     interpretation = distance + terms.interpretation
