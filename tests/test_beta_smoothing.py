@@ -113,3 +113,24 @@ def test_bad_settings_are_one_line() -> None:
     with pytest.raises(ModelStructureError, match="TorchScript") as error:
         Grad(scripted, softplus_beta=2.0)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", BACKPROP)
+def test_a_presets_relu_surrogate_yields_to_a_chosen_beta(name: str) -> None:
+    """``quick`` sets a ReLU surrogate (GRAD's relative ``h``, LRP's exact derivative) that
+    ``softplus_beta`` would refuse next to it: the preset's yields, in ``build_interpreter`` and in
+    a run config alike; a surrogate the user chose himself is still refused."""
+    from underfire.runs import ExperimentConfig
+
+    model = one_hidden()
+    smoothed = build_interpreter(name, model, preset="quick", softplus_beta="3")
+    assert smoothed.softplus_beta == 3.0
+    config = ExperimentConfig.from_mapping(
+        {"experiment": {"preset": "quick", "interpreters": [name]}, "interpreters": {name: {"softplus_beta": 3}}}
+    )
+    options = config.options_for(name)
+    assert options["softplus_beta"] == 3.0 and "relu" not in options and "relu_scale" not in options
+    unsmoothed = build_interpreter(name, model, preset="quick")
+    assert (unsmoothed.relu.kind, unsmoothed.relu.relative) != ("h", False)  # the preset did set one
+    with pytest.raises(InputError, match="would not apply"):
+        build_interpreter(name, model, preset="quick", softplus_beta=3, relu="sigmoid")

@@ -7,6 +7,7 @@ any installed plugin); ``build_interpreter`` makes one for a classifier, with va
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from ..models.classifier import Classifier
@@ -45,12 +46,20 @@ def build_interpreter(name: str, classifier: Classifier, *, preset: str | None =
     preset declares come first.
     """
     cls = INTERPRETERS.get(name)
-    specs = cls.option_specs()
-    objects = [p for p in list(inspect.signature(cls.__init__).parameters)[2:] if p not in specs]
+    objects = [p for p in list(inspect.signature(cls.__init__).parameters)[2:] if p not in cls.option_specs()]
     passed = {key: options.pop(key) for key in list(options) if key in objects}
-    values = {} if preset is None else coerce_options(f"preset {preset!r} of {name}", cls.preset(preset).options, specs)
-    values.update(coerce_options(f"{name} options", options, specs))
-    return cls(classifier, **passed, **values)
+    return cls(classifier, **passed, **preset_and_options(cls, preset, options, f"{name} options"))
+
+
+def preset_and_options(cls: type[Interpreter], preset: str | None, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The settings ``cls`` is built with: preset ``preset``'s options (those the chosen options
+    leave in force, ``Interpreter.preset_options``), then ``options``, each converted to the type
+    the interpreter declares; errors name ``where``."""
+    specs = cls.option_specs()
+    chosen = coerce_options(where, options, specs)
+    if preset is None:
+        return chosen
+    return {**coerce_options(f"preset {preset!r} of {cls.name}", cls.preset_options(preset, chosen), specs), **chosen}
 
 
 def describe_interpreter(name: str) -> str:

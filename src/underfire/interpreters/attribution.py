@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
@@ -78,6 +79,15 @@ class Attribution(Interpreter):
                 f"{classifier.name}, so the map would not be smoothed; load the model as a Python module "
                 "(module:function) or as export:PATH.pt2"
             )
+
+    @classmethod
+    def preset_options(cls, name: str, chosen: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A preset's ReLU surrogate (``relu``, ``relu_scale``) yields to a chosen ``softplus_beta``,
+        which replaces every ReLU and would otherwise be refused next to it."""
+        options = super().preset_options(name, chosen)
+        if chosen.get("softplus_beta") is None:
+            return options
+        return {key: value for key, value in options.items() if key not in ("relu", "relu_scale")}
 
     def relu_mode(self, attack: bool) -> AbstractContextManager[Any]:
         """The ReLUs an attribution runs with: the β-smoothed network when ``softplus_beta`` is

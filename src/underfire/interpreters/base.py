@@ -91,6 +91,13 @@ class Interpreter(ABC):
         base, own = DEFAULT_PRESETS[name], cls.presets.get(name, Preset())
         return Preset({**base.attack, **own.attack}, {**base.options, **own.options})
 
+    @classmethod
+    def preset_options(cls, name: str, chosen: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The options preset ``name`` contributes when the user chose ``chosen`` (already typed):
+        all of its own by default; an interpreter drops those a user's choice makes moot, so that
+        a preset never turns a valid choice into a conflict."""
+        return cls.preset(name).options
+
     def source_files(self) -> tuple[str, ...]:
         """Files this interpreter read when it was built (a trained network of its own): a run
         fingerprints them, so a resume after their contents changed is refused. The base reads none."""

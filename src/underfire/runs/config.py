@@ -54,9 +54,9 @@ from ..attacks import ATTACKS
 from ..attacks.config import AttackConfig, preset
 from ..attacks.targets import TARGET_MAP_KINDS, load_user_map
 from ..errors import InputError
-from ..interpreters import INTERPRETERS
+from ..interpreters import INTERPRETERS, preset_and_options
 from ..models.metadata import ModelOptions
-from ..options import check_seed, coerce_options, parse_fraction
+from ..options import check_seed, parse_fraction
 from ..presets import PRESET_NAMES
 from .resources import UnitResources
 
@@ -261,11 +261,9 @@ class ExperimentConfig:
     def options_for(self, interpreter: str) -> dict[str, Any]:
         """The options ``interpreter`` is built with: its preset's, then ``[interpreters.NAME]``,
         each converted to the type the interpreter declares."""
-        cls = INTERPRETERS.get(interpreter)
-        specs = cls.option_specs()
-        options = coerce_options(f"preset {self.preset!r} of {interpreter}", cls.preset(self.preset).options, specs)
-        options.update(coerce_options(f"interpreters.{interpreter}", self.interpreter_options.get(interpreter, {}), specs))
-        return options
+        return preset_and_options(
+            INTERPRETERS.get(interpreter), self.preset, self.interpreter_options.get(interpreter, {}), f"interpreters.{interpreter}"
+        )
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
