@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from underfire import Classifier
 from underfire.attacks import project
+from underfire.attacks.core import map_distance
 from underfire.interpreters import MaskConfig, Rts, build_interpreter
 from underfire.runs.memory import cpu_peaks_measurable, measure_peak
 
@@ -85,7 +86,7 @@ def make_step(
             maps, logits, state["value"] = interpreter.surrogate_and_logits(x, targets, state["value"])
             # the interpreter's own terms (RTS's encoder, MASK's evidence), as ADV² adds them
             terms = interpreter.attack_terms("joint", x, targets, target_maps, state["value"])
-            interpretation = (maps - target_maps).pow(2).flatten(1).mean(1)
+            interpretation = map_distance(maps, target_maps)
             if terms is not None and terms.interpretation is not None:
                 interpretation = interpretation + terms.interpretation
             loss = F.cross_entropy(logits, targets, reduction="none") + LAMBDA * interpretation
