@@ -126,13 +126,18 @@ def test_presets_and_their_errors() -> None:
 
 
 def test_family_quick_presets_compare_root_maps_and_the_rest_keep_the_paper_distance() -> None:
-    """Gradient × Input, IG and DeepLIFT attack the maps' square roots under ``quick``; GRAD, LRP
-    and every ``paper`` preset keep the squared difference of the maps (docs/tuning.md)."""
-    for name in ("inputxgrad", "ig", "deeplift"):
+    """Gradient × Input, IG, DeepLIFT and LRP attack the maps' square roots under ``quick``, LRP
+    with the soft top-k IoU term and the exact ReLU derivative; GRAD and every ``paper`` preset
+    keep the squared difference of the maps (docs/tuning.md)."""
+    for name in ("inputxgrad", "ig", "deeplift", "lrp"):
         assert preset("quick", name).map_power == 0.5
         assert preset("paper", name).map_power == 1.0
-    for name in ("grad", "lrp", "cam", "rts", "mask"):
+        assert preset("paper", name).soft_iou_weight == 0.0
+    for name in ("grad", "cam", "rts", "mask"):
         assert preset("quick", name).map_power == 1.0
+    assert [preset("quick", name).soft_iou_weight for name in ("inputxgrad", "ig", "deeplift", "grad", "lrp")] == [0, 0, 0, 0, 0.2]
+    assert build_interpreter("lrp", tiny_classifier(), preset="quick").relu.kind == "none"
+    assert build_interpreter("lrp", tiny_classifier(), preset="paper").relu.kind == "h"
 
 
 def test_map_distance_by_hand_and_why_a_power_below_one() -> None:
