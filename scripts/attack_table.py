@@ -77,11 +77,13 @@ def main() -> None:
     interpreters = {name: build_interpreter(name, clf) for name in names}
     benign = {name: [interpreters[name](images[c], labels[c], seed=0) for c in chunks] for name in names}
 
-    def power(name: str) -> dict:
-        """``map_power`` and ``soft_iou_weight`` of the ADV² rows whose ℓ_int is not the paper's
-        squared difference."""
+    def departures(name: str) -> dict:
+        """The ADV² row's settings that differ from the paper's attack: ``map_power`` and
+        ``soft_iou_weight`` (ℓ_int other than the squared difference), ``restarts`` (the steps
+        column counts one run)."""
         config = preset("quick", name, **budget, **overrides)
-        return {key: value for key, value, paper in (("map_power", config.map_power, 1.0), ("soft_iou_weight", config.soft_iou_weight, 0.0)) if value != paper}
+        pairs = (("map_power", config.map_power, 1.0), ("soft_iou_weight", config.soft_iou_weight, 0.0), ("restarts", config.restarts, 1))
+        return {key: value for key, value, paper in pairs if value != paper}
 
     def log(row: dict) -> None:
         with args.out.open("a") as handle:
@@ -112,7 +114,7 @@ def main() -> None:
         for name in names:
             plain: list[torch.Tensor] = []
             measures, total, seconds = adv2(name, {}, keep=plain)
-            log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=None, **tag, **power(name), steps=total, seconds=seconds, **summary(measures)))
+            log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=None, **tag, **departures(name), steps=total, seconds=seconds, **summary(measures)))
             for value in values.split(","):
                 swept = build_interpreter(name, clf, preset="quick", **{key: value})
                 reference = [swept(images[c], labels[c], seed=0) for c in chunks]
@@ -122,7 +124,7 @@ def main() -> None:
                     for attack, examples in (("pgd", pgd), ("adv2_plain", plain))
                 }
                 measures, total, seconds = adv2(name, {key: value}, reference)
-                log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=value, **tag, **power(name), steps=total, seconds=seconds,
+                log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=value, **tag, **departures(name), steps=total, seconds=seconds,
                          benign_iou_to_plain=round(moved, 3), pgd_iou=on_swept["pgd"]["iou"], plain_adv2_iou=on_swept["adv2_plain"]["iou"],
                          plain_adv2_success=on_swept["adv2_plain"]["success"], **summary(measures)))
         return
@@ -131,7 +133,7 @@ def main() -> None:
         for name in names:
             for relu in args.relus.split(","):
                 measures, steps, seconds = adv2(name, {"relu": relu})
-                log(dict(model=args.model, interpreter=name, relu=relu, attack="adv2", **power(name), steps=steps, seconds=seconds, **summary(measures)))
+                log(dict(model=args.model, interpreter=name, relu=relu, attack="adv2", **departures(name), steps=steps, seconds=seconds, **summary(measures)))
         return
 
     if not args.no_pgd:
@@ -146,7 +148,7 @@ def main() -> None:
         return
     for name in names:
         measures, total, seconds = adv2(name, {})
-        log(dict(model=args.model, interpreter=name, attack="adv2", **tag, **power(name), steps=total, seconds=seconds, **summary(measures)))
+        log(dict(model=args.model, interpreter=name, attack="adv2", **tag, **departures(name), steps=total, seconds=seconds, **summary(measures)))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def test_parse_fraction() -> None:
         ({"soft_iou_weight": -0.1}, "soft_iou_weight must be a finite number"),
         ({"soft_iou_weight": float("inf")}, "soft_iou_weight must be a finite number"),
         ({"soft_iou_weight": True}, "soft_iou_weight must be a finite number"),
+        ({"restarts": 0}, "restarts must be an integer >= 1"),
+        ({"restarts": True}, "restarts must be an integer >= 1"),
+        ({"restarts": 1.5}, "restarts must be an integer >= 1"),
         ({"bogus": 1}, "unknown attack option"),
         ({"evidence_weight": 1.0}, "unknown attack option"),  # an option of MASK, not of every attack
     ],
@@ -191,6 +194,36 @@ def test_map_power_changes_the_trajectory_only_through_the_interpretation_loss()
     soft = ADV2(clf, explainer, base.with_overrides(soft_iou_weight=0.5))(images, targets)
     assert not torch.equal(square.last, soft.last)
     assert torch.equal(ADV2(clf, explainer, off)(images, targets).last, ADV2(clf, explainer, off.with_overrides(soft_iou_weight=0.5))(images, targets).last)
+
+
+def test_restarts_keep_each_samples_best_run() -> None:
+    """With restarts = 2 each sample returns the better of the configured run and a run from the
+    random start seeded seed + 1: successful first, then the smaller map distance (ADV²) or the
+    higher p(c_t) (PGD)."""
+    clf = tiny_classifier()
+    explainer = build_interpreter("cam", clf)
+    images = batch(8)
+    targets = (clf.predict(images).argmax(1) + 2) % 4
+    base = AttackConfig(eps=0.3, alpha=0.075, pgd_steps=3, adv_steps=6, lam=LambdaSchedule((50.0,)), confidence=0.6)
+    first = ADV2(clf, explainer, base)(images, targets)
+    second = ADV2(clf, explainer, base.with_overrides(random_start=True, seed=1))(images, targets)
+    best = ADV2(clf, explainer, base.with_overrides(restarts=2))(images, targets)
+    from_second = [bool(torch.equal(best.adversarial[i], second.adversarial[i])) and not torch.equal(best.adversarial[i], first.adversarial[i]) for i in range(8)]
+    from_first = [bool(torch.equal(best.adversarial[i], first.adversarial[i])) for i in range(8)]
+    assert all(a or b for a, b in zip(from_first, from_second)) and any(from_first) and any(from_second)
+    both = first.success & second.success & ~torch.isnan(first.map_distance) & ~torch.isnan(second.map_distance)
+    assert both.any()
+    torch.testing.assert_close(best.map_distance[both], torch.minimum(first.map_distance, second.map_distance)[both])
+    assert torch.equal(best.success, first.success | second.success)
+
+    pgd = base.with_overrides(adv_steps=0, pgd_steps=1, eps=8 / 255, alpha=1 / 255)
+    plain, other = PGD(clf, pgd)(images, targets), PGD(clf, pgd.with_overrides(random_start=True, seed=1))(images, targets)
+    kept = PGD(clf, pgd.with_overrides(restarts=2))(images, targets)
+    assert torch.equal(kept.success, plain.success | other.success)
+    same = plain.success == other.success
+    assert (other.confidence > plain.confidence)[same].any() and (other.confidence < plain.confidence)[same].any()
+    torch.testing.assert_close(kept.confidence[same], torch.maximum(plain.confidence, other.confidence)[same])
+    assert torch.equal(PGD(clf, pgd)(images, targets).adversarial, plain.adversarial)  # restarts = 1 is one run, as before
 
 
 def test_lambda_schedules() -> None:

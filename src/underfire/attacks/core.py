@@ -11,7 +11,8 @@ interpreter may add terms of its own to either stage through ``Interpreter.attac
 Every iterate is scored; PGD keeps the iterate with the lowest ℓ_prd, ADV² the iterate that is
 classified as c_t with probability ≥ ``confidence`` and has the smallest map distance (the
 official GRAD code's rule, applied to every interpreter). Results are projected onto the 8-bit
-grid inside the ε-ball, so what is returned is what a PNG file holds.
+grid inside the ε-ball, so what is returned is what a PNG file holds. With ``restarts`` > 1 the
+whole attack runs again from seeded random starts and each sample keeps its best run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..errors import AttackError, InputError
 from ..interpreters.base import Interpreter
 from ..metrics import soft_iou_top_k
 from ..models.classifier import Classifier
+from ..options import MAX_SEED
 from .base import Attack, AttackResult
 from .config import AttackConfig
 from .targets import check_targets
@@ -156,21 +158,26 @@ class PGD(Attack):
     ) -> AttackResult:
         """Attack ``images`` toward ``targets``; ``labels`` (optional) refuses targets = true class.
         ``target_maps`` is accepted for the common contract and ignored: PGD does not look at maps."""
-        clf, config = self.classifier, self.config
+        clf = self.classifier
         images, targets = _check_batch(clf, images, targets, labels)
-        with clf.frozen():
-            best, best_score, best_step, last = self._stage_one(images, targets)
+
+        def run(config: AttackConfig) -> AttackResult:
+            best, _, best_step, last = self._stage_one(images, targets, config)
             return finish(clf, images, targets, best, best_step, last, config.eps)
+
+        with clf.frozen():
+            return best_of_restarts(self.config, run)
 
     def _stage_one(
         self,
         images: torch.Tensor,
         targets: torch.Tensor,
+        config: AttackConfig,
         extra: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Targeted PGD; ``extra`` (per-sample loss of x, or None) is added to the descent direction
         but not to the score, so the kept iterate is still the one the classifier finds closest to c_t."""
-        clf, config = self.classifier, self.config
+        clf = self.classifier
         start = images
         if config.random_start:
             generator = torch.Generator(images.device).manual_seed(config.seed)
@@ -220,69 +227,74 @@ class ADV2(PGD):
         ``target_maps`` default to the benign maps of ``images`` (the paper's headline setting);
         otherwise they must have the interpreter's map shape (N or 1, 1, h, w).
         """
-        clf, config, interpreter = self.classifier, self.config, self.interpreter
+        clf, interpreter = self.classifier, self.interpreter
         images, targets = _check_batch(clf, images, targets, labels)
         if target_maps is None:
-            target_maps = interpreter(images, seed=config.seed)
+            target_maps = interpreter(images, seed=self.config.seed)
         target_maps = self._check_target_maps(images, target_maps)
+        if self.config.adv_steps > 0:
+            interpreter.check_attackable()
+        with clf.frozen():
+            return best_of_restarts(self.config, lambda config: self._run(images, targets, target_maps, config))
+
+    def _run(self, images: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor, config: AttackConfig) -> AttackResult:
+        """One run of the two stages (inside ``classifier.frozen()``)."""
+        clf, interpreter = self.classifier, self.interpreter
 
         def warm_start_extra(x: torch.Tensor) -> torch.Tensor | None:
             terms = interpreter.attack_terms("warm_start", x, targets, target_maps)
             return None if terms is None else terms.extra
 
+        best, stage_one_loss, best_step, last = self._stage_one(images, targets, config, warm_start_extra)
+        state: Any = interpreter.initial_state(config.seed, images.device)
+        lam = config.lam
+        # Stage 2 selects lexicographically: an iterate classified as c_t with p ≥ confidence
+        # beats every other one and among those the smallest map distance wins; a sample that
+        # never qualifies keeps its lowest-cross-entropy iterate of either stage.
+        best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
+        distances = torch.full((images.shape[0],), float("nan"), device=images.device)
+        # per-sample λ multiplier (config.lam_adaptation)
+        multiplier = torch.ones(images.shape[0], device=images.device)
+        low, high = config.lam_range
+
+        def objective(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            nonlocal state, multiplier
+            # one forward for the map and the logits where the interpreter allows it
+            maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
+            terms = interpreter.attack_terms("joint", x, targets, target_maps, state)
+            distance = map_distance(maps, target_maps, config.map_power, config.soft_iou_weight)
+            interpretation = distance
+            if terms is not None and terms.interpretation is not None:
+                interpretation = distance + terms.interpretation
+            if step == 0:
+                _check_interpretation_gradient(interpretation, x, interpreter)
+            loss = _targeted_ce(logits, targets, config.label_smoothing)
+            weight = lam.at(min(step, config.adv_steps - 1), config.adv_steps) * multiplier
+            loss = loss + weight * interpretation
+            if terms is not None and terms.extra is not None:
+                loss = loss + terms.extra
+            with torch.no_grad():
+                probability = logits.softmax(1).gather(1, targets[:, None]).squeeze(1)
+                eligible = (logits.argmax(1) == targets) & (probability >= config.confidence)
+                fallback = _UNQUALIFIED + _targeted_ce(logits, targets)
+                score = torch.where(eligible, distance.detach(), fallback)
+                factor = torch.where(eligible, config.lam_adaptation, 1 / config.lam_adaptation)
+                multiplier = (multiplier * factor).clamp(low, high)  # stays 1 when adaptation is off
+            return loss, score, torch.ones_like(eligible)
+
         if config.adv_steps > 0:
-            interpreter.check_attackable()
-        with clf.frozen():
-            best, stage_one_loss, best_step, last = self._stage_one(images, targets, warm_start_extra)
-            state: Any = interpreter.initial_state(config.seed, images.device)
-            lam = config.lam
-            # Stage 2 selects lexicographically: an iterate classified as c_t with p ≥ confidence
-            # beats every other one and among those the smallest map distance wins; a sample that
-            # never qualifies keeps its lowest-cross-entropy iterate of either stage.
-            best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
-            distances = torch.full((images.shape[0],), float("nan"), device=images.device)
-            # per-sample λ multiplier (config.lam_adaptation)
-            multiplier = torch.ones(images.shape[0], device=images.device)
-            low, high = config.lam_range
-
-            def objective(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                nonlocal state, multiplier
-                # one forward for the map and the logits where the interpreter allows it
-                maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
-                terms = interpreter.attack_terms("joint", x, targets, target_maps, state)
-                distance = map_distance(maps, target_maps, config.map_power, config.soft_iou_weight)
-                interpretation = distance
-                if terms is not None and terms.interpretation is not None:
-                    interpretation = distance + terms.interpretation
-                if step == 0:
-                    _check_interpretation_gradient(interpretation, x, interpreter)
-                loss = _targeted_ce(logits, targets, config.label_smoothing)
-                weight = lam.at(min(step, config.adv_steps - 1), config.adv_steps) * multiplier
-                loss = loss + weight * interpretation
-                if terms is not None and terms.extra is not None:
-                    loss = loss + terms.extra
-                with torch.no_grad():
-                    probability = logits.softmax(1).gather(1, targets[:, None]).squeeze(1)
-                    eligible = (logits.argmax(1) == targets) & (probability >= config.confidence)
-                    fallback = _UNQUALIFIED + _targeted_ce(logits, targets)
-                    score = torch.where(eligible, distance.detach(), fallback)
-                    factor = torch.where(eligible, config.lam_adaptation, 1 / config.lam_adaptation)
-                    multiplier = (multiplier * factor).clamp(low, high)  # stays 1 when adaptation is off
-                return loss, score, torch.ones_like(eligible)
-
-            if config.adv_steps > 0:
-                stage_two_best, stage_two_step = best.clone(), best_step.clone()
-                last = _descend(
-                    images, best, config.adv_steps, config, objective, stage_two_best, best_score, stage_two_step,
-                    step_offset=config.pgd_steps, step_size=config.stage_two_alpha,
-                )
-                qualified = best_score < _UNQUALIFIED
-                closer = ~qualified & (best_score - _UNQUALIFIED < stage_one_loss)
-                use = qualified | closer
-                best = torch.where(use[:, None, None, None], stage_two_best, best)
-                best_step = torch.where(use, stage_two_step, best_step)
-                distances = torch.where(qualified, best_score, distances)
-            return finish(clf, images, targets, best, best_step, last, config.eps, distances)
+            stage_two_best, stage_two_step = best.clone(), best_step.clone()
+            last = _descend(
+                images, best, config.adv_steps, config, objective, stage_two_best, best_score, stage_two_step,
+                step_offset=config.pgd_steps, step_size=config.stage_two_alpha,
+            )
+            qualified = best_score < _UNQUALIFIED
+            closer = ~qualified & (best_score - _UNQUALIFIED < stage_one_loss)
+            use = qualified | closer
+            best = torch.where(use[:, None, None, None], stage_two_best, best)
+            best_step = torch.where(use, stage_two_step, best_step)
+            distances = torch.where(qualified, best_score, distances)
+        return finish(clf, images, targets, best, best_step, last, config.eps, distances)
 
     def _check_target_maps(self, images: torch.Tensor, target_maps: torch.Tensor) -> torch.Tensor:
         if not isinstance(target_maps, torch.Tensor):
@@ -344,4 +356,40 @@ def finish(
         last=last,
         chosen_step=best_step,
         map_distance=distances,
+    )
+
+
+def best_of_restarts(config: AttackConfig, run: Callable[[AttackConfig], AttackResult]) -> AttackResult:
+    """``run(config)``, then ``config.restarts − 1`` more runs from seeded random starts; per sample
+    the best result: successful first, then the smallest map distance (ADV²; a result that never
+    qualified has none), then the highest p(c_t)."""
+    result = run(config)
+    for restart in range(1, config.restarts):
+        seed = (config.seed + restart) % (MAX_SEED + 1)
+        result = _better_of(result, run(replace(config, random_start=True, seed=seed)))
+    return result
+
+
+def _better_of(first: AttackResult, second: AttackResult) -> AttackResult:
+    def distance(result: AttackResult) -> torch.Tensor:
+        if result.map_distance is None:
+            return torch.zeros_like(result.confidence)
+        return torch.nan_to_num(result.map_distance, nan=float("inf"))
+
+    same = first.success == second.success
+    closer, level = distance(second) < distance(first), distance(second) == distance(first)
+    take = (second.success & ~first.success) | (same & (closer | (level & (second.confidence > first.confidence))))
+
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(take.view(-1, *([1] * (a.dim() - 1))), b, a)
+
+    both = first.map_distance is not None and second.map_distance is not None
+    return AttackResult(
+        adversarial=pick(first.adversarial, second.adversarial),
+        targets=first.targets,
+        success=pick(first.success, second.success),
+        confidence=pick(first.confidence, second.confidence),
+        last=pick(first.last, second.last),
+        chosen_step=pick(first.chosen_step, second.chosen_step),
+        map_distance=pick(first.map_distance, second.map_distance) if both else None,  # type: ignore[arg-type]
     )
