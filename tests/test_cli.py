@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -165,9 +166,11 @@ def test_attack_on_files_saves_measured_pngs(tmp_path: Path) -> None:
     out = tmp_path / "attack"
     code, text, _ = run(
         "attack", *files, "--model", "shapes-resnet", "-i", "cam", "--eps", "8/255",
-        "--pgd-steps", "8", "--adv-steps", "8", "--out", str(out), "--json",
+        "--pgd-steps", "8", "--adv-steps", "8", "--restarts", "2", "--out", str(out), "--json",
     )
     assert code == 0
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert {json.loads(config)["restarts"] for (config,) in db.execute("SELECT config FROM results")} == {2}
     report = json.loads(text)
     assert json.loads((out / "report.json").read_text()) == report
     assert report["summary"]["images"] == 2
@@ -191,6 +194,7 @@ def test_attack_on_files_saves_measured_pngs(tmp_path: Path) -> None:
         (("--target", "circle"), "equals the true class"),
         (("--target", "zebra"), "unknown class 'zebra'"),
         (("--attack", "fgsm"), "unknown attack 'fgsm'"),
+        (("--restarts", "0"), "restarts must be an integer >= 1"),
         (("--target-map", "nope.npy"), "does not exist"),
     ],
 )

@@ -344,6 +344,7 @@ def attack(
     preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
     pgd_steps: Annotated[Optional[int], typer.Option(help="Override: stage-1 (PGD) steps.")] = None,
     adv_steps: Annotated[Optional[int], typer.Option(help="Override: stage-2 (joint objective) steps; PGD gets stage 1 + stage 2.")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Run the attack this many times (the others from seeded random starts) and keep each image's best run.")] = None,
     relu: Annotated[Optional[str], typer.Option(help="Shorthand for --option relu=KIND (GRAD/SmoothGrad: h, sigmoid, softplus, none).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Attack correctly classified images of a dataset (e.g. shapes:test) instead of files.")] = None,
     limit: Annotated[int, typer.Option(help="With --data: how many images.")] = 100,
@@ -364,7 +365,7 @@ def attack(
     from .runs import attack_experiment, run_attack
 
     overrides: dict[str, Any] = {}
-    for key, value in (("alpha", alpha), ("pgd_steps", pgd_steps), ("adv_steps", adv_steps)):
+    for key, value in (("alpha", alpha), ("pgd_steps", pgd_steps), ("adv_steps", adv_steps), ("restarts", restarts)):
         if value is not None:
             overrides[key] = value
     options: dict[str, Any] = parse_assignments(option or [])
