@@ -7,7 +7,7 @@
     python scripts/attack_table.py shapes-resnet --out smoothing.jsonl --interpreters grad --sweep softplus_beta=1,3,10
     python scripts/attack_table.py shapes-resnet --out strong.jsonl --interpreters rts --sweep variant=adversarial --set adv_steps=900 --set 'lam=[40, 160]'
 
-Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² settings; rows then carry ``settings``) (its attack settings and interpreter options; ADV² rows whose ℓ_int is not the paper's carry ``map_power`` / ``soft_iou_weight``), the first ``--images`` correctly classified shapes test images,
+Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² settings, and ``restarts`` PGD's too; rows then carry ``settings``) (its attack settings and interpreter options; ADV² rows whose ℓ_int is not the paper's carry ``map_power`` / ``soft_iou_weight``), the first ``--images`` correctly classified shapes test images,
 random targets (seed 0), ε = 8/255 unless ``--eps`` says otherwise (rows then carry ``eps``).
 Every measure is taken on the returned 8-bit images with the full interpreter run afresh for c_t,
 against the benign map. PGD runs once per model with as many steps as the largest ADV² budget of
@@ -68,6 +68,8 @@ def main() -> None:
     tag = {} if args.eps is None else {"eps": args.eps}
     if overrides:
         tag["settings"] = overrides
+    # PGD gets as many runs as the ADV² it is compared with (PGD.configure's rule)
+    runs = {"restarts": overrides["restarts"]} if "restarts" in overrides else {}
 
     clf = load_model(args.model)
     images, labels, _, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
@@ -109,7 +111,7 @@ def main() -> None:
     if args.sweep:
         key, _, values = args.sweep.partition("=")
         steps = args.pgd_steps or max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
-        config = preset("quick", "cam", pgd_steps=steps, adv_steps=0, **budget)
+        config = preset("quick", "cam", pgd_steps=steps, adv_steps=0, **budget, **runs)
         pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
         for name in names:
             plain: list[torch.Tensor] = []
@@ -138,7 +140,7 @@ def main() -> None:
 
     if not args.no_pgd:
         steps = args.pgd_steps or max(preset("quick", n).pgd_steps + preset("quick", n).adv_steps for n in names)
-        config, start = preset("quick", "cam", pgd_steps=steps, adv_steps=0, **budget), time.time()
+        config, start = preset("quick", "cam", pgd_steps=steps, adv_steps=0, **budget, **runs), time.time()
         pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
         seconds = round(time.time() - start)
         for name in names:
