@@ -224,6 +224,7 @@ def test_restarts_keep_each_samples_best_run() -> None:
     assert (other.confidence > plain.confidence)[same].any() and (other.confidence < plain.confidence)[same].any()
     torch.testing.assert_close(kept.confidence[same], torch.maximum(plain.confidence, other.confidence)[same])
     assert torch.equal(PGD(clf, pgd)(images, targets).adversarial, plain.adversarial)  # restarts = 1 is one run, as before
+    assert PGD.configure([base.with_overrides(restarts=3)], {}).restarts == 3  # PGD compared with an ADV² gets its runs
 
 
 def test_lambda_schedules() -> None:

@@ -383,7 +383,6 @@ def _better_of(first: AttackResult, second: AttackResult) -> AttackResult:
     def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(take.view(-1, *([1] * (a.dim() - 1))), b, a)
 
-    both = first.map_distance is not None and second.map_distance is not None
     return AttackResult(
         adversarial=pick(first.adversarial, second.adversarial),
         targets=first.targets,
@@ -391,5 +390,6 @@ def _better_of(first: AttackResult, second: AttackResult) -> AttackResult:
         confidence=pick(first.confidence, second.confidence),
         last=pick(first.last, second.last),
         chosen_step=pick(first.chosen_step, second.chosen_step),
-        map_distance=pick(first.map_distance, second.map_distance) if both else None,  # type: ignore[arg-type]
+        # both runs come from one attack: both have map distances (ADV²) or neither (PGD)
+        map_distance=None if first.map_distance is None or second.map_distance is None else pick(first.map_distance, second.map_distance),
     )

@@ -7,11 +7,9 @@ any installed plugin); ``build_interpreter`` makes one for a classifier, with va
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 from typing import Any
 
 from ..models.classifier import Classifier
-from ..options import coerce_options
 from ..registry import Registry
 from .attribution import Attribution
 from .base import PAPER_CLASSES, AttackTerms, Interpreter, normalize_maps
@@ -48,18 +46,7 @@ def build_interpreter(name: str, classifier: Classifier, *, preset: str | None =
     cls = INTERPRETERS.get(name)
     objects = [p for p in list(inspect.signature(cls.__init__).parameters)[2:] if p not in cls.option_specs()]
     passed = {key: options.pop(key) for key in list(options) if key in objects}
-    return cls(classifier, **passed, **preset_and_options(cls, preset, options, f"{name} options"))
-
-
-def preset_and_options(cls: type[Interpreter], preset: str | None, options: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The settings ``cls`` is built with: preset ``preset``'s options (those the chosen options
-    leave in force, ``Interpreter.preset_options``), then ``options``, each converted to the type
-    the interpreter declares; errors name ``where``."""
-    specs = cls.option_specs()
-    chosen = coerce_options(where, options, specs)
-    if preset is None:
-        return chosen
-    return {**coerce_options(f"preset {preset!r} of {cls.name}", cls.preset_options(preset, chosen), specs), **chosen}
+    return cls(classifier, **passed, **cls.resolve_options(preset, options, f"{name} options"))
 
 
 def describe_interpreter(name: str) -> str:

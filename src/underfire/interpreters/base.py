@@ -27,7 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..models.classifier import Classifier
-from ..options import OptionSpec, constructor_options
+from ..options import OptionSpec, coerce_options, constructor_options
 from ..presets import DEFAULT_PRESETS, Preset
 
 #: The paper's four interpreter classes (Zhang et al. 2020, §2), plus one for anything else.
@@ -97,6 +97,17 @@ class Interpreter(ABC):
         all of its own by default; an interpreter drops those a user's choice makes moot, so that
         a preset never turns a valid choice into a conflict."""
         return cls.preset(name).options
+
+    @classmethod
+    def resolve_options(cls, preset: str | None, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The options ``cls`` is built with: preset ``preset``'s (those ``preset_options`` leaves
+        in force next to ``options``), then ``options``, each converted to the type the
+        interpreter declares; errors name ``where``. ``build_interpreter`` and run configs share it."""
+        specs = cls.option_specs()
+        chosen = coerce_options(where, options, specs)
+        if preset is None:
+            return chosen
+        return {**coerce_options(f"preset {preset!r} of {cls.name}", cls.preset_options(preset, chosen), specs), **chosen}
 
     def source_files(self) -> tuple[str, ...]:
         """Files this interpreter read when it was built (a trained network of its own): a run

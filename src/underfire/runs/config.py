@@ -54,7 +54,7 @@ from ..attacks import ATTACKS
 from ..attacks.config import AttackConfig, preset
 from ..attacks.targets import TARGET_MAP_KINDS, load_user_map
 from ..errors import InputError
-from ..interpreters import INTERPRETERS, preset_and_options
+from ..interpreters import INTERPRETERS
 from ..models.metadata import ModelOptions
 from ..options import check_seed, parse_fraction
 from ..presets import PRESET_NAMES
@@ -261,8 +261,8 @@ class ExperimentConfig:
     def options_for(self, interpreter: str) -> dict[str, Any]:
         """The options ``interpreter`` is built with: its preset's, then ``[interpreters.NAME]``,
         each converted to the type the interpreter declares."""
-        return preset_and_options(
-            INTERPRETERS.get(interpreter), self.preset, self.interpreter_options.get(interpreter, {}), f"interpreters.{interpreter}"
+        return INTERPRETERS.get(interpreter).resolve_options(
+            self.preset, self.interpreter_options.get(interpreter, {}), f"interpreters.{interpreter}"
         )
 
 
