@@ -5,6 +5,8 @@
     python scripts/attack_table.py shapes-resnet --out family.jsonl --interpreters inputxgrad,deeplift,lrp
     python scripts/attack_table.py shapes-resnet --out budget.jsonl --interpreters mask --eps 16/255
     python scripts/attack_table.py shapes-resnet --out smoothing.jsonl --interpreters grad --sweep softplus_beta=1,3,10
+    python scripts/attack_table.py shapes-densenet --out parts.jsonl --interpreters ig --no-pgd --part 1/2   # and 2/2 beside it
+    python scripts/attack_table.py shapes-densenet --out table.jsonl --join parts.jsonl
     python scripts/attack_table.py shapes-resnet --out strong.jsonl --interpreters rts --sweep variant=adversarial --set adv_steps=900 --set 'lam=[40, 160]'
 
 Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² settings, and ``restarts`` PGD's too; rows then carry ``settings``) (its attack settings and interpreter options; ADV² rows whose ℓ_int is not the paper's carry ``map_power`` / ``soft_iou_weight``), the first ``--images`` correctly classified shapes test images,
@@ -36,12 +38,42 @@ from underfire.interpreters import build_interpreter
 from underfire.models import load_model
 
 
-def summary(measures: list[AttackMeasures]) -> dict[str, float]:
-    def joined(name: str) -> torch.Tensor:
-        return torch.cat([getattr(m, name) for m in measures]).float()
+MEASURES = ("success", "iou", "l1", "confidence")
 
-    return {name: round(joined(key).mean().item(), 3)
-            for name, key in (("success", "success"), ("iou", "iou"), ("l1", "l1"), ("confidence", "confidence"))}
+
+def summary(measures: list[AttackMeasures], part: str | None = None) -> dict:
+    """The row's means; a ``--part`` row also carries the exact sums and its image count, so
+    ``--join`` can rebuild the whole table's means without rounding error."""
+    joined = {name: torch.cat([getattr(m, name) for m in measures]).float() for name in MEASURES}
+    means = {name: round(values.mean().item(), 3) for name, values in joined.items()}
+    if part is None:
+        return means
+    count = next(iter(joined.values())).numel()
+    return {**means, "part": part, "images": count, "sums": {name: values.sum().item() for name, values in joined.items()}}
+
+
+def join_parts(path: Path) -> list[dict]:
+    """One row per set of ``--part`` rows in ``path`` that differ only in their part: means from
+    the summed sums over the summed image counts, seconds added up (core-seconds)."""
+    groups: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "part" not in row:
+            continue
+        key = {k: v for k, v in row.items() if k not in ("part", "images", "sums", "seconds", *MEASURES)}
+        groups.setdefault(json.dumps(key, sort_keys=True), []).append(row)
+    joined = []
+    for key, rows in groups.items():
+        parts = sorted(row["part"] for row in rows)
+        total = int(parts[0].split("/")[1])
+        if parts != [f"{i}/{total}" for i in range(1, total + 1)]:
+            raise SystemExit(f"parts {parts} of {key} do not make a whole")
+        count = sum(row["images"] for row in rows)
+        means = {name: round(sum(row["sums"][name] for row in rows) / count, 3) for name in MEASURES}
+        whole = {k: v for k, v in rows[0].items() if k not in ("part", "images", "sums")}
+        whole.update(seconds=sum(part["seconds"] for part in rows), **means)
+        joined.append(whole if count == 100 else {**whole, "images": count})
+    return joined
 
 
 def main() -> None:
@@ -61,7 +93,17 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override an ADV² setting of the preset, e.g. adv_steps=900 or 'lam=[40, 160]' (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--part", default=None, metavar="I/N",
+                        help="only batches I, I+N, I+2N, ... (1-based), e.g. 1/2 and 2/2 on two cores; join the rows with --join")
+    parser.add_argument("--join", type=Path, default=None, metavar="PARTS",
+                        help="append to --out the rows rebuilt from the --part rows in PARTS, and stop")
     args = parser.parse_args()
+    if args.join is not None:
+        for row in join_parts(args.join):
+            with args.out.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(row)
+        return
     torch.set_num_threads(args.threads)
     overrides = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     budget = {} if args.eps is None else {"eps": parse_fraction(args.eps)}
@@ -75,6 +117,11 @@ def main() -> None:
     images, labels, _, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
     targets = random_targets(labels, clf.num_classes, 0)
     chunks = [slice(s, s + args.batch) for s in range(0, images.shape[0], args.batch)]
+    if args.part is not None:
+        index, _, total = args.part.partition("/")
+        chunks = chunks[int(index) - 1::int(total)]
+        if args.sweep:
+            raise SystemExit("--part is for plain and --relus rows, not --sweep")
     names = args.interpreters.split(",")
     interpreters = {name: build_interpreter(name, clf) for name in names}
     benign = {name: [interpreters[name](images[c], labels[c], seed=0) for c in chunks] for name in names}
@@ -135,7 +182,7 @@ def main() -> None:
         for name in names:
             for relu in args.relus.split(","):
                 measures, steps, seconds = adv2(name, {"relu": relu})
-                log(dict(model=args.model, interpreter=name, relu=relu, attack="adv2", **departures(name), steps=steps, seconds=seconds, **summary(measures)))
+                log(dict(model=args.model, interpreter=name, relu=relu, attack="adv2", **departures(name), steps=steps, seconds=seconds, **summary(measures, args.part)))
         return
 
     if not args.no_pgd:
@@ -145,12 +192,12 @@ def main() -> None:
         seconds = round(time.time() - start)
         for name in names:
             measures = [measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0) for k, c in enumerate(chunks)]
-            log(dict(model=args.model, interpreter=name, attack="pgd", **tag, steps=steps, seconds=seconds, **summary(measures)))
+            log(dict(model=args.model, interpreter=name, attack="pgd", **tag, steps=steps, seconds=seconds, **summary(measures, args.part)))
     if args.pgd_only:
         return
     for name in names:
         measures, total, seconds = adv2(name, {})
-        log(dict(model=args.model, interpreter=name, attack="adv2", **tag, **departures(name), steps=total, seconds=seconds, **summary(measures)))
+        log(dict(model=args.model, interpreter=name, attack="adv2", **tag, **departures(name), steps=total, seconds=seconds, **summary(measures, args.part)))
 
 
 if __name__ == "__main__":
