@@ -13,7 +13,7 @@ Setting: the ``quick`` preset (``--set KEY=JSON`` overrides one of its ADV² set
 random targets (seed 0), ε = 8/255 unless ``--eps`` says otherwise (rows then carry ``eps``).
 Every measure is taken on the returned 8-bit images with the full interpreter run afresh for c_t,
 against the benign map. PGD runs once per model with as many steps as the largest ADV² budget of
-the interpreters asked for, on the same images and targets, and is measured against each
+the interpreters asked for (and as many ``restarts`` as the most of theirs), on the same images and targets, and is measured against each
 interpreter's map. Single-threaded by default (``--threads``) so
 several models can run side by side on a small machine.
 """
@@ -111,7 +111,7 @@ def main() -> None:
     if overrides:
         tag["settings"] = overrides
     # PGD gets as many runs as the ADV² it is compared with (PGD.configure's rule)
-    runs = {"restarts": overrides["restarts"]} if "restarts" in overrides else {}
+    runs = {"restarts": max(preset("quick", name, **overrides).restarts for name in args.interpreters.split(","))}
 
     clf = load_model(args.model)
     images, labels, _, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
@@ -192,7 +192,7 @@ def main() -> None:
         seconds = round(time.time() - start)
         for name in names:
             measures = [measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0) for k, c in enumerate(chunks)]
-            log(dict(model=args.model, interpreter=name, attack="pgd", **tag, steps=steps, seconds=seconds, **summary(measures, args.part)))
+            log(dict(model=args.model, interpreter=name, attack="pgd", **tag, **({"restarts": runs["restarts"]} if runs["restarts"] > 1 else {}), steps=steps, seconds=seconds, **summary(measures, args.part)))
     if args.pgd_only:
         return
     for name in names:

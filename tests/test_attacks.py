@@ -131,7 +131,7 @@ def test_presets_and_their_errors() -> None:
 def test_family_quick_presets_compare_root_maps_and_the_rest_keep_the_paper_distance() -> None:
     """Gradient × Input, IG, DeepLIFT and LRP attack the maps' square roots under ``quick``, LRP
     with the soft top-k IoU term and the exact ReLU derivative; GRAD and every ``paper`` preset
-    keep the squared difference of the maps (docs/tuning.md)."""
+    keep the squared difference of the maps (docs/tuning.md). Only LRP's ``quick`` runs twice."""
     for name in ("inputxgrad", "ig", "deeplift", "lrp"):
         assert preset("quick", name).map_power == 0.5
         assert preset("paper", name).map_power == 1.0
@@ -139,6 +139,8 @@ def test_family_quick_presets_compare_root_maps_and_the_rest_keep_the_paper_dist
     for name in ("grad", "cam", "rts", "mask"):
         assert preset("quick", name).map_power == 1.0
     assert [preset("quick", name).soft_iou_weight for name in ("inputxgrad", "ig", "deeplift", "grad", "lrp")] == [0, 0, 0, 0, 0.2]
+    assert [preset("quick", name).restarts for name in ("inputxgrad", "ig", "deeplift", "grad", "lrp")] == [1, 1, 1, 1, 2]
+    assert preset("paper", "lrp").restarts == 1
     assert build_interpreter("lrp", tiny_classifier(), preset="quick").relu.kind == "none"
     assert build_interpreter("lrp", tiny_classifier(), preset="paper").relu.kind == "h"
 
@@ -225,6 +227,10 @@ def test_restarts_keep_each_samples_best_run() -> None:
     torch.testing.assert_close(kept.confidence[same], torch.maximum(plain.confidence, other.confidence)[same])
     assert torch.equal(PGD(clf, pgd)(images, targets).adversarial, plain.adversarial)  # restarts = 1 is one run, as before
     assert PGD.configure([base.with_overrides(restarts=3)], {}).restarts == 3  # PGD compared with an ADV² gets its runs
+    # ... and the most runs of any it is compared with, not only the longest schedule's (DeepLIFT's
+    # and LRP's quick presets tie on steps; LRP's runs twice)
+    compared = PGD.configure([preset("quick", "deeplift"), preset("quick", "lrp")], {})
+    assert (compared.pgd_steps, compared.adv_steps, compared.restarts) == (1060, 0, 2)
 
 
 def test_lambda_schedules() -> None:

@@ -146,11 +146,13 @@ class PGD(Attack):
     @classmethod
     def configure(cls, base: Sequence[AttackConfig], settings: Mapping[str, Any]) -> AttackConfig:
         """PGD spends the largest total step budget (``pgd_steps + adv_steps``) of the
-        interpreters it is compared with, all of it in stage 1, so it never gets fewer steps than
-        the ADV² it is compared with; ε, α and the other settings are that interpreter's (the
-        first one, on ties); ``settings`` (``[attacks.pgd]``) apply last."""
+        interpreters it is compared with, all of it in stage 1, and the most ``restarts`` of any,
+        so it never gets fewer steps or runs than the ADV² it is compared with; ε, α and the other
+        settings are the largest budget's interpreter's (the first one, on ties); ``settings``
+        (``[attacks.pgd]``) apply last."""
         chosen = max(base, key=lambda c: c.pgd_steps + c.adv_steps)  # max keeps the first on ties
-        budget = replace(chosen, pgd_steps=chosen.pgd_steps + chosen.adv_steps, adv_steps=0)
+        runs = max(c.restarts for c in base)
+        budget = replace(chosen, pgd_steps=chosen.pgd_steps + chosen.adv_steps, adv_steps=0, restarts=runs)
         return budget.with_settings(f"attacks.{cls.name}", settings)
 
     def __call__(
