@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -233,6 +234,28 @@ def test_a_different_config_in_the_same_folder_is_refused(finished: tuple[Path, 
         run_experiment(other, run_dir)
     result = CliRunner().invoke(app, ["run", str(tmp_path / "experiment.toml"), "--out", str(run_dir)])
     assert result.exit_code == 2 and "different config" in result.stderr
+
+
+def test_a_run_recorded_before_newer_attack_settings_resumes(finished: tuple[Path, ExperimentConfig], tmp_path: Path) -> None:
+    """A run folder written before ``restarts`` and ``soft_iou_weight`` existed (its stored attack
+    settings lack them) resumes under a version that has them at their defaults."""
+    run_dir, config = finished
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+
+    def drop(tree: object) -> object:
+        if not isinstance(tree, dict):
+            return tree
+        return {k: drop(v) for k, v in tree.items() if k not in ("restarts", "soft_iou_weight")}
+
+    with sqlite3.connect(old / "results.sqlite") as connection:
+        (stored,) = connection.execute("SELECT value FROM meta WHERE key = 'attack_configs'").fetchone()
+        older = drop(json.loads(stored))
+        assert older != json.loads(stored) and '"restarts"' not in json.dumps(older)
+        connection.execute("UPDATE meta SET value = ? WHERE key = 'attack_configs'", (json.dumps(older, sort_keys=True),))
+    connection.close()
+    outcome = run_experiment(config, old)
+    assert outcome.was_complete and outcome.completed == 0 and outcome.results == 16
 
 
 # --------------------------------------------------------------------------------- SIGKILL

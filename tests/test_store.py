@@ -158,6 +158,22 @@ def test_changed_attack_settings_are_refused_too(tmp_path: Path) -> None:
             store.claim(config, {}, "now", {"cam": {"adv_steps": 200}})
 
 
+def test_a_setting_added_since_the_run_was_recorded_passes_only_at_its_default(tmp_path: Path) -> None:
+    """A run folder from a version before ``restarts`` existed: the same settings plus ``restarts``
+    at its default are the same run; ``restarts`` at 2 (a preset that moved) is refused."""
+    config = {"experiment": {"preset": "quick"}}
+    defaults = {"adv2": {"lrp": {"adv_steps": 200, "restarts": 1}}}
+    with ResultStore(tmp_path) as store:
+        store.claim(config, {}, "then", {"adv2": {"lrp": {"adv_steps": 1000}}})
+        assert store.claim(config, {}, "now", {"adv2": {"lrp": {"adv_steps": 1000, "restarts": 1}}}, defaults) is False
+        with pytest.raises(InputError, match=r"\(adv2\.lrp\.restarts: null → 2\)"):
+            store.claim(config, {}, "now", {"adv2": {"lrp": {"adv_steps": 1000, "restarts": 2}}}, defaults)
+        with pytest.raises(InputError, match=r"\(adv2\.lrp\.restarts: null → 1\)"):  # without defaults: any new key is a change
+            store.claim(config, {}, "now", {"adv2": {"lrp": {"adv_steps": 1000, "restarts": 1}}})
+        with pytest.raises(InputError, match=r"adv2\.lrp\.adv_steps: 1000 → 200"):  # a stored setting at another value, default or not
+            store.claim(config, {}, "now", {"adv2": {"lrp": {"adv_steps": 200, "restarts": 1}}}, defaults)
+
+
 def test_a_version_1_database_is_migrated_and_a_newer_one_refused(tmp_path: Path) -> None:
     """A database written before schema version 2 (no interpreter options, no transfer attack) gets
     the new columns with their defaults and keeps its rows; a version from the future is refused."""

@@ -298,19 +298,27 @@ class ResultStore:
         return dict(self.connection.execute("SELECT key, value FROM meta").fetchall())
 
     def claim(
-        self, config: dict[str, Any], versions: dict[str, str], created: str, settings: dict[str, Any] | None = None
+        self,
+        config: dict[str, Any],
+        versions: dict[str, str],
+        created: str,
+        settings: dict[str, Any] | None = None,
+        settings_defaults: dict[str, Any] | None = None,
     ) -> bool:
         """Record the run's config on first use; later, refuse a different one.
 
         ``settings`` (meta key ``attack_configs``: the resolved attack configuration per
         interpreter) is checked too, so a preset that changed between underfire versions cannot
-        mix two schedules in one run. Returns True when the meta was written now.
+        mix two schedules in one run. ``settings_defaults`` (the same tree, each setting at its
+        default) lets a setting that a later version added pass while it is at its default: the
+        run then does what it did when it was recorded. Returns True when the meta was written now.
         """
         meta = self.meta()
         if "config" in meta:
             _refuse_change(self.run_dir, "a different config", json.loads(meta["config"]), config)
             if settings is not None and "attack_configs" in meta:
-                _refuse_change(self.run_dir, "other attack settings (did the preset change?)", json.loads(meta["attack_configs"]), settings)
+                _refuse_change(self.run_dir, "other attack settings (did the preset change?)", json.loads(meta["attack_configs"]),
+                               settings, settings_defaults)
             return False
         rows = {"config": json.dumps(config, sort_keys=True), "versions": json.dumps(versions, sort_keys=True), "created": created}
         if settings is not None:
@@ -434,11 +442,16 @@ class ResultStore:
         return _Transaction(self.connection)
 
 
-def _refuse_change(run_dir: Path, what: str, before: Any, now: Any) -> None:
+def _refuse_change(run_dir: Path, what: str, before: Any, now: Any, defaults: Any = None) -> None:
+    """Refuse ``now`` unless it equals ``before``, up to keys ``before`` lacks whose value now is
+    their value in ``defaults`` (settings added since, left at what they were before they existed)."""
     if before == now:
         return
-    old, new = _flatten(before), _flatten(now)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    old, new, default = _flatten(before), _flatten(now), _flatten(defaults or {})
+    added_at_default = {k for k in set(new) - set(old) if k in default and default[k] == new[k]}
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in added_at_default)
+    if not changed:
+        return
     shown = ", ".join(f"{k}: {json.dumps(old.get(k))} → {json.dumps(new.get(k))}" for k in changed[:4])
     raise InputError(f"{str(run_dir)!r} holds a run with {what} ({shown}); use another output folder or the same config")
 
