@@ -34,6 +34,9 @@ The inline mathematics per interpreter:
   against the black baseline's ReLUs, recorded in a pass without a graph; LRP: BatchNorm folded into each convolution, flat first layer,
   z⁺ convolutions, ε for ``fc``, proportional residual sum and pooling), then one create-graph
   backward of the twin score to the seed.
+* LRP under its ``quick`` preset (``lrp (quick)``): the same with ReLU's own derivative, and ℓ_int
+  on the maps' floored square roots plus 0.2 × (1 − the soft top-k IoU), written k by k (a
+  top-k per k, as the definition reads; ``metrics.soft_iou_top_k`` sorts each map once).
 
 These run on the built-in ResNet (its ReLUs are all ``nn.ReLU`` modules, so the inline smoothed
 copy is exact); the GRAD and CAM targets are ratio ≤ 1.2.
@@ -66,6 +69,9 @@ ENCODER_WEIGHT = 0.1
 UNQUALIFIED = 1000.0  # ADV²'s rank offset of iterates that do not qualify
 TAU = 1e-4  # the paper's h surrogate (underfire's default)
 IG_STEPS = 8  # the quick preset's IG
+#: LRP's quick ℓ_int: square roots of the maps (floor 1e-4) plus 0.2 × (1 − soft top-k IoU)
+QUICK_LRP_DISTANCE = {"map_power": 0.5, "soft_iou_weight": 0.2}
+POWER_FLOOR, SOFT_K, SOFT_TEMPERATURE = 1e-4, tuple(round(0.05 * i, 2) for i in range(1, 11)), 0.05
 #: interpreter rows: (label, target ratio or None)
 CASES: tuple[tuple[str, float | None], ...] = (
     ("grad", 1.2),
@@ -78,6 +84,7 @@ CASES: tuple[tuple[str, float | None], ...] = (
     ("ig", 1.2),
     ("deeplift", 1.2),
     ("lrp", 1.2),
+    ("lrp (quick)", 1.2),
 )
 
 
@@ -109,7 +116,7 @@ def run_limit(
         target_maps = torch.rand(maps_shape, generator=generator).to(images.device)
         config = AttackConfig(
             eps=EPS, alpha=ALPHA, pgd_steps=0, adv_steps=1, lam=LambdaSchedule((LAMBDA,)),
-            confidence=CONFIDENCE,
+            confidence=CONFIDENCE, **(QUICK_LRP_DISTANCE if name == "lrp (quick)" else {}),
         )
 
         def ours(steps: int, interpreter: Any = interpreter, maps: torch.Tensor = target_maps) -> Callable[[], torch.Tensor]:
@@ -153,6 +160,7 @@ def _label(name: str) -> str:
         "ig": "IntegratedGradients(clf, steps=8)",
         "deeplift": "DeepLift(clf)",
         "lrp": "Lrp(clf)",
+        "lrp (quick)": "Lrp(clf, relu='none'), root maps + soft top-k",
     }[name]
 
 
@@ -253,6 +261,8 @@ def _interpreter(name: str, clf: Classifier) -> Any:
         return Mask(clf, MaskConfig(init_steps=5), evidence_weight=0.0)
     if name in ("inputxgrad", "ig", "deeplift", "lrp"):
         return build_interpreter(name, clf, **({"steps": IG_STEPS} if name == "ig" else {}))
+    if name == "lrp (quick)":
+        return build_interpreter("lrp", clf, relu="none")
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -343,8 +353,9 @@ def _inline(name: str, clf: Classifier, interpreter: Any, targets: torch.Tensor,
 
         return Inline(path_step)
 
-    if name in ("deeplift", "lrp"):
+    if name in ("deeplift", "lrp", "lrp (quick)"):
         net = clf.model
+        quick = name == "lrp (quick)"
 
         def rule_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             seed = torch.zeros_like(x).requires_grad_(True)
@@ -354,12 +365,14 @@ def _inline(name: str, clf: Classifier, interpreter: Any, targets: torch.Tensor,
                     _resnet_with_twins(net, normalized(torch.zeros_like(x)), None, record)
                 values, twins = _resnet_with_twins(net, normalized(x), seed / std, _DeepLiftInline(record))
             else:
-                values, twins = _resnet_with_twins(net, normalized(x), seed, _LrpInline())
+                values, twins = _resnet_with_twins(net, normalized(x), seed, _LrpInline(exact_relu=quick))
             chosen = values.gather(1, targets[:, None])
             score = (twins.gather(1, targets[:, None]) * (1 if name == "deeplift" else chosen)).sum()
             (g,) = torch.autograd.grad(score, seed, create_graph=True)
             attribution = x * g if name == "deeplift" else g
             maps = minmax(attribution.abs().amax(1, keepdim=True))
+            if quick:
+                return _quick_lrp_loss(model(normalized(x)), maps, targets, target_maps)
             return _adv2_loss(model(normalized(x)), maps, targets, target_maps)
 
         return Inline(rule_step)
@@ -430,9 +443,11 @@ class _DeepLiftInline:
 
 
 class _LrpInline:
-    """LRP EpsilonPlusFlat by hand: twins carry relevance."""
+    """LRP EpsilonPlusFlat by hand: twins carry relevance; ``exact_relu``: ReLU's own derivative
+    (``relu='none'``) instead of the smoothed one."""
 
-    smooth = SmoothReLU()
+    def __init__(self, exact_relu: bool = False) -> None:
+        self.smooth = torch.relu if exact_relu else SmoothReLU()
 
     def conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
         scale, shift = _bn_affine(bn)
@@ -477,6 +492,27 @@ def _adv2_loss(
     logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     distance = (maps - target_maps).pow(2).flatten(1).mean(1)
+    loss = F.cross_entropy(logits, targets, reduction="none") + LAMBDA * distance
+    return loss, distance, logits
+
+
+def _quick_lrp_loss(
+    logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ℓ_int of LRP's quick preset by hand: the squared difference of the floored square roots,
+    plus 0.2 × (1 − the mean over k of Σ min / Σ max of sigmoid-softened top-k sets)."""
+    a, b = ((POWER_FLOOR + (1 - POWER_FLOOR) * m.clamp(0, 1)).sqrt().flatten(1) for m in (maps, target_maps))
+    distance = (a - b).pow(2).mean(1)
+    overlaps = []
+    for fraction in SOFT_K:
+        k = max(1, round(fraction * a.shape[1]))
+        soft = []
+        for m in (a, b):
+            top = m.detach().topk(k + 1, dim=1).values
+            threshold = (top[:, k - 1 : k] + top[:, k : k + 1]) / 2
+            soft.append(torch.sigmoid((m - threshold) / (SOFT_TEMPERATURE * m.detach().std(1, keepdim=True))))
+        overlaps.append(torch.minimum(*soft).sum(1) / torch.maximum(*soft).sum(1))
+    distance = distance + QUICK_LRP_DISTANCE["soft_iou_weight"] * (1 - torch.stack(overlaps, 1).mean(1))
     loss = F.cross_entropy(logits, targets, reduction="none") + LAMBDA * distance
     return loss, distance, logits
 

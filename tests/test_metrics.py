@@ -147,3 +147,32 @@ def test_the_soft_iou_test_tends_to_the_hard_one_and_has_an_input_gradient() -> 
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(InputError, match="temperature must be a finite number > 0"):
             soft_iou_top_k(a, b, temperature=bad)
+
+
+def test_the_soft_iou_test_equals_its_plain_per_k_definition_value_and_gradient() -> None:
+    """One sort per map serves every k; the result is the definition computed k by k (a top-k and
+    a standard deviation per k), bit for bit, so attacks using it are unchanged."""
+
+    def by_definition(a: torch.Tensor, b: torch.Tensor, fractions: tuple[float, ...]) -> torch.Tensor:
+        a, b = a.flatten(1), b.flatten(1)
+        columns = []
+        for fraction in fractions:
+            k = max(1, round(fraction * a.shape[1]))
+            sets = []
+            for m in (a, b):
+                if k >= m.shape[1]:
+                    sets.append(torch.ones_like(m))
+                    continue
+                values = m.detach().topk(k + 1, dim=1).values
+                threshold = (values[:, k - 1 : k] + values[:, k : k + 1]) / 2
+                sets.append(torch.sigmoid((m - threshold) / (0.05 * m.detach().std(1, keepdim=True))))
+            columns.append(torch.minimum(*sets).sum(1) / torch.maximum(*sets).sum(1))
+        return torch.stack(columns, 1)
+
+    generator = torch.Generator().manual_seed(1)
+    for shape, fractions in (((4, 1, 16, 12), DEFAULT_K), ((2, 1, 3, 3), (0.05, 0.5, 1.0))):
+        a = torch.rand(shape, generator=generator).requires_grad_(True)
+        b = torch.rand(shape, generator=generator)
+        ours, reference = soft_iou_top_k(a, b, fractions), by_definition(a, b, fractions)
+        assert torch.equal(ours, reference)
+        assert torch.equal(*(torch.autograd.grad(value.sum(), a)[0] for value in (ours, reference)))

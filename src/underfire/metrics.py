@@ -106,21 +106,30 @@ def soft_iou_top_k(
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise InputError(f"the soft top-k temperature must be a finite number > 0, got {temperature!r}")
     a, b = _pair(a, b, differentiable=True)
+    counts = [_top_k_count(a.shape[1], fraction) for fraction in fractions]
+    # one sort of each map serves every k (the per-k top-k was most of this function's cost)
+    sorted_a, sorted_b = (_SortedMap(m, max(counts), temperature) for m in (a, b))
     columns = []
-    for fraction in fractions:
-        sa, sb = _soft_top(a, fraction, temperature), _soft_top(b, fraction, temperature)
+    for k in counts:
+        sa, sb = sorted_a.soft_top(k), sorted_b.soft_top(k)
         columns.append(torch.minimum(sa, sb).sum(1) / torch.maximum(sa, sb).sum(1).clamp_min(1e-12))
     return torch.stack(columns, 1)
 
 
-def _soft_top(flat: torch.Tensor, fraction: float, temperature: float) -> torch.Tensor:
-    k = _top_k_count(flat.shape[1], fraction)
-    if k >= flat.shape[1]:
-        return torch.ones_like(flat)
-    values = flat.detach().topk(k + 1, dim=1).values
-    threshold = (values[:, k - 1 : k] + values[:, k : k + 1]) / 2
-    spread = temperature * flat.detach().std(1, keepdim=True).clamp_min(1e-12)
-    return torch.sigmoid((flat - threshold) / spread)
+class _SortedMap:
+    """A map's highest values (no gradient) and its softening scale, for ``soft_iou_top_k``."""
+
+    def __init__(self, flat: torch.Tensor, largest_k: int, temperature: float) -> None:
+        self.flat = flat
+        detached = flat.detach()
+        self.top = detached.topk(min(largest_k + 1, flat.shape[1]), dim=1).values
+        self.spread = temperature * detached.std(1, keepdim=True).clamp_min(1e-12)
+
+    def soft_top(self, k: int) -> torch.Tensor:
+        if k >= self.flat.shape[1]:
+            return torch.ones_like(self.flat)
+        threshold = (self.top[:, k - 1 : k] + self.top[:, k : k + 1]) / 2
+        return torch.sigmoid((self.flat - threshold) / self.spread)
 
 
 def top_k_intersection(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
