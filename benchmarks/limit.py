@@ -55,10 +55,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from underfire import Classifier
-from underfire.attacks import ADV2, AttackConfig, LambdaSchedule
+from underfire.attacks import ADV2, AttackConfig, LambdaSchedule, preset
 from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts, build_interpreter
 from underfire.imaging import gaussian_blur, translate, upsample_blurred
 from underfire.interpreters.mask import REFERENCE_MASK_PIXELS, total_variation
+from underfire.metrics import DEFAULT_K
 
 from .common import Row, interleaved, make_row, marginal, max_abs_diff, minmax, untrained_rts
 
@@ -69,9 +70,9 @@ ENCODER_WEIGHT = 0.1
 UNQUALIFIED = 1000.0  # ADV²'s rank offset of iterates that do not qualify
 TAU = 1e-4  # the paper's h surrogate (underfire's default)
 IG_STEPS = 8  # the quick preset's IG
-#: LRP's quick ℓ_int: square roots of the maps (floor 1e-4) plus 0.2 × (1 − soft top-k IoU)
-QUICK_LRP_DISTANCE = {"map_power": 0.5, "soft_iou_weight": 0.2}
-POWER_FLOOR, SOFT_K, SOFT_TEMPERATURE = 1e-4, tuple(round(0.05 * i, 2) for i in range(1, 11)), 0.05
+#: LRP's quick ℓ_int: the maps raised to map_power (floor 1e-4) plus w × (1 − soft top-k IoU)
+QUICK_LRP_DISTANCE = {key: getattr(preset("quick", "lrp"), key) for key in ("map_power", "soft_iou_weight")}
+POWER_FLOOR, SOFT_TEMPERATURE = 1e-4, 0.05
 #: interpreter rows: (label, target ratio or None)
 CASES: tuple[tuple[str, float | None], ...] = (
     ("grad", 1.2),
@@ -262,7 +263,7 @@ def _interpreter(name: str, clf: Classifier) -> Any:
     if name in ("inputxgrad", "ig", "deeplift", "lrp"):
         return build_interpreter(name, clf, **({"steps": IG_STEPS} if name == "ig" else {}))
     if name == "lrp (quick)":
-        return build_interpreter("lrp", clf, relu="none")
+        return build_interpreter("lrp", clf, preset="quick")
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -499,12 +500,13 @@ def _adv2_loss(
 def _quick_lrp_loss(
     logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ℓ_int of LRP's quick preset by hand: the squared difference of the floored square roots,
-    plus 0.2 × (1 − the mean over k of Σ min / Σ max of sigmoid-softened top-k sets)."""
-    a, b = ((POWER_FLOOR + (1 - POWER_FLOOR) * m.clamp(0, 1)).sqrt().flatten(1) for m in (maps, target_maps))
+    """ℓ_int of LRP's quick preset by hand: the squared difference of the floored, powered maps,
+    plus w × (1 − the mean over k of Σ min / Σ max of sigmoid-softened top-k sets)."""
+    power = QUICK_LRP_DISTANCE["map_power"]
+    a, b = ((POWER_FLOOR + (1 - POWER_FLOOR) * m.clamp(0, 1)).pow(power).flatten(1) for m in (maps, target_maps))
     distance = (a - b).pow(2).mean(1)
     overlaps = []
-    for fraction in SOFT_K:
+    for fraction in DEFAULT_K:
         k = max(1, round(fraction * a.shape[1]))
         soft = []
         for m in (a, b):

@@ -39,6 +39,7 @@ from underfire.models import load_model
 
 
 MEASURES = ("success", "iou", "l1", "confidence")
+IMAGES = 100  # rows of the table's standard size carry no ``images`` field
 
 
 def summary(measures: list[AttackMeasures], part: str | None = None) -> dict:
@@ -72,15 +73,27 @@ def join_parts(path: Path) -> list[dict]:
         means = {name: round(sum(row["sums"][name] for row in rows) / count, 3) for name in MEASURES}
         whole = {k: v for k, v in rows[0].items() if k not in ("part", "images", "sums")}
         whole.update(seconds=sum(part["seconds"] for part in rows), **means)
-        joined.append(whole if count == 100 else {**whole, "images": count})
+        joined.append(whole if count == IMAGES else {**whole, "images": count})
     return joined
+
+
+def parse_part(text: str | None, sweep: str | None) -> tuple[int, int] | None:
+    """``--part I/N`` as (I, N), refused before any work when malformed or next to ``--sweep``."""
+    if text is None:
+        return None
+    index, _, total = text.partition("/")
+    if not (index.isdigit() and total.isdigit() and 1 <= int(index) <= int(total)):
+        raise SystemExit(f"--part takes I/N with 1 <= I <= N, got {text!r}")
+    if sweep:
+        raise SystemExit("--part is for plain and --relus rows, not --sweep")
+    return int(index), int(total)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
-    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--interpreters", default="cam,rts,grad,mask")
     parser.add_argument("--relus", default=None, help="ReLU-surrogate ablation: ADV² on each of --interpreters with each surrogate (no PGD)")
@@ -99,30 +112,29 @@ def main() -> None:
                         help="append to --out the rows rebuilt from the --part rows in PARTS, and stop")
     args = parser.parse_args()
     if args.join is not None:
-        for row in join_parts(args.join):
-            with args.out.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        rows = join_parts(args.join)
+        with args.out.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        for row in rows:
             print(row)
         return
+    part = parse_part(args.part, args.sweep)
     torch.set_num_threads(args.threads)
     overrides = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     budget = {} if args.eps is None else {"eps": parse_fraction(args.eps)}
     tag = {} if args.eps is None else {"eps": args.eps}
     if overrides:
         tag["settings"] = overrides
+    names = args.interpreters.split(",")
     # PGD gets as many runs as the ADV² it is compared with (PGD.configure's rule)
-    runs = {"restarts": max(preset("quick", name, **overrides).restarts for name in args.interpreters.split(","))}
+    runs = {"restarts": max(preset("quick", name, **overrides).restarts for name in names)}
 
     clf = load_model(args.model)
     images, labels, _, _ = images_from_dataset(clf, ShapesDataset("test", 64), args.images)
     targets = random_targets(labels, clf.num_classes, 0)
     chunks = [slice(s, s + args.batch) for s in range(0, images.shape[0], args.batch)]
-    if args.part is not None:
-        index, _, total = args.part.partition("/")
-        chunks = chunks[int(index) - 1::int(total)]
-        if args.sweep:
-            raise SystemExit("--part is for plain and --relus rows, not --sweep")
-    names = args.interpreters.split(",")
+    if part is not None:
+        chunks = chunks[part[0] - 1 :: part[1]]
     interpreters = {name: build_interpreter(name, clf) for name in names}
     benign = {name: [interpreters[name](images[c], labels[c], seed=0) for c in chunks] for name in names}
 

@@ -43,6 +43,11 @@ class OptionSpec:
     hint: Any
     default: Any = _MISSING
 
+    @property
+    def required(self) -> bool:
+        """No default: the setting must be given."""
+        return self.default is _MISSING
+
     def describe(self) -> str:
         """``name: type = default`` for help texts."""
         shown = f"{self.name}: {type_name(self.hint)}"

@@ -28,7 +28,7 @@ import platform
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ import torch
 from ..attacks import ATTACKS
 from ..devices import resolve_device
 from ..errors import InputError
+from ..options import dataclass_options
 from ..progress import progress_bar
 from ..store import ImageRecord, ResultStore, remove_temporary_files, run_lock, save_png_atomic
 from ..store.database import DATABASE_NAME, check_database, present_keys
@@ -105,7 +106,7 @@ def run_experiment(
         inputs = run_inputs(config.input_files() + [f for model in models for f in model.input_files()],
                             {model.spec: dict(zip(model.names, model.images)) for model in models})
         sources = {model.spec: model.sources for model in models}
-        store.claim(config.as_dict(), software_versions(), now, attack_settings(config), attack_settings(config, defaults=True))
+        store.claim(config.as_dict(), software_versions(), now, attack_settings(config), attack_setting_defaults(config))
         recorded = store.meta().get("inputs")  # absent: a new run, or one made before inputs were recorded
         if recorded is not None:
             check_inputs(run_dir, json.loads(recorded), inputs, sources)
@@ -149,40 +150,37 @@ def run_experiment(
         )
 
 
-def attack_settings(config: ExperimentConfig, defaults: bool = False) -> dict[str, object]:
+def attack_settings(config: ExperimentConfig) -> dict[str, object]:
     """The resolved configuration of every attack (per interpreter where the attack uses one) and
     the options of every interpreter: stored with the run, so a resume under changed presets or
-    defaults is refused instead of mixing two settings in one run. ``defaults``: the same tree
-    with every attack setting at its dataclass default (what a setting added in a later version
-    is compared with, when a run recorded before it existed resumes)."""
-    def resolved(attack: str, name: str | None = None) -> object:
-        chosen = config.config_for(attack) if name is None else config.config_for(attack, name)
-        return json.loads(json.dumps(field_defaults(chosen), default=str) if defaults else config_json(chosen))
-
-    settings: dict[str, object] = {}
-    for attack in config.attacks:
-        if ATTACKS.get(attack).uses_interpreter:
-            settings[attack] = {name: resolved(attack, name) for name in config.interpreters}
-        else:
-            settings[attack] = resolved(attack)
-    if not defaults:
-        settings["interpreter_options"] = {name: json.loads(json.dumps(config.options_for(name), default=str)) for name in config.interpreters}
+    defaults is refused instead of mixing two settings in one run."""
+    settings = _per_attack(config, lambda chosen: json.loads(config_json(chosen)))
+    settings["interpreter_options"] = {name: json.loads(json.dumps(config.options_for(name), default=str)) for name in config.interpreters}
     return settings
 
 
-def field_defaults(config: object) -> dict[str, object]:
-    """A dataclass's fields at their declared defaults, nested dataclasses as dicts (as ``asdict``
-    writes them); fields without a default are left out."""
-    out: dict[str, object] = {}
-    for item in fields(config):  # type: ignore[arg-type]
-        if item.default is not MISSING:
-            value = item.default
-        elif item.default_factory is not MISSING:
-            value = item.default_factory()
+def attack_setting_defaults(config: ExperimentConfig) -> dict[str, object]:
+    """``attack_settings``' attack tree with every setting at its declared default: what a setting
+    added in a later version is compared with when a run recorded before it existed resumes."""
+    def defaults(chosen: object) -> object:
+        def plain(value: object) -> object:  # as asdict writes a nested dataclass
+            return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
+
+        specs = dataclass_options(type(chosen)).values()
+        return json.loads(json.dumps({spec.name: plain(spec.default) for spec in specs if not spec.required}, default=str))
+
+    return _per_attack(config, defaults)
+
+
+def _per_attack(config: ExperimentConfig, describe: Callable[[object], object]) -> dict[str, object]:
+    """{attack: describe(its config)}, or {attack: {interpreter: ...}} for attacks using one."""
+    settings: dict[str, object] = {}
+    for attack in config.attacks:
+        if ATTACKS.get(attack).uses_interpreter:
+            settings[attack] = {name: describe(config.config_for(attack, name)) for name in config.interpreters}
         else:
-            continue
-        out[item.name] = asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
-    return out
+            settings[attack] = describe(config.config_for(attack))
+    return settings
 
 
 def software_versions() -> dict[str, str]:
