@@ -218,7 +218,9 @@ def load_classifier(name: str, device: torch.device | str = "cpu") -> Classifier
         return uf.load_model(spec, device=str(device))
 
 
-def inputs(clf: Classifier, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(
+    clf: Classifier, batch: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, labels, targets): shapes test images for the built-in models, seeded random
     images (labels = predictions) otherwise; targets = (label + 1) mod classes."""
     size = clf.input_size or 224
@@ -295,7 +297,10 @@ def _git_commit() -> str | None:
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT, capture_output=True, text=True, timeout=5,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return None

@@ -53,17 +53,27 @@ def measure(images: int, steps: int) -> dict[str, object]:
         rows: dict[str, list[tuple]] = {}
         times: dict[str, float] = {}
         units = 0
-        for label, executor in (("serial", None), ("ray, 1 worker", RayExecutor(num_cpus=1)), ("ray, 2 workers", RayExecutor(num_cpus=2))):
+        for label, executor in (
+            ("serial", None),
+            ("ray, 1 worker", RayExecutor(num_cpus=1)),
+            ("ray, 2 workers", RayExecutor(num_cpus=2)),
+        ):
             run_dir = Path(folder) / label.replace(" ", "").replace(",", "-")
             started = time.perf_counter()
             outcome = run_experiment(config, run_dir, executor=executor)
             times[label] = time.perf_counter() - started
             units = outcome.units
             with sqlite3.connect(run_dir / "results.sqlite") as connection:
-                rows[label] = sorted(connection.execute("SELECT model, interpreter, attack, image, iou, l1, confidence FROM results"))
+                rows[label] = sorted(
+                    connection.execute("SELECT model, interpreter, attack, image, iou, l1, confidence FROM results")
+                )
         same = all(value == rows["serial"] for value in rows.values())
     return {
-        "images": images, "steps": steps, "units": units, "cpus": os.cpu_count(), "rows_equal": same,
+        "images": images,
+        "steps": steps,
+        "units": units,
+        "cpus": os.cpu_count(),
+        "rows_equal": same,
         "seconds": {label: round(seconds, 2) for label, seconds in times.items()},
         "images_per_s": {label: round(images / seconds, 3) for label, seconds in times.items()},
         "speedup_vs_serial": {label: round(times["serial"] / seconds, 2) for label, seconds in times.items()},
@@ -80,7 +90,9 @@ def as_markdown(result: dict[str, object]) -> str:
         "| --- | --- | --- | --- |",
     ]
     for label, seconds in result["seconds"].items():  # type: ignore[union-attr]
-        lines.append(f"| {label} | {seconds} | {result['images_per_s'][label]} | {result['speedup_vs_serial'][label]} |")  # type: ignore[index]
+        lines.append(
+            f"| {label} | {seconds} | {result['images_per_s'][label]} | {result['speedup_vs_serial'][label]} |"
+        )  # type: ignore[index]
     lines.append("")
     lines.append(f"Overhead per unit (1-worker Ray − serial, per unit): {result['overhead_per_unit_s']} s.")
     return "\n".join(lines) + "\n"

@@ -21,8 +21,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.common import inputs, interleaved, load_classifier, paired_ratio  # noqa: E402
 from benchmarks import scaling  # noqa: E402
+from benchmarks.common import inputs, interleaved, load_classifier, paired_ratio  # noqa: E402
 from underfire.interpreters.ensemble import Ensemble, EnsembleState  # noqa: E402
 
 
@@ -47,17 +47,22 @@ def main() -> None:
     clf = load_classifier(args.model)
     images, _, targets = inputs(clf, args.batch)
     members = ("grad", "cam", "rts", "mask")
-    built = {"ours": Ensemble(clf, members=members, weights=(8, 1, 1, 1), member_preset="quick"),
-             "every": EveryMemberLogits(clf, members=members, weights=(8, 1, 1, 1), member_preset="quick")}
+    built = {
+        "ours": Ensemble(clf, members=members, weights=(8, 1, 1, 1), member_preset="quick"),
+        "every": EveryMemberLogits(clf, members=members, weights=(8, 1, 1, 1), member_preset="quick"),
+    }
     steps = {name: scaling.make_step("ensemble", clf, images, targets, ensemble) for name, ensemble in built.items()}
     first = {name: step() for name, step in steps.items()}
     assert torch.equal(first["ours"], first["every"]), "the two steps must give the same iterate"
     samples = interleaved(steps, args.repeats, warmup=1)
     ratio = paired_ratio(samples["ours"], samples["every"])
     median = {name: 1000 * sorted(times)[len(times) // 2] for name, times in samples.items()}
-    print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} thread(s), ensemble grad+cam+rts+mask: "
-          f"{median['ours']:.0f} ms per step against {median['every']:.0f} ms with every member's logits, "
-          f"ratio {ratio.median:.3f} ({ratio.low:.3f}–{ratio.high:.3f}) over {len(samples['ours'])} rounds", file=sys.stdout)
+    print(
+        f"{args.model}, batch {args.batch}, {torch.get_num_threads()} thread(s), ensemble grad+cam+rts+mask: "
+        f"{median['ours']:.0f} ms per step against {median['every']:.0f} ms with every member's logits, "
+        f"ratio {ratio.median:.3f} ({ratio.low:.3f}–{ratio.high:.3f}) over {len(samples['ours'])} rounds",
+        file=sys.stdout,
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from underfire.runs import load_experiment_config  # noqa: E402
-from underfire.runs.estimate import estimate_run, peak_resident_bytes  # noqa: E402
 from underfire.runs.config import ExperimentConfig  # noqa: E402
+from underfire.runs.estimate import estimate_run, peak_resident_bytes  # noqa: E402
 from underfire.runs.plan import PreparedModel, Unit, plan_units, prepare_models  # noqa: E402
 from underfire.runs.worker import UnitWorker  # noqa: E402
 
@@ -72,8 +72,10 @@ def main() -> None:
             config, models, units = _planned(path)
             estimate = estimate_run(config, models, units)
             actual = _run_units(config, models, units)
-            print(f"{interpreters}: estimate {estimate.seconds:.1f} s (pilots {estimate.pilot_seconds:.1f} s), "
-                  f"measured {actual:.1f} s, ratio {estimate.seconds / actual:.2f}")
+            print(
+                f"{interpreters}: estimate {estimate.seconds:.1f} s (pilots {estimate.pilot_seconds:.1f} s), "
+                f"measured {actual:.1f} s, ratio {estimate.seconds / actual:.2f}"
+            )
 
 
 def child(mode: str, path: str) -> None:
@@ -122,11 +124,16 @@ def memory() -> None:
             for mode in ("estimate", "run"):
                 done = subprocess.run(
                     [sys.executable, "-m", "benchmarks.estimate", "--child", mode, str(path)],
-                    check=True, capture_output=True, text=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 peaks[mode] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
-            print(f"{label}: estimated peak {peaks['estimate'] / 2**20:.0f} MiB, "
-                  f"measured {peaks['run'] / 2**20:.0f} MiB, ratio {peaks['estimate'] / peaks['run']:.2f}", flush=True)
+            print(
+                f"{label}: estimated peak {peaks['estimate'] / 2**20:.0f} MiB, "
+                f"measured {peaks['run'] / 2**20:.0f} MiB, ratio {peaks['estimate'] / peaks['run']:.2f}",
+                flush=True,
+            )
 
 
 #: The ``--budget`` experiment: ADV² at 224 px on random weights, one PGD and one ADV² step and
@@ -157,7 +164,16 @@ def budget_child(mode: str, path: str, argument: str) -> None:
     config, models, units = _planned(Path(path))
     if mode == "choose":
         choice = choose_batch(config, models, int(argument))
-        print(json.dumps({"batch": choice.batch_size, "predicted": choice.predicted_peak, "fitted": choice.fitted, "line": choice.line()}))
+        print(
+            json.dumps(
+                {
+                    "batch": choice.batch_size,
+                    "predicted": choice.predicted_peak,
+                    "fitted": choice.fitted,
+                    "line": choice.line(),
+                }
+            )
+        )
     else:
         _run_units(config, models, units)
         print(json.dumps({"peak_bytes": peak_resident_bytes()}))
@@ -182,10 +198,15 @@ def budget(size: str, model: str, interpreters: str, images: int, fit_only: bool
         def child(mode: str, batch: int) -> dict:
             text = BUDGET.format(files=json.dumps(files), batch=batch, model=model, interpreters=names)
             path.write_text(text + (BUDGET_MASK if "mask" in interpreters.split(",") else ""))
-            done = subprocess.run([sys.executable, "-m", "benchmarks.estimate", "--budget-child", mode, str(path), str(limit)],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.estimate", "--budget-child", mode, str(path), str(limit)],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:  # the child's own last line says why (an interpreter that cannot run here...)
-                raise SystemExit(f"the {mode} process failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+                raise SystemExit(
+                    f"the {mode} process failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+                )
             return json.loads(done.stdout.strip().splitlines()[-1])
 
         chosen = child("choose", images)
@@ -195,19 +216,30 @@ def budget(size: str, model: str, interpreters: str, images: int, fit_only: bool
         if fit_only:
             return
         measured = child("run", chosen["batch"])["peak_bytes"]
-        print(f"batch {chosen['batch']} of {images}: predicted peak {chosen['predicted'] / 2**20:.0f} MiB, "
-              f"measured {measured / 2**20:.0f} MiB (ratio {chosen['predicted'] / measured:.2f}), budget {limit / 2**20:.0f} MiB", flush=True)
+        print(
+            f"batch {chosen['batch']} of {images}: predicted peak {chosen['predicted'] / 2**20:.0f} MiB, "
+            f"measured {measured / 2**20:.0f} MiB (ratio {chosen['predicted'] / measured:.2f}), budget {limit / 2**20:.0f} MiB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--memory", action="store_true", help="compare the memory estimate with a real run instead of the time")
+    parser.add_argument(
+        "--memory", action="store_true", help="compare the memory estimate with a real run instead of the time"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODE", "CONFIG"), help=argparse.SUPPRESS)  # one side of --memory
-    parser.add_argument("--budget", default=None, help="a memory budget (e.g. 3GiB): the batch --max-memory picks at 224 px, and that run's peak")
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="a memory budget (e.g. 3GiB): the batch --max-memory picks at 224 px, and that run's peak",
+    )
     parser.add_argument("--model", default="torchvision:resnet50@random", help="with --budget")
     parser.add_argument("--interpreters", default="grad,cam,mask", help="with --budget (comma-separated)")
     parser.add_argument("--images", type=int, default=8, help="with --budget: images, and the configured batch")
-    parser.add_argument("--fit-only", action="store_true", help="with --budget: print the fitted lines, do not run the chosen batch")
+    parser.add_argument(
+        "--fit-only", action="store_true", help="with --budget: print the fitted lines, do not run the chosen batch"
+    )
     parser.add_argument("--budget-child", nargs=3, metavar=("MODE", "CONFIG", "BYTES"), help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.budget_child:

@@ -42,10 +42,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from unittest import mock
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -54,14 +54,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from underfire.attacks import ADV2, AttackConfig, LambdaSchedule  # noqa: E402
-from underfire.interpreters import CAM, Grad, GradCAM, Interpreter, Mask, MaskConfig, Rts  # noqa: E402
 from underfire.imaging import blur_radius, gaussian_blur, upsample_blurred  # noqa: E402
+from underfire.interpreters import CAM, Grad, GradCAM, Interpreter, Mask, MaskConfig, Rts  # noqa: E402
 from underfire.interpreters import gradient as gradient_module  # noqa: E402
 from underfire.interpreters import mask as mask_module  # noqa: E402
 from underfire.models import Classifier  # noqa: E402
 from underfire.smoothing import relu_surrogate  # noqa: E402
 
-from .common import interleaved, inputs, load_classifier, marginal, paired_ratio  # noqa: E402
+from .common import inputs, interleaved, load_classifier, marginal, paired_ratio  # noqa: E402
 
 
 @contextmanager
@@ -171,7 +171,9 @@ def main() -> None:
         run = ADV2(clf, interpreter, config)
         return lambda: run(images, targets, maps)
 
-    def step_pair(label: str, interpreter: Interpreter, before: Callable[[], Any], short: int = 1, extra: int = 3) -> None:
+    def step_pair(
+        label: str, interpreter: Interpreter, before: Callable[[], Any], short: int = 1, extra: int = 3
+    ) -> None:
         samples = interleaved(
             {
                 "before_short": within(before, attack(interpreter, short)),
@@ -179,7 +181,8 @@ def main() -> None:
                 "after_short": attack(interpreter, short),
                 "after_long": attack(interpreter, short + extra),
             },
-            args.repeats, warmup=1,
+            args.repeats,
+            warmup=1,
         )
         b = marginal(samples["before_long"], samples["before_short"], extra)
         a = marginal(samples["after_long"], samples["after_short"], extra)
@@ -201,24 +204,41 @@ def main() -> None:
         print(f"RTS skipped: {error}", file=sys.stderr)
     mask = Mask(clf, MaskConfig(init_steps=5))
     samples = interleaved(
-        {"before": within(solving_map_shape, attack(mask, 1)), "after": attack(mask, 1)}, max(3, args.repeats // 3), warmup=1
+        {"before": within(solving_map_shape, attack(mask, 1)), "after": attack(mask, 1)},
+        max(3, args.repeats // 3),
+        warmup=1,
     )
     record("3. ADV² on MASK: arithmetic map_shape", "ms per attack call (1 step)", samples["before"], samples["after"])
     step_pair("4. ADV² on MASK: one image blur per step", mask, extra_blur)
     for batch in (1, args.batch):
         x, c = images[:batch], labels[:batch]
         grad = Grad(clf)
-        samples = interleaved({"before": within(always_mode, lambda: grad(x, c)), "after": lambda: grad(x, c)}, 3 * args.repeats, warmup=2)
-        record(f"5. GRAD benign map, batch {batch}: no torch-function mode", "ms per call", samples["before"], samples["after"])
+        samples = interleaved(
+            {"before": within(always_mode, lambda: grad(x, c)), "after": lambda: grad(x, c)}, 3 * args.repeats, warmup=2
+        )
+        record(
+            f"5. GRAD benign map, batch {batch}: no torch-function mode",
+            "ms per call",
+            samples["before"],
+            samples["after"],
+        )
     shared = Grad(clf, share_forward=True)
     exact = Grad(clf)
     samples = interleaved(
-        {"before_short": attack(exact, 1), "before_long": attack(exact, 4), "after_short": attack(shared, 1), "after_long": attack(shared, 4)},
-        args.repeats, warmup=1,
+        {
+            "before_short": attack(exact, 1),
+            "before_long": attack(exact, 4),
+            "after_short": attack(shared, 1),
+            "after_long": attack(shared, 4),
+        },
+        args.repeats,
+        warmup=1,
     )
     record(
-        "6. ADV² on GRAD with share_forward=True (opt-in)", "ms per ADV² step",
-        marginal(samples["before_long"], samples["before_short"], 3), marginal(samples["after_long"], samples["after_short"], 3),
+        "6. ADV² on GRAD with share_forward=True (opt-in)",
+        "ms per ADV² step",
+        marginal(samples["before_long"], samples["before_short"], 3),
+        marginal(samples["after_long"], samples["after_short"], 3),
     )
 
     from underfire.interpreters import cam as cam_module
@@ -237,19 +257,28 @@ def main() -> None:
             "before": lambda: [einsum_map() for _ in range(calls)],
             "after": lambda: [cam_module._class_map(features, weight, labels) for _ in range(calls)],
         },
-        3 * args.repeats, warmup=2,
+        3 * args.repeats,
+        warmup=2,
     )
     record(
-        "7. CAM class map: bmm instead of einsum", "µs per class map",
-        [1000 * t / calls for t in samples["before"]], [1000 * t / calls for t in samples["after"]],
+        "7. CAM class map: bmm instead of einsum",
+        "µs per class map",
+        [1000 * t / calls for t in samples["before"]],
+        [1000 * t / calls for t in samples["after"]],
     )
 
     cam = CAM(clf)
     samples = interleaved(
         {"before": within(broadcast_constants, lambda: cam(images, labels)), "after": lambda: cam(images, labels)},
-        3 * args.repeats, warmup=2,
+        3 * args.repeats,
+        warmup=2,
     )
-    record("8. CAM map: normalisation laid out like the channels-last batch", "ms per call", samples["before"], samples["after"])
+    record(
+        "8. CAM map: normalisation laid out like the channels-last batch",
+        "ms per call",
+        samples["before"],
+        samples["after"],
+    )
     prepared = clf.prepare_images(images)
 
     def normalize_fb() -> torch.Tensor:
@@ -262,18 +291,27 @@ def main() -> None:
             "before": within(broadcast_constants, lambda: [normalize_fb() for _ in range(calls)]),
             "after": lambda: [normalize_fb() for _ in range(calls)],
         },
-        3 * args.repeats, warmup=2,
+        3 * args.repeats,
+        warmup=2,
     )
     record(
-        "8. normalisation alone, forward + backward", "µs per call",
-        [1000 * t / calls for t in samples["before"]], [1000 * t / calls for t in samples["after"]],
+        "8. normalisation alone, forward + backward",
+        "µs per call",
+        [1000 * t / calls for t in samples["before"]],
+        [1000 * t / calls for t in samples["after"]],
     )
     solver = Mask(clf, MaskConfig(iterations=20))
     samples = interleaved(
         {"before": within(convolution_mask, lambda: solver(images, labels)), "after": lambda: solver(images, labels)},
-        args.repeats, warmup=1,
+        args.repeats,
+        warmup=1,
     )
-    record("9. MASK solve (20 iterations): matrix-product blurs, NCHW mixing", "ms per call", samples["before"], samples["after"])
+    record(
+        "9. MASK solve (20 iterations): matrix-product blurs, NCHW mixing",
+        "ms per call",
+        samples["before"],
+        samples["after"],
+    )
     height, width = images.shape[-2:]
     cells = torch.rand((images.shape[0], 1, *solver.map_shape(images)), generator=generator)
     mask_sigma, image_sigma = solver.config.mask_sigma(height, width), solver.config.image_sigma(height, width)
@@ -289,10 +327,18 @@ def main() -> None:
         return conv_blur(F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False), mask_sigma)
 
     for label, before, after, source in (
-        ("9. mask upsampling + blur, forward + backward", old_mask_upsampling,
-         lambda m: upsample_blurred(m, (height, width), mask_sigma), cells),
-        ("9. replacement-image blur, forward + backward", lambda x: conv_blur(x, image_sigma),
-         lambda x: gaussian_blur(x, image_sigma), images.contiguous()),
+        (
+            "9. mask upsampling + blur, forward + backward",
+            old_mask_upsampling,
+            lambda m: upsample_blurred(m, (height, width), mask_sigma),
+            cells,
+        ),
+        (
+            "9. replacement-image blur, forward + backward",
+            lambda x: conv_blur(x, image_sigma),
+            lambda x: gaussian_blur(x, image_sigma),
+            images.contiguous(),
+        ),
     ):
         samples = interleaved(
             {"before": backward_of(before, source), "after": backward_of(after, source)}, 3 * args.repeats, warmup=2

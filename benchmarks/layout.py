@@ -39,7 +39,9 @@ def main() -> None:
     target = (clf.predict(x).argmax(1) + 1) % clf.num_classes
 
     def pgd_step(channels_last: bool) -> float:
-        image = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_(True)
+        image = x.contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        ).requires_grad_(True)
         started = time.perf_counter()
         with clf.frozen():
             torch.autograd.grad(F.cross_entropy(clf(image), target), image)
@@ -56,7 +58,9 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
         return (seconds[1] - seconds[0]) / 2
 
-    times: dict[str, list[float]] = {f"{step} {layout}": [] for step in ("PGD step", "ADV² mask step") for layout in ("channels-last", "NCHW")}
+    times: dict[str, list[float]] = {
+        f"{step} {layout}": [] for step in ("PGD step", "ADV² mask step") for layout in ("channels-last", "NCHW")
+    }
     pgd_step(True), pgd_step(False)  # warm-up
     for round_ in range(args.rounds):
         order = (True, False) if round_ % 2 == 0 else (False, True)

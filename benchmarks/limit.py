@@ -56,8 +56,8 @@ from torch import nn
 
 from underfire import Classifier
 from underfire.attacks import ADV2, AttackConfig, LambdaSchedule, preset
-from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts, build_interpreter
 from underfire.imaging import gaussian_blur, translate, upsample_blurred
+from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts, build_interpreter
 from underfire.interpreters.mask import REFERENCE_MASK_PIXELS, total_variation
 from underfire.metrics import DEFAULT_K
 
@@ -116,20 +116,31 @@ def run_limit(
         maps_shape = (images.shape[0], 1, *interpreter.map_shape(images))
         target_maps = torch.rand(maps_shape, generator=generator).to(images.device)
         config = AttackConfig(
-            eps=EPS, alpha=ALPHA, pgd_steps=0, adv_steps=1, lam=LambdaSchedule((LAMBDA,)),
-            confidence=CONFIDENCE, **(QUICK_LRP_DISTANCE if name == "lrp (quick)" else {}),
+            eps=EPS,
+            alpha=ALPHA,
+            pgd_steps=0,
+            adv_steps=1,
+            lam=LambdaSchedule((LAMBDA,)),
+            confidence=CONFIDENCE,
+            **(QUICK_LRP_DISTANCE if name == "lrp (quick)" else {}),
         )
 
-        def ours(steps: int, interpreter: Any = interpreter, maps: torch.Tensor = target_maps) -> Callable[[], torch.Tensor]:
+        def ours(
+            steps: int, interpreter: Any = interpreter, maps: torch.Tensor = target_maps
+        ) -> Callable[[], torch.Tensor]:
             attack = ADV2(clf, interpreter, config.with_overrides(adv_steps=steps))
             return lambda: attack(images, targets, maps).last
 
-        def raw(steps: int, name: str = name, interpreter: Any = interpreter, maps: torch.Tensor = target_maps) -> Callable[[], torch.Tensor]:
+        def raw(
+            steps: int, name: str = name, interpreter: Any = interpreter, maps: torch.Tensor = target_maps
+        ) -> Callable[[], torch.Tensor]:
             return lambda: _raw_attack(clf, _inline(name, clf, interpreter, targets, maps), images, targets, steps)
 
         contenders = {
-            "ours_short": ours(short), "raw_short": raw(short),
-            "ours_long": ours(short + extra), "raw_long": raw(short + extra),
+            "ours_short": ours(short),
+            "raw_short": raw(short),
+            "ours_long": ours(short + extra),
+            "raw_long": raw(short + extra),
         }
         ours_last, raw_last = contenders["ours_long"](), contenders["raw_long"]()
         diff = max_abs_diff(ours_last, raw_last)
@@ -137,10 +148,14 @@ def run_limit(
         text = f"final iterates: max abs diff {diff:.1e}" + (f", {100 * moved:.2f} % of pixels differ" if moved else "")
         samples = interleaved(contenders, repeats, warmup, images.device)
         row = make_row(
-            SECTION, f"ADV² step, {name}", f"ADV2(clf, {_label(name)})", "inline torch, same math",
+            SECTION,
+            f"ADV² step, {name}",
+            f"ADV2(clf, {_label(name)})",
+            "inline torch, same math",
             marginal(samples["ours_long"], samples["ours_short"], extra),
             marginal(samples["raw_long"], samples["raw_short"], extra),
-            target=f"ratio <= {bound}" if bound else "", agreement=text,
+            target=f"ratio <= {bound}" if bound else "",
+            agreement=text,
             note=f"cost of one more step: (T({short + extra}) - T({short})) / {extra}",
             setting=setting,
         )
@@ -170,7 +185,9 @@ def _label(name: str) -> str:
 Step = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _raw_attack(clf: Classifier, inline: Inline, images: torch.Tensor, targets: torch.Tensor, steps: int) -> torch.Tensor:
+def _raw_attack(
+    clf: Classifier, inline: Inline, images: torch.Tensor, targets: torch.Tensor, steps: int
+) -> torch.Tensor:
     """``steps`` projected sign-gradient steps keeping the best eligible iterate (ADV²'s rule)."""
     try:
         with _frozen(clf):
@@ -343,7 +360,9 @@ def _inline(name: str, clf: Classifier, interpreter: Any, targets: torch.Tensor,
 
         def path_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if name == "inputxgrad":
-                (g,) = torch.autograd.grad(smooth(normalized(x)).gather(1, targets[:, None]).sum(), x, create_graph=True)
+                (g,) = torch.autograd.grad(
+                    smooth(normalized(x)).gather(1, targets[:, None]).sum(), x, create_graph=True
+                )
             else:
                 points = torch.cat([float(alpha) * x for alpha in alphas])
                 score = smooth(normalized(points)).gather(1, targets.repeat(IG_STEPS)[:, None]).sum()
@@ -395,7 +414,9 @@ class _ReluRecord:
     def __init__(self) -> None:
         self.activations: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: None, first: bool) -> tuple[torch.Tensor, None]:
+    def conv_bn(
+        self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: None, first: bool
+    ) -> tuple[torch.Tensor, None]:
         return bn(conv(v)), None
 
     def relu(self, z: torch.Tensor, t: None) -> tuple[torch.Tensor, None]:
@@ -421,7 +442,9 @@ class _DeepLiftInline:
     def __init__(self, reference: _ReluRecord) -> None:
         self.reference = iter(reference.activations)
 
-    def conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def conv_bn(
+        self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: torch.Tensor, first: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scale, _ = _bn_affine(bn)
         return bn(conv(v)), F.conv2d(t, conv.weight, None, conv.stride, conv.padding) * scale.view(1, -1, 1, 1)
 
@@ -430,10 +453,14 @@ class _DeepLiftInline:
         zr, ar = next(self.reference)
         delta = z - zr
         close = delta.abs() < 1e-7
-        multiplier = torch.where(close, (z > 0).to(z.dtype), (a - ar) / torch.where(close, torch.ones_like(delta), delta))
+        multiplier = torch.where(
+            close, (z > 0).to(z.dtype), (a - ar) / torch.where(close, torch.ones_like(delta), delta)
+        )
         return a, t * multiplier
 
-    def add(self, o: torch.Tensor, ot: torch.Tensor, i: torch.Tensor, it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add(
+        self, o: torch.Tensor, ot: torch.Tensor, i: torch.Tensor, it: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return o + i, ot + it
 
     def pool(self, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,7 +477,9 @@ class _LrpInline:
     def __init__(self, exact_relu: bool = False) -> None:
         self.smooth = torch.relu if exact_relu else SmoothReLU()
 
-    def conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def conv_bn(
+        self, conv: nn.Conv2d, bn: nn.BatchNorm2d, v: torch.Tensor, t: torch.Tensor, first: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scale, shift = _bn_affine(bn)
         out = bn(conv(v))
         if first:  # flat: relevance spread uniformly over each receptive field
@@ -464,7 +493,9 @@ class _LrpInline:
     def relu(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.smooth(z), t
 
-    def add(self, o: torch.Tensor, ot: torch.Tensor, i: torch.Tensor, it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add(
+        self, o: torch.Tensor, ot: torch.Tensor, i: torch.Tensor, it: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return o + i, (ot * o + it * i) / _stabilized(o + i)
 
     def pool(self, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,7 +506,9 @@ class _LrpInline:
         return out, (t * v) @ fc.weight.t() / _stabilized(out)
 
 
-def _resnet_with_twins(net: nn.Module, v: torch.Tensor, t: torch.Tensor | None, rules: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _resnet_with_twins(
+    net: nn.Module, v: torch.Tensor, t: torch.Tensor | None, rules: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The built-in ResNet's forward, written out, carrying (value, twin) through ``rules``."""
     v, t = rules.relu(*rules.conv_bn(net.conv1, net.bn1, v, t, True))
     for block in (net.layer1, net.layer2, net.layer3, net.layer4):
@@ -534,7 +567,9 @@ def _mask_step(clf: Classifier, cfg: MaskConfig, targets: torch.Tensor, target_m
         up = upsample_blurred(mask, (height, width), cfg.mask_sigma(height, width))
         # mixed in NCHW (the one-channel mask broadcasts fast there), handed to the model in the
         # layout its input batch has, as Mask.objective does
-        layout = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        layout = (
+            torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        )
         perturbed = images.contiguous() * up + blurred.contiguous() * (1.0 - up)
         if shift != (0, 0):  # the surrogate's jitter
             perturbed = translate(perturbed, *shift)
@@ -568,7 +603,11 @@ def _mask_step(clf: Classifier, cfg: MaskConfig, targets: torch.Tensor, target_m
             if not state:
                 rows, cols = cfg.mask_shape(height, width)
                 state["mask"] = torch.full((x.shape[0], 1, rows, cols), cfg.init_value, device=x.device)
-                state["m"], state["v"], state["count"] = torch.zeros_like(state["mask"]), torch.zeros_like(state["mask"]), 0
+                state["m"], state["v"], state["count"] = (
+                    torch.zeros_like(state["mask"]),
+                    torch.zeros_like(state["mask"]),
+                    0,
+                )
                 adam(detached, blurred, cfg.iterations if cfg.init_steps is None else cfg.init_steps)
             adam(detached, blurred, cfg.inner_steps)
             shift = (0, 0)

@@ -22,7 +22,9 @@ WARMUP_BELOW_MS = 2000.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--plan", required=True, help="JSON {method: [batch, ...]} or {method: [[batch, step_ms], ...]}")
+    parser.add_argument(
+        "--plan", required=True, help="JSON {method: [batch, ...]} or {method: [[batch, step_ms], ...]}"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = parser.parse_args()

@@ -20,13 +20,18 @@ from underfire.models.torchvision_compat import import_torchvision
 import_torchvision()  # zennit imports torchvision's models; this registers the operators they need
 
 from zennit.canonizers import (  # noqa: E402
-    AttributeCanonizer, CompositeCanonizer, NamedMergeBatchNorm, SequentialMergeBatchNorm,
+    AttributeCanonizer,
+    CompositeCanonizer,
+    NamedMergeBatchNorm,
+    SequentialMergeBatchNorm,
 )
 from zennit.layer import Sum  # noqa: E402
 
 
 def _is_basic_block(module: nn.Module) -> bool:
-    return all(hasattr(module, name) for name in ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")) and not hasattr(module, "conv3")
+    return all(
+        hasattr(module, name) for name in ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
+    ) and not hasattr(module, "conv3")
 
 
 def _block_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +118,8 @@ def zennit_canonizers(network: nn.Module) -> list:
     """
     if not any(name.endswith("norm2") for name, _ in network.named_modules()):
         return [CompositeCanonizer((ExactSequentialMerge(), BasicBlockSum()))]
-    pairs = [((f"{name}.conv1",), f"{name}.norm2") for name, module in network.named_modules() if hasattr(module, "norm2")]
+    pairs = [
+        ((f"{name}.conv1",), f"{name}.norm2") for name, module in network.named_modules() if hasattr(module, "norm2")
+    ]
     stem = next(name for name, _ in network.named_modules() if name.endswith("conv0"))
     return [ExactNamedMerge([((stem,), stem.replace("conv0", "norm0")), *pairs])]

@@ -39,14 +39,32 @@ from underfire.attacks import PGD, AttackConfig
 from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, build_interpreter
 
 from .common import (
-    Row, agreement, import_torchvision_quietly, interleaved, make_row, marginal, max_abs_diff, minmax, paired_ratio,
+    Row,
+    agreement,
+    import_torchvision_quietly,
+    interleaved,
+    make_row,
+    marginal,
+    max_abs_diff,
+    minmax,
+    paired_ratio,
 )
 
 SECTION = "peers"
 #: keys of the comparisons, for ``benchmarks.run --peers``
 PEERS = (
-    "grad", "cam", "gradcam-pgc", "gradcam-captum", "pgd", "mask-batch", "mask-torchray",
-    "inputxgrad", "ig", "deeplift", "lrp-zennit", "lrp-captum",
+    "grad",
+    "cam",
+    "gradcam-pgc",
+    "gradcam-captum",
+    "pgd",
+    "mask-batch",
+    "mask-torchray",
+    "inputxgrad",
+    "ig",
+    "deeplift",
+    "lrp-zennit",
+    "lrp-captum",
 )
 
 
@@ -69,16 +87,56 @@ def run_peers(
     benches: list[tuple[str, str, Callable[[], list[Row]]]] = [
         ("grad", "captum Saliency", lambda: [grad_vs_captum(clf, images, labels, repeats, warmup, setting)]),
         ("cam", "torch-cam CAM", lambda: [cam_vs_torchcam(clf, images, labels, repeats, warmup, setting)]),
-        ("gradcam-pgc", "pytorch-grad-cam GradCAM", lambda: [gradcam_vs_pytorch_grad_cam(clf, images, labels, repeats, warmup, setting)]),
-        ("gradcam-captum", "captum LayerGradCam", lambda: [gradcam_vs_captum(clf, images, labels, repeats, warmup, setting)]),
-        ("pgd", "torchattacks PGD", lambda: [pgd_vs_torchattacks(clf, images, labels, targets, repeats, warmup, quick, setting)]),
-        ("mask-batch", "MASK per-image loop", lambda: [mask_batched_vs_loop(clf, images, labels, repeats, warmup, quick, setting)]),
-        ("mask-torchray", "torchray extremal_perturbation", lambda: [mask_vs_torchray(clf, images, labels, repeats, warmup, quick, setting)]),
-        ("inputxgrad", "captum InputXGradient", lambda: [attribution_vs_captum("inputxgrad", clf, images, labels, repeats, warmup, setting)]),
-        ("ig", "captum IntegratedGradients", lambda: [attribution_vs_captum("ig", clf, images, labels, repeats, warmup, setting)]),
-        ("deeplift", "captum DeepLift", lambda: [attribution_vs_captum("deeplift", clf, images, labels, repeats, warmup, setting)]),
-        ("lrp-zennit", "zennit EpsilonPlusFlat", lambda: [lrp_vs_zennit(clf, images, labels, repeats, warmup, setting)]),
-        ("lrp-captum", "captum LRP", lambda: [attribution_vs_captum("lrp", clf, images, labels, repeats, warmup, setting)]),
+        (
+            "gradcam-pgc",
+            "pytorch-grad-cam GradCAM",
+            lambda: [gradcam_vs_pytorch_grad_cam(clf, images, labels, repeats, warmup, setting)],
+        ),
+        (
+            "gradcam-captum",
+            "captum LayerGradCam",
+            lambda: [gradcam_vs_captum(clf, images, labels, repeats, warmup, setting)],
+        ),
+        (
+            "pgd",
+            "torchattacks PGD",
+            lambda: [pgd_vs_torchattacks(clf, images, labels, targets, repeats, warmup, quick, setting)],
+        ),
+        (
+            "mask-batch",
+            "MASK per-image loop",
+            lambda: [mask_batched_vs_loop(clf, images, labels, repeats, warmup, quick, setting)],
+        ),
+        (
+            "mask-torchray",
+            "torchray extremal_perturbation",
+            lambda: [mask_vs_torchray(clf, images, labels, repeats, warmup, quick, setting)],
+        ),
+        (
+            "inputxgrad",
+            "captum InputXGradient",
+            lambda: [attribution_vs_captum("inputxgrad", clf, images, labels, repeats, warmup, setting)],
+        ),
+        (
+            "ig",
+            "captum IntegratedGradients",
+            lambda: [attribution_vs_captum("ig", clf, images, labels, repeats, warmup, setting)],
+        ),
+        (
+            "deeplift",
+            "captum DeepLift",
+            lambda: [attribution_vs_captum("deeplift", clf, images, labels, repeats, warmup, setting)],
+        ),
+        (
+            "lrp-zennit",
+            "zennit EpsilonPlusFlat",
+            lambda: [lrp_vs_zennit(clf, images, labels, repeats, warmup, setting)],
+        ),
+        (
+            "lrp-captum",
+            "captum LRP",
+            lambda: [attribution_vs_captum("lrp", clf, images, labels, repeats, warmup, setting)],
+        ),
     ]
     for key, label, bench in benches:
         if only is not None and key not in only:
@@ -139,13 +197,23 @@ def _map_race(
         layout_note = f"peer handed the channels-last batch too: ratio {layout:.2f}"
         note = f"{note}; {layout_note}" if note else layout_note
     return make_row(
-        SECTION, operation, ours_text, theirs_text, samples["ours"], samples["theirs"],
-        target="ratio <= 1.0", agreement=text, note=note, setting=setting,
+        SECTION,
+        operation,
+        ours_text,
+        theirs_text,
+        samples["ours"],
+        samples["theirs"],
+        target="ratio <= 1.0",
+        agreement=text,
+        note=note,
+        setting=setting,
     )
 
 
 # ------------------------------------------------------------------------------------------ GRAD
-def grad_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict) -> Row:
+def grad_vs_captum(
+    clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict
+) -> Row:
     from captum.attr import Saliency
 
     ours_interpreter = Grad(clf)
@@ -159,13 +227,24 @@ def grad_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tensor,
         return minmax(attribution.amax(1, keepdim=True))
 
     return _map_race(
-        "GRAD map", "Grad(clf)(x, c)", "captum Saliency + max over channels + min-max",
-        ours, theirs, 1e-5, repeats, warmup, images, setting, clf=clf,
+        "GRAD map",
+        "Grad(clf)(x, c)",
+        "captum Saliency + max over channels + min-max",
+        ours,
+        theirs,
+        1e-5,
+        repeats,
+        warmup,
+        images,
+        setting,
+        clf=clf,
     )
 
 
 # ------------------------------------------------------------------------------------------ CAM
-def cam_vs_torchcam(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict) -> Row:
+def cam_vs_torchcam(
+    clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict
+) -> Row:
     from torchcam.methods import CAM as TorchCamCAM
 
     ours_interpreter = CAM(clf)
@@ -191,8 +270,18 @@ def cam_vs_torchcam(clf: Classifier, images: torch.Tensor, classes: torch.Tensor
 
     try:
         return _map_race(
-            "CAM map", "CAM(clf)(x, c)", "torch-cam CAM (forward + extractor)",
-            ours, theirs, 1e-4, repeats, warmup, images, setting, clf=clf, note=note,
+            "CAM map",
+            "CAM(clf)(x, c)",
+            "torch-cam CAM (forward + extractor)",
+            ours,
+            theirs,
+            1e-4,
+            repeats,
+            warmup,
+            images,
+            setting,
+            clf=clf,
+            note=note,
         )
     finally:
         extractor.remove_hooks()
@@ -220,12 +309,24 @@ def gradcam_vs_pytorch_grad_cam(
     # theirs: ReLU, min-max (ε 1e-7), bilinear resize to the input (cv2), min-max again; ours the same way
     resized = minmax(F.interpolate(ours(), size=images.shape[-2:], mode="bilinear", align_corners=False))
     return _map_race(
-        "Grad-CAM map", "GradCAM(clf)(x, c)", "pytorch-grad-cam GradCAM (resizes to the input)",
-        ours, theirs, 1e-4, repeats, warmup, images, setting, clf=clf, reference=resized,
+        "Grad-CAM map",
+        "GradCAM(clf)(x, c)",
+        "pytorch-grad-cam GradCAM (resizes to the input)",
+        ours,
+        theirs,
+        1e-4,
+        repeats,
+        warmup,
+        images,
+        setting,
+        clf=clf,
+        reference=resized,
     )
 
 
-def gradcam_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict) -> Row:
+def gradcam_vs_captum(
+    clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict
+) -> Row:
     from captum.attr import LayerGradCam
 
     ours_interpreter = GradCAM(clf)
@@ -241,8 +342,18 @@ def gradcam_vs_captum(clf: Classifier, images: torch.Tensor, classes: torch.Tens
         return minmax(attribution.detach())
 
     return _map_race(
-        "Grad-CAM map", "GradCAM(clf)(x, c)", "captum LayerGradCam + min-max",
-        ours, theirs, 1e-4, repeats, warmup, images, setting, clf=clf, note=note,
+        "Grad-CAM map",
+        "GradCAM(clf)(x, c)",
+        "captum LayerGradCam + min-max",
+        ours,
+        theirs,
+        1e-4,
+        repeats,
+        warmup,
+        images,
+        setting,
+        clf=clf,
+        note=note,
     )
 
 
@@ -271,8 +382,10 @@ def pgd_vs_torchattacks(
         return lambda: attack(x, labels)
 
     contenders = {
-        "ours_short": ours(short), "theirs_short": theirs(short),
-        "ours_long": ours(short + extra), "theirs_long": theirs(short + extra),
+        "ours_short": ours(short),
+        "theirs_short": theirs(short),
+        "ours_long": ours(short + extra),
+        "theirs_long": theirs(short + extra),
     }
     prepared = clf.prepare_images(images)  # the layout underfire hands the model (see _map_race)
     same_layout = prepared.is_contiguous() == images.is_contiguous()
@@ -290,8 +403,16 @@ def pgd_vs_torchattacks(
         prepared_step = marginal(samples["prepared_long"], samples["prepared_short"], extra)
         note += f"; peer handed the channels-last batch too: ratio {paired_ratio(ours_step, prepared_step).median:.2f}"
     return make_row(
-        SECTION, "PGD step (marginal)", "PGD(clf, config)(x, t)", "torchattacks PGD, targeted",
-        ours_step, theirs_step, target="ratio <= 1.0", agreement=text, note=note, setting=setting,
+        SECTION,
+        "PGD step (marginal)",
+        "PGD(clf, config)(x, t)",
+        "torchattacks PGD, targeted",
+        ours_step,
+        theirs_step,
+        target="ratio <= 1.0",
+        agreement=text,
+        note=note,
+        setting=setting,
     )
 
 
@@ -327,13 +448,21 @@ def mask_batched_vs_loop(
                 "batched": lambda: input_gradient(prepared),
                 "loop": lambda: [input_gradient(prepared[i : i + 1]) for i in range(n)],
             },
-            repeats, warmup, images.device,
+            repeats,
+            warmup,
+            images.device,
         )
     model_speedup = paired_ratio(model["loop"], model["batched"]).median
     return make_row(
-        SECTION, f"MASK, batch {n} vs one by one", f"Mask(clf)(x[:{n}], c)", "the same Mask, image by image",
-        samples["batched"], samples["loop"], target="speedup >= 3.0" if device == "cpu" else "",
-        agreement=text, speedup=True,
+        SECTION,
+        f"MASK, batch {n} vs one by one",
+        f"Mask(clf)(x[:{n}], c)",
+        "the same Mask, image by image",
+        samples["batched"],
+        samples["loop"],
+        target="speedup >= 3.0" if device == "cpu" else "",
+        agreement=text,
+        speedup=True,
         note=(
             f"speed-up per image (loop time / batch time), {iterations} iterations each; the model's own "
             f"forward + input gradient, batch {n} vs one by one: {model_speedup:.2f}x"
@@ -372,15 +501,21 @@ def mask_vs_torchray(
         return run
 
     contenders = {
-        "ours_short": ours(short), "theirs_short": theirs(short),
-        "ours_long": ours(short + extra), "theirs_long": theirs(short + extra),
+        "ours_short": ours(short),
+        "theirs_short": theirs(short),
+        "ours_long": ours(short + extra),
+        "theirs_long": theirs(short + extra),
     }
     samples = interleaved(contenders, repeats, warmup, images.device)
     return make_row(
-        SECTION, "MASK iteration, batch 1 (marginal)", "Mask(clf)(x[:1], c)", "torchray extremal_perturbation",
+        SECTION,
+        "MASK iteration, batch 1 (marginal)",
+        "Mask(clf)(x[:1], c)",
+        "torchray extremal_perturbation",
         marginal(samples["ours_long"], samples["ours_short"], extra),
         marginal(samples["theirs_long"], samples["theirs_short"], extra),
-        target="ratio <= 1.0", agreement="different objectives: cost only",
+        target="ratio <= 1.0",
+        agreement="different objectives: cost only",
         note=f"cost of one more iteration at {size} px: (T({short + extra}) - T({short})) / {extra}",
         setting={**setting, "batch": 1},
     )
@@ -416,16 +551,37 @@ def attribution_vs_captum(
         attribution = attributor.attribute(x.clone().requires_grad_(True), target=classes, **kwargs)
         return minmax(attribution.detach().abs().amax(1, keepdim=True))
 
-    label = {"inputxgrad": "InputXGrad", "ig": f"IntegratedGradients(steps={IG_STEPS})", "deeplift": "DeepLift", "lrp": "Lrp(rule='epsilon')"}[method]
-    peer_name = {"inputxgrad": "InputXGradient", "ig": f"IntegratedGradients(n_steps={IG_STEPS})", "deeplift": "DeepLift", "lrp": "LRP"}[method]
+    label = {
+        "inputxgrad": "InputXGrad",
+        "ig": f"IntegratedGradients(steps={IG_STEPS})",
+        "deeplift": "DeepLift",
+        "lrp": "Lrp(rule='epsilon')",
+    }[method]
+    peer_name = {
+        "inputxgrad": "InputXGradient",
+        "ig": f"IntegratedGradients(n_steps={IG_STEPS})",
+        "deeplift": "DeepLift",
+        "lrp": "LRP",
+    }[method]
     return _map_race(
-        f"{method} map", f"{label}(clf)(x, c)", f"captum {peer_name} + max over channels + min-max",
-        ours, theirs, 1e-3 if method != "lrp" else math.inf, repeats, warmup, images, setting, clf=clf,
+        f"{method} map",
+        f"{label}(clf)(x, c)",
+        f"captum {peer_name} + max over channels + min-max",
+        ours,
+        theirs,
+        1e-3 if method != "lrp" else math.inf,
+        repeats,
+        warmup,
+        images,
+        setting,
+        clf=clf,
         note="captum's LRP: ε on every unmerged BatchNorm" if method == "lrp" else "",
     )
 
 
-def lrp_vs_zennit(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict) -> Row:
+def lrp_vs_zennit(
+    clf: Classifier, images: torch.Tensor, classes: torch.Tensor, repeats: int, warmup: int, setting: dict
+) -> Row:
     """LRP (EpsilonPlusFlat) against zennit's, canonizers applied once outside the timing (a
     zennit user registers the composite once)."""
     from zennit.attribution import Gradient
@@ -440,6 +596,7 @@ def lrp_vs_zennit(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, 
     attributor = Gradient(model=network, composite=composite)
     attributor.__enter__()
     try:
+
         def ours() -> torch.Tensor:
             return interpreter(images, classes)
 
@@ -450,8 +607,17 @@ def lrp_vs_zennit(clf: Classifier, images: torch.Tensor, classes: torch.Tensor, 
             return minmax(relevance.abs().amax(1, keepdim=True))
 
         return _map_race(
-            "lrp map", "Lrp(clf)(x, c)", "zennit Gradient(EpsilonPlusFlat) + max over channels + min-max",
-            ours, theirs, 1e-3, repeats, warmup, images, setting, clf=clf,
+            "lrp map",
+            "Lrp(clf)(x, c)",
+            "zennit Gradient(EpsilonPlusFlat) + max over channels + min-max",
+            ours,
+            theirs,
+            1e-3,
+            repeats,
+            warmup,
+            images,
+            setting,
+            clf=clf,
         )
     finally:
         attributor.__exit__(None, None, None)

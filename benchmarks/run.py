@@ -50,28 +50,50 @@ SECTIONS = ("peers", "limit", "scaling")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run", description=__doc__.splitlines()[0],
+        prog="python -m benchmarks.run",
+        description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for results.md/json")
     parser.add_argument("--quick", action="store_true", help="few rounds, small batches, no ResNet-50 scaling")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS)
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 9, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, quick 1)")
-    parser.add_argument("--min-time", type=float, default=None, help="add rounds until a comparison ran this long, s (default 10, quick 1)")
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="add rounds until a comparison ran this long, s (default 10, quick 1)",
+    )
     parser.add_argument("--model", default="shapes-resnet", help="model of the peers and limit sections")
     parser.add_argument("--batch", type=int, default=16, help="batch of the peers and limit sections")
-    parser.add_argument("--layout", choices=("auto", "nchw"), default="auto",
-                        help="auto: underfire's choice (channels-last on CPU where the model takes it); nchw: never channels-last")
-    parser.add_argument("--limit-cases", default=None, help="comma-separated subset of the limit section's cases (e.g. grad,cam,mask)")
-    parser.add_argument("--peers", default=None, help="subset of grad,cam,gradcam-pgc,gradcam-captum,pgd,mask-batch,mask-torchray")
-    parser.add_argument("--scaling-models", default=None, help="default shapes-resnet,shapes-densenet,resnet50 (quick: shapes-resnet)")
+    parser.add_argument(
+        "--layout",
+        choices=("auto", "nchw"),
+        default="auto",
+        help="auto: underfire's choice (channels-last on CPU where the model takes it); nchw: never channels-last",
+    )
+    parser.add_argument(
+        "--limit-cases", default=None, help="comma-separated subset of the limit section's cases (e.g. grad,cam,mask)"
+    )
+    parser.add_argument(
+        "--peers", default=None, help="subset of grad,cam,gradcam-pgc,gradcam-captum,pgd,mask-batch,mask-torchray"
+    )
+    parser.add_argument(
+        "--scaling-models", default=None, help="default shapes-resnet,shapes-densenet,resnet50 (quick: shapes-resnet)"
+    )
     parser.add_argument("--scaling-batches", default=None, help="default 1,2,4,8,16,32,64 (quick: 1,4,16)")
-    parser.add_argument("--methods", default=None, help="scaling steps, default pgd,grad,smoothgrad,cam,gradcam,rts,mask")
+    parser.add_argument(
+        "--methods", default=None, help="scaling steps, default pgd,grad,smoothgrad,cam,gradcam,rts,mask"
+    )
     parser.add_argument("--scaling-repeats", type=int, default=None, help="timed steps per point (default 3, quick 2)")
-    parser.add_argument("--max-step-s", type=float, default=None, help="skip larger batches past this step time (default 20, quick 3)")
+    parser.add_argument(
+        "--max-step-s", type=float, default=None, help="skip larger batches past this step time (default 20, quick 3)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--render", type=Path, default=None, help="only rewrite results.md beside this results.json")
     args = parser.parse_args(argv)
@@ -89,8 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (3 if quick else 9)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     args.min_time = args.min_time if args.min_time is not None else (1.0 if quick else 10.0)
-    args.scaling_models = tuple((args.scaling_models or ("shapes-resnet" if quick else "shapes-resnet,shapes-densenet,resnet50")).split(","))
-    args.scaling_batches = tuple(int(b) for b in (args.scaling_batches or ("1,4,16" if quick else "1,2,4,8,16,32,64")).split(","))
+    args.scaling_models = tuple(
+        (args.scaling_models or ("shapes-resnet" if quick else "shapes-resnet,shapes-densenet,resnet50")).split(",")
+    )
+    args.scaling_batches = tuple(
+        int(b) for b in (args.scaling_batches or ("1,4,16" if quick else "1,2,4,8,16,32,64")).split(",")
+    )
     from .scaling import METHODS
 
     args.methods = tuple((args.methods or ",".join(METHODS)).split(","))
@@ -113,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     started = time.time()
     env = environment(args.threads, args.device)
-    print(f"underfire benchmarks: {env['cpu']}, {args.threads} thread(s), torch {env['torch']}, load {env['load_average']}")
+    print(
+        f"underfire benchmarks: {env['cpu']}, {args.threads} thread(s), torch {env['torch']}, load {env['load_average']}"
+    )
     rows: list[Row] = []
     scaling: list[dict[str, Any]] = []
     memory: dict[str, dict[str, dict[int, float]]] = {}
@@ -144,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.scaling_models:
             print(f"scaling: {model}")
             result = run_scaling(
-                model, args.methods, args.scaling_batches, repeats=args.scaling_repeats,
-                max_step_s=args.max_step_s, device=args.device,
+                model,
+                args.methods,
+                args.scaling_batches,
+                repeats=args.scaling_repeats,
+                max_step_s=args.max_step_s,
+                device=args.device,
             )
             scaling.append(result)
             if not args.no_memory and memory_supported(args.device):
@@ -163,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "command": command,
         "environment": env,
-        "settings": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {
+            k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+        },
         "rows": [row.to_json() for row in rows],
         "scaling": scaling,
         "memory_mib_per_image": memory,
@@ -240,7 +275,9 @@ def render_markdown(payload: dict[str, Any], args: argparse.Namespace) -> str:
         lines += ["## Targets", "", "| check | target | result | met |", "| --- | --- | --- | --- |"]
         for r in targeted:
             result = f"{_fmt(r.ratio, 2)}×"
-            lines.append(f"| {r.name} vs {r.theirs} | {r.target.replace('<=', '≤').replace('>=', '≥')} | {result} | {_met(r.met)} |")
+            lines.append(
+                f"| {r.name} vs {r.theirs} | {r.target.replace('<=', '≤').replace('>=', '≥')} | {result} | {_met(r.met)} |"
+            )
         lines.append("")
     for section, title in (("peers", "Against peers"), ("limit", "Against the limit: ADV² step vs inline torch")):
         chosen = [r for r in rows if r.section == section]

@@ -148,7 +148,17 @@ def measure_memory(model: str, plan: dict[str, list[Any]], device: str, timeout:
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
-    command = [sys.executable, "-m", "benchmarks.memory", "--model", model, "--device", device, "--plan", json.dumps(plan)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.memory",
+        "--model",
+        model,
+        "--device",
+        device,
+        "--plan",
+        json.dumps(plan),
+    ]
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

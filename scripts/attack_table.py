@@ -30,13 +30,12 @@ import torch
 from underfire.attacks.config import parse_fraction, preset
 from underfire.attacks.core import ADV2, PGD
 from underfire.attacks.measure import AttackMeasures, measure_attack
-from underfire.metrics import iou_top_k
-from underfire.runs.inputs import images_from_dataset
 from underfire.attacks.targets import random_targets
 from underfire.data import ShapesDataset
 from underfire.interpreters import build_interpreter
+from underfire.metrics import iou_top_k
 from underfire.models import load_model
-
+from underfire.runs.inputs import images_from_dataset
 
 MEASURES = ("success", "iou", "l1", "confidence")
 IMAGES = 100  # rows of the table's standard size carry no ``images`` field
@@ -50,7 +49,12 @@ def summary(measures: list[AttackMeasures], part: str | None = None) -> dict:
     if part is None:
         return means
     count = next(iter(joined.values())).numel()
-    return {**means, "part": part, "images": count, "sums": {name: values.sum().item() for name, values in joined.items()}}
+    return {
+        **means,
+        "part": part,
+        "images": count,
+        "sums": {name: values.sum().item() for name, values in joined.items()},
+    }
 
 
 def join_parts(path: Path) -> list[dict]:
@@ -96,20 +100,47 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--interpreters", default="cam,rts,grad,mask")
-    parser.add_argument("--relus", default=None, help="ReLU-surrogate ablation: ADV² on each of --interpreters with each surrogate (no PGD)")
-    parser.add_argument("--sweep", default=None, help="KEY=V1,V2,...: per value of the interpreter option KEY, ADV² against the interpreter with it "
-                        "(targets: its own benign maps), and PGD and the default interpreter's ADV² measured on it (no transfer), e.g. softplus_beta=1,3,10")
+    parser.add_argument(
+        "--relus",
+        default=None,
+        help="ReLU-surrogate ablation: ADV² on each of --interpreters with each surrogate (no PGD)",
+    )
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        help="KEY=V1,V2,...: per value of the interpreter option KEY, ADV² against the interpreter with it "
+        "(targets: its own benign maps), and PGD and the default interpreter's ADV² measured on it (no transfer), e.g. softplus_beta=1,3,10",
+    )
     parser.add_argument("--no-pgd", action="store_true", help="ADV² rows only")
     parser.add_argument("--pgd-only", action="store_true", help="PGD rows only")
-    parser.add_argument("--pgd-steps", type=int, default=None, help="PGD's steps (default: the largest ADV² budget of the interpreters asked for)")
+    parser.add_argument(
+        "--pgd-steps",
+        type=int,
+        default=None,
+        help="PGD's steps (default: the largest ADV² budget of the interpreters asked for)",
+    )
     parser.add_argument("--eps", default=None, help="L∞ budget, e.g. 16/255 (default: the preset's 8/255)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override an ADV² setting of the preset, e.g. adv_steps=900 or 'lam=[40, 160]' (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override an ADV² setting of the preset, e.g. adv_steps=900 or 'lam=[40, 160]' (repeatable)",
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--part", default=None, metavar="I/N",
-                        help="only batches I, I+N, I+2N, ... (1-based), e.g. 1/2 and 2/2 on two cores; join the rows with --join")
-    parser.add_argument("--join", type=Path, default=None, metavar="PARTS",
-                        help="append to --out the rows rebuilt from the --part rows in PARTS, and stop")
+    parser.add_argument(
+        "--part",
+        default=None,
+        metavar="I/N",
+        help="only batches I, I+N, I+2N, ... (1-based), e.g. 1/2 and 2/2 on two cores; join the rows with --join",
+    )
+    parser.add_argument(
+        "--join",
+        type=Path,
+        default=None,
+        metavar="PARTS",
+        help="append to --out the rows rebuilt from the --part rows in PARTS, and stop",
+    )
     args = parser.parse_args()
     if args.join is not None:
         rows = join_parts(args.join)
@@ -143,7 +174,11 @@ def main() -> None:
         ``soft_iou_weight`` (ℓ_int other than the squared difference), ``restarts`` (the steps
         column counts one run)."""
         config = preset("quick", name, **budget, **overrides)
-        pairs = (("map_power", config.map_power, 1.0), ("soft_iou_weight", config.soft_iou_weight, 0.0), ("restarts", config.restarts, 1))
+        pairs = (
+            ("map_power", config.map_power, 1.0),
+            ("soft_iou_weight", config.soft_iou_weight, 0.0),
+            ("restarts", config.restarts, 1),
+        )
         return {key: value for key, value, paper in pairs if value != paper}
 
     def log(row: dict) -> None:
@@ -152,7 +187,10 @@ def main() -> None:
         print(row, flush=True)
 
     def adv2(
-        name: str, interpreter_options: dict, reference: list[torch.Tensor] | None = None, keep: list[torch.Tensor] | None = None
+        name: str,
+        interpreter_options: dict,
+        reference: list[torch.Tensor] | None = None,
+        keep: list[torch.Tensor] | None = None,
     ) -> tuple[list[AttackMeasures], int, int]:
         """ADV² against ``name`` with ``interpreter_options``, toward ``reference`` maps (default:
         the plain interpreter's benign maps); the adversarial images are appended to ``keep``."""
@@ -175,26 +213,70 @@ def main() -> None:
         for name in names:
             plain: list[torch.Tensor] = []
             measures, total, seconds = adv2(name, {}, keep=plain)
-            log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=None, **tag, **departures(name), steps=total, seconds=seconds, **summary(measures)))
+            log(
+                dict(
+                    model=args.model,
+                    interpreter=name,
+                    attack="adv2",
+                    sweep=key,
+                    value=None,
+                    **tag,
+                    **departures(name),
+                    steps=total,
+                    seconds=seconds,
+                    **summary(measures),
+                )
+            )
             for value in values.split(","):
                 swept = build_interpreter(name, clf, preset="quick", **{key: value})
                 reference = [swept(images[c], labels[c], seed=0) for c in chunks]
                 moved = torch.cat([iou_top_k(r, b).mean(1) for r, b in zip(reference, benign[name])]).mean().item()
                 on_swept = {
-                    attack: summary([measure_attack(swept, x, targets[c], reference[k], seed=0) for k, (x, c) in enumerate(zip(examples, chunks))])
+                    attack: summary(
+                        [
+                            measure_attack(swept, x, targets[c], reference[k], seed=0)
+                            for k, (x, c) in enumerate(zip(examples, chunks))
+                        ]
+                    )
                     for attack, examples in (("pgd", pgd), ("adv2_plain", plain))
                 }
                 measures, total, seconds = adv2(name, {key: value}, reference)
-                log(dict(model=args.model, interpreter=name, attack="adv2", sweep=key, value=value, **tag, **departures(name), steps=total, seconds=seconds,
-                         benign_iou_to_plain=round(moved, 3), pgd_iou=on_swept["pgd"]["iou"], plain_adv2_iou=on_swept["adv2_plain"]["iou"],
-                         plain_adv2_success=on_swept["adv2_plain"]["success"], **summary(measures)))
+                log(
+                    dict(
+                        model=args.model,
+                        interpreter=name,
+                        attack="adv2",
+                        sweep=key,
+                        value=value,
+                        **tag,
+                        **departures(name),
+                        steps=total,
+                        seconds=seconds,
+                        benign_iou_to_plain=round(moved, 3),
+                        pgd_iou=on_swept["pgd"]["iou"],
+                        plain_adv2_iou=on_swept["adv2_plain"]["iou"],
+                        plain_adv2_success=on_swept["adv2_plain"]["success"],
+                        **summary(measures),
+                    )
+                )
         return
 
     if args.relus:
         for name in names:
             for relu in args.relus.split(","):
                 measures, steps, seconds = adv2(name, {"relu": relu})
-                log(dict(model=args.model, interpreter=name, relu=relu, attack="adv2", **departures(name), steps=steps, seconds=seconds, **summary(measures, args.part)))
+                log(
+                    dict(
+                        model=args.model,
+                        interpreter=name,
+                        relu=relu,
+                        attack="adv2",
+                        **departures(name),
+                        steps=steps,
+                        seconds=seconds,
+                        **summary(measures, args.part),
+                    )
+                )
         return
 
     if not args.no_pgd:
@@ -203,13 +285,38 @@ def main() -> None:
         pgd = [PGD(clf, config)(images[c], targets[c], labels=labels[c]).adversarial for c in chunks]
         seconds = round(time.time() - start)
         for name in names:
-            measures = [measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0) for k, c in enumerate(chunks)]
-            log(dict(model=args.model, interpreter=name, attack="pgd", **tag, **({"restarts": runs["restarts"]} if runs["restarts"] > 1 else {}), steps=steps, seconds=seconds, **summary(measures, args.part)))
+            measures = [
+                measure_attack(interpreters[name], pgd[k], targets[c], benign[name][k], seed=0)
+                for k, c in enumerate(chunks)
+            ]
+            log(
+                dict(
+                    model=args.model,
+                    interpreter=name,
+                    attack="pgd",
+                    **tag,
+                    **({"restarts": runs["restarts"]} if runs["restarts"] > 1 else {}),
+                    steps=steps,
+                    seconds=seconds,
+                    **summary(measures, args.part),
+                )
+            )
     if args.pgd_only:
         return
     for name in names:
         measures, total, seconds = adv2(name, {})
-        log(dict(model=args.model, interpreter=name, attack="adv2", **tag, **departures(name), steps=total, seconds=seconds, **summary(measures, args.part)))
+        log(
+            dict(
+                model=args.model,
+                interpreter=name,
+                attack="adv2",
+                **tag,
+                **departures(name),
+                steps=total,
+                seconds=seconds,
+                **summary(measures, args.part),
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,14 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
     parser.add_argument("--images", type=int, default=10)
-    parser.add_argument("--benign", type=int, default=100, help="benign images whose iou scores set the 95th percentile")
+    parser.add_argument(
+        "--benign", type=int, default=100, help="benign images whose iou scores set the 95th percentile"
+    )
     parser.add_argument("--terms", default="none,soft_iou:0.2", help="comma-separated SCORE:WEIGHT (or none)")
     parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--adv-steps", type=int, default=None, help="stage 2's steps (default: the preset's 500; rows then carry them)")
+    parser.add_argument(
+        "--adv-steps", type=int, default=None, help="stage 2's steps (default: the preset's 500; rows then carry them)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,26 +76,48 @@ def main() -> None:
         started = time.time()
         adversarial = []
         for c in chunks:
-            result = ADV2(clf, ensemble, config)(images[c], targets[c], ensemble(images[c], labels[c], seed=0), labels=labels[c])
+            result = ADV2(clf, ensemble, config)(
+                images[c], targets[c], ensemble(images[c], labels[c], seed=0), labels=labels[c]
+            )
             adversarial.append((result.adversarial * 255).round() / 255)  # what an 8-bit file holds
         seconds = round(time.time() - started)
         x = torch.cat(adversarial)
         success = clf.predict(x).argmax(1) == targets
         member_iou = {
-            name: round(torch.cat([iou_top_k(members[name](adversarial[k], targets[c], seed=0), benign_maps[name][k]).mean(1)
-                                   for k, c in enumerate(chunks)]).mean().item(), 3)
+            name: round(
+                torch.cat(
+                    [
+                        iou_top_k(members[name](adversarial[k], targets[c], seed=0), benign_maps[name][k]).mean(1)
+                        for k, c in enumerate(chunks)
+                    ]
+                )
+                .mean()
+                .item(),
+                3,
+            )
             for name in MEMBERS
         }
         grid_maps = detector.maps(x)
         scores = {kind: disagreement(grid_maps, kind) for kind in ("iou", "soft_iou", "l1")}
         row = dict(
-            kind="detector_term", model=args.model, images=args.images, weights=list(WEIGHTS), term=term, steps=config.pgd_steps + config.adv_steps, seconds=seconds,
-            success=round(success.float().mean().item(), 3), member_iou=member_iou,
+            kind="detector_term",
+            model=args.model,
+            images=args.images,
+            weights=list(WEIGHTS),
+            term=term,
+            steps=config.pgd_steps + config.adv_steps,
+            seconds=seconds,
+            success=round(success.float().mean().item(), 3),
+            member_iou=member_iou,
             **{f"detector_{kind}_score": round(value.mean().item(), 3) for kind, value in scores.items()},
-            benign_iou_p95=round(p95, 3), benign_images=args.benign, threshold=round(threshold, 3),
+            benign_iou_p95=round(p95, 3),
+            benign_images=args.benign,
+            threshold=round(threshold, 3),
             tpr_at_5pct_fpr=round(detection_rate(scores["iou"][success].numpy(), threshold), 3),
             auc=round(roc_auc(benign_scores.numpy(), scores["iou"][success].numpy()), 3),
-            above_benign_p95=round(((scores["iou"] > p95) & success).float().sum().item() / max(1, int(success.sum())), 3),
+            above_benign_p95=round(
+                ((scores["iou"] > p95) & success).float().sum().item() / max(1, int(success.sum())), 3
+            ),
         )
         with args.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -80,9 +80,18 @@ def build_run(run_dir: Path, spec: FakeRun = FakeRun()) -> Path:
     connection = sqlite3.connect(run_dir / "results.sqlite")
     connection.execute("PRAGMA journal_mode=WAL")  # as the run's store writes it
     connection.executescript(SCHEMA)
-    experiment = {"name": "fixture-run", "models": list(spec.models), "interpreters": list(spec.interpreters), "images": spec.images}
+    experiment = {
+        "name": "fixture-run",
+        "models": list(spec.models),
+        "interpreters": list(spec.interpreters),
+        "images": spec.images,
+    }
     config = {"experiment": experiment, "overrides": {"pgd_steps": 2, "adv_steps": 2}}
-    meta = {"config": json.dumps(config), "versions": json.dumps({"underfire": "0.1.0", "torch": "test"}), "created": "2024-01-01T00:00:00"}
+    meta = {
+        "config": json.dumps(config),
+        "versions": json.dumps({"underfire": "0.1.0", "torch": "test"}),
+        "created": "2024-01-01T00:00:00",
+    }
     connection.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
     size = spec.size
     for model in spec.models:
@@ -130,14 +139,30 @@ def build_run(run_dir: Path, spec: FakeRun = FakeRun()) -> Path:
                         connection.execute(
                             "INSERT INTO results VALUES (" + ", ".join("?" * 25) + ")",
                             (
-                                model, interpreter, attack, target_map, name,
-                                true_class, target_class, target_class if success else true_class,
-                                success, float(rng.uniform(0.3, 1.0)), float(difference.mean()),
-                                float(np.sqrt((difference**2).mean())), float(np.mean(list(by_k.values()))),
-                                json.dumps(by_k), float(rng.uniform(0, 1)), float(rng.uniform(-1, 1)), 8 / 255,
-                                str(adversarial_path.relative_to(run_dir)), str(map_path.relative_to(run_dir)),
-                                str(overlay_path.relative_to(run_dir)), str(benign_map_path.relative_to(run_dir)),
-                                str(benign_overlay_path.relative_to(run_dir)), float(rng.uniform(0.1, 3.0)), spec.seed,
+                                model,
+                                interpreter,
+                                attack,
+                                target_map,
+                                name,
+                                true_class,
+                                target_class,
+                                target_class if success else true_class,
+                                success,
+                                float(rng.uniform(0.3, 1.0)),
+                                float(difference.mean()),
+                                float(np.sqrt((difference**2).mean())),
+                                float(np.mean(list(by_k.values()))),
+                                json.dumps(by_k),
+                                float(rng.uniform(0, 1)),
+                                float(rng.uniform(-1, 1)),
+                                8 / 255,
+                                str(adversarial_path.relative_to(run_dir)),
+                                str(map_path.relative_to(run_dir)),
+                                str(overlay_path.relative_to(run_dir)),
+                                str(benign_map_path.relative_to(run_dir)),
+                                str(benign_overlay_path.relative_to(run_dir)),
+                                float(rng.uniform(0.1, 3.0)),
+                                spec.seed,
                                 json.dumps({"eps": 8 / 255}),
                             ),
                         )
@@ -147,7 +172,16 @@ def build_run(run_dir: Path, spec: FakeRun = FakeRun()) -> Path:
                                 iou = float(np.mean(list(by_k.values()))) if same else float(rng.uniform(0.2, 0.6))
                                 connection.execute(
                                     "INSERT INTO transfer VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                    (model, interpreter, target, target_map, name, float(rng.uniform(0, 0.2)), float(rng.uniform(0, 0.3)), iou),
+                                    (
+                                        model,
+                                        interpreter,
+                                        target,
+                                        target_map,
+                                        name,
+                                        float(rng.uniform(0, 0.2)),
+                                        float(rng.uniform(0, 0.3)),
+                                        iou,
+                                    ),
                                 )
     connection.commit()
     connection.close()

@@ -26,8 +26,13 @@ def tiny_classifier(seed: int = 0) -> Classifier:
     """A small conv net with a GAP→linear head, so every interpreter applies."""
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
     ).eval()
     with torch.no_grad():
         net[-1].weight.mul_(30)  # make the logits depend strongly on the input
@@ -40,7 +45,9 @@ def batch(n: int = 6, seed: int = 0) -> torch.Tensor:
 
 
 def in_budget(adversarial: torch.Tensor, origin: torch.Tensor, eps: float) -> bool:
-    return bool(((adversarial - origin).abs().max() <= eps + 1e-6) and adversarial.min() >= 0 and adversarial.max() <= 1)
+    return bool(
+        ((adversarial - origin).abs().max() <= eps + 1e-6) and adversarial.min() >= 0 and adversarial.max() <= 1
+    )
 
 
 def on_grid(x: torch.Tensor) -> bool:
@@ -138,8 +145,20 @@ def test_family_quick_presets_compare_root_maps_and_the_rest_keep_the_paper_dist
         assert preset("paper", name).soft_iou_weight == 0.0
     for name in ("grad", "cam", "rts", "mask"):
         assert preset("quick", name).map_power == 1.0
-    assert [preset("quick", name).soft_iou_weight for name in ("inputxgrad", "ig", "deeplift", "grad", "lrp")] == [0, 0, 0, 0, 0.2]
-    assert [preset("quick", name).restarts for name in ("inputxgrad", "ig", "deeplift", "grad", "lrp")] == [1, 1, 1, 1, 2]
+    assert [preset("quick", name).soft_iou_weight for name in ("inputxgrad", "ig", "deeplift", "grad", "lrp")] == [
+        0,
+        0,
+        0,
+        0,
+        0.2,
+    ]
+    assert [preset("quick", name).restarts for name in ("inputxgrad", "ig", "deeplift", "grad", "lrp")] == [
+        1,
+        1,
+        1,
+        1,
+        2,
+    ]
     assert preset("paper", "lrp").restarts == 1
     assert build_interpreter("lrp", tiny_classifier(), preset="quick").relu.kind == "none"
     assert build_interpreter("lrp", tiny_classifier(), preset="paper").relu.kind == "h"
@@ -148,7 +167,7 @@ def test_family_quick_presets_compare_root_maps_and_the_rest_keep_the_paper_dist
 def test_map_distance_by_hand_and_why_a_power_below_one() -> None:
     maps = torch.tensor([0.0, 0.25, 1.0, 0.01, 0.5]).view(1, 1, 1, 5)
     target = torch.tensor([1.0, 0.25, 0.0, 0.02, 0.51]).view(1, 1, 1, 5)
-    plain = ((1 + 0 + 1 + 0.01**2 + 0.01**2) / 5)
+    plain = (1 + 0 + 1 + 0.01**2 + 0.01**2) / 5
     torch.testing.assert_close(map_distance(maps, target), torch.tensor([plain]))
     floor = 1e-4
     root = lambda v: (floor + (1 - floor) * v) ** 0.5  # noqa: E731
@@ -192,10 +211,16 @@ def test_map_power_changes_the_trajectory_only_through_the_interpretation_loss()
     root = ADV2(clf, explainer, base.with_overrides(map_power=0.5))(images, targets)
     assert not torch.equal(square.last, root.last)
     off = base.with_overrides(lam=LambdaSchedule((0.0,)))
-    assert torch.equal(ADV2(clf, explainer, off)(images, targets).last, ADV2(clf, explainer, off.with_overrides(map_power=0.5))(images, targets).last)
+    assert torch.equal(
+        ADV2(clf, explainer, off)(images, targets).last,
+        ADV2(clf, explainer, off.with_overrides(map_power=0.5))(images, targets).last,
+    )
     soft = ADV2(clf, explainer, base.with_overrides(soft_iou_weight=0.5))(images, targets)
     assert not torch.equal(square.last, soft.last)
-    assert torch.equal(ADV2(clf, explainer, off)(images, targets).last, ADV2(clf, explainer, off.with_overrides(soft_iou_weight=0.5))(images, targets).last)
+    assert torch.equal(
+        ADV2(clf, explainer, off)(images, targets).last,
+        ADV2(clf, explainer, off.with_overrides(soft_iou_weight=0.5))(images, targets).last,
+    )
 
 
 def test_restarts_keep_each_samples_best_run() -> None:
@@ -210,7 +235,11 @@ def test_restarts_keep_each_samples_best_run() -> None:
     first = ADV2(clf, explainer, base)(images, targets)
     second = ADV2(clf, explainer, base.with_overrides(random_start=True, seed=1))(images, targets)
     best = ADV2(clf, explainer, base.with_overrides(restarts=2))(images, targets)
-    from_second = [bool(torch.equal(best.adversarial[i], second.adversarial[i])) and not torch.equal(best.adversarial[i], first.adversarial[i]) for i in range(8)]
+    from_second = [
+        bool(torch.equal(best.adversarial[i], second.adversarial[i]))
+        and not torch.equal(best.adversarial[i], first.adversarial[i])
+        for i in range(8)
+    ]
     from_first = [bool(torch.equal(best.adversarial[i], first.adversarial[i])) for i in range(8)]
     assert all(a or b for a, b in zip(from_first, from_second)) and any(from_first) and any(from_second)
     both = first.success & second.success & ~torch.isnan(first.map_distance) & ~torch.isnan(second.map_distance)
@@ -219,13 +248,18 @@ def test_restarts_keep_each_samples_best_run() -> None:
     assert torch.equal(best.success, first.success | second.success)
 
     pgd = base.with_overrides(adv_steps=0, pgd_steps=1, eps=8 / 255, alpha=1 / 255)
-    plain, other = PGD(clf, pgd)(images, targets), PGD(clf, pgd.with_overrides(random_start=True, seed=1))(images, targets)
+    plain, other = (
+        PGD(clf, pgd)(images, targets),
+        PGD(clf, pgd.with_overrides(random_start=True, seed=1))(images, targets),
+    )
     kept = PGD(clf, pgd.with_overrides(restarts=2))(images, targets)
     assert torch.equal(kept.success, plain.success | other.success)
     same = plain.success == other.success
     assert (other.confidence > plain.confidence)[same].any() and (other.confidence < plain.confidence)[same].any()
     torch.testing.assert_close(kept.confidence[same], torch.maximum(plain.confidence, other.confidence)[same])
-    assert torch.equal(PGD(clf, pgd)(images, targets).adversarial, plain.adversarial)  # restarts = 1 is one run, as before
+    assert torch.equal(
+        PGD(clf, pgd)(images, targets).adversarial, plain.adversarial
+    )  # restarts = 1 is one run, as before
     assert PGD.configure([base.with_overrides(restarts=3)], {}).restarts == 3  # PGD compared with an ADV² gets its runs
     # ... and the most runs of any it is compared with, not only the longest schedule's (DeepLIFT's
     # and LRP's quick presets tie on steps; LRP's runs twice)

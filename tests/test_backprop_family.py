@@ -52,7 +52,10 @@ def tiny() -> uf.Classifier:
 
 def tiny_weights() -> list[np.ndarray]:
     net = TinyResidual()
-    return [p.detach().double().numpy() for p in (net.fc1.weight, net.fc1.bias, net.fc2.weight, net.fc2.bias, net.fc3.weight, net.fc3.bias)]
+    return [
+        p.detach().double().numpy()
+        for p in (net.fc1.weight, net.fc1.bias, net.fc2.weight, net.fc2.bias, net.fc3.weight, net.fc3.bias)
+    ]
 
 
 X = torch.tensor([[[[0.9, 0.2]]], [[[0.3, 0.8]]]], dtype=torch.double)
@@ -72,7 +75,9 @@ def test_deeplift_rescale_matches_the_hand_computed_multipliers() -> None:
         h, hr = np.maximum(z1, 0), np.maximum(z1r, 0)
         m1 = np.where(np.abs(z1 - z1r) > 1e-7, (h - hr) / np.where(z1 == z1r, 1, z1 - z1r), z1 > 0)
         z2, z2r = w2 @ h + b2, w2 @ hr + b2
-        m2 = np.where(np.abs(z2 - z2r) > 1e-7, (np.maximum(z2, 0) - np.maximum(z2r, 0)) / np.where(z2 == z2r, 1, z2 - z2r), z2 > 0)
+        m2 = np.where(
+            np.abs(z2 - z2r) > 1e-7, (np.maximum(z2, 0) - np.maximum(z2r, 0)) / np.where(z2 == z2r, 1, z2 - z2r), z2 > 0
+        )
         # d out_c / d h through the residual: identity + W2ᵀ diag(m2); then W1ᵀ diag(m1)
         through_h = w3[c] @ (np.eye(2) + np.diag(m2) @ w2)
         multiplier = w1.T @ (m1 * through_h)
@@ -167,7 +172,9 @@ def test_ig_completeness_error_shrinks_with_steps(shapes) -> None:
     errors = []
     with model.frozen():
         for steps in (4, 64):
-            _, delta = IntegratedGradients(model, steps=steps, chunk=16).attribute_with_delta(model.prepare_images(images), labels)
+            _, delta = IntegratedGradients(model, steps=steps, chunk=16).attribute_with_delta(
+                model.prepare_images(images), labels
+            )
             errors.append(delta.abs().mean().item())
     scale = model.predict(images).gather(1, labels.view(-1, 1)).abs().mean().item()
     assert errors[1] < errors[0] and errors[1] < 0.02 * scale, (errors, scale)
@@ -226,7 +233,9 @@ class SmallNet(nn.Module):
 
 def small(activation: type[nn.Module] = nn.ReLU) -> uf.Classifier:
     torch.manual_seed(0)
-    return uf.Classifier(SmallNet(activation).double().eval(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=3).double()
+    return uf.Classifier(
+        SmallNet(activation).double().eval(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=3
+    ).double()
 
 
 @pytest.mark.parametrize(
@@ -249,7 +258,10 @@ def test_the_differentiable_attribution_has_the_exact_derivative(make) -> None:
     classes = torch.tensor([0, 2])
     with model.frozen(), torch.enable_grad():
         assert torch.autograd.gradcheck(
-            lambda x: interpreter._attribution(x, classes, None, True), (images.requires_grad_(True),), eps=1e-6, atol=1e-5
+            lambda x: interpreter._attribution(x, classes, None, True),
+            (images.requires_grad_(True),),
+            eps=1e-6,
+            atol=1e-5,
         )
 
 
@@ -296,7 +308,7 @@ def test_batched_equals_per_sample_and_the_model_is_left_as_it_was(name: str, sh
     with pytest.warns(UserWarning, match="training mode"):
         batched = interpreter.attribute(images, labels)
     with pytest.warns(UserWarning, match="training mode"):
-        single = torch.cat([interpreter.attribute(images[i:i + 1], labels[i:i + 1]) for i in range(len(images))])
+        single = torch.cat([interpreter.attribute(images[i : i + 1], labels[i : i + 1]) for i in range(len(images))])
     assert torch.allclose(batched, single, atol=1e-5, rtol=1e-4)
     assert model.model.training and all(m.training for m in model.model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -338,10 +350,11 @@ def test_options_are_checked() -> None:
 
 
 def _zennit_lrp(model: uf.Classifier, network: nn.Module, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    from benchmarks.peer_models import zennit_canonizers
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonPlusFlat
     from zennit.rules import Norm
+
+    from benchmarks.peer_models import zennit_canonizers
 
     # zennit's AvgPool rule covers AvgPool modules; the copies' global pooling is adaptive.
     composite = EpsilonPlusFlat(canonizers=zennit_canonizers(network), layer_map=[(nn.AdaptiveAvgPool2d, Norm())])
@@ -355,7 +368,9 @@ def _zennit_lrp(model: uf.Classifier, network: nn.Module, images: torch.Tensor, 
 def _peer_copy(model: uf.Classifier) -> uf.Classifier:
     from benchmarks.peer_models import captum_ready
 
-    peer = uf.Classifier(captum_ready(model.model), mean=model.mean.flatten().tolist(), std=model.std.flatten().tolist())
+    peer = uf.Classifier(
+        captum_ready(model.model), mean=model.mean.flatten().tolist(), std=model.std.flatten().tolist()
+    )
     return peer.to(model.mean.dtype).eval()
 
 
@@ -369,7 +384,8 @@ def test_agreement_with_captum_and_zennit_on_the_builtin_models(name: str, shape
     float64 value by up to 2 % of the map; in float64 both agree (1e-10 measured once; 1e-7 asserted).
     """
     from captum.attr import DeepLift as CaptumDeepLift
-    from captum.attr import InputXGradient, IntegratedGradients as CaptumIG
+    from captum.attr import InputXGradient
+    from captum.attr import IntegratedGradients as CaptumIG
 
     images, labels = shapes
     model = uf.load_model(name)
@@ -474,7 +490,7 @@ def test_a_run_attacks_the_family_and_measures_transfer(tmp_path) -> None:
         '[experiment]\nname = "family"\nseed = 0\npreset = "quick"\nimages = 2\nbatch_size = 2\n'
         'models = ["shapes-resnet"]\ninterpreters = ["inputxgrad", "ig", "deeplift", "lrp"]\n'
         'attacks = ["pgd", "adv2"]\ntransfer = true\n'
-        '[overrides]\npgd_steps = 2\nadv_steps = 2\n[interpreters.ig]\nsteps = 2\n'
+        "[overrides]\npgd_steps = 2\nadv_steps = 2\n[interpreters.ig]\nsteps = 2\n"
     )
     runner = CliRunner()
     result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "run")])
@@ -483,7 +499,11 @@ def test_a_run_attacks_the_family_and_measures_transfer(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert {row["interpreter"] for row in report["summary"]} == set(NEW)
-    cells = {(cell["source_interpreter"], cell["target_interpreter"]) for cell in report["transfer"] if cell["attack"] == "adv2"}
+    cells = {
+        (cell["source_interpreter"], cell["target_interpreter"])
+        for cell in report["transfer"]
+        if cell["attack"] == "adv2"
+    }
     assert cells == {(a, b) for a in NEW for b in NEW}
     assert all(0 <= cell["iou"] <= 1 for cell in report["transfer"])
 

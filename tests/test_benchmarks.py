@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_surrogate_logits import SIZE, tiny_classifier
 
 from underfire import Classifier
-
-from test_surrogate_logits import SIZE, tiny_classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks/ package
 
@@ -49,8 +48,15 @@ def test_inline_limit_math_equals_adv2(tiny) -> None:
 
     clf, images, labels, targets = tiny
     rows = run_limit(
-        clf, images, labels, targets, repeats=1, warmup=0, quick=True,
-        cases=("grad", "cam", "mask"), log=lambda _: None,
+        clf,
+        images,
+        labels,
+        targets,
+        repeats=1,
+        warmup=0,
+        quick=True,
+        cases=("grad", "cam", "mask"),
+        log=lambda _: None,
     )
     assert len(rows) == 3
     for row in rows:
@@ -61,7 +67,6 @@ def test_step_cost_mask_with_evidence_is_the_quick_presets_step(tiny) -> None:
     """The step-cost row ``mask+evidence`` takes ADV²'s own first stage-2 step with the quick preset's
     evidence weight (the unrolled surrogate plus ``Mask.evidence_loss``), not a look-alike."""
     from benchmarks.scaling import ALPHA, EPS, LAMBDA, MASK_WITH_EVIDENCE, make_step
-
     from underfire.attacks import ADV2, AttackConfig, LambdaSchedule
     from underfire.interpreters import MaskConfig, build_interpreter
 
@@ -96,12 +101,30 @@ def test_peer_comparisons_agree(tiny) -> None:
 def test_markdown_report(tmp_path: Path) -> None:
     from benchmarks.run import render_markdown
 
-    row = common.make_row("peers", "GRAD map", "Grad", "captum", [1.0, 1.1], [1.2, 1.2], target="ratio <= 1.0",
-                          agreement="max abs diff 0", setting={"model": "m", "batch": 2, "size": 8})
+    row = common.make_row(
+        "peers",
+        "GRAD map",
+        "Grad",
+        "captum",
+        [1.0, 1.1],
+        [1.2, 1.2],
+        target="ratio <= 1.0",
+        agreement="max abs diff 0",
+        setting={"model": "m", "batch": 2, "size": 8},
+    )
     payload = {
         "command": "python -m benchmarks.run --quick",
-        "environment": {"date": "today", "cpu": "cpu", "cores": 2, "threads": 1, "device": "cpu",
-                        "torch": torch.__version__, "git_commit": None, "load_average": [0.1], "seconds": 1.0},
+        "environment": {
+            "date": "today",
+            "cpu": "cpu",
+            "cores": 2,
+            "threads": 1,
+            "device": "cpu",
+            "torch": torch.__version__,
+            "git_commit": None,
+            "load_average": [0.1],
+            "seconds": 1.0,
+        },
         "rows": [row.to_json()],
         "scaling": [{"model": "m", "size": 8, "points": [{"method": "pgd", "batch": 1, "images_per_s": 10.0}]}],
         "memory_mib_per_image": {"m": {"pgd": {1: 0.5}}},

@@ -109,7 +109,9 @@ def test_bad_settings_are_one_line() -> None:
             Grad(model, softplus_beta=2.0, **surrogate)
         assert "\n" not in str(error.value)
     assert Grad(model, softplus_beta=2.0, relu="h").softplus_beta == 2.0  # the default, said out loud
-    scripted = uf.Classifier(torch.jit.script(OneHidden().eval()), mean=(0.0,), std=(1.0,), num_classes=3, in_channels=1, channels_last=False)
+    scripted = uf.Classifier(
+        torch.jit.script(OneHidden().eval()), mean=(0.0,), std=(1.0,), num_classes=3, in_channels=1, channels_last=False
+    )
     with pytest.raises(ModelStructureError, match="TorchScript") as error:
         Grad(scripted, softplus_beta=2.0)
     assert "\n" not in str(error.value)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from model_state import assert_unchanged, snapshot
+from test_classifier import mixed_state_model
 from torch import nn
 
 from underfire.errors import InputError, ModelStructureError
@@ -28,8 +30,6 @@ from underfire.models import (
 )
 from underfire.models.specs import builtin_weights_path
 from underfire.models.torchvision_compat import import_torchvision
-from model_state import assert_unchanged, snapshot
-from test_classifier import mixed_state_model
 
 INTERPRETERS: list[type[Interpreter]] = [CAM, GradCAM]
 
@@ -89,9 +89,7 @@ def test_gradcam_equals_hand_computation() -> None:
     clf, x = hand_classifier(), hand_image()
     gradcam = GradCAM(clf)
     # α_k = w_{k,c}/(h·w) = w_{k,c}/4, map = ReLU(Σ α_k a_k)
-    np.testing.assert_allclose(
-        gradcam.raw(x, 0)[0, 0].numpy(), [[0, 0.025], [0.075, 0.05]], atol=1e-7
-    )
+    np.testing.assert_allclose(gradcam.raw(x, 0)[0, 0].numpy(), [[0, 0.025], [0.075, 0.05]], atol=1e-7)
     np.testing.assert_allclose(gradcam(x, 0)[0, 0].numpy(), [[0, 1 / 3], [1, 2 / 3]], atol=1e-6)
 
 
@@ -444,7 +442,10 @@ def test_interpreter_layer_options_override_the_classifiers_hints(interpreter: t
         with pytest.raises(ModelStructureError, match="'layer3' outputs a feature map"):
             interpreter(Classifier(ShapesResNet().eval(), input_size=64), feature_layer="layer3")
     else:  # Grad-CAM reads a layer that feeds no GAP head through the model's own forward
-        for built in (interpreter(hinted), interpreter(Classifier(ShapesResNet().eval(), input_size=64), feature_layer="layer3")):
+        for built in (
+            interpreter(hinted),
+            interpreter(Classifier(ShapesResNet().eval(), input_size=64), feature_layer="layer3"),
+        ):
             assert (built.layers.feature_name, built.layers.head) == ("layer3", None)
     with pytest.raises(ModelStructureError, match="'nope' is not a module"):
         interpreter(Classifier(ShapesResNet().eval(), input_size=64), head="nope")

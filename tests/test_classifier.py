@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_state import assert_unchanged, snapshot
 from torch import nn
 
 from underfire import Classifier, InputError, ModelStructureError
 from underfire.models import ShapesResNet
-from model_state import assert_unchanged, snapshot
 
 
 class Recorder(nn.Module):
@@ -175,8 +175,10 @@ def test_channels_last_changes_no_value_beyond_float_rounding() -> None:
     for name in ("grad", "cam"):
         classes = [1, 2, 3]
         torch.testing.assert_close(
-            build_interpreter(name, fast)(images, classes), build_interpreter(name, plain)(images, classes),
-            rtol=1e-4, atol=1e-5,
+            build_interpreter(name, fast)(images, classes),
+            build_interpreter(name, plain)(images, classes),
+            rtol=1e-4,
+            atol=1e-5,
         )
 
 

@@ -97,7 +97,18 @@ def test_corrupt_image_in_a_folder_is_named(tmp_path: Path) -> None:
 def test_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "tiny.safetensors"
     code, text, _ = run(
-        "train", "classifier", "--arch", "densenet", "--epochs", "1", "--train-size", "256", "--seed", "3", "--out", str(out)
+        "train",
+        "classifier",
+        "--arch",
+        "densenet",
+        "--epochs",
+        "1",
+        "--train-size",
+        "256",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
     )
     assert code == 0 and "test accuracy" in text
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -120,7 +131,9 @@ def test_explain_writes_maps_and_overlays(tmp_path: Path, interpreter: str) -> N
     source = tmp_path / "png"
     run("data", "export", "shapes:test", str(source), "--limit", "3")
     files = sorted(str(p) for p in (source / "images").rglob("*.png"))
-    code, out, _ = run("explain", "--model", "shapes-resnet", "-i", interpreter, *files, "--out", str(tmp_path / "maps"), "--json")
+    code, out, _ = run(
+        "explain", "--model", "shapes-resnet", "-i", interpreter, *files, "--out", str(tmp_path / "maps"), "--json"
+    )
     assert code == 0
     report = json.loads(out)
     assert report["interpreter"] == interpreter and len(report["images"]) == 3
@@ -148,7 +161,17 @@ def test_interpreters_are_listed() -> None:
     assert code == 0
     # the paper's classes in order, names alphabetical within each
     assert [line.split()[0] for line in out.strip().splitlines()] == [
-        "deeplift", "grad", "ig", "inputxgrad", "lrp", "smoothgrad", "cam", "gradcam", "rts", "mask", "ensemble",
+        "deeplift",
+        "grad",
+        "ig",
+        "inputxgrad",
+        "lrp",
+        "smoothgrad",
+        "cam",
+        "gradcam",
+        "rts",
+        "mask",
+        "ensemble",
     ]
 
 
@@ -165,8 +188,23 @@ def test_attack_on_files_saves_measured_pngs(tmp_path: Path) -> None:
     files = sorted(str(p) for p in (source / "images").rglob("*.png"))
     out = tmp_path / "attack"
     code, text, _ = run(
-        "attack", *files, "--model", "shapes-resnet", "-i", "cam", "--eps", "8/255",
-        "--pgd-steps", "8", "--adv-steps", "8", "--restarts", "2", "--out", str(out), "--json",
+        "attack",
+        *files,
+        "--model",
+        "shapes-resnet",
+        "-i",
+        "cam",
+        "--eps",
+        "8/255",
+        "--pgd-steps",
+        "8",
+        "--adv-steps",
+        "8",
+        "--restarts",
+        "2",
+        "--out",
+        str(out),
+        "--json",
     )
     assert code == 0
     with sqlite3.connect(out / "results.sqlite") as db:
@@ -179,7 +217,9 @@ def test_attack_on_files_saves_measured_pngs(tmp_path: Path) -> None:
         assert row["linf"] <= 8 / 255 + 1e-6
         assert set(row) >= {"success", "confidence", "l1", "l2", "iou", "iou_by_k", "predicted_class"}
         assert len(row["iou_by_k"]) == 10
-        assert all(Path(row[key]).is_file() and out in Path(row[key]).parents for key in ("adversarial", "map", "benign_map"))
+        assert all(
+            Path(row[key]).is_file() and out in Path(row[key]).parents for key in ("adversarial", "map", "benign_map")
+        )
     # the attack command is a one-attack run: its folder is a run folder the report reads
     assert run("report", str(out))[0] == 0 and (out / "report.html").is_file()
 
@@ -202,7 +242,9 @@ def test_attack_argument_errors(tmp_path: Path, args: tuple[str, ...], message: 
     image = tmp_path / "circle.png"
     picture, _ = ShapesDataset("test", length=1)[0]  # test image 0 is a circle
     Image.fromarray((picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(image)
-    code, _, err = run("attack", str(image), "--out", str(tmp_path / "o"), "--pgd-steps", "1", "--adv-steps", "1", *args)
+    code, _, err = run(
+        "attack", str(image), "--out", str(tmp_path / "o"), "--pgd-steps", "1", "--adv-steps", "1", *args
+    )
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
@@ -210,7 +252,9 @@ def test_train_rts_writes_a_usable_network(tmp_path: Path) -> None:
     from underfire.interpreters import Rts
 
     out = tmp_path / "rts.safetensors"
-    code, text, _ = run("train", "rts", "--model", "shapes-resnet", "--epochs", "1", "--train-size", "32", "--out", str(out))
+    code, text, _ = run(
+        "train", "rts", "--model", "shapes-resnet", "--epochs", "1", "--train-size", "32", "--out", str(out)
+    )
     assert code == 0 and "pointing_game" in text
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["config"]["model"] == "shapes-resnet" and meta["config"]["train_size"] == 32

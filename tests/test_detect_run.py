@@ -54,13 +54,27 @@ def stored(run_dir: Path, query: str) -> list[tuple]:
 
 
 def test_detect_reports_every_attack_and_interpreter_and_stores_the_scores(run_dir: Path) -> None:
-    code, out, err = invoke("detect", str(run_dir), "--ensemble", "grad,cam", "--fpr", "0.25", "--json", "--device", "cpu", "--model", "shapes-resnet")
+    code, out, err = invoke(
+        "detect",
+        str(run_dir),
+        "--ensemble",
+        "grad,cam",
+        "--fpr",
+        "0.25",
+        "--json",
+        "--device",
+        "cpu",
+        "--model",
+        "shapes-resnet",
+    )
     assert code == 0, err
     rows = json.loads(out)  # stdout is the JSON alone; the scoring's progress went to stderr
     assert "detect shapes-resnet:" in err
     # PGD's examples are the same images whichever interpreter measured them: one row, ``any``
     assert sorted((r["attack"], r["interpreter"]) for r in rows) == [("adv2", "cam"), ("adv2", "grad"), ("pgd", "any")]
-    successes = dict(stored(run_dir, "SELECT attack || interpreter, SUM(success) FROM results GROUP BY attack, interpreter"))
+    successes = dict(
+        stored(run_dir, "SELECT attack || interpreter, SUM(success) FROM results GROUP BY attack, interpreter")
+    )
     assert successes["pgdcam"] == successes["pgdgrad"]
     for row in rows:
         assert row["model"] == "shapes-resnet" and row["target_map"] == "benign"
@@ -72,9 +86,14 @@ def test_detect_reports_every_attack_and_interpreter_and_stores_the_scores(run_d
     scores = dict(stored(run_dir, "SELECT path, score FROM detector_scores"))
     benign = [scores[path] for (path,) in stored(run_dir, "SELECT image_path FROM images ORDER BY position")]
     for row in rows:
-        attacked = [scores[path] for (path,) in stored(
-            run_dir, f"SELECT adversarial_path FROM results WHERE attack = '{row['attack']}' "
-                     f"AND interpreter = '{row['interpreter'].replace('any', 'grad')}' AND success = 1")]
+        attacked = [
+            scores[path]
+            for (path,) in stored(
+                run_dir,
+                f"SELECT adversarial_path FROM results WHERE attack = '{row['attack']}' "
+                f"AND interpreter = '{row['interpreter'].replace('any', 'grad')}' AND success = 1",
+            )
+        ]
         if attacked:
             expected = summarize(benign, attacked, 0.25)
             assert row["tpr"] == pytest.approx(expected["tpr"]) and row["auc"] == pytest.approx(expected["auc"])
@@ -86,13 +105,28 @@ def test_detect_reports_every_attack_and_interpreter_and_stores_the_scores(run_d
 def test_a_held_out_split_calibrates_on_some_images_and_measures_on_the_others(run_dir: Path) -> None:
     from underfire.runs.detect import split_images
 
-    code, out, err = invoke("detect", str(run_dir), "--ensemble", "grad,cam", "--fpr", "0.25", "--holdout", "0.5", "--json", "--device", "cpu")
+    code, out, err = invoke(
+        "detect",
+        str(run_dir),
+        "--ensemble",
+        "grad,cam",
+        "--fpr",
+        "0.25",
+        "--holdout",
+        "0.5",
+        "--json",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     rows = json.loads(out)
     names = [name for (name,) in stored(run_dir, "SELECT image FROM images ORDER BY image")]
     calibration, evaluation = split_images(names, 0.5, 0)
     assert len(calibration) == len(evaluation) == 2 and not set(calibration) & set(evaluation)
-    assert split_images(names, 0.5, 0) == (calibration, evaluation) and split_images(names, 0.5, 1) != (calibration, evaluation)
+    assert split_images(names, 0.5, 0) == (calibration, evaluation) and split_images(names, 0.5, 1) != (
+        calibration,
+        evaluation,
+    )
     score = dict(stored(run_dir, "SELECT path, score FROM detector_scores WHERE detector LIKE 'iou:grad,cam:%'"))
     path = dict(stored(run_dir, "SELECT image, image_path FROM images"))
     held_benign = [score[path[name]] for name in evaluation]
@@ -102,9 +136,15 @@ def test_a_held_out_split_calibrates_on_some_images_and_measures_on_the_others(r
         assert row["threshold"] == pytest.approx(threshold)
         assert row["fpr"] == pytest.approx(sum(s > threshold for s in held_benign) / 2)
         interpreter = row["interpreter"].replace("any", "grad")
-        attacked = [score[p] for image, p in stored(
-            run_dir, f"SELECT image, adversarial_path FROM results WHERE attack = '{row['attack']}' "
-                     f"AND interpreter = '{interpreter}' AND success = 1") if image in evaluation]
+        attacked = [
+            score[p]
+            for image, p in stored(
+                run_dir,
+                f"SELECT image, adversarial_path FROM results WHERE attack = '{row['attack']}' "
+                f"AND interpreter = '{interpreter}' AND success = 1",
+            )
+            if image in evaluation
+        ]
         assert row["examples"] == len(attacked)
         if attacked:
             assert row["tpr"] == pytest.approx(sum(s > threshold for s in attacked) / len(attacked))
@@ -125,7 +165,9 @@ def test_a_second_detect_reuses_the_scores_and_adds_its_rate(run_dir: Path) -> N
     assert stored(run_dir, "SELECT path, score FROM detector_scores ORDER BY path") == before
     assert {r[0] for r in stored(run_dir, "SELECT DISTINCT target_fpr FROM detections")} >= {0.05, 0.5}
     # another score is another detector: its own rows
-    code, _, err = invoke("detect", str(run_dir), "--ensemble", "grad,cam", "--score", "l1", "--json", "--device", "cpu")
+    code, _, err = invoke(
+        "detect", str(run_dir), "--ensemble", "grad,cam", "--score", "l1", "--json", "--device", "cpu"
+    )
     assert code == 0, err
     assert len(stored(run_dir, "SELECT DISTINCT detector FROM detector_scores")) == 2
 
@@ -156,7 +198,7 @@ def test_the_report_shows_the_detector_rates_and_roc_curves(run_dir: Path) -> No
     code, _, err = invoke("report", str(run_dir), "--out", str(run_dir / "page.html"))
     assert code == 0, err
     page = (run_dir / "page.html").read_text()
-    section = page[page.index("<h2>Ensemble detector</h2>"):page.index("<h2>Examples</h2>")]
+    section = page[page.index("<h2>Ensemble detector</h2>") : page.index("<h2>Examples</h2>")]
     assert 'id="detection"' in section and 'alt="ROC curves of the ensemble detector"' in section
     rows = stored(run_dir, "SELECT COUNT(*) FROM detections")[0][0]
     assert section.count("<tr>") == rows + 1  # the head and one row per summary

@@ -27,7 +27,7 @@ def blobs(n: int = 5, seed: int = 0) -> torch.Tensor:
     maps = torch.rand(n, 1, 16, 16, generator=generator) * 0.1
     for i in range(n):
         r, c = torch.randint(0, 12, (2,), generator=generator).tolist()
-        maps[i, 0, r:r + 4, c:c + 4] += 1.0
+        maps[i, 0, r : r + 4, c : c + 4] += 1.0
     return maps / maps.flatten(1).amax(1).view(-1, 1, 1, 1)
 
 
@@ -94,7 +94,11 @@ def test_bad_detector_settings_are_one_line() -> None:
     ):
         with pytest.raises(InputError, match=message):
             DetectorConfig(**kwargs)
-    for call in (lambda: threshold_at_fpr([0.1], 1.0), lambda: roc_auc([], [0.1]), lambda: summarize([np.nan], [0.1], 0.05)):
+    for call in (
+        lambda: threshold_at_fpr([0.1], 1.0),
+        lambda: roc_auc([], [0.1]),
+        lambda: summarize([np.nan], [0.1], 0.05),
+    ):
         with pytest.raises(InputError):
             call()
 
@@ -107,7 +111,7 @@ def test_the_detector_on_the_builtin_model_is_deterministic_and_batch_independen
     assert [tuple(m.shape) for m in maps] == [(6, 1, 8, 8)] * 2  # CAM's grid, the coarsest
     scores = detector.scores(images)
     assert scores.shape == (6,) and (0 <= scores).all() and (scores <= 1).all()
-    single = torch.cat([detector.scores(images[i:i + 1]) for i in range(6)])
+    single = torch.cat([detector.scores(images[i : i + 1]) for i in range(6)])
     assert torch.allclose(scores, single, atol=1e-6)
     assert torch.equal(scores, detector.scores(images))
     assert torch.equal(scores, detector.scores(images, labels))  # the model is right on these

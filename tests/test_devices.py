@@ -38,17 +38,25 @@ def test_devices_resolve_or_say_why_not(monkeypatch: pytest.MonkeyPatch) -> None
             resolve_device(bad)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert resolve_device("auto") == "cuda:0" and resolve_device("cuda") == "cuda:0" and resolve_device("cuda:1") == "cuda:1"
+    assert (
+        resolve_device("auto") == "cuda:0"
+        and resolve_device("cuda") == "cuda:0"
+        and resolve_device("cuda:1") == "cuda:1"
+    )
     with pytest.raises(InputError, match=r"there are 2 CUDA GPUs \(cuda:0..cuda:1\)"):
         resolve_device("cuda:2")
 
 
-def test_every_computing_command_refuses_a_missing_gpu_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_computing_command_refuses_a_missing_gpu_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     picture = tmp_path / "picture.png"
     Image.fromarray(ShapesDataset("test").render(0).image).save(picture)
     config = tmp_path / "run.toml"
-    config.write_text('[experiment]\nimages = 2\nmodels = ["shapes-resnet"]\ninterpreters = ["cam"]\nattacks = ["pgd"]\n')
+    config.write_text(
+        '[experiment]\nimages = 2\nmodels = ["shapes-resnet"]\ninterpreters = ["cam"]\nattacks = ["pgd"]\n'
+    )
     for args in (
         ["explain", str(picture), "--out", str(tmp_path / "maps")],
         ["attack", str(picture), "--out", str(tmp_path / "attack")],
@@ -59,7 +67,10 @@ def test_every_computing_command_refuses_a_missing_gpu_in_one_line(tmp_path: Pat
     ):
         result = runner.invoke(app, [*args, "--device", "cuda:0"])
         lines = result.stderr.strip().splitlines()
-        assert result.exit_code == 2 and len(lines) == 1 and "torch sees no CUDA GPU here" in lines[0], (args, result.stderr)
+        assert result.exit_code == 2 and len(lines) == 1 and "torch sees no CUDA GPU here" in lines[0], (
+            args,
+            result.stderr,
+        )
     assert not any((tmp_path / name).exists() for name in ("maps", "attack", "run", "demo"))
 
 

@@ -50,10 +50,28 @@ COLUMNS = (
 )
 
 
-def write_config(folder: Path, *, images: int = 4, interpreters: str = '["cam", "grad"]', attacks: str = '["pgd", "adv2"]',
-                 transfer: str = "true", adv_steps: int = 2, extra: str = "", name: str = "experiment.toml") -> Path:
+def write_config(
+    folder: Path,
+    *,
+    images: int = 4,
+    interpreters: str = '["cam", "grad"]',
+    attacks: str = '["pgd", "adv2"]',
+    transfer: str = "true",
+    adv_steps: int = 2,
+    extra: str = "",
+    name: str = "experiment.toml",
+) -> Path:
     path = folder / name
-    path.write_text(CONFIG.format(images=images, interpreters=interpreters, attacks=attacks, transfer=transfer, adv_steps=adv_steps, extra=extra))
+    path.write_text(
+        CONFIG.format(
+            images=images,
+            interpreters=interpreters,
+            attacks=attacks,
+            transfer=transfer,
+            adv_steps=adv_steps,
+            extra=extra,
+        )
+    )
     return path
 
 
@@ -90,7 +108,19 @@ def test_a_ray_run_gives_the_serial_rows(serial: tuple[Path, Path], tmp_path: Pa
 
 
 def launch(config: Path, run_dir: Path, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "underfire.cli", "run", str(config), "--out", str(run_dir), "--executor", "ray", "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "underfire.cli",
+        "run",
+        str(config),
+        "--out",
+        str(run_dir),
+        "--executor",
+        "ray",
+        "--workers",
+        "2",
+    ]
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -133,7 +163,9 @@ def test_killing_the_driver_mid_run_resumes_to_the_same_rows(serial: tuple[Path,
 
 
 def test_a_killed_worker_is_retried(tmp_path: Path) -> None:
-    config = write_config(tmp_path, images=4, interpreters='["cam"]', attacks='["adv2"]', transfer="false", adv_steps=60)
+    config = write_config(
+        tmp_path, images=4, interpreters='["cam"]', attacks='["adv2"]', transfer="false", adv_steps=60
+    )
     run_dir = tmp_path / "run"
     driver = launch(config, run_dir, tmp_path / "run.log")
     try:
@@ -148,13 +180,23 @@ def test_a_killed_worker_is_retried(tmp_path: Path) -> None:
 
 
 def test_a_unit_that_fails_for_good_is_recorded_then_retried(tmp_path: Path) -> None:
-    broken = write_config(tmp_path, interpreters='["grad"]', attacks='["adv2"]', transfer="false",
-                          extra='[interpreters.grad]\nrelu = "none"', name="broken.toml")
-    result = runner.invoke(app, ["run", str(broken), "--out", str(tmp_path / "run"), "--executor", "ray", "--workers", "2"])
+    broken = write_config(
+        tmp_path,
+        interpreters='["grad"]',
+        attacks='["adv2"]',
+        transfer="false",
+        extra='[interpreters.grad]\nrelu = "none"',
+        name="broken.toml",
+    )
+    result = runner.invoke(
+        app, ["run", str(broken), "--out", str(tmp_path / "run"), "--executor", "ray", "--workers", "2"]
+    )
     assert result.exit_code == 1
     assert "2 units failed" in result.stderr and "the map distance has no input gradient" in result.stderr
     with sqlite3.connect(tmp_path / "run" / DATABASE_NAME) as connection:
-        failures = connection.execute("SELECT model, attack, interpreter, batch, error FROM failures ORDER BY batch").fetchall()
+        failures = connection.execute(
+            "SELECT model, attack, interpreter, batch, error FROM failures ORDER BY batch"
+        ).fetchall()
     assert [row[:4] for row in failures] == [("shapes-resnet", "adv2", "grad", 0), ("shapes-resnet", "adv2", "grad", 1)]
     assert all("\n" not in row[4] and row[4] for row in failures)
     assert count(tmp_path / "run") == 0
@@ -163,14 +205,20 @@ def test_a_unit_that_fails_for_good_is_recorded_then_retried(tmp_path: Path) -> 
 def test_shards_merge_into_the_unsharded_run(serial: tuple[Path, Path], tmp_path: Path) -> None:
     config, serial_dir = serial
     for index in (1, 2):
-        result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / f"part{index}"), "--shard", f"{index}/2"])
+        result = runner.invoke(
+            app, ["run", str(config), "--out", str(tmp_path / f"part{index}"), "--shard", f"{index}/2"]
+        )
         assert result.exit_code == 0, result.stderr
     parts = [count(tmp_path / f"part{index}") for index in (1, 2)]
     assert all(parts) and sum(parts) == len(rows(serial_dir)[0])
-    result = runner.invoke(app, ["merge", str(tmp_path / "part1"), str(tmp_path / "part2"), "--out", str(tmp_path / "merged")])
+    result = runner.invoke(
+        app, ["merge", str(tmp_path / "part1"), str(tmp_path / "part2"), "--out", str(tmp_path / "merged")]
+    )
     assert result.exit_code == 0, result.stderr
     assert rows(tmp_path / "merged") == rows(serial_dir)
-    served = sorted(str(p.relative_to(tmp_path / "merged")) for p in (tmp_path / "merged" / "files").rglob("*") if p.is_file())
+    served = sorted(
+        str(p.relative_to(tmp_path / "merged")) for p in (tmp_path / "merged" / "files").rglob("*") if p.is_file()
+    )
     assert served == sorted(str(p.relative_to(serial_dir)) for p in (serial_dir / "files").rglob("*") if p.is_file())
     report = runner.invoke(app, ["report", str(tmp_path / "merged")])
     assert report.exit_code == 0, report.stderr
@@ -183,7 +231,9 @@ def test_merging_parts_of_different_runs_is_refused(serial: tuple[Path, Path], t
     other = write_config(tmp_path, adv_steps=3, name="other.toml")
     for source, out in ((config, "mine"), (other, "theirs")):
         assert runner.invoke(app, ["run", str(source), "--out", str(tmp_path / out), "--shard", "1/2"]).exit_code == 0
-    result = runner.invoke(app, ["merge", str(tmp_path / "mine"), str(tmp_path / "theirs"), "--out", str(tmp_path / "merged")])
+    result = runner.invoke(
+        app, ["merge", str(tmp_path / "mine"), str(tmp_path / "theirs"), "--out", str(tmp_path / "merged")]
+    )
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "not a part of the same experiment" in lines[0]
     with pytest.raises(InputError, match="overlap"):
@@ -210,7 +260,11 @@ def test_resources_are_validated(tmp_path: Path, table: str, needle: str) -> Non
 
 def test_resources_are_not_part_of_a_runs_identity(serial: tuple[Path, Path], tmp_path: Path) -> None:
     config, serial_dir = serial
-    placed = write_config(tmp_path, extra="[resources.grad]\nnum_cpus = 2\nmemory_gb = 1.5\n[resources.default]\nnum_cpus = 1", name="placed.toml")
+    placed = write_config(
+        tmp_path,
+        extra="[resources.grad]\nnum_cpus = 2\nmemory_gb = 1.5\n[resources.default]\nnum_cpus = 1",
+        name="placed.toml",
+    )
     experiment = load_experiment_config(placed)
     executor = RayExecutor(resources=experiment.resources)
     assert executor.resources["grad"].ray_options() == {"num_cpus": 2, "num_gpus": 0.0, "memory": int(1.5 * 2**30)}
@@ -245,7 +299,11 @@ def test_the_estimate_writes_nothing_and_predicts_every_unit_left(serial: tuple[
     assert estimate.units == 6 and estimate.seconds > 0 and estimate.pilot_seconds > 0
     # on a CPU the peak is the process's resident size: at least the loaded model and torch
     assert estimate.memory_kind == "cpu" and estimate.peak_bytes > 100 * 2**20 and not estimate.peak_per_unit
-    assert set(estimate.per_unit) == {"shapes-resnet pgd batch 1", "shapes-resnet adv2 vs cam batch 1", "shapes-resnet adv2 vs grad batch 1"}
+    assert set(estimate.per_unit) == {
+        "shapes-resnet pgd batch 1",
+        "shapes-resnet adv2 vs cam batch 1",
+        "shapes-resnet adv2 vs grad batch 1",
+    }
     assert estimate_experiment(load_experiment_config(config), serial_dir).units == 0  # a finished run: nothing left
     result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "fresh"), "--estimate"])
     assert result.exit_code == 0 and result.stdout.startswith("estimate: about ") and not (tmp_path / "fresh").exists()
@@ -262,7 +320,8 @@ def test_shards_get_their_share_of_every_interpreter() -> None:
         Unit(model, attack, interpreter, None if interpreter is None else "benign", batch, frozenset(), frozenset())
         for model in ("a", "b")
         for batch in range(10)
-        for attack, interpreter in [("pgd", None)] + [("adv2", name) for name in ("grad", "cam", "rts", "mask", "ensemble")]
+        for attack, interpreter in [("pgd", None)]
+        + [("adv2", name) for name in ("grad", "cam", "rts", "mask", "ensemble")]
     ]
     for count_ in (2, 3, 4):
         parts = [shard_units(plan, (index, count_)) for index in range(1, count_ + 1)]

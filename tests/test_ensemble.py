@@ -21,8 +21,13 @@ SIZE = 32
 def tiny_classifier() -> Classifier:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
     ).eval()
     with torch.no_grad():
         net[-1].weight.mul_(30)
@@ -113,7 +118,9 @@ def test_attack_terms_are_the_members_at_their_share() -> None:
     with clf.frozen():
         _, _, state = ensemble.surrogate_and_logits(x, classes, ensemble.initial_state(0, x.device))
         terms = ensemble.attack_terms("joint", x, classes, target, state)
-        own = mask.attack_terms("joint", x, classes, ensemble.split(target, ensemble.member_shapes(x))[1], state.members[1])
+        own = mask.attack_terms(
+            "joint", x, classes, ensemble.split(target, ensemble.member_shapes(x))[1], state.members[1]
+        )
     assert terms is not None and own is not None and terms.extra is None
     assert torch.allclose(terms.interpretation, ensemble.shares[1] * own.interpretation)
 
@@ -230,13 +237,25 @@ def test_members_get_the_run_preset_and_the_cli_takes_the_options(tmp_path) -> N
     assert quick.members[1].config == build_interpreter("mask", clf, preset="quick").config
     assert isinstance(build_interpreter("mask", clf).config, MaskConfig)
 
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     image = tmp_path / "a.png"
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(image)
     result = CliRunner().invoke(
-        app, ["explain", str(image), "-i", "ensemble", "-O", "members=grad,cam", "-O", "weights=1,2", "-o", str(tmp_path / "out")]
+        app,
+        [
+            "explain",
+            str(image),
+            "-i",
+            "ensemble",
+            "-O",
+            "members=grad,cam",
+            "-O",
+            "weights=1,2",
+            "-o",
+            str(tmp_path / "out"),
+        ],
     )
     assert result.exit_code == 0, result.output
     saved = np.load(next((tmp_path / "out").glob("*.npy")))
@@ -256,7 +275,10 @@ def test_a_run_config_attacks_the_ensemble_and_measures_transfer_to_its_members(
     result = CliRunner().invoke(app, ["run", str(config), "--out", str(tmp_path / "run"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     with sqlite3.connect(tmp_path / "run" / "results.sqlite") as connection:
-        options = {json for (json,) in connection.execute("SELECT interpreter_options FROM results WHERE interpreter = 'ensemble'")}
+        options = {
+            json
+            for (json,) in connection.execute("SELECT interpreter_options FROM results WHERE interpreter = 'ensemble'")
+        }
         pairs = set(connection.execute("SELECT source_interpreter, target_interpreter FROM transfer"))
     assert any('"weights": [2.0, 1.0]' in text or '"weights": [2, 1]' in text for text in options), options
     assert ("ensemble", "grad") in pairs and ("grad", "ensemble") in pairs

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import stat
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,9 @@ def count_rows(run_dir: Path) -> int:
         return int(connection.execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
 
-def tiny_config(folder: Path, *, extra: str = "", experiment: str = "", interpreters: str = '["cam"]', model: str = "shapes-resnet") -> Path:
+def tiny_config(
+    folder: Path, *, extra: str = "", experiment: str = "", interpreters: str = '["cam"]', model: str = "shapes-resnet"
+) -> Path:
     """Two PGD units of one step each: the cheapest run with something to resume."""
     path = folder / "experiment.toml"
     path.write_text(
@@ -97,11 +99,15 @@ def kill_last_unit(run_dir: Path, images: tuple[str, ...]) -> int:
 
 def rows_of(run_dir: Path) -> dict[tuple[str, ...], tuple[float, float]]:
     with sqlite3.connect(run_dir / DATABASE_NAME) as connection:
-        rows = connection.execute("SELECT model, interpreter, attack, target_map, image, iou, l1 FROM results").fetchall()
+        rows = connection.execute(
+            "SELECT model, interpreter, attack, target_map, image, iou, l1 FROM results"
+        ).fetchall()
     return {tuple(row[:5]): tuple(row[5:]) for row in rows}
 
 
-def resume_is_refused_then_restored(tmp_path: Path, config_path: Path, changed: Path, change: callable, needle: str) -> None:
+def resume_is_refused_then_restored(
+    tmp_path: Path, config_path: Path, changed: Path, change: callable, needle: str
+) -> None:
     """Run, lose the last unit, change ``changed``: the resume is one line naming it and computes
     nothing; with the original contents back, the resume completes the same run."""
     run_dir = tmp_path / "run"
@@ -124,7 +130,19 @@ def resume_is_refused_then_restored(tmp_path: Path, config_path: Path, changed: 
 # ----------------------------------------------------------------- silent wrong results
 def test_weights_that_do_not_apply_are_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, _, err = cli("attack", "-m", "shapes-resnet", "--weights", "/nonexistent.pth", "--data", "shapes:test", "--limit", "2", "--out", out)
+    code, _, err = cli(
+        "attack",
+        "-m",
+        "shapes-resnet",
+        "--weights",
+        "/nonexistent.pth",
+        "--data",
+        "shapes:test",
+        "--limit",
+        "2",
+        "--out",
+        out,
+    )
     one_error_line(code, err, "does not apply to the built-in model 'shapes-resnet'")
     assert not out.exists()
     with pytest.raises(SpecError, match="does not apply to checkpoint"):
@@ -191,7 +209,9 @@ def test_resume_refuses_a_changed_rts_network(tmp_path: Path) -> None:
     shipped = shipped_rts_path(SHIPPED_RTS["shapes-resnet"])
     shutil.copy(shipped, network)
     shutil.copy(shipped.with_suffix(".json"), network.with_suffix(".json"))
-    config = tiny_config(tmp_path, interpreters='["rts"]', extra=f"[interpreters.rts]\ncheckpoint = {json.dumps(str(network))}")
+    config = tiny_config(
+        tmp_path, interpreters='["rts"]', extra=f"[interpreters.rts]\ncheckpoint = {json.dumps(str(network))}"
+    )
 
     def retrain(path: Path) -> None:
         state = load_file(path)
@@ -219,7 +239,9 @@ def test_resume_refuses_a_changed_factory_file(tmp_path: Path) -> None:
     spec = f"{factory}:make"
     files = picture_files(tmp_path, 4)
     config = tiny_config(
-        tmp_path, model=spec, experiment=f"files = {json.dumps(files)}",
+        tmp_path,
+        model=spec,
+        experiment=f"files = {json.dumps(files)}",
         extra=f"[models.{json.dumps(spec)}]\ninput_size = 64\nclasses = {json.dumps([str(i) for i in range(10)])}",
     )
 
@@ -237,7 +259,9 @@ def test_resume_refuses_a_changed_model_card_or_torchscript_file(tmp_path: Path)
     card = tmp_path / "net.toml"
     card.write_text(f"input_size = 64\nclasses = {json.dumps([str(i) for i in range(10)])}\nmean = [0.5, 0.5, 0.5]\n")
     files = picture_files(tmp_path, 4)
-    config = tiny_config(tmp_path, model=f"torchscript:{archive}", interpreters='["grad"]', experiment=f"files = {json.dumps(files)}")
+    config = tiny_config(
+        tmp_path, model=f"torchscript:{archive}", interpreters='["grad"]', experiment=f"files = {json.dumps(files)}"
+    )
 
     def renormalise(path: Path) -> None:
         path.write_text(path.read_text().replace("mean = [0.5, 0.5, 0.5]", "mean = [0.4, 0.4, 0.4]"))
@@ -254,11 +278,16 @@ def test_resume_refuses_a_changed_model_card_or_torchscript_file(tmp_path: Path)
 
 
 def test_constant_or_empty_target_maps_are_refused(tmp_path: Path) -> None:
-    for name, array, needle in (("zero.npy", np.zeros((8, 8)), "is constant"), ("flat.npy", np.full((8, 8), 0.3), "is constant"),
-                                ("empty.npy", np.zeros((0, 8)), "is empty")):
+    for name, array, needle in (
+        ("zero.npy", np.zeros((8, 8)), "is constant"),
+        ("flat.npy", np.full((8, 8), 0.3), "is constant"),
+        ("empty.npy", np.zeros((0, 8)), "is empty"),
+    ):
         np.save(tmp_path / name, array)
         out = tmp_path / f"out-{name}"
-        code, _, err = cli("attack", "--data", "shapes:test", "--limit", "2", "--target-map", tmp_path / name, "--out", out)
+        code, _, err = cli(
+            "attack", "--data", "shapes:test", "--limit", "2", "--target-map", tmp_path / name, "--out", out
+        )
         one_error_line(code, err, needle)
         assert not out.exists()
 
@@ -350,7 +379,11 @@ def test_output_folders_that_cannot_be_written_are_refused_first(tmp_path: Path,
     a_file = tmp_path / "taken"
     a_file.write_text("something")
     config = tiny_config(tmp_path)
-    for out, needle in ((a_file, "is a file"), (a_file / "below", "is a file"), (Path("/proc/underfire-out"), "cannot write")):
+    for out, needle in (
+        (a_file, "is a file"),
+        (a_file / "below", "is a file"),
+        (Path("/proc/underfire-out"), "cannot write"),
+    ):
         args = {
             "explain": ("explain", picture, "--out", out),
             "attack": ("attack", picture, "--out", out),
@@ -368,7 +401,19 @@ def test_report_outputs_that_are_folders_are_refused(finished_run: Path, tmp_pat
     one_error_line(code, err, "is a folder")
     (tmp_path / "attack").mkdir()
     (tmp_path / "attack" / "report.json").mkdir()
-    code, _, err = cli("attack", "--data", "shapes:test", "--limit", "2", "--out", tmp_path / "attack", "--pgd-steps", "1", "--adv-steps", "1")
+    code, _, err = cli(
+        "attack",
+        "--data",
+        "shapes:test",
+        "--limit",
+        "2",
+        "--out",
+        tmp_path / "attack",
+        "--pgd-steps",
+        "1",
+        "--adv-steps",
+        "1",
+    )
     one_error_line(code, err, "report.json", "is a directory")
     assert not (tmp_path / "attack" / DATABASE_NAME).exists()  # found before the attack, not after it
 
@@ -428,7 +473,9 @@ def test_float64_images_are_converted_like_peers_do() -> None:
         ("def make(:\n    pass\n", "raised SyntaxError"),
     ],
 )
-def test_an_error_in_a_users_factory_names_the_spec_and_the_users_line(tmp_path: Path, source: str, needle: str) -> None:
+def test_an_error_in_a_users_factory_names_the_spec_and_the_users_line(
+    tmp_path: Path, source: str, needle: str
+) -> None:
     factory = tmp_path / "net.py"
     factory.write_text(source)
     (picture,) = map(Path, picture_files(tmp_path, 1, stem="picture"))
@@ -476,7 +523,9 @@ def test_log_progress_prints_at_intervals_and_says_what_is_left() -> None:
 def test_threads_follow_the_idle_cores_or_the_users_choice() -> None:
     before = torch.get_num_threads()
     try:
-        assert idle_cores(2, 0.1) == 2 and idle_cores(2, 1.2) == 1 and idle_cores(2, 7.0) == 1 and idle_cores(8, 2.4) == 6
+        assert (
+            idle_cores(2, 0.1) == 2 and idle_cores(2, 1.2) == 1 and idle_cores(2, 7.0) == 1 and idle_cores(8, 2.4) == 6
+        )
         assert choose_threads({"OMP_NUM_THREADS": "1"}) == (1, "OMP_NUM_THREADS=1") and torch.get_num_threads() == 1
         assert choose_threads({"UNDERFIRE_THREADS": "2", "OMP_NUM_THREADS": "1"})[0] == 2
     finally:
@@ -489,7 +538,9 @@ def test_the_report_embeds_only_files_inside_the_run_folder(finished_run: Path, 
     Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(secret)
     secret_bytes = secret.read_bytes()
     with sqlite3.connect(run_dir / DATABASE_NAME) as connection:
-        connection.execute("UPDATE results SET adversarial_path = ?, overlay_path = ? WHERE rowid = 1", (str(secret), "../secret.png"))
+        connection.execute(
+            "UPDATE results SET adversarial_path = ?, overlay_path = ? WHERE rowid = 1", (str(secret), "../secret.png")
+        )
         connection.execute("UPDATE images SET image_path = ? WHERE position = 0", ("../secret.png",))
     code, out, err = cli("report", run_dir)
     assert code == 0, err
@@ -499,9 +550,13 @@ def test_the_report_embeds_only_files_inside_the_run_folder(finished_run: Path, 
     assert base64.b64encode(secret_bytes).decode() not in page
 
 
-def test_huge_images_are_refused_from_the_header_and_large_ones_decoded_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_huge_images_are_refused_from_the_header_and_large_ones_decoded_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(0)
-    photo = Image.fromarray((rng.random((250, 250, 3)) * 255).astype(np.uint8)).resize((1600, 1200), Image.Resampling.BICUBIC)
+    photo = Image.fromarray((rng.random((250, 250, 3)) * 255).astype(np.uint8)).resize(
+        (1600, 1200), Image.Resampling.BICUBIC
+    )
     for name in ("big.jpg", "big.png"):
         photo.save(tmp_path / name, quality=95)
         small = read_image(tmp_path / name, 64)
@@ -511,7 +566,9 @@ def test_huge_images_are_refused_from_the_header_and_large_ones_decoded_small(tm
         difference = (small - reference).abs()  # near-Nyquist noise: the worst case for a shortcut
         assert small.shape == (3, 64, 64) and difference.mean() < 0.02 and difference.max() < 0.1
     monkeypatch.setattr(image_module, "MAX_IMAGE_PIXELS", 1600 * 1200 - 1)
-    with pytest.raises(ImageReadError, match=r"is 1600×1200 \(2 megapixels\); underfire reads images up to 2 megapixels"):
+    with pytest.raises(
+        ImageReadError, match=r"is 1600×1200 \(2 megapixels\); underfire reads images up to 2 megapixels"
+    ):
         read_image(tmp_path / "big.png", 64)
 
 
@@ -547,7 +604,9 @@ def test_small_messages(tmp_path: Path) -> None:
     (picture,) = map(Path, picture_files(tmp_path, 1, stem="picture"))
     code, _, err = cli("explain", picture, "--out", tmp_path / "maps", "-m", tmp_path / "nope.safetensors")
     one_error_line(code, err, "nope.safetensors' does not exist")
-    code, out, err = cli("attack", picture, "--out", tmp_path / "one", "-a", "pgd", "--pgd-steps", "1", "--adv-steps", "0")
+    code, out, err = cli(
+        "attack", picture, "--out", tmp_path / "one", "-a", "pgd", "--pgd-steps", "1", "--adv-steps", "0"
+    )
     assert code == 0, err
     assert " on 1 image: " in out
 
@@ -558,7 +617,9 @@ def test_the_report_says_the_settings_and_the_iou_over_successful_attacks(finish
 
     run_dir = copy_run(finished_run, tmp_path)
     page = write_report(run_dir, "html").read_text(encoding="utf-8")
-    assert "ε = 8/255 · preset quick · random target classes (never the true class) · target maps benign · seed 0" in page
+    assert (
+        "ε = 8/255 · preset quick · random target classes (never the true class) · target maps benign · seed 0" in page
+    )
     assert "wall s / image" in page and "IoU, successful" in page and "colour scale from low" in page
     assert page.count('<div class="cap">predicted ') >= 2  # the benign prediction under each benign image
     with sqlite3.connect(run_dir / DATABASE_NAME) as connection:

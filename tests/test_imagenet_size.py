@@ -19,7 +19,9 @@ OPTIONS = {"smoothgrad": {"samples": 2}, "mask": {"iterations": 3}}
 def interpreter(name: str, classifier):
     if name == "rts":  # no RTS network ships for torchvision models: an untrained one of the right size
         torch.manual_seed(0)
-        return Rts(classifier, SaliencyNetwork(classifier.num_classes, ShapesResNet(num_classes=classifier.num_classes)).eval())
+        return Rts(
+            classifier, SaliencyNetwork(classifier.num_classes, ShapesResNet(num_classes=classifier.num_classes)).eval()
+        )
     return build_interpreter(name, classifier, **OPTIONS.get(name, {}))
 
 

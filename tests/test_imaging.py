@@ -36,7 +36,9 @@ def rand(*shape: int, seed: int = 0) -> torch.Tensor:
 def test_blur_equals_the_convolution(shape: tuple[int, ...], sigma: float, truncate: float) -> None:
     """Non-square images and radii clipped by the image size (σ = 5 on 9 px) included."""
     x = rand(*shape)
-    torch.testing.assert_close(gaussian_blur(x, sigma, truncate), reference_blur(x, sigma, truncate), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        gaussian_blur(x, sigma, truncate), reference_blur(x, sigma, truncate), rtol=0, atol=1e-12
+    )
 
 
 def test_blur_gradient_and_layouts() -> None:

@@ -13,12 +13,12 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from model_state import assert_unchanged, snapshot
 from torch import nn
 
 from underfire import Classifier, InputError
 from underfire.interpreters import INTERPRETERS, Interpreter, Mask, MaskConfig, Rts, SaliencyNetwork, build_interpreter
 from underfire.models import IMAGENET_MEAN, IMAGENET_STD, ShapesDenseNet, ShapesResNet
-from model_state import assert_unchanged, snapshot
 
 SIZE = 32
 

@@ -15,13 +15,13 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from model_state import assert_unchanged, snapshot
 from torch import nn
 
 from underfire import Classifier, InputError
 from underfire.data import ShapesDataset
 from underfire.imaging import translate
 from underfire.interpreters.base import normalize_maps
-from model_state import assert_unchanged, snapshot
 from underfire.interpreters.mask import (
     Mask,
     MaskConfig,

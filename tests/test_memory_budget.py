@@ -28,8 +28,17 @@ linux_only = pytest.mark.skipif(
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("8GiB", 8 * 2**30), ("8G", 8 * 2**30), ("8g", 8 * 2**30), ("8GB", 8 * 10**9), ("512MiB", 512 * 2**20),
-     ("1.5TiB", int(1.5 * 2**40)), ("64 KiB", 64 * 2**10), ("1000", 1000), ("1000B", 1000)],
+    [
+        ("8GiB", 8 * 2**30),
+        ("8G", 8 * 2**30),
+        ("8g", 8 * 2**30),
+        ("8GB", 8 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("1.5TiB", int(1.5 * 2**40)),
+        ("64 KiB", 64 * 2**10),
+        ("1000", 1000),
+        ("1000B", 1000),
+    ],
 )
 def test_sizes_parse_with_binary_and_decimal_units(text: str, size: int) -> None:
     assert parse_memory(text) == size
@@ -61,16 +70,22 @@ def test_the_batch_is_the_largest_at_which_every_kind_of_unit_fits() -> None:
 
 def test_a_budget_below_one_image_names_the_unit_that_needs_more() -> None:
     with pytest.raises(InputError, match=r"less than one image needs: b peaked at 250 MiB") as caught:
-        fit_batch({"a": {1: 100 * 2**20, 2: 150 * 2**20}, "b": {1: 250 * 2**20, 2: 260 * 2**20}}, 200 * 2**20, 4, 4, "cpu")
+        fit_batch(
+            {"a": {1: 100 * 2**20, 2: 150 * 2**20}, "b": {1: 250 * 2**20, 2: 260 * 2**20}}, 200 * 2**20, 4, 4, "cpu"
+        )
     assert "\n" not in str(caught.value)
 
 
 def test_a_recorded_batch_applies_to_the_config_it_was_chosen_for() -> None:
     config = ExperimentConfig(batch_size=16)
-    record = json.dumps({"batch_size": 5, "configured_batch_size": 16, "budget": 1, "predicted_peak": 1, "memory_kind": "cpu"})
+    record = json.dumps(
+        {"batch_size": 5, "configured_batch_size": 16, "budget": 1, "predicted_peak": 1, "memory_kind": "cpu"}
+    )
     assert recorded_batch(config, record).batch_size == 5
     assert recorded_batch(config, json.loads(record)).batch_size == 5
-    assert recorded_batch(dataclasses.replace(config, batch_size=8), record).batch_size == 8  # the user changed it: theirs
+    assert (
+        recorded_batch(dataclasses.replace(config, batch_size=8), record).batch_size == 8
+    )  # the user changed it: theirs
     assert recorded_batch(config, None) is config
 
 
@@ -86,8 +101,14 @@ def large_config(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
         Image.fromarray(generator.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(path)
         files.append(str(path))
     return ExperimentConfig(
-        name="budget", models=("torchvision:resnet18@random",), interpreters=("grad",), attacks=("adv2",), transfer=False,
-        files=tuple(files), batch_size=4, overrides={"pgd_steps": 1, "adv_steps": 1},
+        name="budget",
+        models=("torchvision:resnet18@random",),
+        interpreters=("grad",),
+        attacks=("adv2",),
+        transfer=False,
+        files=tuple(files),
+        batch_size=4,
+        overrides={"pgd_steps": 1, "adv_steps": 1},
     )
 
 
@@ -124,17 +145,27 @@ def test_the_cli_estimates_with_the_batch_a_budget_chooses_and_refuses_a_budget_
         '[experiment]\nname = "small"\nmodels = ["shapes-resnet"]\ninterpreters = ["cam"]\nimages = 4\nbatch_size = 4\n'
         "[overrides]\npgd_steps = 1\nadv_steps = 1\n"
     )
-    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "fresh"), "--estimate", "--max-memory", "64GiB"])
+    result = runner.invoke(
+        app, ["run", str(config), "--out", str(tmp_path / "fresh"), "--estimate", "--max-memory", "64GiB"]
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
-    assert lines[-2].startswith("memory budget 64.00 GiB") and "batch 4 fits" in lines[-2] and lines[-1].startswith("estimate: ")
+    assert (
+        lines[-2].startswith("memory budget 64.00 GiB")
+        and "batch 4 fits" in lines[-2]
+        and lines[-1].startswith("estimate: ")
+    )
     assert not (tmp_path / "fresh").exists()
     result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "small"), "--max-memory", "1MiB"])
     errors = [line for line in result.stderr.splitlines() if not line.startswith("measuring memory: ")]  # its progress
     assert result.exit_code != 0 and len(errors) == 1 and "less than one image needs" in errors[0], result.output
-    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "part"), "--shard", "1/2", "--max-memory", "8GiB"])
+    result = runner.invoke(
+        app, ["run", str(config), "--out", str(tmp_path / "part"), "--shard", "1/2", "--max-memory", "8GiB"]
+    )
     errors = result.stderr.strip().splitlines()
-    assert result.exit_code != 0 and len(errors) == 1 and "parts of a sharded run must share one" in errors[0], result.output
+    assert result.exit_code != 0 and len(errors) == 1 and "parts of a sharded run must share one" in errors[0], (
+        result.output
+    )
 
 
 @linux_only
@@ -142,8 +173,14 @@ def test_a_pilot_the_machine_cannot_hold_is_retried_on_fewer_images(monkeypatch:
     from underfire.runs import memory
 
     config = ExperimentConfig(
-        name="retry", models=("shapes-resnet",), interpreters=("cam",), attacks=("adv2",), transfer=False, images=4,
-        batch_size=4, overrides={"pgd_steps": 1, "adv_steps": 1},
+        name="retry",
+        models=("shapes-resnet",),
+        interpreters=("cam",),
+        attacks=("adv2",),
+        transfer=False,
+        images=4,
+        batch_size=4,
+        overrides={"pgd_steps": 1, "adv_steps": 1},
     )
     real_pilot, sizes, seen = memory._pilot, [], {}
 
@@ -165,7 +202,9 @@ def test_the_batch_a_run_folder_computes_with() -> None:
     from underfire.runs.memory import sized_config
 
     config = ExperimentConfig(batch_size=16)
-    record = json.dumps({"batch_size": 5, "configured_batch_size": 16, "budget": 1, "predicted_peak": 1, "memory_kind": "cpu"})
+    record = json.dumps(
+        {"batch_size": 5, "configured_batch_size": 16, "budget": 1, "predicted_peak": 1, "memory_kind": "cpu"}
+    )
     # a first start killed after recording its budget and before its config: the recorded batch
     assert sized_config(config, [], {META_KEY: record}, None)[0].batch_size == 5
     assert sized_config(config, [], {META_KEY: record, "config": "{}"}, 2**40)[0].batch_size == 5  # no new measurement
@@ -179,13 +218,21 @@ def test_a_budget_on_a_run_begun_without_one_is_ignored_by_the_run_and_its_estim
     from underfire.runs.estimate import estimate_experiment
 
     config = ExperimentConfig(
-        name="late", models=("shapes-resnet",), interpreters=("cam",), attacks=("adv2",), transfer=False, images=4,
-        batch_size=4, overrides={"pgd_steps": 1, "adv_steps": 1},
+        name="late",
+        models=("shapes-resnet",),
+        interpreters=("cam",),
+        attacks=("adv2",),
+        transfer=False,
+        images=4,
+        batch_size=4,
+        overrides={"pgd_steps": 1, "adv_steps": 1},
     )
     run_experiment(config, tmp_path / "run")
     said: list[str] = []
     again = run_experiment(config, tmp_path / "run", announce=said.append, max_memory=2**40)
-    assert again.was_complete and any("--max-memory ignored: this run started without a budget" in line for line in said)
+    assert again.was_complete and any(
+        "--max-memory ignored: this run started without a budget" in line for line in said
+    )
     said.clear()
     assert estimate_experiment(config, tmp_path / "run", max_memory=2**40, announce=said.append).units == 0
     assert not said  # nothing measured: the estimate keeps the run's batch too
@@ -193,11 +240,35 @@ def test_a_budget_on_a_run_begun_without_one_is_ignored_by_the_run_and_its_estim
 
 @linux_only
 def test_attack_takes_a_budget(tmp_path: Path) -> None:
-    result = runner.invoke(app, [
-        "attack", "--model", "shapes-resnet", "--data", "shapes:test", "--limit", "4", "--interpreter", "cam",
-        "--pgd-steps", "1", "--adv-steps", "1", "--max-memory", "64GiB", "--out", str(tmp_path / "adv"),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "attack",
+            "--model",
+            "shapes-resnet",
+            "--data",
+            "shapes:test",
+            "--limit",
+            "4",
+            "--interpreter",
+            "cam",
+            "--pgd-steps",
+            "1",
+            "--adv-steps",
+            "1",
+            "--max-memory",
+            "64GiB",
+            "--out",
+            str(tmp_path / "adv"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert "memory budget 64.00 GiB" in result.output and "batch 50 fits" in result.output  # 4 images: a batch of 50 holds them
-    record = sqlite3.connect(tmp_path / "adv" / "results.sqlite").execute("SELECT value FROM meta WHERE key = ?", (META_KEY,)).fetchone()
+    assert (
+        "memory budget 64.00 GiB" in result.output and "batch 50 fits" in result.output
+    )  # 4 images: a batch of 50 holds them
+    record = (
+        sqlite3.connect(tmp_path / "adv" / "results.sqlite")
+        .execute("SELECT value FROM meta WHERE key = ?", (META_KEY,))
+        .fetchone()
+    )
     assert json.loads(record[0])["batch_size"] == 4

@@ -35,10 +35,25 @@ def _refresh() -> None:
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The example package installed with pip into its own folder, put on sys.path for this module."""
     target = tmp_path_factory.mktemp("site")
-    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("source") / EXAMPLE.name)  # build files stay out of the repo
+    source = shutil.copytree(
+        EXAMPLE, tmp_path_factory.mktemp("source") / EXAMPLE.name
+    )  # build files stay out of the repo
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     sys.path.insert(0, str(target))
     _refresh()
@@ -60,7 +75,9 @@ def test_the_plugin_is_registered_next_to_the_builtins(plugin: Path) -> None:
     assert INTERPRETERS.names()[-1] == "example_gxi" and not INTERPRETERS.is_builtin("example_gxi")
     assert ATTACKS.names() == ["pgd", "adv2", "fgsm"]
     code, out, _ = cli("interpreters", "--options")
-    assert code == 0 and "example_gxi" in out and "back-propagation: gradient × input" in out and "relu: str = 'h'" in out
+    assert (
+        code == 0 and "example_gxi" in out and "back-propagation: gradient × input" in out and "relu: str = 'h'" in out
+    )
     code, out, _ = cli("attacks")
     assert code == 0 and "fgsm" in out and "one targeted fast-gradient-sign step" in out
 
@@ -81,10 +98,14 @@ def test_the_plugin_interpreter_explains_and_has_a_live_surrogate(plugin: Path, 
     source = tmp_path / "png"
     cli("data", "export", "shapes:test", str(source), "--limit", "1")
     files = [str(p) for p in (source / "images").rglob("*.png")]
-    code, out, err = cli("explain", *files, "-i", "example_gxi", "--option", "relu=none", "--out", str(tmp_path / "maps"), "--json")
+    code, out, err = cli(
+        "explain", *files, "-i", "example_gxi", "--option", "relu=none", "--out", str(tmp_path / "maps"), "--json"
+    )
     assert code == 0, err
     assert json.loads(out)["images"][0]["map_shape"] == [64, 64]
-    code, _, err = cli("explain", *files, "-i", "example_gxi", "--option", "colour=red", "--out", str(tmp_path / "maps"))
+    code, _, err = cli(
+        "explain", *files, "-i", "example_gxi", "--option", "colour=red", "--out", str(tmp_path / "maps")
+    )
     assert code == 2 and "unknown option 'colour'" in err and len(err.strip().splitlines()) == 1
 
 
@@ -93,13 +114,41 @@ def test_the_plugin_interpreter_and_attack_through_attack_and_the_defaults(plugi
 
     default = preset("quick", "example_gxi")  # no preset of its own: underfire's defaults
     assert (default.pgd_steps, default.adv_steps) == (60, 200)
-    code, out, err = cli("attack", "--data", "shapes:test", "--limit", "2", "-i", "example_gxi", "--attack", "adv2",
-                         "--pgd-steps", "3", "--adv-steps", "3", "--out", str(tmp_path / "adv2"), "--json")
+    code, out, err = cli(
+        "attack",
+        "--data",
+        "shapes:test",
+        "--limit",
+        "2",
+        "-i",
+        "example_gxi",
+        "--attack",
+        "adv2",
+        "--pgd-steps",
+        "3",
+        "--adv-steps",
+        "3",
+        "--out",
+        str(tmp_path / "adv2"),
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["interpreter"] == "example_gxi" and report["summary"]["images"] == 2
-    code, out, err = cli("attack", "--data", "shapes:test", "--limit", "2", "-i", "cam", "--attack", "fgsm",
-                         "--out", str(tmp_path / "fgsm"), "--json")
+    code, out, err = cli(
+        "attack",
+        "--data",
+        "shapes:test",
+        "--limit",
+        "2",
+        "-i",
+        "cam",
+        "--attack",
+        "fgsm",
+        "--out",
+        str(tmp_path / "fgsm"),
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["attack"] == "fgsm" and report["config"] == {"eps": pytest.approx(8 / 255), "seed": 0}
@@ -109,9 +158,9 @@ def test_the_plugin_interpreter_and_attack_through_attack_and_the_defaults(plugi
 def test_the_plugin_in_an_experiment_and_its_report(plugin: Path, tmp_path: Path) -> None:
     config = tmp_path / "experiment.toml"
     config.write_text(
-        "[experiment]\nname = \"plugins\"\nimages = 2\nbatch_size = 2\nmodels = [\"shapes-resnet\"]\n"
-        "interpreters = [\"cam\", \"example_gxi\"]\nattacks = [\"pgd\", \"adv2\", \"fgsm\"]\n"
-        "[overrides]\npgd_steps = 2\nadv_steps = 2\n[interpreters.example_gxi]\nrelu = \"sigmoid\"\n"
+        '[experiment]\nname = "plugins"\nimages = 2\nbatch_size = 2\nmodels = ["shapes-resnet"]\n'
+        'interpreters = ["cam", "example_gxi"]\nattacks = ["pgd", "adv2", "fgsm"]\n'
+        '[overrides]\npgd_steps = 2\nadv_steps = 2\n[interpreters.example_gxi]\nrelu = "sigmoid"\n'
     )
     run_dir = tmp_path / "run"
     code, _, err = cli("run", str(config), "--out", str(run_dir))
@@ -149,13 +198,16 @@ def _write_distribution(folder: Path, name: str, entry_points: str) -> None:
 def test_broken_plugins_warn_once_each_and_the_builtins_still_work(tmp_path: Path) -> None:
     (tmp_path / "not_an_interpreter.py").write_text("class Thing:\n    name = 'wrongbase'\n")
     _write_distribution(
-        tmp_path, "broken-plugins",
+        tmp_path,
+        "broken-plugins",
         "[underfire.interpreters]\nmissing = no_such_module_anywhere:Nope\nwrongbase = not_an_interpreter:Thing\n"
         "cam = underfire.interpreters.gradient:Grad\n",
     )
     sys.path.insert(0, str(tmp_path))
     try:
-        registry: Registry[Interpreter] = Registry("underfire.interpreters", Interpreter, "interpreter", order=INTERPRETERS.order)
+        registry: Registry[Interpreter] = Registry(
+            "underfire.interpreters", Interpreter, "interpreter", order=INTERPRETERS.order
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             names = registry.names()
@@ -164,7 +216,18 @@ def test_broken_plugins_warn_once_each_and_the_builtins_still_work(tmp_path: Pat
         assert any("'missing'" in m and "ModuleNotFoundError" in m for m in messages)
         assert any("'wrongbase'" in m and "not a subclass of underfire.Interpreter" in m for m in messages)
         assert any("'cam'" in m and "already taken by a built-in" in m for m in messages)
-        assert names[:10] == ["deeplift", "grad", "ig", "inputxgrad", "lrp", "smoothgrad", "cam", "gradcam", "rts", "mask"]
+        assert names[:10] == [
+            "deeplift",
+            "grad",
+            "ig",
+            "inputxgrad",
+            "lrp",
+            "smoothgrad",
+            "cam",
+            "gradcam",
+            "rts",
+            "mask",
+        ]
         assert registry.get("cam").__name__ == "CAM"  # the built-in, not the clashing plugin
         attacks: Registry[Attack] = Registry("underfire.attacks", Attack, "attack")
         assert "pgd" in attacks.names()

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from report_fixtures import SCHEMA, FakeRun, build_run
 from typer.testing import CliRunner
 
-from report_fixtures import SCHEMA, FakeRun, build_run
 from underfire import InputError, summary_rows, write_report
 from underfire.cli import app
 from underfire.data import SHAPE_CLASSES
@@ -142,7 +142,13 @@ def number(text: str) -> float | None:
     return None if text in ("—", "") else float(text.rstrip("%"))
 
 
-MEASURES = {"success": ("success_pct", 100.0, 1), "confidence": ("confidence", 1.0, 3), "l1": ("l1", 1.0, 3), "iou": ("iou", 1.0, 3), "seconds": ("seconds", 1.0, 2)}
+MEASURES = {
+    "success": ("success_pct", 100.0, 1),
+    "confidence": ("confidence", 1.0, 3),
+    "l1": ("l1", 1.0, 3),
+    "iou": ("iou", 1.0, 3),
+    "seconds": ("seconds", 1.0, 2),
+}
 
 
 def expected_from_sql(run_dir: Path) -> dict[tuple[str, str, str], dict[str, float | int | None]]:
@@ -205,7 +211,8 @@ def test_curves_and_transfer_match_the_rows(big_run: Path) -> None:
         maps = [
             json.loads(text)
             for (text,) in connection.execute(
-                "SELECT iou_by_k FROM results WHERE model = ? AND interpreter = ? AND attack = ? AND target_map = ?", key
+                "SELECT iou_by_k FROM results WHERE model = ? AND interpreter = ? AND attack = ? AND target_map = ?",
+                key,
             )
         ]
         assert curve["n"] == len(maps)
@@ -265,7 +272,9 @@ def test_partial_run_and_missing_files_still_report(big_run: Path, tmp_path: Pat
     partial = page.rows[("shapes-resnet", "mask", "benign")]
     assert (partial["pgd_n"], partial["adv2_n"], partial["images"]) == ("3", "2", "3")
     assert "partial" in text and "not run" in text and text.count("missing file") == 1
-    assert len(page.images) == 2 * 4 * 3 * 6 - 2 * 2 - 1 + 3  # grids (2 ADV² rows not run, 1 file gone) + 2 figures + colour scale
+    assert (
+        len(page.images) == 2 * 4 * 3 * 6 - 2 * 2 - 1 + 3
+    )  # grids (2 ADV² rows not run, 1 file gone) + 2 figures + colour scale
 
 
 def test_real_run_without_its_adv2_units_reports_what_exists(small_run: Path, tmp_path: Path) -> None:
@@ -331,7 +340,10 @@ def test_cli_report_writes_each_format(small_run: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(small_run), "--format", "csv", "--out", str(out)])
     assert result.exit_code == 0 and str(out) in result.stdout
     assert out.read_text().splitlines()[0].startswith("model,interpreter,target_map,images,pgd_n,adv2_n")
-    for args, message in (([str(tmp_path / "nope")], "does not exist"), ([str(small_run), "--format", "pdf"], "format")):
+    for args, message in (
+        ([str(tmp_path / "nope")], "does not exist"),
+        ([str(small_run), "--format", "pdf"], "format"),
+    ):
         result = runner.invoke(app, ["report", *args])
         assert result.exit_code == 2
         assert result.stderr.startswith("error:") and message in result.stderr and result.stderr.count("\n") == 1

@@ -8,8 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from underfire.metrics import object_iou as topk_iou
-from underfire.metrics import pointing_game
 from underfire.data import ShapesDataset
 from underfire.errors import CheckpointError, InputError
 from underfire.interpreters.rts import (
@@ -18,6 +16,9 @@ from underfire.interpreters.rts import (
     load_saliency_network,
     save_saliency_network,
 )
+from underfire.metrics import object_iou as topk_iou
+from underfire.metrics import pointing_game
+from underfire.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, ShapesResNet, load_model
 from underfire.training.rts import (
     RtsObjective,
     RtsTrainConfig,
@@ -29,7 +30,6 @@ from underfire.training.rts import (
     smoothness_loss,
     train_steps,
 )
-from underfire.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, ShapesResNet, load_model
 
 TINY = (4, 4, 8, 8, 16)
 
@@ -53,9 +53,7 @@ def module_state(module: torch.nn.Module) -> tuple[list[bool], list[bool]]:
 
 
 def hook_count(module: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
 
 
 # ------------------------------------------------------------------------------ network mechanics
@@ -305,7 +303,9 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 def test_classifier_checkpoint_is_not_an_rts_network(tmp_path) -> None:
     from underfire.models import save_checkpoint
 
-    path = save_checkpoint(ShapesResNet(widths=TINY).state_dict(), tmp_path / "clf.safetensors", {"architecture": "resnet"})
+    path = save_checkpoint(
+        ShapesResNet(widths=TINY).state_dict(), tmp_path / "clf.safetensors", {"architecture": "resnet"}
+    )
     with pytest.raises(CheckpointError, match="not an RTS network"):
         load_saliency_network(path)
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from model_state import assert_unchanged, snapshot
+
 from underfire.errors import InputError
 from underfire.interpreters import build_interpreter
 from underfire.interpreters.rts import SHIPPED_ADVERSARIAL_RTS, Rts, load_saliency_network, shipped_rts_path
@@ -29,8 +29,15 @@ TINY_ATTACK = {"pgd_steps": 10, "adv_steps": 20}
 
 def tiny(**overrides) -> AdversarialRtsConfig:
     settings = dict(
-        rounds=2, attack_images=4, steps_per_round=12, batch_size=8, adversarial_batch=4, train_size=64,
-        eval_size=16, learning_rate=1e-3, attack_settings=TINY_ATTACK,
+        rounds=2,
+        attack_images=4,
+        steps_per_round=12,
+        batch_size=8,
+        adversarial_batch=4,
+        train_size=64,
+        eval_size=16,
+        learning_rate=1e-3,
+        attack_settings=TINY_ATTACK,
     )
     return AdversarialRtsConfig(**{**settings, **overrides})
 
@@ -38,7 +45,9 @@ def tiny(**overrides) -> AdversarialRtsConfig:
 def test_empty_mask_loss_is_rts_fake_selector_objective() -> None:
     objective = RtsObjective()
     masks = torch.rand(3, 1, 16, 16)
-    expected = objective.area * (masks + 5e-4).pow(objective.area_power).flatten(1).mean(1) + objective.smoothness * smoothness_loss(masks)
+    expected = objective.area * (masks + 5e-4).pow(objective.area_power).flatten(1).mean(
+        1
+    ) + objective.smoothness * smoothness_loss(masks)
     torch.testing.assert_close(empty_mask_loss(masks, objective), expected)
     assert torch.allclose(area_loss(masks), (masks + 5e-4).pow(0.3).flatten(1).mean(1))
     empty, full = torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16)
@@ -79,7 +88,8 @@ def test_training_empties_the_masks_of_adversarial_examples_and_touches_only_the
         assert torch.equal(value, encoder_before[key]), f"encoder {key} changed"
     decoder_moved = any(
         not torch.equal(value, plain.network.state_dict()[key])
-        for key, value in trained.state_dict().items() if not key.startswith("encoder.")
+        for key, value in trained.state_dict().items()
+        if not key.startswith("encoder.")
     )
     assert decoder_moved
     records = meta["adversarial_training"]["rounds"]
@@ -94,7 +104,9 @@ def test_training_empties_the_masks_of_adversarial_examples_and_touches_only_the
     keep = classifier.predict(x).argmax(1) == labels[:16]
     x, y = x[keep][:4], labels[:16][keep][:4]
     targets = (y + 1) % 10
-    examples, success, _ = _adversarial_examples(classifier, plain.network, x, y, targets, tiny(attack_settings={}), seed=0)
+    examples, success, _ = _adversarial_examples(
+        classifier, plain.network, x, y, targets, tiny(attack_settings={}), seed=0
+    )
     assert bool(success.any())
     adv = examples[success].float() / 255
     before = plain.masks(adv, targets[success]).mean()
@@ -185,8 +197,24 @@ def test_cli_trains_a_network_the_rts_interpreter_loads(tmp_path) -> None:
     from underfire.cli import app
 
     out = tmp_path / "adv.safetensors"
-    args = ["train", "rts-adversarial", "--model", "shapes-resnet", "--rounds", "1", "--attack-images", "2",
-            "--steps-per-round", "2", "--train-size", "32", "--device", "cpu", "--out", str(out)]
+    args = [
+        "train",
+        "rts-adversarial",
+        "--model",
+        "shapes-resnet",
+        "--rounds",
+        "1",
+        "--attack-images",
+        "2",
+        "--steps-per-round",
+        "2",
+        "--train-size",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "pointing game" in result.stdout and "last round's ADV2" in result.stdout

@@ -22,9 +22,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from underfire import ExperimentConfig, load_experiment_config, run_experiment
-from underfire.runs import attack_experiment, run_attack
 from underfire.cli import app
 from underfire.errors import InputError
+from underfire.runs import attack_experiment, run_attack
 from underfire.store import ResultStore
 from underfire.store.files import TEMP_MARK
 
@@ -49,7 +49,9 @@ adv_steps = {steps}
 """
 
 
-def write_config(folder: Path, text: str | None = None, *, images: int = 4, batch_size: int = 2, steps: int = 2) -> Path:
+def write_config(
+    folder: Path, text: str | None = None, *, images: int = 4, batch_size: int = 2, steps: int = 2
+) -> Path:
     path = folder / "experiment.toml"
     path.write_text(text if text is not None else BASE.format(images=images, batch_size=batch_size, steps=steps))
     return path
@@ -58,11 +60,19 @@ def write_config(folder: Path, text: str | None = None, *, images: int = 4, batc
 def expected_keys(config: ExperimentConfig, names: list[str]) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]]]:
     results = {
         (m, i, a, t, n)
-        for m in config.models for i in config.interpreters for a in config.attacks for t in config.target_maps for n in names
+        for m in config.models
+        for i in config.interpreters
+        for a in config.attacks
+        for t in config.target_maps
+        for n in names
     }
     transfer = {
         (m, s, d, t, n, "adv2")
-        for m in config.models for s in config.interpreters for d in config.interpreters for t in config.target_maps for n in names
+        for m in config.models
+        for s in config.interpreters
+        for d in config.interpreters
+        for t in config.target_maps
+        for n in names
     }
     return results, transfer
 
@@ -79,7 +89,9 @@ def assert_run_is_whole(run_dir: Path, config: ExperimentConfig) -> None:
         images = store.rows("images")
     referenced = {row["image_path"] for row in images}
     for row in rows:
-        referenced |= {row[k] for k in ("adversarial_path", "map_path", "overlay_path", "benign_map_path", "benign_overlay_path")}
+        referenced |= {
+            row[k] for k in ("adversarial_path", "map_path", "overlay_path", "benign_map_path", "benign_overlay_path")
+        }
     for relative in referenced:
         assert (run_dir / relative).is_file(), relative
     assert not list(run_dir.rglob(f"*{TEMP_MARK}*"))
@@ -132,7 +144,10 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, key: s
 )
 def test_errors_found_by_loading_come_before_any_work(tmp_path: Path, setting: str, key: str) -> None:
     name = setting.split(" = ")[0]
-    text = "\n".join(setting if line.startswith(f"{name} =") else line for line in BASE.format(images=4, batch_size=2, steps=2).splitlines())
+    text = "\n".join(
+        setting if line.startswith(f"{name} =") else line
+        for line in BASE.format(images=4, batch_size=2, steps=2).splitlines()
+    )
     config = load_experiment_config(write_config(tmp_path, text))
     with pytest.raises(InputError) as error:
         run_experiment(config, tmp_path / "run")
@@ -202,8 +217,14 @@ def test_numbers_equal_the_attack_command(finished: tuple[Path, ExperimentConfig
         stored = {(r["interpreter"], r["attack"], r["image"]): r for r in store.rows("results")}
     for attack in ("adv2", "pgd"):
         job = attack_experiment(
-            model="shapes-resnet", interpreter="cam", attack=attack, data="shapes:test", limit=config.images,
-            batch_size=config.batch_size, seed=config.seed, overrides=dict(config.overrides),
+            model="shapes-resnet",
+            interpreter="cam",
+            attack=attack,
+            data="shapes:test",
+            limit=config.images,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            overrides=dict(config.overrides),
         )
         if attack == "adv2":
             assert job.config_for("adv2", "cam") == config.config_for("adv2", "cam")
@@ -227,7 +248,9 @@ def test_rerunning_a_finished_run_does_nothing(finished: tuple[Path, ExperimentC
     assert result.exit_code == 0 and "nothing to do" in result.stdout
 
 
-def test_a_different_config_in_the_same_folder_is_refused(finished: tuple[Path, ExperimentConfig], tmp_path: Path) -> None:
+def test_a_different_config_in_the_same_folder_is_refused(
+    finished: tuple[Path, ExperimentConfig], tmp_path: Path
+) -> None:
     run_dir, _ = finished
     other = load_experiment_config(write_config(tmp_path, steps=3))
     with pytest.raises(InputError, match=r"overrides\.adv_steps: 2 → 3"):
@@ -236,7 +259,9 @@ def test_a_different_config_in_the_same_folder_is_refused(finished: tuple[Path, 
     assert result.exit_code == 2 and "different config" in result.stderr
 
 
-def test_a_run_recorded_before_newer_attack_settings_resumes(finished: tuple[Path, ExperimentConfig], tmp_path: Path) -> None:
+def test_a_run_recorded_before_newer_attack_settings_resumes(
+    finished: tuple[Path, ExperimentConfig], tmp_path: Path
+) -> None:
     """A run folder written before ``restarts`` and ``soft_iou_weight`` existed (its stored attack
     settings lack them) resumes under a version that has them at their defaults."""
     run_dir, config = finished
@@ -252,7 +277,9 @@ def test_a_run_recorded_before_newer_attack_settings_resumes(finished: tuple[Pat
         (stored,) = connection.execute("SELECT value FROM meta WHERE key = 'attack_configs'").fetchone()
         older = drop(json.loads(stored))
         assert older != json.loads(stored) and '"restarts"' not in json.dumps(older)
-        connection.execute("UPDATE meta SET value = ? WHERE key = 'attack_configs'", (json.dumps(older, sort_keys=True),))
+        connection.execute(
+            "UPDATE meta SET value = ? WHERE key = 'attack_configs'", (json.dumps(older, sort_keys=True),)
+        )
     connection.close()
     outcome = run_experiment(config, old)
     assert outcome.was_complete and outcome.completed == 0 and outcome.results == 16

@@ -22,8 +22,16 @@ def test_split() -> ShapesDataset:
 
 def test_classes_and_default_lengths() -> None:
     assert SHAPE_CLASSES == (
-        "circle", "square", "triangle", "star", "cross",
-        "ring", "crescent", "heart", "arrow", "ell",
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "cross",
+        "ring",
+        "crescent",
+        "heart",
+        "arrow",
+        "ell",
     )
     assert SPLITS == {"train": 20000, "val": 2000, "test": 2000}
     for split, n in SPLITS.items():
@@ -93,7 +101,10 @@ def test_mask_covers_exactly_the_object(test_split: ShapesDataset) -> None:
         bare = test_split.render(i, with_object=False)
         assert np.array_equal(full.mask, bare.mask)
         assert (full.centre, full.scale, full.angle, full.colour) == (
-            bare.centre, bare.scale, bare.angle, bare.colour,
+            bare.centre,
+            bare.scale,
+            bare.angle,
+            bare.colour,
         )
         changed = (full.image != bare.image).any(axis=2)
         # Outside the mask nothing was painted by the object...

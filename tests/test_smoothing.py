@@ -321,9 +321,7 @@ def test_second_order_signal_exists_only_with_the_surrogate_small_net() -> None:
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
-def test_second_order_signal_on_torchvision_models(
-    torchvision_models: dict[str, nn.Module], arch: str
-) -> None:
+def test_second_order_signal_on_torchvision_models(torchvision_models: dict[str, nn.Module], arch: str) -> None:
     model = torchvision_models[arch]
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     grad = grad_map_loss_gradient(model, x, "none")
@@ -362,9 +360,7 @@ def explicit_reference(model: nn.Module, spec: ReluSurrogate) -> Callable[[torch
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
-def test_every_relu_of_torchvision_models_is_reached(
-    torchvision_models: dict[str, nn.Module], arch: str
-) -> None:
+def test_every_relu_of_torchvision_models_is_reached(torchvision_models: dict[str, nn.Module], arch: str) -> None:
     """Under the sigmoid surrogate the input gradient must equal that of a copy whose ReLUs were
     all replaced by hand: a single missed ReLU (module, reused module or functional) differs."""
     model = torchvision_models[arch]
@@ -398,10 +394,20 @@ def test_an_inplace_relu_after_batchnorm_sends_the_channels_last_gradient_back_u
     torch.manual_seed(0)
 
     def net(inplace: bool) -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=inplace),
-            nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        ).double().eval().to(memory_format=torch.channels_last)
+        return (
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(inplace=inplace),
+                nn.Conv2d(8, 4, 3, padding=1),
+                nn.ReLU(inplace=inplace),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+            )
+            .double()
+            .eval()
+            .to(memory_format=torch.channels_last)
+        )
 
     inplace, plain = net(True), net(False)
     plain.load_state_dict(inplace.state_dict())
@@ -410,7 +416,9 @@ def test_an_inplace_relu_after_batchnorm_sends_the_channels_last_gradient_back_u
         plain[1].running_mean.copy_(inplace[1].running_mean)
     layouts: list[bool] = []
 
-    def watch(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:  # BatchNorm's output, before the ReLU overwrites it
+    def watch(
+        _module: nn.Module, _args: tuple, out: torch.Tensor
+    ) -> None:  # BatchNorm's output, before the ReLU overwrites it
         out.register_hook(lambda g: layouts.append(g.is_contiguous(memory_format=torch.channels_last)))
 
     inplace[1].register_forward_hook(watch)

@@ -60,7 +60,13 @@ def test_builtin_models_load_with_metadata(name: str) -> None:
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = ShapesResNet().eval()
-    meta = {"architecture": "resnet", "class_names": list("abcdefghij"), "input_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
+    meta = {
+        "architecture": "resnet",
+        "class_names": list("abcdefghij"),
+        "input_size": 64,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
     path = save_checkpoint(model.state_dict(), tmp_path / "m.safetensors", meta)
     assert json.loads(path.with_suffix(".json").read_text())["architecture"] == "resnet"
     for spec in (str(path), f"checkpoint:{path}"):
@@ -74,7 +80,9 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 def test_checkpoint_errors(tmp_path: Path) -> None:
     model = ShapesResNet()
-    path = save_checkpoint(model.state_dict(), tmp_path / "m.safetensors", {"architecture": "densenet", "class_names": list("abcdefghij")})
+    path = save_checkpoint(
+        model.state_dict(), tmp_path / "m.safetensors", {"architecture": "densenet", "class_names": list("abcdefghij")}
+    )
     with pytest.raises(CheckpointError, match="do not fit the architecture"):
         load_model(str(path))
     path.with_suffix(".json").unlink()

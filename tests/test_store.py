@@ -29,12 +29,44 @@ COLUMNS = {
     "meta": ["key", "value"],
     "images": ["model", "image", "position", "true_class", "target_class", "image_path"],
     "results": [
-        "model", "interpreter", "attack", "target_map", "image", "true_class", "target_class", "predicted_class",
-        "success", "confidence", "l1", "l2", "iou", "iou_by_k", "top_k_intersection", "spearman", "linf",
-        "adversarial_path", "map_path", "overlay_path", "benign_map_path", "benign_overlay_path", "seconds", "seed",
-        "config", "interpreter_options",
+        "model",
+        "interpreter",
+        "attack",
+        "target_map",
+        "image",
+        "true_class",
+        "target_class",
+        "predicted_class",
+        "success",
+        "confidence",
+        "l1",
+        "l2",
+        "iou",
+        "iou_by_k",
+        "top_k_intersection",
+        "spearman",
+        "linf",
+        "adversarial_path",
+        "map_path",
+        "overlay_path",
+        "benign_map_path",
+        "benign_overlay_path",
+        "seconds",
+        "seed",
+        "config",
+        "interpreter_options",
     ],
-    "transfer": ["model", "source_interpreter", "target_interpreter", "target_map", "image", "l1", "l2", "iou", "attack"],
+    "transfer": [
+        "model",
+        "source_interpreter",
+        "target_interpreter",
+        "target_map",
+        "image",
+        "l1",
+        "l2",
+        "iou",
+        "attack",
+    ],
 }
 PRIMARY_KEYS = {
     "meta": ["key"],
@@ -46,11 +78,31 @@ PRIMARY_KEYS = {
 
 def result(image: str = "test-00000", interpreter: str = "cam") -> ResultRecord:
     return ResultRecord(
-        model="shapes-resnet", interpreter=interpreter, attack="adv2", target_map="benign", image=image,
-        true_class=1, target_class=2, predicted_class=2, success=True, confidence=0.9, l1=0.1, l2=0.2, iou=0.7,
-        iou_by_k={"0.05": 0.5, "0.50": 0.9}, top_k_intersection=0.6, spearman=0.8, linf=8 / 255,
-        adversarial_path="files/a.png", map_path="files/a.npy", overlay_path="files/a.o.png",
-        benign_map_path="files/b.npy", benign_overlay_path="files/b.png", seconds=1.5, seed=0, config="{}",
+        model="shapes-resnet",
+        interpreter=interpreter,
+        attack="adv2",
+        target_map="benign",
+        image=image,
+        true_class=1,
+        target_class=2,
+        predicted_class=2,
+        success=True,
+        confidence=0.9,
+        l1=0.1,
+        l2=0.2,
+        iou=0.7,
+        iou_by_k={"0.05": 0.5, "0.50": 0.9},
+        top_k_intersection=0.6,
+        spearman=0.8,
+        linf=8 / 255,
+        adversarial_path="files/a.png",
+        map_path="files/a.npy",
+        overlay_path="files/a.o.png",
+        benign_map_path="files/b.npy",
+        benign_overlay_path="files/b.png",
+        seconds=1.5,
+        seed=0,
+        config="{}",
     )
 
 
@@ -168,9 +220,13 @@ def test_a_setting_added_since_the_run_was_recorded_passes_only_at_its_default(t
         assert store.claim(config, {}, "now", {"adv2": {"lrp": {"adv_steps": 1000, "restarts": 1}}}, defaults) is False
         with pytest.raises(InputError, match=r"\(adv2\.lrp\.restarts: null → 2\)"):
             store.claim(config, {}, "now", {"adv2": {"lrp": {"adv_steps": 1000, "restarts": 2}}}, defaults)
-        with pytest.raises(InputError, match=r"\(adv2\.lrp\.restarts: null → 1\)"):  # without defaults: any new key is a change
+        with pytest.raises(
+            InputError, match=r"\(adv2\.lrp\.restarts: null → 1\)"
+        ):  # without defaults: any new key is a change
             store.claim(config, {}, "now", {"adv2": {"lrp": {"adv_steps": 1000, "restarts": 1}}})
-        with pytest.raises(InputError, match=r"adv2\.lrp\.adv_steps: 1000 → 200"):  # a stored setting at another value, default or not
+        with pytest.raises(
+            InputError, match=r"adv2\.lrp\.adv_steps: 1000 → 200"
+        ):  # a stored setting at another value, default or not
             store.claim(config, {}, "now", {"adv2": {"lrp": {"adv_steps": 200, "restarts": 1}}}, defaults)
 
 
@@ -182,8 +238,12 @@ def test_a_version_1_database_is_migrated_and_a_newer_one_refused(tmp_path: Path
     old = tmp_path / "old"
     old.mkdir()
     connection = sqlite3.connect(old / "results.sqlite")
-    version_1 = SCHEMA.replace("  interpreter_options TEXT NOT NULL DEFAULT '{}',\n", "").replace("  attack TEXT NOT NULL DEFAULT 'adv2',\n", "")
-    version_1 = version_1.replace("PRIMARY KEY (model, attack, source_interpreter", "PRIMARY KEY (model, source_interpreter")
+    version_1 = SCHEMA.replace("  interpreter_options TEXT NOT NULL DEFAULT '{}',\n", "").replace(
+        "  attack TEXT NOT NULL DEFAULT 'adv2',\n", ""
+    )
+    version_1 = version_1.replace(
+        "PRIMARY KEY (model, attack, source_interpreter", "PRIMARY KEY (model, source_interpreter"
+    )
     assert "interpreter_options" not in version_1 and "attack TEXT NOT NULL DEFAULT" not in version_1
     connection.executescript(version_1)
     connection.execute("INSERT INTO transfer VALUES ('m', 'cam', 'grad', 'benign', 'x', 0.1, 0.2, 0.3)")

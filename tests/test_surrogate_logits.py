@@ -15,7 +15,16 @@ from torch import nn
 
 from underfire import Classifier
 from underfire.attacks import ADV2, AttackConfig
-from underfire.interpreters import Grad, Interpreter, Mask, MaskConfig, Rts, SaliencyNetwork, build_interpreter, normalize_maps
+from underfire.interpreters import (
+    Grad,
+    Interpreter,
+    Mask,
+    MaskConfig,
+    Rts,
+    SaliencyNetwork,
+    build_interpreter,
+    normalize_maps,
+)
 
 SIZE = 32
 
@@ -24,8 +33,13 @@ def tiny_classifier() -> Classifier:
     """A small conv net with a GAP→linear head (every interpreter applies) and in-place ReLUs."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
     ).eval()
     with torch.no_grad():
         net[-1].weight.mul_(30)
@@ -91,7 +105,9 @@ def _plain_path(monkeypatch: pytest.MonkeyPatch, interpreter: Interpreter) -> No
     monkeypatch.setattr(type(interpreter), "surrogate_and_logits", Interpreter.surrogate_and_logits)
     if isinstance(interpreter, Rts):
         separate = Rts.attack_terms
-        monkeypatch.setattr(Rts, "attack_terms", lambda self, stage, x, c, m, state=None: separate(self, stage, x, c, m, None))
+        monkeypatch.setattr(
+            Rts, "attack_terms", lambda self, stage, x, c, m, state=None: separate(self, stage, x, c, m, None)
+        )
 
 
 @pytest.mark.parametrize("name", ["grad", "smoothgrad", "cam", "gradcam", "rts", "mask"])
@@ -120,7 +136,9 @@ def test_share_forward_is_off_by_default_and_validated() -> None:
         Grad(clf, share_forward="yes")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("interpreter", [lambda clf: Grad(clf), lambda clf: Grad(clf, pool=4), lambda clf: make("mask", clf)])
+@pytest.mark.parametrize(
+    "interpreter", [lambda clf: Grad(clf), lambda clf: Grad(clf, pool=4), lambda clf: make("mask", clf)]
+)
 def test_map_shape_arithmetic_matches_an_explanation(interpreter) -> None:
     clf = tiny_classifier()
     explainer = interpreter(clf)

@@ -200,7 +200,9 @@ def test_a_folder_with_fewer_classes_than_outputs_is_matched_by_name_or_refused(
 
 # ------------------------------------------------------------------------------------ interpreters
 @pytest.mark.parametrize("kind", ["torchscript", "export"])
-def test_every_interpreter_on_a_graph_file_works_or_refuses_in_one_line(model_files: dict[str, Path], kind: str) -> None:
+def test_every_interpreter_on_a_graph_file_works_or_refuses_in_one_line(
+    model_files: dict[str, Path], kind: str
+) -> None:
     classifier = _load(model_files, kind)
     images = _images()
     outcome = {}
@@ -232,7 +234,9 @@ def _attack(classifier: Classifier, interpreter_name: str, **options: object) ->
 
 
 @pytest.mark.parametrize(("kind", "interpreter"), [("export", "grad"), ("export", "gradcam"), ("factory", "gradcam")])
-def test_adv2_runs_on_exported_programs_and_flatten_heads(model_files: dict[str, Path], kind: str, interpreter: str) -> None:
+def test_adv2_runs_on_exported_programs_and_flatten_heads(
+    model_files: dict[str, Path], kind: str, interpreter: str
+) -> None:
     classifier = _load(model_files, kind)
     result = _attack(classifier, interpreter)(_images(), torch.tensor([1, 2, 0]))
     assert result.adversarial.shape == (3, 1, SIZE, SIZE)
@@ -255,8 +259,13 @@ def test_zero_gradient_guard_stops_an_adv2_that_would_be_pgd(model_files: dict[s
 def test_general_grad_cam_equals_the_gap_shortcut_on_a_gap_head() -> None:
     torch.manual_seed(0)
     network = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 4),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 4),
     ).eval()
     classifier = Classifier(network, input_size=8)
     interpreter = build_interpreter("gradcam", classifier)
@@ -276,7 +285,11 @@ def test_general_grad_cam_equals_the_gap_shortcut_on_a_gap_head() -> None:
 def test_cam_reads_an_exported_program_with_a_gap_head(tmp_path: Path) -> None:
     torch.manual_seed(0)
     network = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 4),
     ).eval()
     example = torch.rand(2, 3, 8, 8)
     program = torch.export.export(network, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -288,7 +301,9 @@ def test_cam_reads_an_exported_program_with_a_gap_head(tmp_path: Path) -> None:
         ours, reference = build_interpreter(name, exported), build_interpreter(name, module)
         assert ours.layers.head_name == "4" and ours.layers.feature_name == reference.layers.feature_name
         torch.testing.assert_close(ours(images, classes), reference(images, classes), rtol=1e-5, atol=1e-6)
-    result = ADV2(exported, build_interpreter("cam", exported), AttackConfig(eps=0.1, alpha=0.02, pgd_steps=2, adv_steps=3))(images, torch.tensor([1, 2, 0]))
+    result = ADV2(
+        exported, build_interpreter("cam", exported), AttackConfig(eps=0.1, alpha=0.02, pgd_steps=2, adv_steps=3)
+    )(images, torch.tensor([1, 2, 0]))
     assert result.adversarial.shape == images.shape
 
 
@@ -345,7 +360,9 @@ def test_cli_describes_explains_and_evaluates_a_user_model(model_files: dict[str
     assert facts["interpreters"]["gradcam"].startswith("explain and attack (feature map pool")
     assert facts["interpreters"]["cam"].startswith("unavailable")
 
-    refused = runner.invoke(app, ["models", "--describe", f"torchscript:{model_files['torchscript']}", *flags, "--json"])
+    refused = runner.invoke(
+        app, ["models", "--describe", f"torchscript:{model_files['torchscript']}", *flags, "--json"]
+    )
     assert "ADV² refused" in json.loads(refused.output)["interpreters"]["grad"]
 
     bare = runner.invoke(app, ["models", "--describe", spec])
@@ -353,14 +370,30 @@ def test_cli_describes_explains_and_evaluates_a_user_model(model_files: dict[str
 
     data = _folder(tmp_path / "data", ("one", "two"))
     for name in ("one", "two"):
-        Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE)) * 255).astype(np.uint8), mode="L").save(data / name / "b.png")
+        Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE)) * 255).astype(np.uint8), mode="L").save(
+            data / name / "b.png"
+        )
     evaluated = runner.invoke(app, ["evaluate", "-m", spec, "-d", str(data), *flags, "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.output)["images"] == 4
     shifted = runner.invoke(app, ["evaluate", "-m", spec, "-d", str(data), "--input-size", "28", "--channels", "1"])
     assert shifted.exit_code == 2 and "cannot be matched to classes by position" in shifted.output
 
-    explained = runner.invoke(app, ["explain", *[str(p) for p in sorted(data.rglob("*.png"))[:2]], "-o", str(tmp_path / "maps"), "-m", spec, *flags, "-i", "gradcam", "--json"])
+    explained = runner.invoke(
+        app,
+        [
+            "explain",
+            *[str(p) for p in sorted(data.rglob("*.png"))[:2]],
+            "-o",
+            str(tmp_path / "maps"),
+            "-m",
+            spec,
+            *flags,
+            "-i",
+            "gradcam",
+            "--json",
+        ],
+    )
     assert explained.exit_code == 0, explained.output
     rows = json.loads(explained.output)["images"]
     assert len(rows) == 2 and rows[0]["map_shape"] == [14, 14]
@@ -377,14 +410,21 @@ def _noise_folder(root: Path, per_class: int = 4) -> Path:
     return root
 
 
-def test_train_rts_on_a_user_folder_resumes_and_serves_rts(model_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_rts_on_a_user_folder_resumes_and_serves_rts(
+    model_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from underfire.training import rts as rts_training
 
     data = _noise_folder(tmp_path / "data")
     table = {"input_size": SIZE, "channels": 1, "classes": list(CLASSES)}
     config = rts_training.RtsTrainConfig(
-        model=_spec(model_files, "export"), dataset=str(data), epochs=2, batch_size=4, encoder_epochs=1,
-        decoder_width=8, model_options=table,
+        model=_spec(model_files, "export"),
+        dataset=str(data),
+        epochs=2,
+        batch_size=4,
+        encoder_epochs=1,
+        decoder_width=8,
+        model_options=table,
     )
     # an uninterrupted run
     whole = rts_training.train_rts(config, tmp_path / "whole.safetensors", progress=False)

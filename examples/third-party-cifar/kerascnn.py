@@ -2,6 +2,7 @@
 cnn_model.h5, trained with Keras by its author), rebuilt in torch from its layer config and loaded
 from the installed package's HDF5 file: conv→ReLU→BN twice per block, max-pooling, a dense head
 (Flatten→1024→512→10, each with a ReLU, as the Keras model has). Input: 0..255 RGB pixels."""
+
 import importlib.util
 from pathlib import Path
 
@@ -22,7 +23,9 @@ class KerasCifarCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.block1, self.block2, self.block3 = _block(3, 64, True), _block(64, 128, True), _block(128, 64, False)
-        self.dense = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10), nn.ReLU())
+        self.dense = nn.Sequential(
+            nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10), nn.ReLU()
+        )
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(x)))
@@ -38,6 +41,7 @@ def keras_cnn() -> nn.Module:
     model = KerasCifarCNN()
     with h5py.File(weights_file(), "r") as f:
         w = f["model_weights"]
+
         def get(layer: str, name: str) -> torch.Tensor:
             return torch.from_numpy(w[layer][layer][name + ":0"][()])
 

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from kerascnn import keras_cnn
 
 HERE = Path(__file__).resolve().parent

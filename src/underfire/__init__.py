@@ -24,8 +24,6 @@ from .errors import (  # noqa: E402
     UnderfireError,
 )
 from .evaluation import EvaluationResult, evaluate  # noqa: E402
-from .runs import ExperimentConfig, RunOutcome, demo_config, load_experiment_config, run_experiment  # noqa: E402
-from .store import ResultStore  # noqa: E402
 from .models import (  # noqa: E402
     BUILTIN_MODELS,
     Classifier,
@@ -33,8 +31,10 @@ from .models import (  # noqa: E402
     load_model,
     parse_model_spec,
 )
-from .training import TrainConfig, train_classifier  # noqa: E402
 from .report import summary_rows, write_report  # noqa: E402
+from .runs import ExperimentConfig, RunOutcome, demo_config, load_experiment_config, run_experiment  # noqa: E402
+from .store import ResultStore  # noqa: E402
+from .training import TrainConfig, train_classifier  # noqa: E402
 
 __all__ = [
     "AttackError",

@@ -37,7 +37,10 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the underfire version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the underfire version and exit."),
+    ] = False,
 ) -> None:
     """ADV² attacks on interpretable deep learning systems: explain, attack, measure, report."""
 
@@ -49,28 +52,90 @@ app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model spec: shapes-resnet, shapes-densenet, PATH.safetensors, torchvision:NAME@WEIGHTS, torchscript:PATH, export:PATH.pt2, module:function.")]
+ModelArg = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model spec: shapes-resnet, shapes-densenet, PATH.safetensors, torchvision:NAME@WEIGHTS, torchscript:PATH, export:PATH.pt2, module:function.",
+    ),
+]
 WeightsArg = Annotated[Optional[str], typer.Option("--weights", help="Local weights file for the model spec.")]
-InputSizeArg = Annotated[Optional[int], typer.Option("--input-size", help="Side length the model takes (images are resized to it).", rich_help_panel="Model metadata")]
-ChannelsArg = Annotated[Optional[int], typer.Option("--channels", help="Input channels: 3 (RGB) or 1 (grey).", rich_help_panel="Model metadata")]
-MeanArg = Annotated[Optional[str], typer.Option("--mean", help="Per-channel normalisation mean, e.g. 0.485,0.456,0.406.", rich_help_panel="Model metadata")]
-StdArg = Annotated[Optional[str], typer.Option("--std", help="Per-channel normalisation std, e.g. 0.229,0.224,0.225.", rich_help_panel="Model metadata")]
-ClassesArg = Annotated[Optional[str], typer.Option("--classes", help="Class names: a file (one per line) or names separated by commas.", rich_help_panel="Model metadata")]
-FeatureLayerArg = Annotated[Optional[str], typer.Option("--feature-layer", help="Module name of the feature map CAM and Grad-CAM read.", rich_help_panel="Model metadata")]
-HeadArg = Annotated[Optional[str], typer.Option("--head", help="Module name of the linear head CAM reads.", rich_help_panel="Model metadata")]
-RtsArg = Annotated[Optional[str], typer.Option("--rts", help="RTS checkpoint trained for this model (underfire train rts).", rich_help_panel="Model metadata")]
+InputSizeArg = Annotated[
+    Optional[int],
+    typer.Option(
+        "--input-size", help="Side length the model takes (images are resized to it).", rich_help_panel="Model metadata"
+    ),
+]
+ChannelsArg = Annotated[
+    Optional[int],
+    typer.Option("--channels", help="Input channels: 3 (RGB) or 1 (grey).", rich_help_panel="Model metadata"),
+]
+MeanArg = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mean", help="Per-channel normalisation mean, e.g. 0.485,0.456,0.406.", rich_help_panel="Model metadata"
+    ),
+]
+StdArg = Annotated[
+    Optional[str],
+    typer.Option(
+        "--std", help="Per-channel normalisation std, e.g. 0.229,0.224,0.225.", rich_help_panel="Model metadata"
+    ),
+]
+ClassesArg = Annotated[
+    Optional[str],
+    typer.Option(
+        "--classes",
+        help="Class names: a file (one per line) or names separated by commas.",
+        rich_help_panel="Model metadata",
+    ),
+]
+FeatureLayerArg = Annotated[
+    Optional[str],
+    typer.Option(
+        "--feature-layer",
+        help="Module name of the feature map CAM and Grad-CAM read.",
+        rich_help_panel="Model metadata",
+    ),
+]
+HeadArg = Annotated[
+    Optional[str],
+    typer.Option("--head", help="Module name of the linear head CAM reads.", rich_help_panel="Model metadata"),
+]
+RtsArg = Annotated[
+    Optional[str],
+    typer.Option(
+        "--rts", help="RTS checkpoint trained for this model (underfire train rts).", rich_help_panel="Model metadata"
+    ),
+]
 
-DeviceArg = Annotated[str, typer.Option("--device", help="Where to compute: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.")]
-MaxMemoryArg = Annotated[Optional[str], typer.Option(
-    "--max-memory",
-    help="A memory budget such as 8GiB: the batch becomes the largest (up to the configured one) whose measured peak fits "
-    "(bytes torch allocates on a GPU; this process's resident size on a CPU). Chosen at the first start; a resume keeps it.",
-)]
+DeviceArg = Annotated[
+    str,
+    typer.Option(
+        "--device", help="Where to compute: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."
+    ),
+]
+MaxMemoryArg = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-memory",
+        help="A memory budget such as 8GiB: the batch becomes the largest (up to the configured one) whose measured peak fits "
+        "(bytes torch allocates on a GPU; this process's resident size on a CPU). Chosen at the first start; a resume keeps it.",
+    ),
+]
 
 #: Where the CLI's model metadata is set, for the load check's messages.
 MODEL_HINT = "or a model card NAME.toml beside the model file; underfire models --describe SPEC shows what is known"
-InterpreterArg = Annotated[str, typer.Option("--interpreter", "-i", help="An interpreter name (underfire interpreters lists them).")]
-OptionArg = Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Interpreter option KEY=VALUE (repeatable; underfire interpreters --options lists them).")]
+InterpreterArg = Annotated[
+    str, typer.Option("--interpreter", "-i", help="An interpreter name (underfire interpreters lists them).")
+]
+OptionArg = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--option", "-O", help="Interpreter option KEY=VALUE (repeatable; underfire interpreters --options lists them)."
+    ),
+]
 
 
 def user_errors(command: F) -> F:
@@ -105,8 +170,14 @@ _PYTHON_SHOWWARNING = warnings.showwarning
 
 #: The model metadata flags every command that takes --model has (``with_model_metadata``).
 _METADATA_FLAGS: dict[str, Any] = {
-    "input_size": InputSizeArg, "channels": ChannelsArg, "mean": MeanArg, "std": StdArg, "classes": ClassesArg,
-    "feature_layer": FeatureLayerArg, "head": HeadArg, "rts": RtsArg,
+    "input_size": InputSizeArg,
+    "channels": ChannelsArg,
+    "mean": MeanArg,
+    "std": StdArg,
+    "classes": ClassesArg,
+    "feature_layer": FeatureLayerArg,
+    "head": HeadArg,
+    "rts": RtsArg,
 }
 
 
@@ -115,7 +186,10 @@ def with_model_metadata(command: F) -> F:
     added to its signature for typer and handed to it as one ``metadata`` dict of the given ones."""
     signature = inspect.signature(command, eval_str=True)
     own = [p for p in signature.parameters.values() if p.name != "metadata"]
-    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind) for name, kind in _METADATA_FLAGS.items()]
+    flags = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+        for name, kind in _METADATA_FLAGS.items()
+    ]
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -131,7 +205,10 @@ def with_model_metadata(command: F) -> F:
 @user_errors
 @with_model_metadata
 def models(
-    describe: Annotated[Optional[str], typer.Option("--describe", help="Describe this model spec: metadata, layers, what each interpreter can do.")] = None,
+    describe: Annotated[
+        Optional[str],
+        typer.Option("--describe", help="Describe this model spec: metadata, layers, what each interpreter can do."),
+    ] = None,
     weights: WeightsArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     metadata: Any = None,
@@ -159,7 +236,22 @@ def models(
     rows = []
     for name in BUILTIN_MODELS:
         _, meta = load_checkpoint(builtin_weights_path(name))
-        rows.append({"name": name, **{k: meta.get(k) for k in ("architecture", "input_size", "class_names", "test_accuracy", "parameters", "train_seconds")}})
+        rows.append(
+            {
+                "name": name,
+                **{
+                    k: meta.get(k)
+                    for k in (
+                        "architecture",
+                        "input_size",
+                        "class_names",
+                        "test_accuracy",
+                        "parameters",
+                        "train_seconds",
+                    )
+                },
+            }
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -176,11 +268,16 @@ def models(
 @with_model_metadata
 def evaluate(
     model: ModelArg = "shapes-resnet",
-    data: Annotated[str, typer.Option("--data", "-d", help="shapes:test|val|train, or a folder with one subfolder per class.")] = "shapes:test",
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="shapes:test|val|train, or a folder with one subfolder per class.")
+    ] = "shapes:test",
     weights: WeightsArg = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
-    interpreter: Annotated[Optional[str], typer.Option("--interpreter", "-i", help="Also score this interpreter's maps against the object masks.")] = None,
+    interpreter: Annotated[
+        Optional[str],
+        typer.Option("--interpreter", "-i", help="Also score this interpreter's maps against the object masks."),
+    ] = None,
     option: OptionArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (field 'accuracy').")] = False,
     device: DeviceArg = "auto",
@@ -200,8 +297,11 @@ def evaluate(
     _threads()
     classifier = _load(model, _model_options(weights, metadata, device=device))
     dataset = open_dataset(
-        data, size=classifier.input_size or 224, class_names=classifier.class_names,
-        channels=classifier.in_channels, outputs=classifier.num_classes,
+        data,
+        size=classifier.input_size or 224,
+        class_names=classifier.class_names,
+        channels=classifier.in_channels,
+        outputs=classifier.num_classes,
     )
     if limit is not None:
         _positive("--limit", limit)
@@ -223,7 +323,9 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"{result.model} on {result.data}: accuracy {result.accuracy:.2%} ({result.images} {_plural(result.images, 'image')})")
+    typer.echo(
+        f"{result.model} on {result.data}: accuracy {result.accuracy:.2%} ({result.images} {_plural(result.images, 'image')})"
+    )
     for name, accuracy in result.per_class.items():
         shown = "—" if accuracy is None else f"{accuracy:.2%}"
         typer.echo(f"  {name:<12} {shown:>8}  ({result.counts[name]} {_plural(result.counts[name], 'image')})")
@@ -234,7 +336,9 @@ def evaluate(
 @app.command()
 @user_errors
 def interpreters(
-    options: Annotated[bool, typer.Option("--options", help="Also list each interpreter's options (for --option KEY=VALUE).")] = False,
+    options: Annotated[
+        bool, typer.Option("--options", help="Also list each interpreter's options (for --option KEY=VALUE).")
+    ] = False,
 ) -> None:
     """List the interpreters (built-in and plugins)."""
     from .interpreters import INTERPRETERS, describe_interpreter
@@ -267,10 +371,14 @@ def explain(
     interpreter: InterpreterArg = "cam",
     option: OptionArg = None,
     weights: WeightsArg = None,
-    target: Annotated[Optional[str], typer.Option("--class", help="Explain this class (name or id) instead of the prediction.")] = None,
+    target: Annotated[
+        Optional[str], typer.Option("--class", help="Explain this class (name or id) instead of the prediction.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for stochastic interpreters (SmoothGrad, MASK).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: per image the predicted class and the paths.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON: per image the predicted class and the paths.")
+    ] = False,
     device: DeviceArg = "auto",
     metadata: Any = None,
 ) -> None:
@@ -290,7 +398,9 @@ def explain(
     classifier = _load(model, _model_options(weights, metadata, seed, device))
     explainer = _interpreter(interpreter, classifier, option)
     size = classifier.input_size or 224
-    pictures = torch.stack([read_image(path, size, classifier.in_channels) for path in images]).to(classifier.device)  # every file read before any work
+    pictures = torch.stack([read_image(path, size, classifier.in_channels) for path in images]).to(
+        classifier.device
+    )  # every file read before any work
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, len(images), batch_size):
@@ -332,21 +442,47 @@ def explain(
 @with_model_metadata
 def attack(
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files to attack (or use --data).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: adversarial PNGs, maps, results.sqlite, report.json. A re-run resumes it.")] = Path("attack-out"),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Run folder: adversarial PNGs, maps, results.sqlite, report.json. A re-run resumes it."
+        ),
+    ] = Path("attack-out"),
     model: ModelArg = "shapes-resnet",
     interpreter: InterpreterArg = "cam",
     option: OptionArg = None,
-    attack_name: Annotated[str, typer.Option("--attack", "-a", help="An attack name: adv2, pgd, ... (underfire attacks lists them).")] = "adv2",
-    target: Annotated[str, typer.Option(help="Target class (name or id) or 'random' (seeded, never the true class).")] = "random",
-    target_map: Annotated[str, typer.Option(help="benign, other, shape (circle), rectangle, or a .npy file.")] = "benign",
+    attack_name: Annotated[
+        str, typer.Option("--attack", "-a", help="An attack name: adv2, pgd, ... (underfire attacks lists them).")
+    ] = "adv2",
+    target: Annotated[
+        str, typer.Option(help="Target class (name or id) or 'random' (seeded, never the true class).")
+    ] = "random",
+    target_map: Annotated[
+        str, typer.Option(help="benign, other, shape (circle), rectangle, or a .npy file.")
+    ] = "benign",
     eps: Annotated[str, typer.Option(help="L∞ budget, e.g. 8/255.")] = "8/255",
     alpha: Annotated[Optional[str], typer.Option(help="Step size, e.g. 1/255 (default: the preset's).")] = None,
-    preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")
+    ] = "quick",
     pgd_steps: Annotated[Optional[int], typer.Option(help="Override: stage-1 (PGD) steps.")] = None,
-    adv_steps: Annotated[Optional[int], typer.Option(help="Override: stage-2 (joint objective) steps; PGD gets stage 1 + stage 2.")] = None,
-    restarts: Annotated[Optional[int], typer.Option(help="Run the attack this many times (the others from seeded random starts) and keep each image's best run.")] = None,
-    relu: Annotated[Optional[str], typer.Option(help="Shorthand for --option relu=KIND (GRAD/SmoothGrad: h, sigmoid, softplus, none).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Attack correctly classified images of a dataset (e.g. shapes:test) instead of files.")] = None,
+    adv_steps: Annotated[
+        Optional[int], typer.Option(help="Override: stage-2 (joint objective) steps; PGD gets stage 1 + stage 2.")
+    ] = None,
+    restarts: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Run the attack this many times (the others from seeded random starts) and keep each image's best run."
+        ),
+    ] = None,
+    relu: Annotated[
+        Optional[str],
+        typer.Option(help="Shorthand for --option relu=KIND (GRAD/SmoothGrad: h, sigmoid, softplus, none)."),
+    ] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(help="Attack correctly classified images of a dataset (e.g. shapes:test) instead of files."),
+    ] = None,
     limit: Annotated[int, typer.Option(help="With --data: how many images.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed for targets and stochastic parts.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images attacked together (at most: see --max-memory).")] = 50,
@@ -376,16 +512,34 @@ def attack(
     _positive("--batch-size", batch_size)
     metadata = _model_options(weights, metadata)
     config = attack_experiment(
-        model=model, model_options=metadata.as_table(),
-        interpreter=interpreter, attack=attack_name, target=target, target_map=target_map,
-        preset=preset_name, eps=parse_fraction(eps), seed=seed, batch_size=batch_size,
-        files=list(images or []), data=data, limit=limit, overrides=overrides, options=options,
+        model=model,
+        model_options=metadata.as_table(),
+        interpreter=interpreter,
+        attack=attack_name,
+        target=target,
+        target_map=target_map,
+        preset=preset_name,
+        eps=parse_fraction(eps),
+        seed=seed,
+        batch_size=batch_size,
+        files=list(images or []),
+        data=data,
+        limit=limit,
+        overrides=overrides,
+        options=options,
     )
     budget = _max_memory(max_memory)
     announce = _threads()
-    report = _run_with_interrupt(lambda: run_attack(
-        config, out, progress=not as_json, announce=None if as_json else announce, device=device, max_memory=budget,
-    ))
+    report = _run_with_interrupt(
+        lambda: run_attack(
+            config,
+            out,
+            progress=not as_json,
+            announce=None if as_json else announce,
+            device=device,
+            max_memory=budget,
+        )
+    )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -400,14 +554,46 @@ def attack(
 @app.command("run")
 @user_errors
 def run_command(
-    config: Annotated[Path, typer.Argument(help="Experiment config (TOML): an experiment table and optional overrides tables (see README).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/NAME). A re-run resumes it.")] = None,
-    executor_name: Annotated[str, typer.Option("--executor", help="serial (this process) or ray (Ray tasks; the ray extra).")] = "serial",
-    address: Annotated[Optional[str], typer.Option("--address", help="With --executor ray: an existing cluster (auto or HOST:PORT); default: a local one for the run.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="With --executor ray and no --address: CPUs of the local cluster (default: all).")] = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Do part I of N of the units (I/N, e.g. 2/4) into its own folder; join the parts with underfire merge.")] = None,
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="Experiment config (TOML): an experiment table and optional overrides tables (see README)."
+        ),
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/NAME). A re-run resumes it.")
+    ] = None,
+    executor_name: Annotated[
+        str, typer.Option("--executor", help="serial (this process) or ray (Ray tasks; the ray extra).")
+    ] = "serial",
+    address: Annotated[
+        Optional[str],
+        typer.Option(
+            "--address",
+            help="With --executor ray: an existing cluster (auto or HOST:PORT); default: a local one for the run.",
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers", help="With --executor ray and no --address: CPUs of the local cluster (default: all)."
+        ),
+    ] = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(
+            "--shard",
+            help="Do part I of N of the units (I/N, e.g. 2/4) into its own folder; join the parts with underfire merge.",
+        ),
+    ] = None,
     device: DeviceArg = "auto",
-    estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time and peak memory of what is left (pilot runs of the first batch at 10% and 20% of the steps); write nothing.")] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="Only estimate the time and peak memory of what is left (pilot runs of the first batch at 10% and 20% of the steps); write nothing.",
+        ),
+    ] = False,
     max_memory: MaxMemoryArg = None,
 ) -> None:
     """Run an experiment: models × interpreters × attacks × target maps into RUN_DIR/results.sqlite.
@@ -426,15 +612,31 @@ def run_command(
         return
     executor = _executor(executor_name, address, workers, experiment)
     announce = _threads()
-    outcome = _run_with_interrupt(lambda: run_experiment(
-        experiment, run_dir, progress=True, announce=announce, executor=executor, shard=part, device=device, max_memory=budget,
-    ))
+    outcome = _run_with_interrupt(
+        lambda: run_experiment(
+            experiment,
+            run_dir,
+            progress=True,
+            announce=announce,
+            executor=executor,
+            shard=part,
+            device=device,
+            max_memory=budget,
+        )
+    )
     _echo_outcome(outcome)
     if outcome.results:
         typer.echo(format_summary(summarise_run(run_dir)))
-    typer.echo(f"HTML report: underfire report {run_dir}" if part is None else f"a part: join the parts with underfire merge PART... --out RUN")
+    typer.echo(
+        f"HTML report: underfire report {run_dir}"
+        if part is None
+        else "a part: join the parts with underfire merge PART... --out RUN"
+    )
     if outcome.failed:
-        typer.echo(f"error: {outcome.failed} {_plural(outcome.failed, 'unit')} failed (recorded in {run_dir / 'results.sqlite'}, table failures); run the same command again to retry", err=True)
+        typer.echo(
+            f"error: {outcome.failed} {_plural(outcome.failed, 'unit')} failed (recorded in {run_dir / 'results.sqlite'}, table failures); run the same command again to retry",
+            err=True,
+        )
         raise typer.Exit(1)
 
 
@@ -458,11 +660,25 @@ def merge(
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; a re-run in the same folder resumes.")] = Path("underfire-demo"),
-    images: Annotated[Optional[int], typer.Option(help="Images per model (default 12: measured 10.5 minutes on a 2-core CPU with one core busy elsewhere).")] = None,
-    preset_name: Annotated[str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")] = "quick",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; a re-run in the same folder resumes.")] = Path(
+        "underfire-demo"
+    ),
+    images: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Images per model (default 12: measured 10.5 minutes on a 2-core CPU with one core busy elsewhere)."
+        ),
+    ] = None,
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")
+    ] = "quick",
     device: DeviceArg = "auto",
-    estimate: Annotated[bool, typer.Option("--estimate", help="Only estimate the time and peak memory (pilot runs of the first batch); write nothing.")] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate", help="Only estimate the time and peak memory (pilot runs of the first batch); write nothing."
+        ),
+    ] = False,
     max_memory: MaxMemoryArg = None,
 ) -> None:
     """Attack both built-in models with PGD and ADV² against grad, cam, rts and mask; write an HTML report."""
@@ -474,7 +690,9 @@ def demo(
         _estimate(experiment, out, device, None, budget)
         return
     announce = _threads()
-    outcome = _run_with_interrupt(lambda: run_experiment(experiment, out, progress=True, announce=announce, device=device, max_memory=budget))
+    outcome = _run_with_interrupt(
+        lambda: run_experiment(experiment, out, progress=True, announce=announce, device=device, max_memory=budget)
+    )
     _echo_outcome(outcome)
     from .report import write_report
 
@@ -494,11 +712,15 @@ def _model_options(weights: str | None, metadata: dict[str, Any], seed: int = 0,
     return ModelOptions(weights=weights, seed=seed, device=device, **values)
 
 
-def _estimate(experiment: Any, run_dir: Path, device: str, shard: tuple[int, int] | None, max_memory: int | None) -> None:
+def _estimate(
+    experiment: Any, run_dir: Path, device: str, shard: tuple[int, int] | None, max_memory: int | None
+) -> None:
     from .runs.estimate import estimate_experiment
 
     _threads()
-    result = estimate_experiment(experiment, run_dir, device=device, shard=shard, max_memory=max_memory, announce=typer.echo)
+    result = estimate_experiment(
+        experiment, run_dir, device=device, shard=shard, max_memory=max_memory, announce=typer.echo
+    )
     typer.echo("nothing to do: the run is complete" if not result.units else result.line())
 
 
@@ -593,7 +815,11 @@ def _echo_outcome(outcome: Any) -> None:
     else:
         typer.echo(
             f"ran {outcome.completed} of {outcome.units} units in {outcome.seconds:.0f} s"
-            + (f" ({outcome.skipped} {'was' if outcome.skipped == 1 else 'were'} already done)" if outcome.skipped else "")
+            + (
+                f" ({outcome.skipped} {'was' if outcome.skipped == 1 else 'were'} already done)"
+                if outcome.skipped
+                else ""
+            )
             + f" → {outcome.run_dir / 'results.sqlite'}"
         )
     typer.echo(f"{outcome.results} results rows, {outcome.transfer} transfer rows")
@@ -608,12 +834,16 @@ def train_classifier_command(
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and batch order.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
     train_size: Annotated[Optional[int], typer.Option(help="Use only the first N training images.")] = None,
-    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it).")] = Path("shapes-model.safetensors"),
+    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it).")] = Path(
+        "shapes-model.safetensors"
+    ),
 ) -> None:
     """Train a built-in classifier architecture; writes safetensors weights + JSON metadata."""
     from .training import TrainConfig, train_classifier
 
-    config = TrainConfig(arch=arch, dataset=dataset, epochs=epochs, seed=seed, batch_size=batch_size, train_size=train_size)
+    config = TrainConfig(
+        arch=arch, dataset=dataset, epochs=epochs, seed=seed, batch_size=batch_size, train_size=train_size
+    )
     from .store.files import check_output_file
 
     check_output_file(out, "--out")
@@ -630,14 +860,31 @@ def train_classifier_command(
 @with_model_metadata
 def train_rts_command(
     model: ModelArg = "shapes-resnet",
-    dataset: Annotated[str, typer.Option("--data", "--dataset", "-d", help="Training data: the built-in 'shapes', or an image folder (one subfolder per class).")] = "shapes",
+    dataset: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "--dataset",
+            "-d",
+            help="Training data: the built-in 'shapes', or an image folder (one subfolder per class).",
+        ),
+    ] = "shapes",
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, batch order and fake selectors.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     train_size: Annotated[int, typer.Option(help="Training images (at most).")] = 8000,
-    encoder: Annotated[Optional[Path], typer.Option(help="Encoder checkpoint (a resnet classifier); default: the shipped one.")] = None,
-    encoder_epochs: Annotated[int, typer.Option(help="With an image folder: pre-train the encoder on it for N epochs instead.")] = 0,
-    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it). A re-run resumes an unfinished one.")] = Path("rts.safetensors"),
+    encoder: Annotated[
+        Optional[Path], typer.Option(help="Encoder checkpoint (a resnet classifier); default: the shipped one.")
+    ] = None,
+    encoder_epochs: Annotated[
+        int, typer.Option(help="With an image folder: pre-train the encoder on it for N epochs instead.")
+    ] = 0,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Checkpoint path (.safetensors; the .json goes beside it). A re-run resumes an unfinished one."
+        ),
+    ] = Path("rts.safetensors"),
     weights: WeightsArg = None,
     device: DeviceArg = "auto",
     metadata: Any = None,
@@ -647,9 +894,8 @@ def train_rts_command(
     Use it with --rts PATH (explain, attack), a model card's or [models.NAME] table's rts key.
     """
     from .devices import resolve_device
-    from .training.rts import RtsTrainConfig, train_rts
-
     from .store.files import check_output_file
+    from .training.rts import RtsTrainConfig, train_rts
 
     check_output_file(out, "--out")
     options = _model_options(weights, metadata)
@@ -676,15 +922,28 @@ def train_rts_command(
 @with_model_metadata
 def train_rts_adversarial_command(
     model: ModelArg = "shapes-resnet",
-    base: Annotated[Optional[Path], typer.Option(help="RTS checkpoint to start from; default: the model's own (--rts, else the shipped one).")] = None,
+    base: Annotated[
+        Optional[Path],
+        typer.Option(help="RTS checkpoint to start from; default: the model's own (--rts, else the shipped one)."),
+    ] = None,
     rounds: Annotated[int, typer.Option(help="Rounds of (craft ADV² against the current network, fine-tune).")] = 8,
     attack_images: Annotated[int, typer.Option(help="Fresh training images attacked per round.")] = 128,
     steps_per_round: Annotated[int, typer.Option(help="Fine-tuning steps per round.")] = 100,
-    adversarial_weight: Annotated[float, typer.Option(help="Weight of the empty-mask loss on adversarial images.")] = 2.0,
-    train_encoder: Annotated[bool, typer.Option(help="Fine-tune RTS's encoder too (CE toward the true class of clean and adversarial images).")] = True,
+    adversarial_weight: Annotated[
+        float, typer.Option(help="Weight of the empty-mask loss on adversarial images.")
+    ] = 2.0,
+    train_encoder: Annotated[
+        bool,
+        typer.Option(help="Fine-tune RTS's encoder too (CE toward the true class of clean and adversarial images)."),
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed for image choice, targets, batches and the attack.")] = 0,
     train_size: Annotated[int, typer.Option(help="Training images drawn from (at most).")] = 4000,
-    out: Annotated[Path, typer.Option(help="Checkpoint path (.safetensors; the .json goes beside it). A re-run resumes an unfinished one.")] = Path("rts-adversarial.safetensors"),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Checkpoint path (.safetensors; the .json goes beside it). A re-run resumes an unfinished one."
+        ),
+    ] = Path("rts-adversarial.safetensors"),
     weights: WeightsArg = None,
     device: DeviceArg = "auto",
     metadata: Any = None,
@@ -750,8 +1009,12 @@ def export_command(
 @user_errors
 def report(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (holds results.sqlite), e.g. from `underfire run`.")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="html (self-contained page), json or csv (the summary table).")] = "html",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default: RUN_DIR/report.FORMAT).")] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="html (self-contained page), json or csv (the summary table).")
+    ] = "html",
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output file (default: RUN_DIR/report.FORMAT).")
+    ] = None,
 ) -> None:
     """Report a run: summary table, IoU-vs-k curves, transfer matrix and image grids (works on partial runs)."""
     from .report import write_report
@@ -765,17 +1028,49 @@ def report(
 @app.command()
 @user_errors
 def detect(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory (holds results.sqlite) with benign and attacked images.")],
-    ensemble: Annotated[str, typer.Option("--ensemble", help="Interpreters that explain each image, comma-separated (different classes).")] = "grad,cam,rts,mask",
-    fpr: Annotated[float, typer.Option("--fpr", help="False-positive rate the threshold is calibrated for, on the run's benign images.")] = 0.05,
-    score: Annotated[str, typer.Option("--score", help="Disagreement score: iou (1 - mean pairwise IoU test), l1, rank (1 - Spearman) or soft_iou (iou with soft top-k sets).")] = "iou",
-    grid: Annotated[Optional[int], typer.Option("--grid", help="Side of the common grid (default: the coarsest member map).")] = None,
-    preset_name: Annotated[str, typer.Option("--preset", help="Preset whose interpreter options the members get.")] = "quick",
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of the benign images held out of the calibration: the rates are measured on them and on the attacks of them (0: in-sample).")] = 0.0,
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run directory (holds results.sqlite) with benign and attacked images.")
+    ],
+    ensemble: Annotated[
+        str,
+        typer.Option("--ensemble", help="Interpreters that explain each image, comma-separated (different classes)."),
+    ] = "grad,cam,rts,mask",
+    fpr: Annotated[
+        float,
+        typer.Option("--fpr", help="False-positive rate the threshold is calibrated for, on the run's benign images."),
+    ] = 0.05,
+    score: Annotated[
+        str,
+        typer.Option(
+            "--score",
+            help="Disagreement score: iou (1 - mean pairwise IoU test), l1, rank (1 - Spearman) or soft_iou (iou with soft top-k sets).",
+        ),
+    ] = "iou",
+    grid: Annotated[
+        Optional[int], typer.Option("--grid", help="Side of the common grid (default: the coarsest member map).")
+    ] = None,
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="Preset whose interpreter options the members get.")
+    ] = "quick",
+    holdout: Annotated[
+        float,
+        typer.Option(
+            "--holdout",
+            help="Share of the benign images held out of the calibration: the rates are measured on them and on the attacks of them (0: in-sample).",
+        ),
+    ] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration / held-out split.")] = 0,
-    model: Annotated[Optional[list[str]], typer.Option("--model", help="Only this model of the run (repeatable; default: all).")] = None,
+    model: Annotated[
+        Optional[list[str]], typer.Option("--model", help="Only this model of the run (repeatable; default: all).")
+    ] = None,
     device: DeviceArg = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON list: a row per model x attack x attacked interpreter (PGD: one row, interpreter any).")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON list: a row per model x attack x attacked interpreter (PGD: one row, interpreter any).",
+        ),
+    ] = False,
 ) -> None:
     """Ensemble-interpretation detector on a run: TPR at a calibrated FPR and ROC AUC per attack and attacked interpreter."""
     from .detection import DetectorConfig
@@ -787,18 +1082,35 @@ def detect(
     members = coerce_value("--ensemble", ensemble, tuple[str, ...])
     config = DetectorConfig(members=members, score=score, grid=grid, preset=preset_name)  # type: ignore[arg-type]
     # progress goes to stderr, so --json's stdout stays one JSON document; scoring a run takes minutes
-    rows = detect_run(run_dir, config, fpr, device=device, progress=True, holdout=holdout, seed=seed, models=tuple(model) if model else None)
+    rows = detect_run(
+        run_dir,
+        config,
+        fpr,
+        device=device,
+        progress=True,
+        holdout=holdout,
+        seed=seed,
+        models=tuple(model) if model else None,
+    )
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
         return
     for model in dict.fromkeys(row.model for row in rows):
         spread = next(row.benign for row in rows if row.model == model)
-        typer.echo(f"{model}: benign {score} scores of {spread['n']} images: mean {spread['mean']:.3f}, sd {spread['std']:.3f}, 95th percentile {spread['p95']:.3f}")
+        typer.echo(
+            f"{model}: benign {score} scores of {spread['n']} images: mean {spread['mean']:.3f}, sd {spread['std']:.3f}, 95th percentile {spread['p95']:.3f}"
+        )
         first = next(row for row in rows if row.model == model)
         if holdout:
-            typer.echo(f"  threshold calibrated on {first.calibration} benign images, rates measured on the {first.evaluation} held out and their attacks")
+            typer.echo(
+                f"  threshold calibrated on {first.calibration} benign images, rates measured on the {first.evaluation} held out and their attacks"
+            )
         for row in (r for r in rows if r.model == model):
-            rates = "no successful example" if row.tpr is None else f"TPR {row.tpr:.2f} at FPR {row.fpr:.2f} (threshold {row.threshold:.3f}), AUC {row.auc:.2f}"
+            rates = (
+                "no successful example"
+                if row.tpr is None
+                else f"TPR {row.tpr:.2f} at FPR {row.fpr:.2f} (threshold {row.threshold:.3f}), AUC {row.auc:.2f}"
+            )
             typer.echo(f"  {row.attack} vs {row.interpreter} ({row.target_map}, {row.examples} examples): {rates}")
 
 

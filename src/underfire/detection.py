@@ -33,6 +33,7 @@ from .interpreters import Interpreter, build_interpreter
 from .metrics import SCORES, Score, disagreement, to_grid
 from .models.classifier import Classifier
 
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """Which interpreters explain, on which grid, scored how.

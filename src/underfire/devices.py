@@ -26,8 +26,12 @@ def resolve_device(text: str | torch.device) -> str:
     if kind != "cuda" or (index and not index.isdigit()):
         raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {text!r}")
     if not torch.cuda.is_available():
-        raise InputError(f"device {text!r}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu or auto")
+        raise InputError(
+            f"device {text!r}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu or auto"
+        )
     number = int(index or 0)
     if number >= torch.cuda.device_count():
-        raise InputError(f"device {text!r}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        raise InputError(
+            f"device {text!r}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+        )
     return f"cuda:{number}"

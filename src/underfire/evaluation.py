@@ -108,7 +108,9 @@ def localisation(
     count = len(dataset) if limit is None else min(limit, len(dataset))
     hits: list[torch.Tensor] = []
     ious: list[torch.Tensor] = []
-    for start in track(range(0, count, batch_size), desc=f"localise {interpreter.name}", enabled=progress, unit="batch"):
+    for start in track(
+        range(0, count, batch_size), desc=f"localise {interpreter.name}", enabled=progress, unit="batch"
+    ):
         images, labels, masks = dataset.tensors(range(start, min(start + batch_size, count)))
         if masks is None:
             raise InputError("this dataset has no object masks; localisation needs them")

@@ -41,7 +41,9 @@ QUICK_SCHEDULE: Mapping[str, Any] = MappingProxyType(
 
 #: What an interpreter without presets of its own gets: the paper's CAM/RTS/MASK schedule (300 +
 #: 1000 steps, λ from 5 to 10) and, for ``quick``, the shared short schedule with 200 stage-2 steps.
-DEFAULT_PRESETS: Mapping[str, Preset] = MappingProxyType({
-    "quick": Preset(attack={**QUICK_SCHEDULE, "adv_steps": 200, "lam": (5.0, 10.0)}),
-    "paper": Preset(attack={"pgd_steps": 300, "adv_steps": 1000, "lam": (5.0, 10.0)}),
-})
+DEFAULT_PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        "quick": Preset(attack={**QUICK_SCHEDULE, "adv_steps": 200, "lam": (5.0, 10.0)}),
+        "paper": Preset(attack={"pgd_steps": 300, "adv_steps": 1000, "lam": (5.0, 10.0)}),
+    }
+)

@@ -40,7 +40,9 @@ def progress_bar(
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, file=stream)
 
 
-def track(iterable: Iterable[T], *, total: int | None = None, desc: str, unit: str = "it", enabled: bool = True) -> Iterator[T]:
+def track(
+    iterable: Iterable[T], *, total: int | None = None, desc: str, unit: str = "it", enabled: bool = True
+) -> Iterator[T]:
     """``iterable``'s items, with ``progress_bar`` advancing one per item."""
     total = len(iterable) if total is None else total  # type: ignore[arg-type]
     with progress_bar(total, desc=desc, unit=unit, enabled=enabled) as bar:

@@ -78,7 +78,9 @@ class Registry(Generic[T]):
             return self._classes
         points = list(metadata.entry_points(group=self.group))
         builtin = [p for p in points if _distribution(p) == BUILTIN_DISTRIBUTION]
-        plugins = sorted((p for p in points if _distribution(p) != BUILTIN_DISTRIBUTION), key=lambda p: (p.name, p.value))
+        plugins = sorted(
+            (p for p in points if _distribution(p) != BUILTIN_DISTRIBUTION), key=lambda p: (p.name, p.value)
+        )
         if not builtin:
             raise InputError(
                 f"underfire's own {self.kind}s are not registered (no {self.group!r} entry points): "
@@ -99,7 +101,11 @@ class Registry(Generic[T]):
                 loaded = point.load()
                 classes[point.name] = self._checked(point, loaded)
             except Exception as error:  # noqa: BLE001 - any failure of foreign code is reported, not raised
-                _warn(f"{where} skipped: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": "))
+                _warn(
+                    f"{where} skipped: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(
+                        ": "
+                    )
+                )
         ordered = sorted(classes.items(), key=lambda item: (item[0] not in self._builtin, self.order(item[1]), item[0]))
         self._classes = dict(ordered)
         return self._classes
@@ -108,7 +114,9 @@ class Registry(Generic[T]):
         if not isinstance(loaded, type) or not issubclass(loaded, self.base):
             raise TypeError(f"{point.value} is not a subclass of underfire.{self.base.__name__}")
         if getattr(loaded, "name", None) != point.name:
-            raise TypeError(f"its class declares name {getattr(loaded, 'name', None)!r}, the entry point {point.name!r}")
+            raise TypeError(
+                f"its class declares name {getattr(loaded, 'name', None)!r}, the entry point {point.name!r}"
+            )
         return loaded
 
 

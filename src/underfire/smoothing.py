@@ -68,9 +68,7 @@ class ReluSurrogate:
 
     def __post_init__(self) -> None:
         if self.kind not in SURROGATE_KINDS:
-            raise InputError(
-                f"unknown ReLU surrogate {self.kind!r}; choose one of {', '.join(SURROGATE_KINDS)}"
-            )
+            raise InputError(f"unknown ReLU surrogate {self.kind!r}; choose one of {', '.join(SURROGATE_KINDS)}")
         for field, value in (("tau", self.tau), ("beta", self.beta)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InputError(f"{field} must be a number, got {type(value).__name__}")
@@ -116,8 +114,7 @@ def as_relu_surrogate(surrogate: ReluSurrogate | str) -> ReluSurrogate:
     if isinstance(surrogate, str):
         return ReluSurrogate(kind=surrogate)  # type: ignore[arg-type]
     raise InputError(
-        f"relu surrogate must be a ReluSurrogate or one of {', '.join(SURROGATE_KINDS)}, "
-        f"got {type(surrogate).__name__}"
+        f"relu surrogate must be a ReluSurrogate or one of {', '.join(SURROGATE_KINDS)}, got {type(surrogate).__name__}"
     )
 
 

@@ -16,7 +16,9 @@ from .config import AttackConfig, LambdaSchedule, parse_fraction, preset
 from .core import ADV2, PGD, finish, project, quantize
 
 #: Interpreter-free attacks (the baselines) first.
-ATTACKS: Registry[Attack] = Registry("underfire.attacks", Attack, "attack", order=lambda cls: (cls.uses_interpreter, cls.name))
+ATTACKS: Registry[Attack] = Registry(
+    "underfire.attacks", Attack, "attack", order=lambda cls: (cls.uses_interpreter, cls.name)
+)
 
 
 def attack_label(name: str) -> str:
@@ -25,7 +27,9 @@ def attack_label(name: str) -> str:
     return (ATTACKS.get(name).label or name) if name in ATTACKS else name
 
 
-def build_attack(name: str, classifier: Classifier, config: Any = None, interpreter: Interpreter | None = None) -> Attack:
+def build_attack(
+    name: str, classifier: Classifier, config: Any = None, interpreter: Interpreter | None = None
+) -> Attack:
     """The attack registered as ``name`` for ``classifier`` (and ``interpreter``, if it uses one)."""
     return ATTACKS.get(name)(classifier, config=config, interpreter=interpreter)
 

@@ -165,8 +165,10 @@ class AttackConfig:
             raise InputError(f"restarts must be an integer >= 1 (1 = one run), got {self.restarts!r}")
         if self.pgd_steps + self.adv_steps == 0:
             raise InputError("the attack needs at least one step")
-        if isinstance(self.lam_adaptation, bool) or not isinstance(self.lam_adaptation, (int, float)) or not (
-            math.isfinite(self.lam_adaptation) and self.lam_adaptation >= 1
+        if (
+            isinstance(self.lam_adaptation, bool)
+            or not isinstance(self.lam_adaptation, (int, float))
+            or not (math.isfinite(self.lam_adaptation) and self.lam_adaptation >= 1)
         ):
             raise InputError(f"lam_adaptation must be a number >= 1 (1 = off), got {self.lam_adaptation!r}")
         # a list of λ values or a {values, mode, fractions} table, as run configs write it
@@ -179,12 +181,16 @@ class AttackConfig:
             raise InputError(f"confidence must be in [0, 1), got {self.confidence}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if isinstance(self.map_power, bool) or not isinstance(self.map_power, (int, float)) or not (
-            math.isfinite(self.map_power) and 0 < self.map_power <= 1
+        if (
+            isinstance(self.map_power, bool)
+            or not isinstance(self.map_power, (int, float))
+            or not (math.isfinite(self.map_power) and 0 < self.map_power <= 1)
         ):
             raise InputError(f"map_power must be a number in (0, 1] (1 = the paper's distance), got {self.map_power!r}")
-        if isinstance(self.soft_iou_weight, bool) or not isinstance(self.soft_iou_weight, (int, float)) or not (
-            math.isfinite(self.soft_iou_weight) and self.soft_iou_weight >= 0
+        if (
+            isinstance(self.soft_iou_weight, bool)
+            or not isinstance(self.soft_iou_weight, (int, float))
+            or not (math.isfinite(self.soft_iou_weight) and self.soft_iou_weight >= 0)
         ):
             raise InputError(f"soft_iou_weight must be a finite number >= 0 (0 = off), got {self.soft_iou_weight!r}")
 

@@ -117,7 +117,9 @@ def map_distance(
     §3.2), after raising both to ``power`` (``AttackConfig.map_power``; 1 leaves them as they are),
     plus ``soft_iou_weight`` × (1 − their soft top-k IoU) (``AttackConfig.soft_iou_weight``)."""
     if power != 1.0:
-        maps, target_maps = ((_POWER_FLOOR + (1 - _POWER_FLOOR) * m.clamp(0, 1)).pow(power) for m in (maps, target_maps))
+        maps, target_maps = (
+            (_POWER_FLOOR + (1 - _POWER_FLOOR) * m.clamp(0, 1)).pow(power) for m in (maps, target_maps)
+        )
     distance = (maps - target_maps).pow(2).flatten(1).mean(1)
     if soft_iou_weight:
         distance = distance + soft_iou_weight * (1 - soft_iou_top_k(maps, target_maps).mean(1))
@@ -140,7 +142,9 @@ class PGD(Attack):
     description = "targeted L∞ projected gradient descent, the baseline that ignores the map (Madry et al. 2018)"
     uses_interpreter = False
 
-    def __init__(self, classifier: Classifier, config: AttackConfig | None = None, interpreter: Interpreter | None = None) -> None:
+    def __init__(
+        self, classifier: Classifier, config: AttackConfig | None = None, interpreter: Interpreter | None = None
+    ) -> None:
         super().__init__(classifier, config, interpreter)
 
     @classmethod
@@ -215,7 +219,9 @@ class ADV2(PGD):
     description = "PGD warm start, then prediction loss + λ·map distance (Zhang et al. 2020)"
     uses_interpreter = True
 
-    def __init__(self, classifier: Classifier, interpreter: Interpreter | None = None, config: AttackConfig | None = None) -> None:
+    def __init__(
+        self, classifier: Classifier, interpreter: Interpreter | None = None, config: AttackConfig | None = None
+    ) -> None:
         Attack.__init__(self, classifier, config, interpreter)
 
     #: ADV² is configured per interpreter (the base rule), not with PGD's shared budget
@@ -239,7 +245,9 @@ class ADV2(PGD):
         with clf.frozen():
             return best_of_restarts(self.config, lambda config: self._run(images, targets, target_maps, config))
 
-    def _run(self, images: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor, config: AttackConfig) -> AttackResult:
+    def _run(
+        self, images: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor, config: AttackConfig
+    ) -> AttackResult:
         """One run of the two stages (inside ``classifier.frozen()``)."""
         clf, interpreter = self.classifier, self.interpreter
 
@@ -287,8 +295,16 @@ class ADV2(PGD):
         if config.adv_steps > 0:
             stage_two_best, stage_two_step = best.clone(), best_step.clone()
             last = _descend(
-                images, best, config.adv_steps, config, objective, stage_two_best, best_score, stage_two_step,
-                step_offset=config.pgd_steps, step_size=config.stage_two_alpha,
+                images,
+                best,
+                config.adv_steps,
+                config,
+                objective,
+                stage_two_best,
+                best_score,
+                stage_two_step,
+                step_offset=config.pgd_steps,
+                step_size=config.stage_two_alpha,
             )
             qualified = best_score < _UNQUALIFIED
             closer = ~qualified & (best_score - _UNQUALIFIED < stage_one_loss)
@@ -393,5 +409,7 @@ def _better_of(first: AttackResult, second: AttackResult) -> AttackResult:
         last=pick(first.last, second.last),
         chosen_step=pick(first.chosen_step, second.chosen_step),
         # both runs come from one attack: both have map distances (ADV²) or neither (PGD)
-        map_distance=None if first.map_distance is None or second.map_distance is None else pick(first.map_distance, second.map_distance),
+        map_distance=None
+        if first.map_distance is None or second.map_distance is None
+        else pick(first.map_distance, second.map_distance),
     )

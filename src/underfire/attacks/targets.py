@@ -76,7 +76,9 @@ def load_user_map(path: str | Path) -> torch.Tensor:
     low, high = float(array.min()), float(array.max())
     if high == low:
         # every measure compares the top-k pixels of two maps; a constant map has none
-        raise InputError(f"target map {str(path)!r} is constant ({low:g} everywhere): it marks no region, so IoU and L1 to it mean nothing")
+        raise InputError(
+            f"target map {str(path)!r} is constant ({low:g} everywhere): it marks no region, so IoU and L1 to it mean nothing"
+        )
     return torch.from_numpy((array - low) / (high - low))[None, None]
 
 

@@ -327,8 +327,8 @@ class ImageFolderDataset(Dataset):
         self.size = int(size)
 
         top = {p.name for p in _subfolders(root)}
-        exported = "images" in top and top <= {"images", "masks"} and (
-            "masks" in top or (root / CLASSES_FILE).is_file()
+        exported = (
+            "images" in top and top <= {"images", "masks"} and ("masks" in top or (root / CLASSES_FILE).is_file())
         )
         image_root = root / "images" if exported else root
         mask_root = root / "masks" if exported and "masks" in top else None
@@ -337,9 +337,7 @@ class ImageFolderDataset(Dataset):
 
         folders = _subfolders(image_root)
         if not folders:
-            raise InputError(
-                f"no class subfolders in '{image_root}' (expected <folder>/<class>/<image files>)"
-            )
+            raise InputError(f"no class subfolders in '{image_root}' (expected <folder>/<class>/<image files>)")
         classes_file = root / CLASSES_FILE
         if class_names is not None:
             names = [str(n) for n in class_names]
@@ -377,9 +375,7 @@ class ImageFolderDataset(Dataset):
             label = index[folder.name]
             self.samples.extend((p, label) for p in _images_under(folder))
         if not self.samples:
-            raise InputError(
-                f"no images found in '{image_root}' (looked for {', '.join(IMAGE_EXTENSIONS)})"
-            )
+            raise InputError(f"no images found in '{image_root}' (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
         self._masks: list[Path] | None = None
         if mask_root is not None:
@@ -387,8 +383,7 @@ class ImageFolderDataset(Dataset):
             missing = [m for m in masks if not m.is_file()]
             if missing:
                 raise InputError(
-                    f"mask folder '{mask_root}' lacks the masks of {len(missing)} image(s), "
-                    f"e.g. '{missing[0]}'"
+                    f"mask folder '{mask_root}' lacks the masks of {len(missing)} image(s), e.g. '{missing[0]}'"
                 )
             self._masks = masks
         self.has_masks: bool = self._masks is not None
@@ -437,9 +432,7 @@ class ImageFolderDataset(Dataset):
             )
         return read_mask(mask_path, self.size)
 
-    def tensors(
-        self, indices: Sequence[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def tensors(self, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Images (N,C,s,s) float32, labels (N,) long and masks (N,1,s,s) bool, or None without masks."""
         idx = range(len(self)) if indices is None else [self._index(i) for i in indices]
         s = self.size

@@ -217,10 +217,7 @@ class ShapesDataset(Dataset):
         self._interp: dict[int, np.ndarray] = {}
 
     def __repr__(self) -> str:
-        return (
-            f"ShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, "
-            f"length={self.length})"
-        )
+        return f"ShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, length={self.length})"
 
     def __len__(self) -> int:
         return self.length
@@ -247,9 +244,7 @@ class ShapesDataset(Dataset):
         """Exact object mask of image ``i`` as a bool tensor (1, size, size)."""
         return torch.from_numpy(self.render(i).mask)[None]
 
-    def tensors(
-        self, indices: Sequence[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def tensors(self, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images (N,3,H,W) float32, labels (N,) long and masks (N,1,H,W) bool for ``indices``."""
         idx = range(self.length) if indices is None else [operator.index(i) for i in indices]
         n, s = len(idx), self.size
@@ -292,9 +287,7 @@ class ShapesDataset(Dataset):
         img += self._grain(rng, 0.035)
         return img
 
-    def _distractor(
-        self, rng: np.random.Generator, scale: float
-    ) -> tuple[tuple[slice, slice], np.ndarray]:
+    def _distractor(self, rng: np.random.Generator, scale: float) -> tuple[tuple[slice, slice], np.ndarray]:
         """Footprint of one distractor, smaller than the object: (box slices, bool mask in box)."""
         s = self.size
         bx, by = rng.uniform(0.0, s, 2)

@@ -56,4 +56,3 @@ def open_dataset(
     if path.exists():
         raise SpecError(f"data spec {spec!r} is a file, not a folder: expected {ACCEPTED_FORMS}")
     raise SpecError(f"data spec {spec!r} is neither a benchmark nor an existing folder: expected {ACCEPTED_FORMS}")
-

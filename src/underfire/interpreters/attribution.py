@@ -132,9 +132,7 @@ class Attribution(Interpreter):
             attribution = self._attribution(images.detach(), classes, generator, False)
         return attribution_maps(attribution.detach(), self.pool)
 
-    def surrogate(
-        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, Any]:
+    def surrogate(self, images: torch.Tensor, classes: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """Maps differentiable w.r.t. ``images`` through the smoothed ReLU derivative; ``state``
         (a noise generator for subclasses that draw noise, else ``None``) is passed through."""
         x = differentiable(images)
@@ -143,9 +141,7 @@ class Attribution(Interpreter):
         return attribution_maps(attribution, self.pool), state
 
     @abstractmethod
-    def _attribution(
-        self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool
-    ) -> torch.Tensor:
+    def _attribution(self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool) -> torch.Tensor:
         """The signed attribution (N, C, H, W) of ``x`` for ``classes``; with ``create_graph`` it
         must stay differentiable w.r.t. ``x``."""
 
@@ -236,8 +232,6 @@ def attribution_maps(attribution: torch.Tensor, pool: int) -> torch.Tensor:
     maps = attribution.abs().amax(1, keepdim=True)
     if pool > 1:
         if pool > min(maps.shape[-2:]):
-            raise InputError(
-                f"pool={pool} is larger than the {maps.shape[-2]}x{maps.shape[-1]} attribution map"
-            )
+            raise InputError(f"pool={pool} is larger than the {maps.shape[-2]}x{maps.shape[-1]} attribution map")
         maps = F.avg_pool2d(maps, pool)
     return normalize_maps(maps)

@@ -107,7 +107,10 @@ class Interpreter(ABC):
         chosen = coerce_options(where, options, specs)
         if preset is None:
             return chosen
-        return {**coerce_options(f"preset {preset!r} of {cls.name}", cls.preset_options(preset, chosen), specs), **chosen}
+        return {
+            **coerce_options(f"preset {preset!r} of {cls.name}", cls.preset_options(preset, chosen), specs),
+            **chosen,
+        }
 
     def source_files(self) -> tuple[str, ...]:
         """Files this interpreter read when it was built (a trained network of its own): a run
@@ -136,9 +139,7 @@ class Interpreter(ABC):
         """
         return None
 
-    def __call__(
-        self, images: torch.Tensor, classes: Any = None, *, seed: int | None = None
-    ) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, classes: Any = None, *, seed: int | None = None) -> torch.Tensor:
         """Maps (N, 1, h, w) in [0, 1] for ``classes`` (default: the predicted classes)."""
 
         def benign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -201,9 +202,7 @@ class Interpreter(ABC):
         return maps, self.classifier(images), state
 
     @abstractmethod
-    def surrogate(
-        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, Any]:
+    def surrogate(self, images: torch.Tensor, classes: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """Differentiable maps (N, 1, h, w) in [0, 1] of ``images`` for ``classes``, and a state.
 
         Called inside ``classifier.frozen()``. The maps must carry gradient back to ``images``

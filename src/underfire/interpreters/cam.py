@@ -72,9 +72,7 @@ class _RepresentationInterpreter(Interpreter):
     #: whether the interpreter needs a GAP→linear head (CAM) or reads any feature map (Grad-CAM)
     needs_gap_head: bool = True
 
-    def __init__(
-        self, classifier: Classifier, *, feature_layer: str | None = None, head: str | None = None
-    ) -> None:
+    def __init__(self, classifier: Classifier, *, feature_layer: str | None = None, head: str | None = None) -> None:
         super().__init__(classifier)
         # Find the feature layer and the head now, so a model without the layers fails when the
         # interpreter is built (ModelStructureError), not in the middle of an attack.
@@ -94,9 +92,7 @@ class _RepresentationInterpreter(Interpreter):
         """The benign map, computed without building a graph to the input (deterministic)."""
         return normalize_maps(self._raw_benign(images, classes))
 
-    def surrogate(
-        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, None]:
+    def surrogate(self, images: torch.Tensor, classes: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, None]:
         """The normalised map with its graph to ``images``: the map itself is differentiable."""
         raw, _ = self._raw_and_logits(images, classes)
         return normalize_maps(raw), None
@@ -114,9 +110,7 @@ class _RepresentationInterpreter(Interpreter):
         """The un-normalised map without a graph to the input."""
 
     @abstractmethod
-    def _raw_and_logits(
-        self, images: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _raw_and_logits(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The un-normalised map with its graph to the input, and the logits of the same forward."""
 
 
@@ -130,9 +124,7 @@ class CAM(_RepresentationInterpreter):
     description = "class activation mapping (Zhou et al. 2016)"
     paper_class = "representation"
 
-    def _raw_and_logits(
-        self, images: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _raw_and_logits(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.capture.features_and_logits(images)
         return _class_map(features, self.layers.head.weight, classes), logits
 
@@ -157,9 +149,7 @@ class GradCAM(_RepresentationInterpreter):
     paper_class = "representation"
     needs_gap_head = False
 
-    def _raw_and_logits(
-        self, images: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _raw_and_logits(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.layers.head is None:
             features, logits = self.capture.features_in_graph(images, detach=False)
             return _weighted_map(features, logits, classes, create_graph=True), logits
@@ -218,9 +208,7 @@ def _class_map(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tens
     return torch.bmm(w.unsqueeze(1), features.flatten(2)).view(n, 1, height, width)
 
 
-def _check_head_logits(
-    scores: torch.Tensor, logits: torch.Tensor, clf: Classifier, layers: CamLayers
-) -> None:
+def _check_head_logits(scores: torch.Tensor, logits: torch.Tensor, clf: Classifier, layers: CamLayers) -> None:
     """Refuse to differentiate logits that are not the model's (the recomputation is only exact
     for a GAP→linear head)."""
     scale = max(1.0, float(logits.abs().max()))

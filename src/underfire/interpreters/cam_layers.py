@@ -76,9 +76,7 @@ class FeatureCapture:
     ) -> None:
         network = classifier.network
         if not isinstance(network, nn.Module):
-            raise ModelStructureError(
-                "CAM needs an nn.Module model; a plain callable has no layers to read"
-            )
+            raise ModelStructureError("CAM needs an nn.Module model; a plain callable has no layers to read")
         hinted_feature, hinted_head = classifier.cam_layer_names
         self.classifier = classifier
         #: the module names the discovery was restricted to: (feature_layer, head), ``None`` = free
@@ -180,7 +178,8 @@ def find_cam_layers(
         if gap_head or head is not None:
             raise
     spatial = [
-        name for name, output in records
+        name
+        for name, output in records
         if output.dim() == 4 and output.shape[2] * output.shape[3] > 1 and feature_layer in (None, name)
     ]
     if not spatial:
@@ -286,8 +285,12 @@ def _find_head(
     outputs = dict(records)
     if head is not None:
         module = modules[head]
-        if not _linear_like(module) or (head in outputs and not _computes_linear(module, head_inputs.get(head), outputs[head])):
-            raise ModelStructureError(f"head {head!r} is a {type(module).__name__}, not nn.Linear (nor a module computing F.linear)")
+        if not _linear_like(module) or (
+            head in outputs and not _computes_linear(module, head_inputs.get(head), outputs[head])
+        ):
+            raise ModelStructureError(
+                f"head {head!r} is a {type(module).__name__}, not nn.Linear (nor a module computing F.linear)"
+            )
         return head
     if isinstance(logits, torch.Tensor):
         for name, output in reversed(records):
@@ -296,6 +299,5 @@ def _find_head(
                 if _computes_linear(module, head_inputs.get(name), output):
                     return name
     raise ModelStructureError(
-        "no nn.Linear layer produces the model's logits; CAM needs a GAP→linear head "
-        "(name it with head=)"
+        "no nn.Linear layer produces the model's logits; CAM needs a GAP→linear head (name it with head=)"
     )

@@ -66,7 +66,9 @@ class RescaleRules(TwinRules):
     def sum(self, a: torch.Tensor, b: torch.Tensor, twin_a: torch.Tensor, twin_b: torch.Tensor) -> torch.Tensor:
         return twin_a + twin_b
 
-    def average(self, pool: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
+    def average(
+        self, pool: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, twin: torch.Tensor
+    ) -> torch.Tensor:
         return pool(twin)
 
     def affine(self, apply: Callable[[torch.Tensor], torch.Tensor], twin: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,6 @@ from ..models.classifier import Classifier
 from ..presets import Preset
 from .base import AttackStage, AttackTerms, Interpreter
 
-
 #: The detector scores the attack can differentiate (``metrics.disagreement``).
 DETECTOR_SCORES = ("l1", "soft_iou")
 
@@ -102,12 +101,16 @@ class Ensemble(Interpreter):
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights
         ):
             raise InputError(f"give one positive weight per member ({len(names)}), got {list(weights)}")
-        if isinstance(detector_weight, bool) or not isinstance(detector_weight, (int, float)) or not (
-            math.isfinite(detector_weight) and detector_weight >= 0
+        if (
+            isinstance(detector_weight, bool)
+            or not isinstance(detector_weight, (int, float))
+            or not (math.isfinite(detector_weight) and detector_weight >= 0)
         ):
             raise InputError(f"the ensemble's detector_weight must be a finite number >= 0, got {detector_weight!r}")
         if detector_score not in DETECTOR_SCORES:
-            raise InputError(f"the ensemble's detector_score must be one of {', '.join(DETECTOR_SCORES)}, got {detector_score!r}")
+            raise InputError(
+                f"the ensemble's detector_score must be one of {', '.join(DETECTOR_SCORES)}, got {detector_score!r}"
+            )
         self.detector_weight = float(detector_weight)
         self.detector_score = detector_score
         self.names = names
@@ -154,7 +157,12 @@ class Ensemble(Interpreter):
         height = max(m.shape[-2] for m in member_maps)
         width = max(m.shape[-1] for m in member_maps)
         tiles = [
-            scale * (maps if maps.shape[-2:] == (height, width) else F.interpolate(maps, size=(height, width), mode="nearest"))
+            scale
+            * (
+                maps
+                if maps.shape[-2:] == (height, width)
+                else F.interpolate(maps, size=(height, width), mode="nearest")
+            )
             for maps, scale in zip(member_maps, self._scales)
         ]
         return torch.cat(tiles, dim=-1)
@@ -234,7 +242,9 @@ class Ensemble(Interpreter):
                 extra = part if extra is None else extra + part
         if self.detector_weight > 0 and stage == "joint":
             if not isinstance(state, EnsembleState) or state.maps is None:
-                raise InputError("the ensemble's detector term needs the state of its surrogate call (surrogate_and_logits)")
+                raise InputError(
+                    "the ensemble's detector term needs the state of its surrogate call (surrogate_and_logits)"
+                )
             part = self.detector_weight * self.disagreement(state.maps)
             interpretation = part if interpretation is None else interpretation + part
         if interpretation is None and extra is None:
@@ -252,5 +262,7 @@ class Ensemble(Interpreter):
         if isinstance(state, EnsembleState):
             state = state.members
         if not isinstance(state, tuple) or len(state) != len(self.members):
-            raise InputError(f"the ensemble's state is one state per member ({len(self.members)}), got {type(state).__name__}")
+            raise InputError(
+                f"the ensemble's state is one state per member ({len(self.members)}), got {type(state).__name__}"
+            )
         return state

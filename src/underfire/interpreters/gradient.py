@@ -59,7 +59,9 @@ GRAD_PRESETS = {
 #: (``map_power`` 0.5). On the built-in DenseNet the squared difference of the maps left them
 #: under 0.6 IoU: their maps are peaked (Gradient × Input's median pixel 0.013, ResNet's 0.032),
 #: so a few bright pixels decided it (docs/tuning.md).
-ROOT_MAP_QUICK = Preset(attack={**GRAD_PRESETS["quick"].attack, "map_power": 0.5}, options=GRAD_PRESETS["quick"].options)
+ROOT_MAP_QUICK = Preset(
+    attack={**GRAD_PRESETS["quick"].attack, "map_power": 0.5}, options=GRAD_PRESETS["quick"].options
+)
 
 
 class Grad(Attribution):
@@ -132,9 +134,7 @@ class Grad(Attribution):
             grad = score_gradient(logits, x, classes, self.score, create_graph=True)
         return attribution_maps(self._from_gradient(x, grad), self.pool), logits, state
 
-    def _attribution(
-        self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool
-    ) -> torch.Tensor:
+    def _attribution(self, x: torch.Tensor, classes: torch.Tensor, state: Any, create_graph: bool) -> torch.Tensor:
         """The signed attribution ``attribute`` returns: the gradient, as ``_from_gradient`` maps it."""
         x = differentiable(x)
         return self._from_gradient(x, self._gradient(x, classes, state, create_graph))
@@ -182,14 +182,11 @@ class SmoothGrad(Grad):
         relu_scale: ReluScale = "absolute",
         softplus_beta: float | None = None,
     ) -> None:
-        if (
-            isinstance(noise, bool)
-            or not isinstance(noise, (int, float))
-            or not math.isfinite(noise)
-            or noise < 0
-        ):
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
             raise InputError(f"noise must be a finite number >= 0, got {noise!r}")
-        super().__init__(classifier, score=score, pool=pool, relu=relu, relu_scale=relu_scale, softplus_beta=softplus_beta)
+        super().__init__(
+            classifier, score=score, pool=pool, relu=relu, relu_scale=relu_scale, softplus_beta=softplus_beta
+        )
         self.samples = check_count("samples", samples)
         self.noise = float(noise)
 
@@ -197,16 +194,12 @@ class SmoothGrad(Grad):
         """A seeded noise generator: an attack feeding it back draws fresh, reproducible noise."""
         return torch.Generator(device).manual_seed(seed)
 
-    def surrogate(
-        self, images: torch.Tensor, classes: torch.Tensor, state: Any = None
-    ) -> tuple[torch.Tensor, Any]:
+    def surrogate(self, images: torch.Tensor, classes: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """Differentiable SmoothGrad maps. ``state`` may be a ``torch.Generator`` for the noise
         (returned unchanged, so an attack loop that feeds the state back draws a seeded,
         fresh noise sample every step); ``None`` uses torch's global generator."""
         if state is not None and not isinstance(state, torch.Generator):
-            raise InputError(
-                f"SmoothGrad's state must be None or a torch.Generator, got {type(state).__name__}"
-            )
+            raise InputError(f"SmoothGrad's state must be None or a torch.Generator, got {type(state).__name__}")
         return super().surrogate(images, classes, state)
 
     def surrogate_and_logits(
@@ -226,9 +219,7 @@ class SmoothGrad(Grad):
         # d/dx Σ_s score(x + n_s) = Σ_s ∇score(x + n_s): one backward gives the sum of gradients.
         noisy = x.repeat_interleave(self.samples, 0)
         if self.noise > 0:
-            noise = torch.randn(
-                noisy.shape, generator=generator, device=noisy.device, dtype=noisy.dtype
-            )
+            noise = torch.randn(noisy.shape, generator=generator, device=noisy.device, dtype=noisy.dtype)
             noisy = noisy + self.noise * noise
         repeated = classes.repeat_interleave(self.samples, 0)
         grad = input_gradient(self.classifier, noisy, x, repeated, self.score, create_graph)

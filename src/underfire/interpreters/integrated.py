@@ -121,7 +121,11 @@ class IntegratedGradients(BaselineMixin, Attribution):
         return attribution, attribution.flatten(1).sum(1) - (scores[:n, 0] - scores[n:, 0])
 
     def path_gradient(
-        self, x: torch.Tensor, reference: torch.Tensor, classes: torch.Tensor, create_graph: bool,
+        self,
+        x: torch.Tensor,
+        reference: torch.Tensor,
+        classes: torch.Tensor,
+        create_graph: bool,
         nodes: slice = slice(None),
     ) -> torch.Tensor:
         """Σ_k w_k ∂score/∂x at x̄ + α_k(x − x̄), over the quadrature nodes ``nodes``, ``chunk`` at a time."""
@@ -130,14 +134,14 @@ class IntegratedGradients(BaselineMixin, Attribution):
         n = x.shape[0]
         total = torch.zeros_like(x)
         for start in range(0, len(alphas), self.chunk):
-            chunk_alphas = alphas[start:start + self.chunk]
+            chunk_alphas = alphas[start : start + self.chunk]
             points = torch.cat([reference + alpha * (x - reference) for alpha in chunk_alphas])
             if not points.requires_grad:
                 points.requires_grad_(True)
             logits = self.classifier(points)
             grad = score_gradient(logits, points, classes.repeat(len(chunk_alphas)), self.score, create_graph)
-            for index, weight in enumerate(weights[start:start + self.chunk]):
-                total = total + weight * grad[index * n:(index + 1) * n]
+            for index, weight in enumerate(weights[start : start + self.chunk]):
+                total = total + weight * grad[index * n : (index + 1) * n]
         return total
 
 
@@ -145,7 +149,9 @@ class _PathGradient(torch.autograd.Function):
     """IG's averaged path gradient with a recomputing backward (one chunk's graph at a time)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, reference: torch.Tensor, classes: torch.Tensor, ig: IntegratedGradients) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, reference: torch.Tensor, classes: torch.Tensor, ig: IntegratedGradients
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, reference, classes)
         ctx.ig = ig
         with torch.enable_grad():

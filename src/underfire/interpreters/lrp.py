@@ -108,7 +108,9 @@ class LrpRules(TwinRules):
     def sum(self, a: torch.Tensor, b: torch.Tensor, twin_a: torch.Tensor, twin_b: torch.Tensor) -> torch.Tensor:
         return (twin_a * a + twin_b * b) / stabilize(a + b, self.epsilon)
 
-    def average(self, pool: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
+    def average(
+        self, pool: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, twin: torch.Tensor
+    ) -> torch.Tensor:
         return pool(twin * a) / stabilize(pool(a), self.epsilon)
 
     def affine(self, apply: Callable[[torch.Tensor], torch.Tensor], twin: torch.Tensor) -> torch.Tensor:

@@ -150,8 +150,19 @@ class MaskConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InputError(f"MaskConfig.{name} must be positive, got {value!r}")
-        non_negative = ("l1_weight", "tv_weight", "blur_sigma", "mask_blur_sigma", "jitter", "seed",
-                        "inner_steps", "init_steps", "resolve_every", "evidence_weight", "gap_weight")
+        non_negative = (
+            "l1_weight",
+            "tv_weight",
+            "blur_sigma",
+            "mask_blur_sigma",
+            "jitter",
+            "seed",
+            "inner_steps",
+            "init_steps",
+            "resolve_every",
+            "evidence_weight",
+            "gap_weight",
+        )
         for name in non_negative:
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -193,8 +204,16 @@ class MaskConfig:
 
 
 _BOOLEANS = {"precondition", "surrogate_jitter"}
-_INTEGERS = {"iterations", "mask_stride", "jitter", "seed", "inner_steps", "unrolled_steps",
-             "init_steps", "resolve_every"}
+_INTEGERS = {
+    "iterations",
+    "mask_stride",
+    "jitter",
+    "seed",
+    "inner_steps",
+    "unrolled_steps",
+    "init_steps",
+    "resolve_every",
+}
 _OPTIONAL = {"mask_stride", "blur_sigma", "mask_blur_sigma", "jitter", "init_steps"}
 
 
@@ -244,7 +263,9 @@ class Mask(Interpreter):
             raise InputError(f"config must be a MaskConfig, got {type(config).__name__}")
         unknown = sorted(set(fields) - set(MaskConfig.__dataclass_fields__))
         if unknown:
-            raise InputError(f"unknown MASK option {unknown[0]!r} (known: {', '.join(MaskConfig.__dataclass_fields__)})")
+            raise InputError(
+                f"unknown MASK option {unknown[0]!r} (known: {', '.join(MaskConfig.__dataclass_fields__)})"
+            )
         self.config = replace(config, **fields) if fields else config
 
     @classmethod

@@ -247,9 +247,7 @@ class SaliencyNetwork(nn.Module):
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-def save_saliency_network(
-    network: SaliencyNetwork, path: str | Path, metadata: dict[str, Any] | None = None
-) -> Path:
+def save_saliency_network(network: SaliencyNetwork, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write an RTS checkpoint: ``path`` (.safetensors, the whole network) + ``.json`` metadata."""
     meta = dict(metadata or {})
     meta["kind"] = CHECKPOINT_KIND
@@ -263,9 +261,7 @@ def load_saliency_network(
     """Read an RTS checkpoint written by ``save_saliency_network`` / ``train_rts``; eval mode."""
     state, meta = load_checkpoint(path)
     if meta.get("kind") != CHECKPOINT_KIND or "network" not in meta:
-        raise CheckpointError(
-            f"{str(path)!r} is not an RTS network checkpoint (train one with `underfire train rts`)"
-        )
+        raise CheckpointError(f"{str(path)!r} is not an RTS network checkpoint (train one with `underfire train rts`)")
     network = SaliencyNetwork.from_config(meta["network"])
     try:
         network.load_state_dict(state, strict=True)
@@ -334,8 +330,16 @@ class Rts(Interpreter):
         super().__init__(classifier)
         if variant not in ("plain", "adversarial"):
             raise InputError(f"RTS variant must be 'plain' or 'adversarial', got {variant!r}")
-        for label, weight in (("encoder_weight", encoder_weight), ("warm_start_encoder_weight", warm_start_encoder_weight)):
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        for label, weight in (
+            ("encoder_weight", encoder_weight),
+            ("warm_start_encoder_weight", warm_start_encoder_weight),
+        ):
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
                 raise InputError(f"{label} must be finite and >= 0, got {weight!r}")
         self.encoder_weight = float(encoder_weight)
         self.warm_start_encoder_weight = float(warm_start_encoder_weight)
@@ -352,7 +356,9 @@ class Rts(Interpreter):
             if checkpoint is None and variant == "plain":
                 checkpoint = classifier.metadata.get("rts")  # the model's metadata (--rts, a card)
             if checkpoint is None:
-                shipped, command = (SHIPPED_ADVERSARIAL_RTS, "rts-adversarial") if variant == "adversarial" else (SHIPPED_RTS, "rts")
+                shipped, command = (
+                    (SHIPPED_ADVERSARIAL_RTS, "rts-adversarial") if variant == "adversarial" else (SHIPPED_RTS, "rts")
+                )
                 if classifier.name not in shipped:
                     raise InputError(
                         f"no RTS network ships for model {classifier.name!r}; train one with "

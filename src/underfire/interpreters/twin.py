@@ -45,26 +45,78 @@ _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__
 _ADD_IN_PLACE = {torch.Tensor.add_, torch.Tensor.__iadd__}
 _SUB = {torch.sub, torch.Tensor.sub, torch.Tensor.__sub__}
 _ARITHMETIC = {
-    torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
-    torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__rsub__,
+    torch.mul,
+    torch.Tensor.mul,
+    torch.Tensor.__mul__,
+    torch.Tensor.__rmul__,
+    torch.div,
+    torch.Tensor.div,
+    torch.Tensor.__truediv__,
+    torch.Tensor.__rsub__,
 }
-_AVERAGE = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool2d,
-            F.avg_pool1d, torch.mean, torch.Tensor.mean}
+_AVERAGE = {
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.avg_pool2d,
+    F.avg_pool1d,
+    torch.mean,
+    torch.Tensor.mean,
+}
 _MAX_POOL = {F._max_pool2d, F.max_pool2d, torch.max_pool2d, F._max_pool1d, F.max_pool1d, torch.max_pool1d}
 _SHAPE = {
-    torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
-    torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose, torch.Tensor.contiguous,
-    torch.Tensor.clone, torch.clone, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.unsqueeze,
-    torch.unsqueeze, torch.Tensor.__getitem__, torch.cat, torch.concat, torch.stack, torch.Tensor.to,
-    torch.Tensor.narrow, torch.narrow, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
-    torch.Tensor.float, torch.Tensor.type_as, F.dropout, F.dropout2d, F.pad, torch.Tensor.view_as,
+    torch.Tensor.view,
+    torch.Tensor.reshape,
+    torch.reshape,
+    torch.Tensor.flatten,
+    torch.flatten,
+    torch.Tensor.permute,
+    torch.permute,
+    torch.Tensor.transpose,
+    torch.transpose,
+    torch.Tensor.contiguous,
+    torch.Tensor.clone,
+    torch.clone,
+    torch.Tensor.squeeze,
+    torch.squeeze,
+    torch.Tensor.unsqueeze,
+    torch.unsqueeze,
+    torch.Tensor.__getitem__,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    torch.Tensor.to,
+    torch.Tensor.narrow,
+    torch.narrow,
+    torch.Tensor.split,
+    torch.split,
+    torch.Tensor.chunk,
+    torch.chunk,
+    torch.Tensor.float,
+    torch.Tensor.type_as,
+    F.dropout,
+    F.dropout2d,
+    F.pad,
+    torch.Tensor.view_as,
     torch.Tensor.reshape_as,
 }
 _IN_PLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__ipow__", "__setitem__"}
 _CONSTANT = {
-    torch.Tensor.detach, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
-    torch.rand_like, torch.randn_like, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty,
-    torch.Tensor.new_full, torch.Tensor.new_tensor, torch.sign, torch.Tensor.sign,
+    torch.Tensor.detach,
+    torch.detach,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+    torch.rand_like,
+    torch.randn_like,
+    torch.Tensor.new_zeros,
+    torch.Tensor.new_ones,
+    torch.Tensor.new_empty,
+    torch.Tensor.new_full,
+    torch.Tensor.new_tensor,
+    torch.sign,
+    torch.Tensor.sign,
 }
 
 
@@ -111,7 +163,9 @@ class TwinRules(ABC):
         """The sum of two traced tensors (a residual addition)."""
 
     @abstractmethod
-    def average(self, pool: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
+    def average(
+        self, pool: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, twin: torch.Tensor
+    ) -> torch.Tensor:
         """A linear pooling ``pool`` of ``a`` (average pooling, a mean)."""
 
     @abstractmethod
@@ -175,7 +229,9 @@ class TwinTrace(TorchFunctionMode):
         self._twins[id(value)] = (value, twin)
         return value
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         flat, _ = tree_flatten((args, kwargs))
         if not any(isinstance(t, torch.Tensor) and id(t) in self._twins for t in flat):
@@ -235,7 +291,9 @@ class TwinTrace(TorchFunctionMode):
         bound = {**dict(zip(names, args)), **kwargs}
         x = bound["input"]
         if bound.get("training", False):
-            raise ModelStructureError(f"{self.method}: a BatchNorm runs in training mode; explain the model in eval mode")
+            raise ModelStructureError(
+                f"{self.method}: a BatchNorm runs in training mode; explain the model in eval mode"
+            )
         entry = self._twins.get(id(x))
         out = func(*args, **kwargs)
         eps = bound.get("eps", 1e-5)
@@ -359,7 +417,9 @@ class ReluRecorder(TorchFunctionMode):
         self._derived = {}  # the recorded pairs stay; nothing else is kept alive
         super().__exit__(*exc)
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         derived = self._derived
         flat, _ = tree_flatten((args, kwargs))

@@ -168,6 +168,4 @@ def build_architecture(name: str, num_classes: int = 10) -> nn.Module:
     try:
         return ARCHITECTURES[name](num_classes=num_classes)
     except KeyError:
-        raise SpecError(
-            f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}"
-        ) from None
+        raise SpecError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}") from None

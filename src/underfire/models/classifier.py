@@ -85,14 +85,8 @@ class Classifier(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
         if num_classes is None and self.class_names is not None:
             num_classes = len(self.class_names)
-        if (
-            num_classes is not None
-            and self.class_names is not None
-            and len(self.class_names) != num_classes
-        ):
-            raise InputError(
-                f"{len(self.class_names)} class names given for a model with {num_classes} classes"
-            )
+        if num_classes is not None and self.class_names is not None and len(self.class_names) != num_classes:
+            raise InputError(f"{len(self.class_names)} class names given for a model with {num_classes} classes")
         self._num_classes = num_classes
         self.input_size = input_size
         self.name = name
@@ -116,7 +110,9 @@ class Classifier(nn.Module):
     def is_scripted(self) -> bool:
         """Whether the model is (or holds) a TorchScript module: its graph runs in C++, where
         Python hooks and torch function modes do not reach."""
-        return isinstance(self.network, nn.Module) and any(isinstance(m, torch.jit.ScriptModule) for m in self.network.modules())
+        return isinstance(self.network, nn.Module) and any(
+            isinstance(m, torch.jit.ScriptModule) for m in self.network.modules()
+        )
 
     @property
     def cam_layer_names(self) -> tuple[str | None, str | None]:
@@ -137,11 +133,7 @@ class Classifier(nn.Module):
         (``python -m benchmarks.hotspots``, fix 8).
         """
         mean, std = self.mean, self.std
-        if (
-            images.dim() == 4
-            and not images.is_contiguous()
-            and images.is_contiguous(memory_format=torch.channels_last)
-        ):
+        if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
             mean, std = self._laid_out_constants(images.shape[-2:])
         return (images - mean) / std
 
@@ -153,8 +145,7 @@ class Classifier(nn.Module):
                 self._channels_last_constants.clear()
             shape = (1, self.mean.shape[1], *size)
             constants = tuple(
-                vector.expand(shape).contiguous(memory_format=torch.channels_last)
-                for vector in (self.mean, self.std)
+                vector.expand(shape).contiguous(memory_format=torch.channels_last) for vector in (self.mean, self.std)
             )
             self._channels_last_constants[key] = constants
         return constants
@@ -290,9 +281,7 @@ class Classifier(nn.Module):
 
     def check_classes(self, classes: Any, batch_size: int) -> torch.Tensor:
         """Turn an int, a sequence of ints or names, or a tensor into a (N,) long tensor of valid ids."""
-        if isinstance(classes, str) or (
-            isinstance(classes, Sequence) and classes and isinstance(classes[0], str)
-        ):
+        if isinstance(classes, str) or (isinstance(classes, Sequence) and classes and isinstance(classes[0], str)):
             names = [classes] if isinstance(classes, str) else list(classes)
             classes = [self.class_index(name) for name in names]
         if isinstance(classes, int):
@@ -322,6 +311,7 @@ class Classifier(nn.Module):
             return int(name)
         known = ", ".join(self.class_names) if self.class_names else "none (use class ids)"
         raise InputError(f"unknown class {name!r}; known classes: {known}")
+
 
 @contextmanager
 def frozen_module(module: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[nn.Module]:

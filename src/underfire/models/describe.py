@@ -28,7 +28,8 @@ def describe_model(classifier: Classifier) -> dict[str, Any]:
         "model": classifier.name,
         "format": classifier.metadata.get("format", "module"),
         "card": classifier.metadata.get("card"),
-        "input": f"{classifier.in_channels}×{size}×{size} in [0, 1]" + ("" if classifier.input_size else " (size not given: 224 assumed)"),
+        "input": f"{classifier.in_channels}×{size}×{size} in [0, 1]"
+        + ("" if classifier.input_size else " (size not given: 224 assumed)"),
         "mean": [round(float(v), 6) for v in classifier.mean.flatten()],
         "std": [round(float(v), 6) for v in classifier.std.flatten()],
         "classes": classifier.num_classes,

@@ -13,12 +13,12 @@ an attack.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 
 from ..errors import InputError, SpecError
@@ -28,7 +28,17 @@ __all__ = ["CARD_KEYS", "ModelOptions", "card_for", "parse_class_names", "parse_
 
 #: Keys of a model card and of a run config's ``[models.NAME]`` table (``classes`` is
 #: ``ModelOptions.class_names``: a list, a comma-separated string or a file with one name per line).
-CARD_KEYS: tuple[str, ...] = ("weights", "input_size", "channels", "mean", "std", "classes", "feature_layer", "head", "rts")
+CARD_KEYS: tuple[str, ...] = (
+    "weights",
+    "input_size",
+    "channels",
+    "mean",
+    "std",
+    "classes",
+    "feature_layer",
+    "head",
+    "rts",
+)
 
 #: Input sides tried when a model rejects its probe, to suggest the one it accepts.
 _SUGGESTED_SIZES = (224, 32, 28, 64, 96, 128, 256, 299, 384, 512)
@@ -67,7 +77,11 @@ class ModelOptions:
         set_ = object.__setattr__
         check_seed("seed", self.seed)
         if self.input_size is not None:
-            if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or not 1 <= self.input_size <= 8192:
+            if (
+                isinstance(self.input_size, bool)
+                or not isinstance(self.input_size, int)
+                or not 1 <= self.input_size <= 8192
+            ):
                 raise InputError(f"input size must be a whole number of pixels in 1..8192, got {self.input_size!r}")
         if self.channels is not None and (isinstance(self.channels, bool) or self.channels not in (1, 3)):
             raise InputError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels!r}")
@@ -86,7 +100,11 @@ class ModelOptions:
 
     def given(self) -> dict[str, Any]:
         """The fields set here (not ``None``), device and seed excluded (they are the command's)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("device", "seed") and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("device", "seed") and getattr(self, f.name) is not None
+        }
 
     def as_table(self) -> dict[str, Any]:
         """The given fields as a ``[models.NAME]`` table (``from_mapping`` reads it back)."""
@@ -200,14 +218,20 @@ def probe_classifier(classifier: Any, hint: str) -> None:
         advice = "set the input size and channels"
         if accepted is not None:
             advice = f"it accepts 1×{accepted[0]}×{accepted[1]}×{accepted[1]}: set --channels {accepted[0]} --input-size {accepted[1]}"
-        raise SpecError(f"{classifier.name} rejects a 1×{channels}×{size}×{size} input ({reason}); {advice} ({hint})") from None
+        raise SpecError(
+            f"{classifier.name} rejects a 1×{channels}×{size}×{size} input ({reason}); {advice} ({hint})"
+        ) from None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise SpecError(f"{classifier.name} returned {shape} for one image, not (1, classes) logits; wrap it in a module that returns the logits")
+        raise SpecError(
+            f"{classifier.name} returned {shape} for one image, not (1, classes) logits; wrap it in a module that returns the logits"
+        )
     outputs = int(logits.shape[1])
     names = classifier.class_names
     if names is not None and len(names) != outputs:
-        raise SpecError(f"{classifier.name} has {outputs} outputs but {len(names)} class names are given; give {outputs} (--classes, {hint})")
+        raise SpecError(
+            f"{classifier.name} has {outputs} outputs but {len(names)} class names are given; give {outputs} (--classes, {hint})"
+        )
     classifier._num_classes = outputs
 
 
@@ -234,5 +258,9 @@ def _accepted_input(classifier: Any, tried: tuple[int, int]) -> tuple[int, int] 
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     # TorchScript errors open with a traceback of the graph; the last line says what went wrong
-    text = lines[-1] if lines and lines[0].startswith("The following operation failed") else (lines[0] if lines else type(error).__name__)
+    text = (
+        lines[-1]
+        if lines and lines[0].startswith("The following operation failed")
+        else (lines[0] if lines else type(error).__name__)
+    )
     return text[:200]

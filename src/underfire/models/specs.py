@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, SpecError
 from .architectures import build_architecture
 from .checkpoint import load_checkpoint, load_weights, metadata_path
-from ..devices import resolve_device
 from .classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from .metadata import ModelOptions, card_for, probe_classifier, read_card
 
@@ -206,7 +206,9 @@ def _check_weights_apply(spec: ModelSpec) -> None:
             f"a weights file (--weights) does not apply to the built-in model {spec.target!r} (its weights ship with it); "
             "to attack other weights of its architecture, give their checkpoint PATH.safetensors as the model"
         )
-    raise SpecError(f"a weights file (--weights) does not apply to {spec.kind} model {spec.target!r}: the file holds its weights")
+    raise SpecError(
+        f"a weights file (--weights) does not apply to {spec.kind} model {spec.target!r}: the file holds its weights"
+    )
 
 
 def _model_file(spec: ModelSpec) -> str | None:
@@ -302,7 +304,11 @@ def _user_code(what: str) -> Iterator[None]:
 
 def _is_library_frame(filename: str) -> bool:
     """Frames of underfire, the standard library's import machinery and installed packages."""
-    return filename.startswith("<frozen") or str(Path(__file__).resolve().parents[1]) in filename or "importlib" in filename
+    return (
+        filename.startswith("<frozen")
+        or str(Path(__file__).resolve().parents[1]) in filename
+        or "importlib" in filename
+    )
 
 
 def _first_message(error: BaseException) -> str:

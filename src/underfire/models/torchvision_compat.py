@@ -29,9 +29,7 @@ def import_torchvision() -> ModuleType:
     try:
         return importlib.import_module("torchvision")
     except ModuleNotFoundError:
-        raise SpecError(
-            "torchvision is not installed; install underfire[torchvision] for torchvision: specs"
-        ) from None
+        raise SpecError("torchvision is not installed; install underfire[torchvision] for torchvision: specs") from None
     except RuntimeError as error:
         if "torchvision::nms" not in str(error):
             raise

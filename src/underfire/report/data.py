@@ -130,7 +130,9 @@ class RunData:
 
     def target_maps(self, model: str, interpreter: str) -> list[str]:
         """The target maps of one model × interpreter, 'benign' (the paper's default) first."""
-        names = {row["target_map"] for row in self.summary if (row["model"], row["interpreter"]) == (model, interpreter)}
+        names = {
+            row["target_map"] for row in self.summary if (row["model"], row["interpreter"]) == (model, interpreter)
+        }
         return sorted(names, key=lambda name: (name != "benign", name))
 
 
@@ -156,7 +158,9 @@ def _summary(reader: RunReader, attacks: list[str]) -> list[dict[str, Any]]:
         ious = raw_iou.get(key, {})
         for attack in gained(attacks):
             other, reference = ious.get(attack), ious.get(base)  # type: ignore[arg-type]
-            entry[gain_key(attack, attacks)] = rounded(other - reference, "number") if other is not None and reference is not None else None
+            entry[gain_key(attack, attacks)] = (
+                rounded(other - reference, "number") if other is not None and reference is not None else None
+            )
     order = sorted(groups, key=lambda key: (key[0], interpreter_sort_key(key[1]), key[2] != "benign", key[2]))
     return [groups[key] for key in order]
 
@@ -179,7 +183,15 @@ def _transfer(reader: RunReader) -> list[dict[str, Any]]:
         {**cell, **{measure: rounded(cell[measure], "number") for measure in ("iou", "l1", "l2")}}
         for cell in reader.transfer_means()
     ]
-    rows.sort(key=lambda r: (r["model"], r["attack"], r["target_map"], interpreter_sort_key(r["source_interpreter"]), interpreter_sort_key(r["target_interpreter"])))
+    rows.sort(
+        key=lambda r: (
+            r["model"],
+            r["attack"],
+            r["target_map"],
+            interpreter_sort_key(r["source_interpreter"]),
+            interpreter_sort_key(r["target_interpreter"]),
+        )
+    )
     return rows
 
 
@@ -194,10 +206,17 @@ def _roc(reader: RunReader) -> list[dict[str, Any]]:
         score = {row["adversarial_path"]: row["score"] for row in entry["examples"]}
         for (attack, interpreter, target_map), examples in example_groups(entry["examples"]).items():
             fpr, tpr = roc_curve(entry["benign"], [score[path] for _, path in examples])
-            curves.append({
-                "model": entry["model"], "detector": entry["detector"], "attack": attack, "interpreter": interpreter,
-                "target_map": target_map, "fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr],
-            })
+            curves.append(
+                {
+                    "model": entry["model"],
+                    "detector": entry["detector"],
+                    "attack": attack,
+                    "interpreter": interpreter,
+                    "target_map": target_map,
+                    "fpr": [round(float(v), 4) for v in fpr],
+                    "tpr": [round(float(v), 4) for v in tpr],
+                }
+            )
     return curves
 
 

@@ -110,7 +110,10 @@ def iou_curves_figure(
         axis.grid(True, alpha=0.3)
     # one legend for all panels, by encoding: colour = interpreter, line = attack, marker = target map
     handles = [Line2D([], [], color=colour, linewidth=2.5, label=name) for name, colour in colours.items()]
-    handles += [Line2D([], [], color="#333333", linestyle=line.linestyle, label=attack_label(name)) for name, line in lines.items()]
+    handles += [
+        Line2D([], [], color="#333333", linestyle=line.linestyle, label=attack_label(name))
+        for name, line in lines.items()
+    ]
     if len(target_maps) > 1:
         handles += [
             Line2D([], [], color="#333333", linestyle="", marker=MARKERS[i % len(MARKERS)], label=f"target map {name}")
@@ -166,7 +169,9 @@ def _heat_map(axis: Any, cells: list[dict[str, Any]], title: str) -> Any:
                 axis.text(j, i, "—", ha="center", va="center", fontsize=9, color="#555555")
                 continue
             colour = "black" if values[i, j] > 0.6 else "white"
-            axis.text(j, i, f"{values[i, j]:.3f}\nn={counts[i, j]}", ha="center", va="center", fontsize=8.5, color=colour)
+            axis.text(
+                j, i, f"{values[i, j]:.3f}\nn={counts[i, j]}", ha="center", va="center", fontsize=8.5, color=colour
+            )
     return image
 
 
@@ -176,13 +181,21 @@ def roc_figure(curves: list[dict[str, Any]], style: FigureStyle = FigureStyle())
     panels = list(dict.fromkeys((curve["model"], curve["detector"]) for curve in curves))
     lines = attack_lines(list(dict.fromkeys(curve["attack"] for curve in curves)))
     colours = interpreter_colours([curve["interpreter"] for curve in curves])
-    figure = Figure(figsize=(style.panel_height * 1.1 * len(panels) + 1.6, style.panel_height * 1.1), layout="constrained")
+    figure = Figure(
+        figsize=(style.panel_height * 1.1 * len(panels) + 1.6, style.panel_height * 1.1), layout="constrained"
+    )
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for axis, (model, detector) in zip(axes, panels):
         axis.plot([0, 1], [0, 1], color="#999999", linewidth=0.8, linestyle=":")
         for curve in (c for c in curves if (c["model"], c["detector"]) == (model, detector)):
             line = lines[curve["attack"]]
-            axis.plot(curve["fpr"], curve["tpr"], color=colours[curve["interpreter"]], linestyle=line.linestyle, linewidth=line.linewidth)
+            axis.plot(
+                curve["fpr"],
+                curve["tpr"],
+                color=colours[curve["interpreter"]],
+                linestyle=line.linestyle,
+                linewidth=line.linewidth,
+            )
         axis.set_title(f"{model}\n{detector}", fontsize=9)
         axis.set_xlabel("false-positive rate (benign images)")
         axis.set_ylabel("detection rate")
@@ -191,6 +204,9 @@ def roc_figure(curves: list[dict[str, Any]], style: FigureStyle = FigureStyle())
         axis.set_aspect("equal")
         axis.grid(True, alpha=0.3)
     handles = [Line2D([], [], color=colour, linewidth=2.5, label=f"against {name}") for name, colour in colours.items()]
-    handles += [Line2D([], [], color="#333333", linestyle=line.linestyle, label=attack_label(name)) for name, line in lines.items()]
+    handles += [
+        Line2D([], [], color="#333333", linestyle=line.linestyle, label=attack_label(name))
+        for name, line in lines.items()
+    ]
     figure.legend(handles=handles, fontsize=8, loc="outside right upper", frameon=False)
     return _png(figure, style.dpi)

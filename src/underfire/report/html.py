@@ -111,11 +111,15 @@ def _intro(attacks: list[str]) -> str:
     parts = []
     for attack in attacks:
         known = attack in ATTACKS and ATTACKS.get(attack).description
-        parts.append(f"{_label(attack)}: {escape(ATTACKS.get(attack).description) if known else 'an attack that is not installed here'}")
+        parts.append(
+            f"{_label(attack)}: {escape(ATTACKS.get(attack).description) if known else 'an attack that is not installed here'}"
+        )
     if not parts:
         return "This run has no attack results."
-    return ("Adversarial examples that change the prediction to a target class; the question is whether the "
-            "interpreter's map still looks like the benign one. " + "; ".join(parts) + ".")
+    return (
+        "Adversarial examples that change the prediction to a target class; the question is whether the "
+        "interpreter's map still looks like the benign one. " + "; ".join(parts) + "."
+    )
 
 
 def _data_uri(png: bytes) -> str:
@@ -241,7 +245,11 @@ def _header(run: RunData) -> str:
     if settings:
         rows.insert(0, ("attack settings", settings))
     table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
-    config = json.dumps(run.config, indent=2, sort_keys=True, default=str) if run.config is not None else "no config recorded"
+    config = (
+        json.dumps(run.config, indent=2, sort_keys=True, default=str)
+        if run.config is not None
+        else "no config recorded"
+    )
     return (
         f"<h1>underfire report — {escape(run.name)}</h1>"
         f'<p class="sub">{_intro(run.attacks)}</p>'
@@ -282,8 +290,9 @@ def _colour_scale() -> str:
     buffer = io.BytesIO()
     Image.fromarray(ramp).save(buffer, format="PNG")
     return (
-        '<span class="scale">map: low <img src="' + _data_uri(buffer.getvalue()) +
-        '" width="160" height="10" alt="colour scale from low (blue) to high (red) importance"> high</span>'
+        '<span class="scale">map: low <img src="'
+        + _data_uri(buffer.getvalue())
+        + '" width="160" height="10" alt="colour scale from low (blue) to high (red) importance"> high</span>'
     )
 
 
@@ -309,7 +318,9 @@ def _summary_table(run: RunData) -> str:
     for row in run.summary:
         counts = [row.get(f"{a}_n") or 0 for a in attacks]
         partial = bool(counts) and (len(set(counts)) > 1 or min(counts) < row["images"])
-        badge = '<span class="badge" title="the attacks have different numbers of rows">partial</span>' if partial else ""
+        badge = (
+            '<span class="badge" title="the attacks have different numbers of rows">partial</span>' if partial else ""
+        )
         attrs = (
             f'data-model="{escape(row["model"])}" data-interpreter="{escape(row["interpreter"])}" '
             f'data-target-map="{escape(row["target_map"])}"'
@@ -336,7 +347,10 @@ def _summary_table(run: RunData) -> str:
             sign = "+" if gain is not None and gain > 0 else ""
             trend = "" if gain is None or gain == 0 else (" up" if gain > 0 else " down")
             cells.append(f'<td class="gain{trend}" data-key="{escape(key)}">{sign}{formatted(gain, "number")}</td>')
-        cells += [f'<td class="{escape(a)}" data-key="{escape(a)}_n">{formatted(row.get(f"{a}_n"), "count")}</td>' for a in attacks]
+        cells += [
+            f'<td class="{escape(a)}" data-key="{escape(a)}_n">{formatted(row.get(f"{a}_n"), "count")}</td>'
+            for a in attacks
+        ]
         body.append(f"<tr {attrs}>{''.join(cells)}</tr>")
     callout = ""
     if compared:
@@ -345,7 +359,11 @@ def _summary_table(run: RunData) -> str:
         better = [r for r in with_gain if r[key] > 0]
         if with_gain:
             gains = [r[key] for r in with_gain]
-            green = f"{_label(first)} IoU above {base_label} IoU" if len(compared) == 1 else f"an attack's IoU above {base_label} IoU"
+            green = (
+                f"{_label(first)} IoU above {base_label} IoU"
+                if len(compared) == 1
+                else f"an attack's IoU above {base_label} IoU"
+            )
             callout = (
                 f'<div class="callout">{_label(first)} keeps the map closer to the target map than {base_label} does (higher IoU) in '
                 f"<b>{len(better)} of {len(with_gain)}</b> cells; IoU gain from "
@@ -375,7 +393,11 @@ def _figures(run: RunData, options: PageOptions) -> str:
 
         png = iou_curves_figure(run.curves, style, run.attacks)
         drawn = {curve["attack"] for curve in run.curves}
-        lines = ", ".join(f"{_label(a)} {line.words}" for a, line in attack_lines([*run.attacks, *(c["attack"] for c in run.curves)]).items() if a in drawn)
+        lines = ", ".join(
+            f"{_label(a)} {line.words}"
+            for a, line in attack_lines([*run.attacks, *(c["attack"] for c in run.curves)]).items()
+            if a in drawn
+        )
         parts.append(
             '<section class="figsec"><h2>IoU against k</h2>'
             '<p class="note">Mean IoU of the top-k % pixels of the adversarial map and the target map; '
@@ -411,14 +433,15 @@ def _detection(run: RunData, options: PageOptions) -> str:
     the share that also evades the detector (success × (1 − TPR))."""
     if not run.detections:
         return ""
-    from .figures import FigureStyle, roc_figure
-
     from ..runs.detect import ANY
+    from .figures import FigureStyle, roc_figure
 
     def success(model: str, attack: str, interpreter: str, target_map: str) -> float | None:
         """The attack's success rate (an ``any`` row's: over its first interpreter's rows, the same images)."""
         if interpreter == ANY:
-            interpreter = next((key[1] for key in run.results if (key[0], key[2], key[3]) == (model, attack, target_map)), ANY)
+            interpreter = next(
+                (key[1] for key in run.results if (key[0], key[2], key[3]) == (model, attack, target_map)), ANY
+            )
         rows = [r for key, r in run.results.items() if key[:4] == (model, interpreter, attack, target_map)]
         return sum(bool(r["success"]) for r in rows) / len(rows) if rows else None
 
@@ -427,18 +450,40 @@ def _detection(run: RunData, options: PageOptions) -> str:
         rate = success(row["model"], row["attack"], row["interpreter"], row["target_map"])
         evades = None if rate is None or row["tpr"] is None else rate * (1 - row["tpr"])
         cells = [
-            escape(row["model"]), escape(row["detector"]), _label(row["attack"]), escape(row["interpreter"]),
-            escape(row["target_map"]), str(row["examples"]),
-            *(formatted(rounded(value, kind), kind) for value, kind in (
-                (row["target_fpr"], "percent"), (row["fpr"], "percent"), (row["tpr"], "percent"), (row["auc"], "number"),
-                (rate, "percent"), (evades, "percent"),
-            )),
+            escape(row["model"]),
+            escape(row["detector"]),
+            _label(row["attack"]),
+            escape(row["interpreter"]),
+            escape(row["target_map"]),
+            str(row["examples"]),
+            *(
+                formatted(rounded(value, kind), kind)
+                for value, kind in (
+                    (row["target_fpr"], "percent"),
+                    (row["fpr"], "percent"),
+                    (row["tpr"], "percent"),
+                    (row["auc"], "number"),
+                    (rate, "percent"),
+                    (evades, "percent"),
+                )
+            ),
         ]
         body.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     head = "".join(
-        f"<th>{name}</th>" for name in (
-            "model", "detector", "attack", "against", "target map", "examples", "FPR asked", "FPR", "TPR", "AUC",
-            "success (undefended)", "success and undetected",
+        f"<th>{name}</th>"
+        for name in (
+            "model",
+            "detector",
+            "attack",
+            "against",
+            "target map",
+            "examples",
+            "FPR asked",
+            "FPR",
+            "TPR",
+            "AUC",
+            "success (undefended)",
+            "success and undetected",
         )
     )
     figure = ""
@@ -479,7 +524,12 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
     preferred = [a for a in attacks if a != base] + ([base] if base is not None else [])  # whose benign paths to show
     ordered = sorted(
         names,
-        key=lambda name: (not all(row_for(a, name) for a in attacks), position[name] is None, position[name] or 0, name),
+        key=lambda name: (
+            not all(row_for(a, name) for a in attacks),
+            position[name] is None,
+            position[name] or 0,
+            name,
+        ),
     )
     chosen = ordered[: options.grid_images]
     labels = ["", "benign image", "benign map"] + [f"{_label(a)} {part}" for a in attacks for part in ("image", "map")]
@@ -496,11 +546,13 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
             f'<th class="row"><b>{escape(name)}</b><br>true: {escape(class_label(model, true_class))}'
             f"<br>target: <b>{escape(class_label(model, target_class))}</b></th>"
         )
-        benign_overlay = pictures.overlay(any_row.get("benign_overlay_path"), any_row.get("benign_map_path"), benign_path)
+        benign_overlay = pictures.overlay(
+            any_row.get("benign_overlay_path"), any_row.get("benign_map_path"), benign_path
+        )
         cells = [
             f"<td>{pictures.tag(pictures.file(benign_path), f'benign {name}')}"
             f'<div class="cap">predicted {escape(class_label(model, true_class))}</div></td>',
-            f"<td>{pictures.tag(benign_overlay, f'benign map {name}')}<div class=\"cap\">{escape(interpreter)} map</div></td>",
+            f'<td>{pictures.tag(benign_overlay, f"benign map {name}")}<div class="cap">{escape(interpreter)} map</div></td>',
         ]
         for attack, row in found.items():
             label_attack = attack_label(attack)
@@ -525,17 +577,27 @@ def _grid(run: RunData, pictures: _Pictures, model: str, interpreter: str, optio
 
 
 def _examples_note(attacks: list[str]) -> str:
-    shown = f"then the {_joined([_label(a) for a in attacks])} images with their maps for the target class" if attacks else "no attack results"
+    shown = (
+        f"then the {_joined([_label(a) for a in attacks])} images with their maps for the target class"
+        if attacks
+        else "no attack results"
+    )
     good = " A good attack on the interpretation leaves a map that looks like the benign one."
-    predicted = (" The model predicts each benign image's class (a run attacks correctly classified images, "
-                 "or labels image files by the prediction).")
+    predicted = (
+        " The model predicts each benign image's class (a run attacks correctly classified images, "
+        "or labels image files by the prediction)."
+    )
     return f'<p class="note">Per interpreter a few images: the benign image and its map, {shown}.{good}{predicted} {_colour_scale()}</p>'
 
 
 def render_html(run: RunData, options: PageOptions = PageOptions()) -> str:
     """The whole report page as one string."""
     pictures = _Pictures(run.run_dir, options)
-    grids = [_grid(run, pictures, model, interpreter, options) for model in run.models for interpreter in run.interpreters(model)]
+    grids = [
+        _grid(run, pictures, model, interpreter, options)
+        for model in run.models
+        for interpreter in run.interpreters(model)
+    ]
     body = (
         _header(run)
         + _summary_table(run)

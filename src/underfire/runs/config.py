@@ -43,12 +43,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+import tomllib
 
 from ..attacks import ATTACKS
 from ..attacks.config import AttackConfig, preset
@@ -122,7 +123,9 @@ class ExperimentConfig:
         set_("interpreters", _names("interpreters", self.interpreters))
         for name in self.interpreters:
             if name not in INTERPRETERS:
-                raise InputError(f"experiment.interpreters: unknown interpreter {name!r}; choose from {', '.join(INTERPRETERS)}")
+                raise InputError(
+                    f"experiment.interpreters: unknown interpreter {name!r}; choose from {', '.join(INTERPRETERS)}"
+                )
         set_("attacks", _names("attacks", self.attacks))
         for name in self.attacks:
             if name not in ATTACKS:
@@ -138,7 +141,9 @@ class ExperimentConfig:
         per = {}
         for name, table in self.interpreter_overrides.items():
             if name not in self.interpreters:
-                raise InputError(f"overrides.{name}: {name!r} is not one of the configured interpreters ({', '.join(self.interpreters)})")
+                raise InputError(
+                    f"overrides.{name}: {name!r} is not one of the configured interpreters ({', '.join(self.interpreters)})"
+                )
             if not isinstance(table, Mapping):
                 raise InputError(f"overrides.{name} must be a table of AttackConfig fields")
             per[name] = MappingProxyType(dict(table))
@@ -154,7 +159,9 @@ class ExperimentConfig:
         for name, table in self.resources.items():
             if name not in (*self.interpreters, *self.attacks, "default"):
                 raise InputError(f"resources.{name}: {name!r} is not a configured interpreter or attack, nor 'default'")
-            demands[name] = table if isinstance(table, UnitResources) else UnitResources.from_mapping(f"resources.{name}", table)
+            demands[name] = (
+                table if isinstance(table, UnitResources) else UnitResources.from_mapping(f"resources.{name}", table)
+            )
         set_("resources", MappingProxyType(demands))
         for name in self.interpreters:  # every option and attack config is built (and validated) now
             self.options_for(name)
@@ -194,7 +201,9 @@ class ExperimentConfig:
         per = {k: v for k, v in overrides.items() if k not in attack_fields}
         for key, value in per.items():
             if not isinstance(value, Mapping):
-                raise InputError(f"unknown key overrides.{key} (not an AttackConfig field: {', '.join(sorted(attack_fields))})")
+                raise InputError(
+                    f"unknown key overrides.{key} (not an AttackConfig field: {', '.join(sorted(attack_fields))})"
+                )
             bad = sorted(set(value) - attack_fields)
             if bad:
                 raise InputError(f"unknown key overrides.{key}.{bad[0]} (not an AttackConfig field)")
@@ -202,9 +211,13 @@ class ExperimentConfig:
             if not isinstance(data.get(table, {}), Mapping):
                 raise InputError(f"[{table}] must hold one table per name ([{table}.NAME])")
         return cls(
-            **values, overrides=shared, interpreter_overrides=per,
-            interpreter_options=data.get("interpreters", {}), attack_settings=data.get("attacks", {}),
-            model_options=data.get("models", {}), resources=data.get("resources", {}),
+            **values,
+            overrides=shared,
+            interpreter_overrides=per,
+            interpreter_options=data.get("interpreters", {}),
+            attack_settings=data.get("attacks", {}),
+            model_options=data.get("models", {}),
+            resources=data.get("resources", {}),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -219,7 +232,11 @@ class ExperimentConfig:
         for name, table in self.interpreter_overrides.items():
             overrides[name] = {k: _plain(v) for k, v in table.items()}
         document: dict[str, Any] = {"experiment": experiment, "overrides": overrides}
-        for key, tables in (("interpreters", self.interpreter_options), ("attacks", self.attack_settings), ("models", self.model_options)):
+        for key, tables in (
+            ("interpreters", self.interpreter_options),
+            ("attacks", self.attack_settings),
+            ("models", self.model_options),
+        ):
             if tables:
                 document[key] = {name: _plain(table) for name, table in tables.items()}
         return json.loads(json.dumps(document, default=str))
@@ -275,7 +292,9 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
         raise InputError(f"cannot read config {str(path)!r}: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise InputError(f"config {str(path)!r} is not UTF-8 text (byte {error.object[error.start]:#04x} on line {line}); save it as UTF-8") from None
+        raise InputError(
+            f"config {str(path)!r} is not UTF-8 text (byte {error.object[error.start]:#04x} on line {line}); save it as UTF-8"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -296,7 +315,7 @@ def _integer(key: str, value: Any, minimum: int) -> None:
 
 def _eps(value: Any) -> float:
     if isinstance(value, bool):
-        raise InputError(f"experiment.eps must be a number such as \"8/255\", got {value!r}")
+        raise InputError(f'experiment.eps must be a number such as "8/255", got {value!r}')
     try:
         eps = parse_fraction(value)
     except InputError as error:
@@ -321,7 +340,14 @@ def _names(key: str, values: Any) -> tuple[str, ...]:
 
 
 #: Fields of ``ExperimentConfig`` that are tables of their own, not keys of ``[experiment]``.
-_TABLE_FIELDS = {"overrides", "interpreter_overrides", "interpreter_options", "attack_settings", "model_options", "resources"}
+_TABLE_FIELDS = {
+    "overrides",
+    "interpreter_overrides",
+    "interpreter_options",
+    "attack_settings",
+    "model_options",
+    "resources",
+}
 
 
 def _tables(where: str, tables: Any, names: tuple[str, ...], kind: str) -> Mapping[str, Mapping[str, Any]]:

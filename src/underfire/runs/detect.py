@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.images import read_image
 from .. import __version__
+from ..data.images import read_image
 from ..detection import DetectorConfig, EnsembleDetector, detection_rate, roc_auc, threshold_at_fpr
 from ..devices import resolve_device
 from ..errors import InputError, UnderfireError
@@ -73,8 +73,15 @@ def detector_key(config: DetectorConfig) -> str:
 
 
 def detect_run(
-    run_dir: str | Path, config: DetectorConfig, fpr: float, *, device: str = "cpu", progress: bool = False,
-    holdout: float = 0.0, seed: int = 0, models: tuple[str, ...] | None = None,
+    run_dir: str | Path,
+    config: DetectorConfig,
+    fpr: float,
+    *,
+    device: str = "cpu",
+    progress: bool = False,
+    holdout: float = 0.0,
+    seed: int = 0,
+    models: tuple[str, ...] | None = None,
 ) -> list[Detection]:
     """Score ``run_dir``'s benign and adversarial images with ``config``'s detector, summarise at
     ``fpr`` (calibrated in-sample, or on a seeded share 1 − ``holdout`` of the benign images),
@@ -101,7 +108,9 @@ def detect_run(
             rows = [row for row in results if row["model"] == spec]
             if not benign:
                 continue
-            scores = _score_model(store, run_dir, experiment, spec, config, key, list(benign.values()), rows, device, progress)
+            scores = _score_model(
+                store, run_dir, experiment, spec, config, key, list(benign.values()), rows, device, progress
+            )
             calibration, evaluation = split_images(sorted(benign), holdout, seed)
             summaries += _summaries(spec, benign, calibration, evaluation, rows, scores, fpr)
         store.replace_detections([{**s.as_dict(), "detector": summary_key, "target_fpr": fpr} for s in summaries])
@@ -147,8 +156,16 @@ def example_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], lis
 
 
 def _score_model(
-    store: ResultStore, run_dir: Path, experiment: ExperimentConfig, spec: str, config: DetectorConfig, key: str,
-    benign_paths: list[str], rows: list[dict[str, Any]], device: str, progress: bool,
+    store: ResultStore,
+    run_dir: Path,
+    experiment: ExperimentConfig,
+    spec: str,
+    config: DetectorConfig,
+    key: str,
+    benign_paths: list[str],
+    rows: list[dict[str, Any]],
+    device: str,
+    progress: bool,
 ) -> dict[str, float]:
     """Every benign and successful adversarial image's score, computing only the missing ones."""
     scores = store.detector_scores(spec, key)
@@ -164,7 +181,7 @@ def _score_model(
     detector = EnsembleDetector(classifier, config)
     with progress_bar(len(todo), desc=f"detect {spec}", unit="image", enabled=progress) as bar:
         for start in range(0, len(todo), BATCH):
-            batch = todo[start:start + BATCH]
+            batch = todo[start : start + BATCH]
             tensors = torch.stack([read_image(run_dir / path, channels=classifier.in_channels) for path in batch])
             values = detector.scores(tensors).tolist()
             bad = [path for path, value in zip(batch, values) if not np.isfinite(value)]
@@ -181,13 +198,21 @@ def _score_model(
 
 
 def _summaries(
-    spec: str, benign_paths: dict[str, str], calibration: list[str], evaluation: list[str],
-    rows: list[dict[str, Any]], scores: dict[str, float], fpr: float,
+    spec: str,
+    benign_paths: dict[str, str],
+    calibration: list[str],
+    evaluation: list[str],
+    rows: list[dict[str, Any]],
+    scores: dict[str, float],
+    fpr: float,
 ) -> list[Detection]:
     every = np.array([scores[path] for path in benign_paths.values()])
     spread = {
-        "n": int(every.size), "mean": float(every.mean()), "std": float(every.std()),
-        "median": float(np.median(every)), "p95": float(np.quantile(every, 0.95)),
+        "n": int(every.size),
+        "mean": float(every.mean()),
+        "std": float(every.std()),
+        "median": float(np.median(every)),
+        "p95": float(np.quantile(every, 0.95)),
     }
     threshold = threshold_at_fpr([scores[benign_paths[name]] for name in calibration], fpr)
     benign = np.array([scores[benign_paths[name]] for name in evaluation])
@@ -197,8 +222,20 @@ def _summaries(
         attacked = [scores[path] for image, path in examples if image in evaluated]
         tpr = detection_rate(attacked, threshold) if attacked else None  # None: no successful example to detect
         auc = roc_auc(benign, attacked) if attacked else None
-        out.append(Detection(
-            spec, attack, interpreter, target_map, len(attacked), threshold, detection_rate(benign, threshold), tpr, auc,
-            spread, len(calibration), len(evaluation),
-        ))
+        out.append(
+            Detection(
+                spec,
+                attack,
+                interpreter,
+                target_map,
+                len(attacked),
+                threshold,
+                detection_rate(benign, threshold),
+                tpr,
+                auc,
+                spread,
+                len(calibration),
+                len(evaluation),
+            )
+        )
     return out

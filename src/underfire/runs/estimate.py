@@ -75,7 +75,9 @@ class ScaledConfig:
         config = self._config.config_for(attack, interpreter)
         if not all(hasattr(config, field) for field in ("pgd_steps", "adv_steps")):
             return config
-        return dataclasses.replace(config, **{field: _scaled(getattr(config, field), self._scale) for field in ("pgd_steps", "adv_steps")})
+        return dataclasses.replace(
+            config, **{field: _scaled(getattr(config, field), self._scale) for field in ("pgd_steps", "adv_steps")}
+        )
 
     def fraction(self, unit: Unit) -> float:
         """The share of the full step budget a unit runs at here (1 for attacks without steps)."""
@@ -87,8 +89,13 @@ class ScaledConfig:
 
 
 def estimate_experiment(
-    config: ExperimentConfig, run_dir: str | Path, *, device: str = "cpu", shard: tuple[int, int] | None = None,
-    max_memory: int | None = None, announce: Callable[[str], None] | None = None,
+    config: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    max_memory: int | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> RunEstimate:
     """The estimate for what ``run_experiment(config, run_dir, ...)`` would still do; writes nothing.
     With ``max_memory`` (or a budget the run recorded) it estimates the batch the budget chooses,

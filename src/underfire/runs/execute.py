@@ -50,6 +50,7 @@ from .memory import META_KEY, check_unsharded_budget, sized_config
 from .plan import Key, PreparedModel, TransferKey, Unit, plan_units, prepare_models
 from .worker import UnitOutput, UnitWorker, config_json
 
+
 @dataclass(frozen=True)
 class RunOutcome:
     """What a call of ``run_experiment`` did."""
@@ -103,10 +104,14 @@ def run_experiment(
     with run_lock(run_dir), ResultStore(run_dir) as store:
         config = _sized_batch(config, models, store, max_memory, progress, announce)
         now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        inputs = run_inputs(config.input_files() + [f for model in models for f in model.input_files()],
-                            {model.spec: dict(zip(model.names, model.images)) for model in models})
+        inputs = run_inputs(
+            config.input_files() + [f for model in models for f in model.input_files()],
+            {model.spec: dict(zip(model.names, model.images)) for model in models},
+        )
         sources = {model.spec: model.sources for model in models}
-        store.claim(config.as_dict(), software_versions(), now, attack_settings(config), attack_setting_defaults(config))
+        store.claim(
+            config.as_dict(), software_versions(), now, attack_settings(config), attack_setting_defaults(config)
+        )
         recorded = store.meta().get("inputs")  # absent: a new run, or one made before inputs were recorded
         if recorded is not None:
             check_inputs(run_dir, json.loads(recorded), inputs, sources)
@@ -124,7 +129,9 @@ def run_experiment(
         if announce is not None and todo:
             announce(f"{config.name}: {len(todo)} of {len(units)} units to do → {run_dir}")
         worker = UnitWorker(config, {model.spec: model for model in models})
-        with progress_bar(len(units), initial=len(units) - len(todo), enabled=progress and bool(todo), unit="unit", desc=config.name) as bar:
+        with progress_bar(
+            len(units), initial=len(units) - len(todo), enabled=progress and bool(todo), unit="unit", desc=config.name
+        ) as bar:
             work_started = time.perf_counter()
             failed = 0
             for done, output in enumerate((executor or SerialExecutor()).run(worker, todo), start=1):
@@ -133,7 +140,9 @@ def run_experiment(
                     when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
                     store.record_failure(failure_key(output.unit), output.error, output.attempts, when)
                     if announce is not None:
-                        announce(f"{config.name}: {output.unit.label} failed after {output.attempts} attempt(s): {output.error}")
+                        announce(
+                            f"{config.name}: {output.unit.label} failed after {output.attempts} attempt(s): {output.error}"
+                        )
                 else:
                     _commit(store, run_dir, output)
                 bar.set_postfix_str(output.unit.label, refresh=False)
@@ -145,8 +154,14 @@ def run_experiment(
                         f"{_minutes(took * (len(todo) - 1))} (units differ in cost: a rough figure)"
                     )
         return RunOutcome(
-            run_dir, len(units), len(units) - len(todo), len(todo) - failed, store.count("results"),
-            store.count("transfer"), time.perf_counter() - started, failed,
+            run_dir,
+            len(units),
+            len(units) - len(todo),
+            len(todo) - failed,
+            store.count("results"),
+            store.count("transfer"),
+            time.perf_counter() - started,
+            failed,
         )
 
 
@@ -155,19 +170,24 @@ def attack_settings(config: ExperimentConfig) -> dict[str, object]:
     the options of every interpreter: stored with the run, so a resume under changed presets or
     defaults is refused instead of mixing two settings in one run."""
     settings = _per_attack(config, lambda chosen: json.loads(config_json(chosen)))
-    settings["interpreter_options"] = {name: json.loads(json.dumps(config.options_for(name), default=str)) for name in config.interpreters}
+    settings["interpreter_options"] = {
+        name: json.loads(json.dumps(config.options_for(name), default=str)) for name in config.interpreters
+    }
     return settings
 
 
 def attack_setting_defaults(config: ExperimentConfig) -> dict[str, object]:
     """``attack_settings``' attack tree with every setting at its declared default: what a setting
     added in a later version is compared with when a run recorded before it existed resumes."""
+
     def defaults(chosen: object) -> object:
         def plain(value: object) -> object:  # as asdict writes a nested dataclass
             return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
 
         specs = dataclass_options(type(chosen)).values()
-        return json.loads(json.dumps({spec.name: plain(spec.default) for spec in specs if not spec.required}, default=str))
+        return json.loads(
+            json.dumps({spec.name: plain(spec.default) for spec in specs if not spec.required}, default=str)
+        )
 
     return _per_attack(config, defaults)
 
@@ -224,7 +244,11 @@ def failure_key(unit: Unit) -> tuple[str, str, str, str, int]:
 
 
 def _sized_batch(
-    config: ExperimentConfig, models: list[PreparedModel], store: ResultStore, max_memory: int | None, progress: bool,
+    config: ExperimentConfig,
+    models: list[PreparedModel],
+    store: ResultStore,
+    max_memory: int | None,
+    progress: bool,
     announce: Callable[[str], None] | None,
 ) -> ExperimentConfig:
     """``memory.sized_config`` for this folder, said in one line, a new choice recorded before the
@@ -235,9 +259,13 @@ def _sized_batch(
         if choice is not None:
             announce(f"{config.name}: {choice.line()}")
         elif META_KEY in meta and sized.batch_size != config.batch_size:
-            announce(f"{config.name}: batch {sized.batch_size}, chosen by the run's memory budget at its first start (a resume keeps it)")
+            announce(
+                f"{config.name}: batch {sized.batch_size}, chosen by the run's memory budget at its first start (a resume keeps it)"
+            )
         elif max_memory is not None and META_KEY not in meta:
-            announce(f"{config.name}: --max-memory ignored: this run started without a budget, and its batch ({config.batch_size}) stays")
+            announce(
+                f"{config.name}: --max-memory ignored: this run started without a budget, and its batch ({config.batch_size}) stays"
+            )
     if choice is not None:
         store.claim_value(META_KEY, choice.record(), "a memory budget")
     return sized
@@ -245,7 +273,12 @@ def _sized_batch(
 
 def check_shard(shard: tuple[int, int]) -> None:
     index, count = shard
-    if isinstance(index, bool) or isinstance(count, bool) or not (isinstance(index, int) and isinstance(count, int)) or not 1 <= index <= count:
+    if (
+        isinstance(index, bool)
+        or isinstance(count, bool)
+        or not (isinstance(index, int) and isinstance(count, int))
+        or not 1 <= index <= count
+    ):
         raise InputError(f"a shard is I/N with 1 <= I <= N, got {index}/{count}")
 
 
@@ -287,8 +320,14 @@ def _complete(unit: Unit, results: set[Key], transfer: set[TransferKey]) -> bool
 def _record_images(store: ResultStore, run_dir: Path, model: PreparedModel) -> None:
     """Write the benign PNGs and the ``images`` rows once; later, check the selection is the same."""
     records = [
-        ImageRecord(model.spec, name, position, int(model.labels[position]), int(model.targets[position]),
-                    f"files/{model.slug}/images/{name}.png")
+        ImageRecord(
+            model.spec,
+            name,
+            position,
+            int(model.labels[position]),
+            int(model.targets[position]),
+            f"files/{model.slug}/images/{name}.png",
+        )
         for position, name in enumerate(model.names)
     ]
     stored = store.images(model.spec)

@@ -45,12 +45,17 @@ def run_inputs(files: Iterable[str | Path], images: Mapping[str, Mapping[str, to
     """The fingerprint stored with a run: ``{"files": {path: sha256}, "images": {model: {image: sha256}}}``."""
     return {
         "files": {str(path): file_digest(path) for path in dict.fromkeys(str(p) for p in files)},
-        "images": {model: {name: tensor_digest(image) for name, image in named.items()} for model, named in images.items()},
+        "images": {
+            model: {name: tensor_digest(image) for name, image in named.items()} for model, named in images.items()
+        },
     }
 
 
 def check_inputs(
-    run_dir: Path, stored: Mapping[str, Any], now: Mapping[str, Any], sources: Mapping[str, Sequence[str | None]] | None = None
+    run_dir: Path,
+    stored: Mapping[str, Any],
+    now: Mapping[str, Any],
+    sources: Mapping[str, Sequence[str | None]] | None = None,
 ) -> None:
     """Refuse a resume whose inputs differ from those the run started with (one line naming the
     first file that changed). Entries only one side has are not compared: a run made by an older

@@ -24,7 +24,10 @@ def images_from_files(classifier: Classifier, paths: list[Path]) -> tuple[torch.
     size = classifier.input_size or 224
     images = torch.stack([read_image(path, size, classifier.in_channels) for path in paths])
     labels = classifier.predict(images).argmax(1).cpu()
-    names = [f"{i:04d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(path).stem).strip('-.')[:60] or 'image'}" for i, path in enumerate(paths)]
+    names = [
+        f"{i:04d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(path).stem).strip('-.')[:60] or 'image'}"
+        for i, path in enumerate(paths)
+    ]
     return images, labels, names
 
 

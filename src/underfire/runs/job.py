@@ -68,7 +68,11 @@ def attack_experiment(
 
 
 def run_attack(
-    config: ExperimentConfig, out: str | Path, *, progress: bool = False, announce: Callable[[str], None] | None = None,
+    config: ExperimentConfig,
+    out: str | Path,
+    *,
+    progress: bool = False,
+    announce: Callable[[str], None] | None = None,
     device: str = "cpu",
     max_memory: int | None = None,
 ) -> dict[str, Any]:
@@ -78,16 +82,36 @@ def run_attack(
     out = Path(out)
     if (out / "report.json").is_dir():
         raise InputError(f"cannot write {str(out / 'report.json')!r}: it is a directory")
-    outcome: RunOutcome = run_experiment(config, out, progress=progress, announce=announce, device=device, max_memory=max_memory)
+    outcome: RunOutcome = run_experiment(
+        config, out, progress=progress, announce=announce, device=device, max_memory=max_memory
+    )
     report = attack_report(outcome.run_dir)
     write_atomic(out / "report.json", lambda stream: stream.write((json.dumps(report, indent=2) + "\n").encode()))
     return report
 
 
 #: The per-image fields of ``report.json`` (rounded: 6 decimals for L∞, 5 for the rest).
-_ROW_FIELDS = ("predicted_class", "success", "confidence", "l1", "l2", "iou", "iou_by_k", "top_k_intersection", "spearman", "linf")
-_MEANS = {"success_rate": "success", "mean_confidence": "confidence", "mean_l1": "l1", "mean_l2": "l2", "mean_iou": "iou",
-          "mean_top_k_intersection": "top_k_intersection", "mean_spearman": "spearman"}
+_ROW_FIELDS = (
+    "predicted_class",
+    "success",
+    "confidence",
+    "l1",
+    "l2",
+    "iou",
+    "iou_by_k",
+    "top_k_intersection",
+    "spearman",
+    "linf",
+)
+_MEANS = {
+    "success_rate": "success",
+    "mean_confidence": "confidence",
+    "mean_l1": "l1",
+    "mean_l2": "l2",
+    "mean_iou": "iou",
+    "mean_top_k_intersection": "top_k_intersection",
+    "mean_spearman": "spearman",
+}
 
 
 def attack_report(run_dir: str | Path) -> dict[str, Any]:
@@ -98,7 +122,9 @@ def attack_report(run_dir: str | Path) -> dict[str, Any]:
         means = reader.means(tuple(_MEANS.values()))
         meta = reader.meta()
     if len(means) != 1:
-        raise InputError(f"{str(run_dir)!r} is not a one-attack run (it has {len(means)} model × interpreter × attack cells)")
+        raise InputError(
+            f"{str(run_dir)!r} is not a one-attack run (it has {len(means)} model × interpreter × attack cells)"
+        )
     first = rows[0]
     images = [
         {

@@ -86,8 +86,13 @@ class BatchChoice:
     def record(self) -> str:
         """The run's meta value: what a resume keeps."""
         return json.dumps(
-            {"budget": self.budget, "batch_size": self.batch_size, "configured_batch_size": self.configured,
-             "predicted_peak": self.predicted_peak, "memory_kind": self.memory_kind},
+            {
+                "budget": self.budget,
+                "batch_size": self.batch_size,
+                "configured_batch_size": self.configured,
+                "predicted_peak": self.predicted_peak,
+                "memory_kind": self.memory_kind,
+            },
             sort_keys=True,
         )
 
@@ -183,7 +188,9 @@ def cpu_peaks_measurable() -> bool:
 def check_cpu_peaks() -> None:
     """Refuse a CPU budget where the peak of a piece of work cannot be measured."""
     if not cpu_peaks_measurable():
-        raise InputError("--max-memory on a CPU needs Linux (/proc/self/clear_refs) to measure peaks; set batch_size in the config instead")
+        raise InputError(
+            "--max-memory on a CPU needs Linux (/proc/self/clear_refs) to measure peaks; set batch_size in the config instead"
+        )
 
 
 def check_unsharded_budget(max_memory: int | None) -> None:
@@ -196,8 +203,12 @@ def check_unsharded_budget(max_memory: int | None) -> None:
 
 
 def sized_config(
-    config: ExperimentConfig, models: Sequence[PreparedModel], meta: Mapping[str, Any], max_memory: int | None,
-    *, progress: bool = False,
+    config: ExperimentConfig,
+    models: Sequence[PreparedModel],
+    meta: Mapping[str, Any],
+    max_memory: int | None,
+    *,
+    progress: bool = False,
 ) -> tuple[ExperimentConfig, BatchChoice | None]:
     """The config a run folder whose meta table is ``meta`` computes with, and the choice to record
     when one was measured now: the batch its budget recorded at the first start (even a start
@@ -213,8 +224,12 @@ def sized_config(
 
 # --------------------------------------------------------------------------------- helpers
 def _pilot(
-    config: ExperimentConfig, models: Sequence[PreparedModel], size: int, gpu: torch.device | None,
-    peaks: dict[str, dict[int, int]], bar: object,
+    config: ExperimentConfig,
+    models: Sequence[PreparedModel],
+    size: int,
+    gpu: torch.device | None,
+    peaks: dict[str, dict[int, int]],
+    bar: object,
 ) -> None:
     """Run every model's first-batch units on ``size`` images, one step per stage, into ``peaks``."""
     pilot = ScaledConfig(dataclasses.replace(config, batch_size=size), 0.0)

@@ -57,9 +57,13 @@ def merge_runs(parts: Sequence[str | Path], out: str | Path) -> MergeOutcome:
                     "merge only the shards of one config"
                 )
         if part["version"] != first["version"]:
-            raise InputError(f"{str(folder)!r} was made by underfire {part['version']}, {str(folders[0])!r} by {first['version']}")
+            raise InputError(
+                f"{str(folder)!r} was made by underfire {part['version']}, {str(folders[0])!r} by {first['version']}"
+            )
         if part["images"] != first["images"]:
-            raise InputError(f"{str(folder)!r} attacked other images than {str(folders[0])!r}; merge only the shards of one config")
+            raise InputError(
+                f"{str(folder)!r} attacked other images than {str(folders[0])!r}; merge only the shards of one config"
+            )
     seen: dict[tuple[Any, ...], Path] = {}
     for folder, part in zip(folders, contents):
         for key in part["keys"]:
@@ -81,7 +85,9 @@ def merge_runs(parts: Sequence[str | Path], out: str | Path) -> MergeOutcome:
 def _write_store(store: ResultStore, first: dict[str, Any], contents: list[dict[str, Any]]) -> dict[str, int]:
     meta = first["meta"]
     store.claim(
-        json.loads(meta["config"]), json.loads(meta["versions"]), meta.get("created", ""),
+        json.loads(meta["config"]),
+        json.loads(meta["versions"]),
+        meta.get("created", ""),
         json.loads(meta["attack_configs"]) if "attack_configs" in meta else None,
     )
     if "inputs" in meta:
@@ -104,7 +110,9 @@ def _read_part(folder: Path) -> dict[str, Any]:
     try:
         version = int(connection.execute("PRAGMA user_version").fetchone()[0])
         if version != SCHEMA_VERSION:
-            raise InputError(f"{str(database)!r} has schema version {version}; resume it once with this underfire (underfire run) to migrate it, then merge")
+            raise InputError(
+                f"{str(database)!r} has schema version {version}; resume it once with this underfire (underfire run) to migrate it, then merge"
+            )
         meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
         if "config" not in meta:
             raise InputError(f"{str(folder)!r} holds no run (its database has no config)")
@@ -114,8 +122,14 @@ def _read_part(folder: Path) -> dict[str, Any]:
     versions = json.loads(meta.get("versions", "{}"))
     keys = [(r["model"], r["interpreter"], r["attack"], r["target_map"], r["image"]) for r in rows["results"]]
     images = sorted((r["model"], r["image"], r["position"], r["true_class"], r["target_class"]) for r in rows["images"])
-    return {"meta": meta, "version": versions.get("underfire"), "images": images, "images_rows": rows["images"],
-            "rows": rows, "keys": keys}
+    return {
+        "meta": meta,
+        "version": versions.get("underfire"),
+        "images": images,
+        "images_rows": rows["images"],
+        "rows": rows,
+        "keys": keys,
+    }
 
 
 def _rows(connection: sqlite3.Connection, table: str) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
 import torch
 
 from ..attacks import ATTACKS
@@ -122,7 +123,11 @@ def prepare_models(config: ExperimentConfig, device: str = "cpu") -> list[Prepar
         else:
             targets = torch.full_like(labels, fixed)
         check_targets(labels, targets)
-        prepared.append(PreparedModel(spec, safe_name(spec), classifier, interpreters, images, labels, targets, names, pool, sources))
+        prepared.append(
+            PreparedModel(
+                spec, safe_name(spec), classifier, interpreters, images, labels, targets, names, pool, sources
+            )
+        )
     return prepared
 
 
@@ -137,8 +142,11 @@ def _select_images(
             raise InputError(f"experiment.files: {error}") from None
     try:
         dataset = open_dataset(
-            config.data, size=classifier.input_size or 224, class_names=classifier.class_names,
-            channels=classifier.in_channels, outputs=classifier.num_classes,
+            config.data,
+            size=classifier.input_size or 224,
+            class_names=classifier.class_names,
+            channels=classifier.in_channels,
+            outputs=classifier.num_classes,
         )
     except UnderfireError as error:
         raise InputError(f"experiment.data: {error}") from None
@@ -192,4 +200,3 @@ def target_map_slug(kind: str) -> str:
         return kind
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(kind).stem).strip("-.")[:40] or "map"
     return f"npy-{stem}-{hashlib.sha1(kind.encode()).hexdigest()[:8]}"
-

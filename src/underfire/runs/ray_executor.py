@@ -93,7 +93,9 @@ class RayExecutor:
             try:
                 ray.init(**options)
             except (ConnectionError, RuntimeError, ValueError) as error:
-                raise InputError(f"cannot start or reach the Ray cluster ({self.address or 'local'}): {str(error).splitlines()[0]}") from None
+                raise InputError(
+                    f"cannot start or reach the Ray cluster ({self.address or 'local'}): {str(error).splitlines()[0]}"
+                ) from None
         try:
             yield from self._run(ray, compute, units)
         finally:
@@ -104,7 +106,9 @@ class RayExecutor:
         payload = {
             "config": compute.config.as_dict(),
             "cwd": os.getcwd(),
-            "images": {spec: [tensor_digest(image) for image in model.images] for spec, model in compute.models.items()},
+            "images": {
+                spec: [tensor_digest(image) for image in model.images] for spec, model in compute.models.items()
+            },
         }
         token = f"{os.getpid()}-{id(compute)}-{hash(str(payload['config']))}"
         reference = ray.put(payload)
@@ -139,10 +143,14 @@ def _compute_unit(token: str, payload: list[Any], unit: Unit, threads: int) -> A
         document = ray.get(payload[0])
         os.chdir(document["cwd"])
         config = ExperimentConfig.from_mapping(document["config"])
-        models = {model.spec: model for model in prepare_models(config, resolve_device("auto"))}  # the GPU Ray gave it, if any
+        models = {
+            model.spec: model for model in prepare_models(config, resolve_device("auto"))
+        }  # the GPU Ray gave it, if any
         for spec, digests in document["images"].items():
             if [tensor_digest(image) for image in models[spec].images] != digests:
-                raise InputError(f"this Ray worker sees other images for {spec!r} than the driver (another data folder or files?)")
+                raise InputError(
+                    f"this Ray worker sees other images for {spec!r} than the driver (another data folder or files?)"
+                )
         worker = _WORKERS[token] = UnitWorker(config, models)
     return worker(unit)
 

@@ -52,7 +52,9 @@ class UnitWorker:
     def __init__(self, config: ExperimentConfig, models: dict[str, PreparedModel]) -> None:
         self.config = config
         self.models = models
-        self.options = {name: json.dumps(config.options_for(name), sort_keys=True, default=str) for name in config.interpreters}
+        self.options = {
+            name: json.dumps(config.options_for(name), sort_keys=True, default=str) for name in config.interpreters
+        }
         self._batch: tuple[str, int] | None = None
         self._benign: dict[str, torch.Tensor] = {}
         self._reference: dict[tuple[str, str], torch.Tensor] = {}
@@ -83,11 +85,24 @@ class UnitWorker:
         for interpreter in self.config.interpreters:
             for number, target_map in enumerate(self.config.target_maps):
                 measures = self._measure(model, chunk, interpreter, target_map, reloaded)
-                maps = [(folder / interpreter / f"{n}.map.npy", folder / interpreter / f"{n}.overlay.png") for n in names]
+                maps = [
+                    (folder / interpreter / f"{n}.map.npy", folder / interpreter / f"{n}.overlay.png") for n in names
+                ]
                 if number == 0:  # the attacked image's map does not depend on the target map
                     files += self._map_files(measures.maps, reloaded, maps)
-                rows += self._records(model, chunk, interpreter, unit.attack, target_map, measures, reloaded,
-                                      adversarial_files, maps, seconds, config)
+                rows += self._records(
+                    model,
+                    chunk,
+                    interpreter,
+                    unit.attack,
+                    target_map,
+                    measures,
+                    reloaded,
+                    adversarial_files,
+                    maps,
+                    seconds,
+                    config,
+                )
         return UnitOutput(unit, rows, [], files)
 
     def _bound_attack(self, model: PreparedModel, unit: Unit, chunk: slice) -> UnitOutput:
@@ -98,24 +113,43 @@ class UnitWorker:
         folder = self._folder(model) / unit.attack / target_map_slug(target_map) / source
         names = model.names[chunk]
         wanted = self._reference_maps(model, chunk, source, target_map)
-        reloaded, adversarial_files, seconds = self._craft(model, unit, chunk, config, model.interpreters[source], wanted, folder)
+        reloaded, adversarial_files, seconds = self._craft(
+            model, unit, chunk, config, model.interpreters[source], wanted, folder
+        )
         measures = self._measure(model, chunk, source, target_map, reloaded)
         maps = [(folder / f"{n}.map.npy", folder / f"{n}.overlay.png") for n in names]
         files = list(adversarial_files) + self._map_files(measures.maps, reloaded, maps)
-        rows = self._records(model, chunk, source, unit.attack, target_map, measures, reloaded, adversarial_files, maps, seconds, config)
+        rows = self._records(
+            model, chunk, source, unit.attack, target_map, measures, reloaded, adversarial_files, maps, seconds, config
+        )
         moved = []
         for other in sorted({key[2] for key in unit.transfer_keys}, key=self.config.interpreters.index):
             seen = measures if other == source else self._measure(model, chunk, other, target_map, reloaded)
             moved += [
-                TransferRecord(model.spec, source, other, target_map, name, float(seen.l1[i]), float(seen.l2[i]),
-                               float(seen.iou[i]), unit.attack)
+                TransferRecord(
+                    model.spec,
+                    source,
+                    other,
+                    target_map,
+                    name,
+                    float(seen.l1[i]),
+                    float(seen.l2[i]),
+                    float(seen.iou[i]),
+                    unit.attack,
+                )
                 for i, name in enumerate(names)
             ]
         return UnitOutput(unit, rows, moved, files)
 
     # ---------------------------------------------------------------------------- helpers
     def _craft(
-        self, model: PreparedModel, unit: Unit, chunk: slice, config: Any, interpreter: Any, wanted: torch.Tensor | None,
+        self,
+        model: PreparedModel,
+        unit: Unit,
+        chunk: slice,
+        config: Any,
+        interpreter: Any,
+        wanted: torch.Tensor | None,
         folder: PurePosixPath,
     ) -> tuple[torch.Tensor, list[tuple[str, bytes]], float]:
         """Attack the batch, encode each adversarial image as an 8-bit PNG and decode it again:
@@ -126,11 +160,16 @@ class UnitWorker:
         attack = build_attack(unit.attack, model.classifier, config, interpreter)
         result = attack(x, t, wanted, labels=y)
         seconds = time.perf_counter() - started
-        files = [(str(folder / f"{name}.png"), png_bytes(to_uint8(result.adversarial[i]))) for i, name in enumerate(model.names[chunk])]
+        files = [
+            (str(folder / f"{name}.png"), png_bytes(to_uint8(result.adversarial[i])))
+            for i, name in enumerate(model.names[chunk])
+        ]
         reloaded = torch.stack([decode_image(data, path, model.classifier.in_channels) for path, data in files])
         return reloaded, files, seconds
 
-    def _map_files(self, maps: torch.Tensor, pictures: torch.Tensor, paths: list[tuple[PurePosixPath, PurePosixPath]]) -> list[tuple[str, bytes]]:
+    def _map_files(
+        self, maps: torch.Tensor, pictures: torch.Tensor, paths: list[tuple[PurePosixPath, PurePosixPath]]
+    ) -> list[tuple[str, bytes]]:
         files = []
         for i, (npy, png) in enumerate(paths):
             files += map_files(maps[i], pictures[i], str(npy), str(png))
@@ -162,14 +201,23 @@ class UnitWorker:
         if key not in self._reference:
             benign = self._benign_maps(model, chunk, interpreter)
             self._reference[key] = make_target_maps(
-                model.interpreters[interpreter], target_map, benign, model.targets[chunk],
-                self.config.seed + chunk.start, pool=model.pool, resize=True,
+                model.interpreters[interpreter],
+                target_map,
+                benign,
+                model.targets[chunk],
+                self.config.seed + chunk.start,
+                pool=model.pool,
+                resize=True,
             )
         return self._reference[key]
 
-    def _measure(self, model: PreparedModel, chunk: slice, interpreter: str, target_map: str, reloaded: torch.Tensor) -> AttackMeasures:
+    def _measure(
+        self, model: PreparedModel, chunk: slice, interpreter: str, target_map: str, reloaded: torch.Tensor
+    ) -> AttackMeasures:
         reference = self._reference_maps(model, chunk, interpreter, target_map)
-        return measure_attack(model.interpreters[interpreter], reloaded, model.targets[chunk], reference, seed=self.config.seed)
+        return measure_attack(
+            model.interpreters[interpreter], reloaded, model.targets[chunk], reference, seed=self.config.seed
+        )
 
     def _records(
         self,
@@ -221,7 +269,10 @@ def map_files(saliency: torch.Tensor, picture: torch.Tensor, npy_path: str, png_
     """A (1, h, w) map as float32 ``.npy`` and as a jet overlay on ``picture`` (3, H, W), enlarged
     to about 256 px so small maps stay readable."""
     array = saliency[0].detach().cpu().numpy().astype(np.float32)
-    return [(npy_path, npy_bytes(array)), (png_path, png_bytes(overlay(picture, saliency), max(1, 256 // picture.shape[-1])))]
+    return [
+        (npy_path, npy_bytes(array)),
+        (png_path, png_bytes(overlay(picture, saliency), max(1, 256 // picture.shape[-1]))),
+    ]
 
 
 def measure_fields(measures: AttackMeasures, i: int, benign: torch.Tensor, reloaded: torch.Tensor) -> dict[str, Any]:
@@ -239,5 +290,3 @@ def measure_fields(measures: AttackMeasures, i: int, benign: torch.Tensor, reloa
         "spearman": float(measures.spearman[i]),
         "linf": float((reloaded - benign).abs().max()),
     }
-
-

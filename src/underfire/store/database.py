@@ -139,7 +139,9 @@ def check_database(path: Path) -> None:
         if health != "ok":
             raise sqlite3.DatabaseError(health)
     except sqlite3.DatabaseError as error:
-        raise InputError(f"{str(path)!r} is not a readable results database ({error}); move it away or use another output folder") from None
+        raise InputError(
+            f"{str(path)!r} is not a readable results database ({error}); move it away or use another output folder"
+        ) from None
     finally:
         connection.close()
     if version > SCHEMA_VERSION:
@@ -317,10 +319,19 @@ class ResultStore:
         if "config" in meta:
             _refuse_change(self.run_dir, "a different config", json.loads(meta["config"]), config)
             if settings is not None and "attack_configs" in meta:
-                _refuse_change(self.run_dir, "other attack settings (did the preset change?)", json.loads(meta["attack_configs"]),
-                               settings, settings_defaults)
+                _refuse_change(
+                    self.run_dir,
+                    "other attack settings (did the preset change?)",
+                    json.loads(meta["attack_configs"]),
+                    settings,
+                    settings_defaults,
+                )
             return False
-        rows = {"config": json.dumps(config, sort_keys=True), "versions": json.dumps(versions, sort_keys=True), "created": created}
+        rows = {
+            "config": json.dumps(config, sort_keys=True),
+            "versions": json.dumps(versions, sort_keys=True),
+            "created": created,
+        }
         if settings is not None:
             rows["attack_configs"] = json.dumps(settings, sort_keys=True)
         with self._transaction() as cursor:
@@ -334,7 +345,9 @@ class ResultStore:
             with self._transaction() as cursor:
                 cursor.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
         elif stored != value:
-            raise InputError(f"{str(self.run_dir)!r} holds {what} of this run ({key} {stored}, not {value}); use another output folder")
+            raise InputError(
+                f"{str(self.run_dir)!r} holds {what} of this run ({key} {stored}, not {value}); use another output folder"
+            )
 
     # ----------------------------------------------------------------------------- images
     def images(self, model: str) -> list[ImageRecord]:
@@ -369,7 +382,8 @@ class ResultStore:
             _insert(cursor, "transfer", transfer)
             if unit is not None:
                 cursor.execute(
-                    "DELETE FROM failures WHERE model = ? AND attack = ? AND interpreter = ? AND target_map = ? AND batch = ?", unit
+                    "DELETE FROM failures WHERE model = ? AND attack = ? AND interpreter = ? AND target_map = ? AND batch = ?",
+                    unit,
                 )
 
     def insert_rows(self, tables: dict[str, list[dict[str, Any]]]) -> None:
@@ -400,7 +414,19 @@ class ResultStore:
 
     def replace_detections(self, rows: Sequence[dict[str, Any]]) -> None:
         """Summaries of a detector (derived from its scores): a re-run with the same key replaces them."""
-        columns = ("model", "detector", "attack", "interpreter", "target_map", "target_fpr", "examples", "threshold", "fpr", "tpr", "auc")
+        columns = (
+            "model",
+            "detector",
+            "attack",
+            "interpreter",
+            "target_map",
+            "target_fpr",
+            "examples",
+            "threshold",
+            "fpr",
+            "tpr",
+            "auc",
+        )
         with self._transaction() as cursor:
             cursor.executemany(
                 f"INSERT OR REPLACE INTO detections ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
@@ -410,11 +436,15 @@ class ResultStore:
     def record_failure(self, unit: FailureKey, error: str, attempts: int, when: str) -> None:
         """A unit that failed for good: kept (replacing an older attempt's) until it succeeds."""
         with self._transaction() as cursor:
-            cursor.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*unit, error, attempts, when))
+            cursor.execute(
+                "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*unit, error, attempts, when)
+            )
 
     def failures(self) -> list[dict[str, Any]]:
         """The failed units, as dicts of the ``failures`` columns."""
-        cursor = self.connection.execute("SELECT * FROM failures ORDER BY model, batch, attack, interpreter, target_map")
+        cursor = self.connection.execute(
+            "SELECT * FROM failures ORDER BY model, batch, attack, interpreter, target_map"
+        )
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
@@ -453,7 +483,9 @@ def _refuse_change(run_dir: Path, what: str, before: Any, now: Any, defaults: An
     if not changed:
         return
     shown = ", ".join(f"{k}: {json.dumps(old.get(k))} → {json.dumps(new.get(k))}" for k in changed[:4])
-    raise InputError(f"{str(run_dir)!r} holds a run with {what} ({shown}); use another output folder or the same config")
+    raise InputError(
+        f"{str(run_dir)!r} holds a run with {what} ({shown}); use another output folder or the same config"
+    )
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -44,7 +44,9 @@ def _create_temporary(path: Path) -> tuple[int, Path]:
     while True:
         temporary = path.parent / f".{path.name}{TEMP_MARK}{secrets.token_hex(6)}"
         try:
-            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temporary
+            return os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+            ), temporary
         except FileExistsError:
             continue
 

@@ -59,12 +59,16 @@ class RunReader:
         except sqlite3.DatabaseError as error:
             raise InputError(f"{database} is not a readable SQLite database: {error}") from None
         if version > SCHEMA_VERSION:
-            raise InputError(f"{database} has results schema version {version}; this underfire reads up to {SCHEMA_VERSION}")
+            raise InputError(
+                f"{database} has results schema version {version}; this underfire reads up to {SCHEMA_VERSION}"
+            )
         missing = [table for table in REQUIRED_TABLES if table not in tables]
         if missing:
             raise InputError(f"{database} is empty or not an underfire run database (no table {', '.join(missing)})")
         present = {row[1] for row in self.connection.execute("PRAGMA table_info(results)")}
-        lacking = [name for name in schema_columns()["results"] if name not in present and name not in _ADDED_IN_VERSION_2]
+        lacking = [
+            name for name in schema_columns()["results"] if name not in present and name not in _ADDED_IN_VERSION_2
+        ]
         if lacking:
             raise InputError(f"{database} is not an underfire run database (table results has no column {lacking[0]})")
         self.tables = tables
@@ -157,10 +161,17 @@ class RunReader:
         curves = []
         for (model, interpreter, target_map, attack), by_k in sums.items():
             ks = sorted(by_k)
-            curves.append({
-                "model": model, "interpreter": interpreter, "target_map": target_map, "attack": attack,
-                "n": max(len(by_k[k]) for k in ks), "k": ks, "iou": [sum(by_k[k]) / len(by_k[k]) for k in ks],
-            })
+            curves.append(
+                {
+                    "model": model,
+                    "interpreter": interpreter,
+                    "target_map": target_map,
+                    "attack": attack,
+                    "n": max(len(by_k[k]) for k in ks),
+                    "k": ks,
+                    "iou": [sum(by_k[k]) / len(by_k[k]) for k in ks],
+                }
+            )
         return curves
 
     def transfer_means(self) -> list[dict[str, Any]]:
@@ -179,7 +190,13 @@ class RunReader:
                 f"GROUP BY model, {attack}, target_map, source_interpreter, target_interpreter"
             )
             for row in self.connection.execute(query):
-                key = (row["model"], row["attack"], row["target_map"], row["source_interpreter"], row["target_interpreter"])
+                key = (
+                    row["model"],
+                    row["attack"],
+                    row["target_map"],
+                    row["source_interpreter"],
+                    row["target_interpreter"],
+                )
                 cells[key] = {"n": row["n"], "iou": row["iou"], "l1": row["l1"], "l2": row["l2"], "from": "transfer"}
         if cells:
             groups = {key[:3] for key in cells}
@@ -223,7 +240,12 @@ class RunReader:
         )
         for row in self.connection.execute(attacked):
             entry = sets.setdefault((row["model"], row["detector"]), {"benign": [], "examples": []})
-            entry["examples"].append({key: row[key] for key in ("attack", "interpreter", "target_map", "image", "adversarial_path", "success", "score")})
+            entry["examples"].append(
+                {
+                    key: row[key]
+                    for key in ("attack", "interpreter", "target_map", "image", "adversarial_path", "success", "score")
+                }
+            )
         return [{"model": m, "detector": d, **entry} for (m, d), entry in sorted(sets.items())]
 
     # ------------------------------------------------------------------ rows

@@ -125,7 +125,9 @@ def train_classifier(config: TrainConfig, out: str | Path, progress: bool = True
     return TrainResult(path, val_accuracy, test_accuracy, seconds)
 
 
-def _render_split(split: str, config: TrainConfig, length: int | None, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _render_split(
+    split: str, config: TrainConfig, length: int | None, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Render a split once as uint8 (4× smaller than float; converted per batch)."""
     dataset = ShapesDataset(split, config.image_size, config.seed, length=length)
     images = np.empty((len(dataset), config.image_size, config.image_size, 3), dtype=np.uint8)

@@ -49,9 +49,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import imaging
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
-from .. import imaging
+from ..interpreters.rts import SHIPPED_ENCODER, SaliencyNetwork, save_saliency_network, shipped_rts_path
 from ..metrics import object_iou, pointing_game
 from ..models.architectures import ShapesResNet
 from ..models.checkpoint import library_versions, load_checkpoint
@@ -59,7 +60,6 @@ from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from ..models.metadata import ModelOptions
 from ..models.specs import load_model
 from ..progress import progress_bar, track
-from ..interpreters.rts import SHIPPED_ENCODER, SaliencyNetwork, save_saliency_network, shipped_rts_path
 
 __all__ = [
     "RtsObjective",
@@ -242,7 +242,9 @@ class RtsTrainConfig:
 
     def validate(self) -> None:
         if self.dataset != "shapes" and not Path(self.dataset).is_dir():
-            raise InputError(f"RTS training data must be 'shapes' or an image folder (one subfolder per class), got {self.dataset!r}")
+            raise InputError(
+                f"RTS training data must be 'shapes' or an image folder (one subfolder per class), got {self.dataset!r}"
+            )
         for name in ("epochs", "batch_size", "train_size", "eval_size", "decoder_width"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -275,7 +277,9 @@ def load_encoder(path: str | Path | None = None) -> tuple[ShapesResNet, dict[str
         )
     state, meta = load_checkpoint(path)
     if meta.get("architecture") != "resnet":
-        raise InputError(f"the RTS encoder must be a 'resnet' checkpoint, {str(path)!r} is {meta.get('architecture')!r}")
+        raise InputError(
+            f"the RTS encoder must be a 'resnet' checkpoint, {str(path)!r} is {meta.get('architecture')!r}"
+        )
     encoder = ShapesResNet(num_classes=len(meta["class_names"]))
     encoder.load_state_dict(state, strict=True)
     return encoder.eval(), meta
@@ -378,12 +382,19 @@ def train_steps(
                 for batch in order.split(config.batch_size):
                     images = images_u8[batch].float().div_(255)
                     images = torch.where(flips[batch, None, None, None], images.flip(3), images).to(device)
-                    selectors, real = fake_selectors(labels[batch], network.num_classes, config.fake_fraction, generator)
+                    selectors, real = fake_selectors(
+                        labels[batch], network.num_classes, config.fake_fraction, generator
+                    )
                     with torch.no_grad():
                         features = network.encode(images)
                     masks = network.decode(features, selectors.to(device))
                     loss, parts = rts_loss(
-                        classifier, images, masks, selectors.to(device), real.to(device), config.objective,
+                        classifier,
+                        images,
+                        masks,
+                        selectors.to(device),
+                        real.to(device),
+                        config.objective,
                         _device_generator(generator, device),
                     )
                     optimizer.zero_grad(set_to_none=True)
@@ -403,14 +414,28 @@ def train_steps(
 
 
 def _save_progress(
-    path: Path, config: RtsTrainConfig, epochs: int, network: SaliencyNetwork, optimizer: torch.optim.Optimizer,
-    schedule: Any, generator: torch.Generator, records: list[dict[str, float]],
+    path: Path,
+    config: RtsTrainConfig,
+    epochs: int,
+    network: SaliencyNetwork,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    generator: torch.Generator,
+    records: list[dict[str, float]],
 ) -> None:
     trained = {k: v for k, v in network.state_dict().items() if not k.startswith("encoder.")}
-    write_progress(path, {
-        "config": repr(config), "epochs": epochs, "network": trained, "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(), "generator": generator.get_state(), "records": records,
-    })
+    write_progress(
+        path,
+        {
+            "config": repr(config),
+            "epochs": epochs,
+            "network": trained,
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "generator": generator.get_state(),
+            "records": records,
+        },
+    )
 
 
 def write_progress(path: Path, state: dict[str, Any]) -> None:
@@ -432,8 +457,12 @@ def read_progress(path: Path, config: Any, what: str) -> dict[str, Any]:
 
 
 def _restore(
-    path: Path, config: RtsTrainConfig, network: SaliencyNetwork, optimizer: torch.optim.Optimizer,
-    schedule: Any, generator: torch.Generator,
+    path: Path,
+    config: RtsTrainConfig,
+    network: SaliencyNetwork,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    generator: torch.Generator,
 ) -> tuple[int, list[dict[str, float]]]:
     """The epoch to continue from and the records so far, from a progress file of the same config."""
     state = read_progress(path, config, "RTS training")
@@ -479,7 +508,9 @@ def train_rts(config: RtsTrainConfig, out: str | Path, progress: bool = True, de
     size = classifier.input_size or 64
     if config.dataset == "shapes":
         images, labels = render_shapes("train", size, config.data_seed, config.train_size, progress)
-        test_images, test_labels, test_masks = render_shapes("test", size, config.data_seed, config.eval_size, with_masks=True)
+        test_images, test_labels, test_masks = render_shapes(
+            "test", size, config.data_seed, config.eval_size, with_masks=True
+        )
     else:
         images, labels, test_images, test_labels, test_masks = _folder_images(config, classifier, size)
     if config.encoder_epochs:
@@ -499,7 +530,10 @@ def train_rts(config: RtsTrainConfig, out: str | Path, progress: bool = True, de
     masks = None if test_masks is None else test_masks.to(device)
     metrics = evaluate_rts(network, test_images.float().div(255).to(device), test_labels.to(device), masks)
     tail = records[-max(1, len(records) // 10) :]  # mean over the last 10 % of the steps
-    final_losses = {key: round(sum(r[key] for r in tail) / len(tail), 5) for key in ("loss", "area", "smoothness", "destroyer", "preserver")}
+    final_losses = {
+        key: round(sum(r[key] for r in tail) / len(tail), 5)
+        for key in ("loss", "area", "smoothness", "destroyer", "preserver")
+    }
     seconds = time.perf_counter() - start
     with torch.no_grad(), network.frozen():
         probe = torch.zeros(1, classifier.in_channels, size, size, device=device)
@@ -522,7 +556,11 @@ def train_rts(config: RtsTrainConfig, out: str | Path, progress: bool = True, de
         },
         "config": config_dict,
         "final_losses": final_losses,
-        "evaluation": {"images": int(test_labels.numel()), "split": "test" if config.dataset == "shapes" else "held out", **{k: round(v, 5) for k, v in metrics.items()}},
+        "evaluation": {
+            "images": int(test_labels.numel()),
+            "split": "test" if config.dataset == "shapes" else "held out",
+            **{k: round(v, 5) for k, v in metrics.items()},
+        },
         "pointing_game": None if "pointing_game" not in metrics else round(metrics["pointing_game"], 5),
         "train_seconds": round(seconds, 1),
         "versions": library_versions(),
@@ -540,7 +578,10 @@ def _folder_images(
     from ..data.images import ImageFolderDataset
 
     dataset = ImageFolderDataset(
-        config.dataset, size, class_names=classifier.class_names, channels=classifier.in_channels,
+        config.dataset,
+        size,
+        class_names=classifier.class_names,
+        channels=classifier.in_channels,
         outputs=classifier.num_classes,
     )
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
@@ -586,4 +627,7 @@ def _pretrain_on(
     with torch.no_grad():
         predicted = torch.cat([encoder((chunk.float() / 255 - mean) / std).argmax(1) for chunk in images_u8.split(256)])
     accuracy = float((predicted == labels).float().mean())
-    return encoder, {"train_accuracy": round(accuracy, 5), "config": {"epochs": config.encoder_epochs, "seed": config.seed + 1}}
+    return encoder, {
+        "train_accuracy": round(accuracy, 5),
+        "config": {"epochs": config.encoder_epochs, "seed": config.seed + 1},
+    }

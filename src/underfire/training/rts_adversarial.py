@@ -104,7 +104,15 @@ class AdversarialRtsConfig:
     model_options: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name in ("rounds", "attack_images", "steps_per_round", "batch_size", "adversarial_batch", "train_size", "eval_size"):
+        for name in (
+            "rounds",
+            "attack_images",
+            "steps_per_round",
+            "batch_size",
+            "adversarial_batch",
+            "train_size",
+            "eval_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InputError(f"{name} must be a positive whole number, got {value!r}")
@@ -170,7 +178,11 @@ Pool = dict[str, torch.Tensor]  # "images" uint8 (P, C, H, W), "targets" and "la
 
 
 def _restore(
-    path: Path, config: AdversarialRtsConfig, network: SaliencyNetwork, optimizer: torch.optim.Optimizer, generator: torch.Generator
+    path: Path,
+    config: AdversarialRtsConfig,
+    network: SaliencyNetwork,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
 ) -> tuple[int, Pool, list[dict[str, float]]]:
     state = read_progress(path, config, "adversarial RTS")
     network.load_state_dict(state["network"], strict=False)
@@ -180,13 +192,27 @@ def _restore(
 
 
 def _save(
-    path: Path, config: AdversarialRtsConfig, rounds: int, network: SaliencyNetwork, optimizer: torch.optim.Optimizer,
-    generator: torch.Generator, pool: Pool, records: list[dict[str, float]],
+    path: Path,
+    config: AdversarialRtsConfig,
+    rounds: int,
+    network: SaliencyNetwork,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    pool: Pool,
+    records: list[dict[str, float]],
 ) -> None:
-    write_progress(path, {
-        "config": repr(config), "rounds": rounds, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(), "pool": pool, "records": records,
-    })
+    write_progress(
+        path,
+        {
+            "config": repr(config),
+            "rounds": rounds,
+            "network": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "pool": pool,
+            "records": records,
+        },
+    )
 
 
 def train_adversarial_rts(
@@ -213,12 +239,19 @@ def train_adversarial_rts(
     network = copy.deepcopy(base.network).to(classifier.device)
     size = classifier.input_size or 64
     images_u8, labels = render_shapes("train", size, config.data_seed, config.train_size, progress)
-    test_images, test_labels, test_masks = render_shapes("test", size, config.data_seed, config.eval_size, with_masks=True)
+    test_images, test_labels, test_masks = render_shapes(
+        "test", size, config.data_seed, config.eval_size, with_masks=True
+    )
     test_images = test_images.float().div(255).to(classifier.device)
     before = evaluate_rts(network, test_images, test_labels.to(classifier.device), test_masks.to(classifier.device))
 
     with torch.no_grad():
-        predicted = torch.cat([classifier.predict(chunk.float().div(255).to(classifier.device)).argmax(1).cpu() for chunk in images_u8.split(256)])
+        predicted = torch.cat(
+            [
+                classifier.predict(chunk.float().div(255).to(classifier.device)).argmax(1).cpu()
+                for chunk in images_u8.split(256)
+            ]
+        )
     correct = torch.nonzero(predicted == labels).flatten()
     needed = config.rounds * config.attack_images
     if correct.numel() < needed:
@@ -246,8 +279,11 @@ def train_adversarial_rts(
         first, pool, records = _restore(resume, config, network, optimizer, generator)
     # counted in fine-tuning steps, not rounds: a round takes minutes, and the bar should move
     bar = progress_bar(
-        config.rounds * config.steps_per_round, initial=first * config.steps_per_round,
-        desc=f"adversarial rts {config.model}", enabled=progress, unit="step",
+        config.rounds * config.steps_per_round,
+        initial=first * config.steps_per_round,
+        desc=f"adversarial rts {config.model}",
+        enabled=progress,
+        unit="step",
     )
     try:
         with classifier.frozen():
@@ -258,7 +294,12 @@ def train_adversarial_rts(
                 network.eval()
                 bar.set_postfix_str(f"round {round_index + 1}/{config.rounds}: crafting ADV²")
                 adversarial, success, summary = _adversarial_examples(
-                    classifier, network, clean, labels[ids].to(classifier.device), targets.to(classifier.device), config,
+                    classifier,
+                    network,
+                    clean,
+                    labels[ids].to(classifier.device),
+                    targets.to(classifier.device),
+                    config,
                     config.seed + round_index,
                 )
                 new = {"images": adversarial[success], "targets": targets[success], "labels": labels[ids][success]}
@@ -278,7 +319,11 @@ def train_adversarial_rts(
     config_dict["model_options"] = dict(config.model_options)
     config_dict["attack_settings"] = dict(config.attack_settings)
     metadata = {
-        **{k: v for k, v in base.metadata.items() if k not in ("config", "evaluation", "pointing_game", "train_seconds", "final_losses", "versions")},
+        **{
+            k: v
+            for k, v in base.metadata.items()
+            if k not in ("config", "evaluation", "pointing_game", "train_seconds", "final_losses", "versions")
+        },
         "model": config.model,
         "adversarial_training": {
             "config": config_dict,
@@ -288,7 +333,11 @@ def train_adversarial_rts(
             "before": {k: round(v, 5) for k, v in before.items()},
             "reference": "Zhang et al. 2020 (ADV2 in the interpreter's training, section 7); Madry et al. 2018",
         },
-        "evaluation": {"images": int(test_labels.numel()), "split": "test", **{k: round(v, 5) for k, v in after.items()}},
+        "evaluation": {
+            "images": int(test_labels.numel()),
+            "split": "test",
+            **{k: round(v, 5) for k, v in after.items()},
+        },
         "pointing_game": round(after["pointing_game"], 5),
         "train_seconds": round(seconds, 1),
         "versions": library_versions(),
@@ -330,7 +379,15 @@ def _fine_tune(
         # one decoder pass over both, so BatchNorm's batch statistics never tell them apart
         both = network.decode(features, torch.cat([selectors, pool["targets"][picks]]).to(device))
         masks, adv_masks = both[: config.batch_size], both[config.batch_size :]
-        clean, _ = rts_loss(classifier, images, masks, selectors.to(device), real.to(device), config.objective, _device_generator(generator, device))
+        clean, _ = rts_loss(
+            classifier,
+            images,
+            masks,
+            selectors.to(device),
+            real.to(device),
+            config.objective,
+            _device_generator(generator, device),
+        )
         adversarial = empty_mask_loss(adv_masks, config.objective).mean() if pooled else torch.zeros((), device=device)
         loss = clean + config.adversarial_weight * adversarial
         encoder = torch.zeros((), device=device)

@@ -32,7 +32,9 @@ class GradientTimesInput(Interpreter):
         super().__init__(classifier)
         self.relu = relu
 
-    def explain(self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def explain(
+        self, images: torch.Tensor, classes: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         x = images.detach().requires_grad_(True)
         with torch.enable_grad():
             return self._maps(x, classes, create_graph=False).detach()
@@ -69,7 +71,9 @@ class TargetedFGSM(Attack):
     config_type = FGSMConfig
     uses_interpreter = False
 
-    def __call__(self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None, *, labels: Any = None) -> AttackResult:
+    def __call__(
+        self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None, *, labels: Any = None
+    ) -> AttackResult:
         clf, eps = self.classifier, self.config.eps
         images = clf.prepare_images(images)
         targets = clf.check_classes(targets, images.shape[0])
