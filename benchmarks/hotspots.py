@@ -168,7 +168,7 @@ def main() -> None:
     def attack(interpreter: Interpreter, steps: int) -> Callable[[], Any]:
         maps = torch.rand((images.shape[0], 1, *interpreter.map_shape(images)), generator=generator)
         config = AttackConfig(pgd_steps=0, adv_steps=steps, lam=LambdaSchedule((5.0,)))
-        run = ADV2(clf, interpreter, config)
+        run = ADV2(clf, config, interpreter=interpreter)
         return lambda: run(images, targets, maps)
 
     def step_pair(

@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from underfire import Classifier
-from underfire.attacks import ADV2, AttackConfig, LambdaSchedule, preset
+from underfire.attacks import ADV2, AttackConfig, LambdaSchedule
+from underfire.presets import preset, surrogate_options
 from underfire.imaging import gaussian_blur, translate, upsample_blurred
 from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts, build_interpreter
 from underfire.interpreters.mask import REFERENCE_MASK_PIXELS, total_variation
@@ -128,7 +129,7 @@ def run_limit(
         def ours(
             steps: int, interpreter: Any = interpreter, maps: torch.Tensor = target_maps
         ) -> Callable[[], torch.Tensor]:
-            attack = ADV2(clf, interpreter, config.with_overrides(adv_steps=steps))
+            attack = ADV2(clf, config.with_overrides(adv_steps=steps), interpreter=interpreter)
             return lambda: attack(images, targets, maps).last
 
         def raw(
@@ -280,7 +281,7 @@ def _interpreter(name: str, clf: Classifier) -> Any:
     if name in ("inputxgrad", "ig", "deeplift", "lrp"):
         return build_interpreter(name, clf, **({"steps": IG_STEPS} if name == "ig" else {}))
     if name == "lrp (quick)":
-        return build_interpreter("lrp", clf, preset="quick")
+        return build_interpreter("lrp", clf, **surrogate_options("quick", "lrp"))
     raise ValueError(f"unknown case {name!r}")
 
 

@@ -48,7 +48,7 @@ def main() -> None:
 
     else:
         maps = torch.rand((args.batch, 1, *interpreter.map_shape(images)), generator=torch.Generator().manual_seed(1))
-        attack = ADV2(clf, interpreter, AttackConfig(pgd_steps=0, adv_steps=args.steps))
+        attack = ADV2(clf, AttackConfig(pgd_steps=0, adv_steps=args.steps), interpreter=interpreter)
 
         def work() -> None:
             attack(images, targets, maps)

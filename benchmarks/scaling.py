@@ -58,7 +58,7 @@ def interpreter_for(method: str, clf: Classifier) -> Any:
         except Exception:  # noqa: BLE001 - no shipped network for this model: an untrained one
             return untrained_rts(clf)
     if method == MASK_WITH_EVIDENCE:
-        return build_interpreter("mask", clf, preset="quick", config=MaskConfig(init_steps=5))
+        return build_interpreter("mask", clf, config=MaskConfig(init_steps=5))
     if method == "mask":
         return build_interpreter("mask", clf, config=MaskConfig(init_steps=5), evidence_weight=0.0)
     return build_interpreter(method, clf)

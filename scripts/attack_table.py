@@ -199,7 +199,7 @@ def main() -> None:
         config, start = preset("quick", name, **budget, **overrides), time.time()
         measures = []
         for k, c in enumerate(chunks):
-            result = ADV2(clf, interpreter, config)(images[c], targets[c], reference[k], labels=labels[c])
+            result = ADV2(clf, config, interpreter=interpreter)(images[c], targets[c], reference[k], labels=labels[c])
             measures.append(measure_attack(interpreter, result.adversarial, targets[c], reference[k], seed=0))
             if keep is not None:
                 keep.append(result.adversarial)

@@ -76,7 +76,7 @@ def main() -> None:
         started = time.time()
         adversarial = []
         for c in chunks:
-            result = ADV2(clf, ensemble, config)(
+            result = ADV2(clf, config, interpreter=ensemble)(
                 images[c], targets[c], ensemble(images[c], labels[c], seed=0), labels=labels[c]
             )
             adversarial.append((result.adversarial * 255).round() / 255)  # what an 8-bit file holds

@@ -11,7 +11,8 @@ from PIL import Image
 from torch import nn
 
 from underfire import Classifier, InputError
-from underfire.attacks import ADV2, PGD, AttackConfig, LambdaSchedule, parse_fraction, preset, project, quantize
+from underfire.attacks import ADV2, PGD, AttackConfig, LambdaSchedule, parse_fraction, project, quantize
+from underfire.presets import preset
 from underfire.attacks.core import _descend, map_distance
 from underfire.attacks.targets import check_targets, load_user_map, random_targets, shape_maps
 from underfire.data import read_image
@@ -160,8 +161,10 @@ def test_family_quick_presets_compare_root_maps_and_the_rest_keep_the_paper_dist
         2,
     ]
     assert preset("paper", "lrp").restarts == 1
-    assert build_interpreter("lrp", tiny_classifier(), preset="quick").relu.kind == "none"
-    assert build_interpreter("lrp", tiny_classifier(), preset="paper").relu.kind == "h"
+    assert preset("quick", "lrp").surrogate_options == {"relu": "none"}
+    lrp = build_interpreter("lrp", tiny_classifier())
+    assert ADV2(lrp.classifier, preset("quick", "lrp"), interpreter=lrp).surrogate.relu.kind == "none"
+    assert ADV2(lrp.classifier, preset("paper", "lrp"), interpreter=lrp).surrogate is lrp
 
 
 def test_map_distance_by_hand_and_why_a_power_below_one() -> None:
@@ -207,19 +210,19 @@ def test_map_power_changes_the_trajectory_only_through_the_interpretation_loss()
     images = batch(4)
     targets = (clf.predict(images).argmax(1) + 2) % 4
     base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=3, adv_steps=6, lam=LambdaSchedule((50.0,)))
-    square = ADV2(clf, explainer, base)(images, targets)
-    root = ADV2(clf, explainer, base.with_overrides(map_power=0.5))(images, targets)
+    square = ADV2(clf, base, interpreter=explainer)(images, targets)
+    root = ADV2(clf, base.with_overrides(map_power=0.5), interpreter=explainer)(images, targets)
     assert not torch.equal(square.last, root.last)
     off = base.with_overrides(lam=LambdaSchedule((0.0,)))
     assert torch.equal(
-        ADV2(clf, explainer, off)(images, targets).last,
-        ADV2(clf, explainer, off.with_overrides(map_power=0.5))(images, targets).last,
+        ADV2(clf, off, interpreter=explainer)(images, targets).last,
+        ADV2(clf, off.with_overrides(map_power=0.5), interpreter=explainer)(images, targets).last,
     )
-    soft = ADV2(clf, explainer, base.with_overrides(soft_iou_weight=0.5))(images, targets)
+    soft = ADV2(clf, base.with_overrides(soft_iou_weight=0.5), interpreter=explainer)(images, targets)
     assert not torch.equal(square.last, soft.last)
     assert torch.equal(
-        ADV2(clf, explainer, off)(images, targets).last,
-        ADV2(clf, explainer, off.with_overrides(soft_iou_weight=0.5))(images, targets).last,
+        ADV2(clf, off, interpreter=explainer)(images, targets).last,
+        ADV2(clf, off.with_overrides(soft_iou_weight=0.5), interpreter=explainer)(images, targets).last,
     )
 
 
@@ -232,9 +235,9 @@ def test_restarts_keep_each_samples_best_run() -> None:
     images = batch(8)
     targets = (clf.predict(images).argmax(1) + 2) % 4
     base = AttackConfig(eps=0.3, alpha=0.075, pgd_steps=3, adv_steps=6, lam=LambdaSchedule((50.0,)), confidence=0.6)
-    first = ADV2(clf, explainer, base)(images, targets)
-    second = ADV2(clf, explainer, base.with_overrides(random_start=True, seed=1))(images, targets)
-    best = ADV2(clf, explainer, base.with_overrides(restarts=2))(images, targets)
+    first = ADV2(clf, base, interpreter=explainer)(images, targets)
+    second = ADV2(clf, base.with_overrides(random_start=True, seed=1), interpreter=explainer)(images, targets)
+    best = ADV2(clf, base.with_overrides(restarts=2), interpreter=explainer)(images, targets)
     from_second = [
         bool(torch.equal(best.adversarial[i], second.adversarial[i]))
         and not torch.equal(best.adversarial[i], first.adversarial[i])
@@ -318,7 +321,7 @@ def test_adv2_stays_within_budget_after_png_round_trip(interpreter: str, tmp_pat
     images = batch(3)
     targets = (clf.predict(images).argmax(1) + 1) % 4
     config = AttackConfig(eps=8 / 255, alpha=2 / 255, pgd_steps=3, adv_steps=3)
-    result = ADV2(clf, explainer, config)(images, targets)
+    result = ADV2(clf, config, interpreter=explainer)(images, targets)
     assert in_budget(result.adversarial, images, config.eps) and on_grid(result.adversarial)
     # what is saved is what is measured: PNG → reload gives the same tensor, still in budget
     for i in range(3):
@@ -359,8 +362,8 @@ def test_adv2_selection_prefers_qualifying_iterates_then_the_lowest_cross_entrop
     images = batch(4)
     targets = (clf.predict(images).argmax(1) + 2) % 4
     config = AttackConfig(eps=0.3, alpha=0.075, pgd_steps=3, adv_steps=6, confidence=0.6)
-    reachable = ADV2(clf, explainer, config)(images, targets)
-    hopeless = ADV2(clf, explainer, config.with_overrides(confidence=0.999999))(images, targets)
+    reachable = ADV2(clf, config, interpreter=explainer)(images, targets)
+    hopeless = ADV2(clf, config.with_overrides(confidence=0.999999), interpreter=explainer)(images, targets)
     with clf.frozen(), torch.no_grad():
         probability = clf(hopeless.adversarial).softmax(1).gather(1, targets[:, None]).squeeze(1)
     assert (probability < 0.999999).all()  # nothing qualified at this threshold
@@ -382,8 +385,8 @@ def test_lambda_zero_is_exactly_pgd_and_lambda_positive_is_not() -> None:
     targets = (clf.predict(images).argmax(1) + 2) % 4
     base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=4, adv_steps=8)
     pgd = PGD(clf, base.with_overrides(pgd_steps=12, adv_steps=0))(images, targets)
-    zero = ADV2(clf, explainer, base.with_overrides(lam=LambdaSchedule((0.0,))))(images, targets)
-    positive = ADV2(clf, explainer, base.with_overrides(lam=LambdaSchedule((50.0,))))(images, targets)
+    zero = ADV2(clf, base.with_overrides(lam=LambdaSchedule((0.0,))), interpreter=explainer)(images, targets)
+    positive = ADV2(clf, base.with_overrides(lam=LambdaSchedule((50.0,))), interpreter=explainer)(images, targets)
     assert torch.equal(zero.last, pgd.last)
     assert not torch.equal(positive.last, pgd.last)
 
@@ -400,11 +403,11 @@ def test_mask_evidence_term_is_part_of_the_interpretation_loss() -> None:
     targets = (clf.predict(images).argmax(1) + 2) % 4
     base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=2, adv_steps=4)
     pgd = PGD(clf, base.with_overrides(pgd_steps=6, adv_steps=0))(images, targets)
-    zero = ADV2(clf, explainer, base.with_overrides(lam=LambdaSchedule((0.0,))))(images, targets)
+    zero = ADV2(clf, base.with_overrides(lam=LambdaSchedule((0.0,))), interpreter=explainer)(images, targets)
     assert torch.equal(zero.last, pgd.last)
     strong = base.with_overrides(lam=LambdaSchedule((50.0,)))
-    with_term = ADV2(clf, explainer, strong)(images, targets)
-    without = ADV2(clf, plain, strong)(images, targets)
+    with_term = ADV2(clf, strong, interpreter=explainer)(images, targets)
+    without = ADV2(clf, strong, interpreter=plain)(images, targets)
     assert not torch.equal(with_term.last, without.last)
 
 
@@ -425,8 +428,8 @@ def test_warm_start_encoder_term_steers_stage_one_only_for_interpreters_with_an_
     targets = (clf.predict(images).argmax(1) + 1) % 4
     base = AttackConfig(eps=8 / 255, alpha=1 / 255, pgd_steps=5, adv_steps=0)
     pgd = PGD(clf, base)(images, targets)
-    plain = ADV2(clf, unsteered, base)(images, targets)
-    steered = ADV2(clf, rts, base)(images, targets)
+    plain = ADV2(clf, base, interpreter=unsteered)(images, targets)
+    steered = ADV2(clf, base, interpreter=rts)(images, targets)
     assert torch.equal(plain.last, pgd.last)
     assert not torch.equal(steered.last, pgd.last)
 
@@ -444,7 +447,7 @@ def test_warm_start_encoder_term_steers_stage_one_only_for_interpreters_with_an_
     assert torch.equal(steered.chosen_step, step)
 
     cam = build_interpreter("cam", clf)
-    assert torch.equal(ADV2(clf, cam, base)(images, targets).last, pgd.last)
+    assert torch.equal(ADV2(clf, base, interpreter=cam)(images, targets).last, pgd.last)
 
 
 def test_adv2_keeps_the_map_closer_than_pgd_on_the_shipped_model() -> None:
@@ -458,7 +461,7 @@ def test_adv2_keeps_the_map_closer_than_pgd_on_the_shipped_model() -> None:
     explainer = build_interpreter("cam", clf)
     benign = explainer(images, labels)
     config = preset("quick", "cam", pgd_steps=20, adv_steps=40)
-    adv2 = ADV2(clf, explainer, config)(images, targets, benign, labels=labels)
+    adv2 = ADV2(clf, config, interpreter=explainer)(images, targets, benign, labels=labels)
     pgd = PGD(clf, config.with_overrides(pgd_steps=60, adv_steps=0))(images, targets)
     assert adv2.success.float().mean() >= 5 / 6 and pgd.success.float().mean() >= 5 / 6
     adv2_distance = l1_distance(explainer(adv2.adversarial, targets), benign).mean()
@@ -471,7 +474,7 @@ def test_argument_errors() -> None:
     images = batch(2)
     labels = clf.predict(images).argmax(1)
     explainer = build_interpreter("cam", clf)
-    attack = ADV2(clf, explainer, AttackConfig(pgd_steps=1, adv_steps=1))
+    attack = ADV2(clf, AttackConfig(pgd_steps=1, adv_steps=1), interpreter=explainer)
     with pytest.raises(InputError, match="equals the true class for image"):
         attack(images, labels, labels=labels)
     with pytest.raises(InputError, match="target maps have shape"):
@@ -481,7 +484,7 @@ def test_argument_errors() -> None:
     with pytest.raises(InputError, match="unknown class 9"):
         attack(images, [9, 9])
     with pytest.raises(InputError, match="different classifier"):
-        ADV2(tiny_classifier(1), explainer)
+        ADV2(tiny_classifier(1), interpreter=explainer)
     with pytest.raises(InputError, match="unknown interpreter"):
         build_interpreter("occlusion", clf)
 

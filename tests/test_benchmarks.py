@@ -72,12 +72,12 @@ def test_step_cost_mask_with_evidence_is_the_quick_presets_step(tiny) -> None:
 
     clf, images, _, targets = tiny
     step = make_step(MASK_WITH_EVIDENCE, clf, images, targets)
-    interpreter = build_interpreter("mask", clf, preset="quick", config=MaskConfig(init_steps=5))
+    interpreter = build_interpreter("mask", clf, config=MaskConfig(init_steps=5))
     assert interpreter.config.evidence_weight == MaskConfig().evidence_weight > 0  # quick = MASK's defaults
     maps = torch.rand((images.shape[0], 1, *interpreter.map_shape(images)), generator=torch.Generator().manual_seed(1))
     weight = interpreter.config.evidence_weight
     config = AttackConfig(eps=EPS, alpha=ALPHA, pgd_steps=0, adv_steps=1, lam=LambdaSchedule((LAMBDA,)))
-    expected = ADV2(clf, interpreter, config)(images, targets, maps).last
+    expected = ADV2(clf, config, interpreter=interpreter)(images, targets, maps).last
     plain = make_step("mask", clf, images, targets)()
     torch.testing.assert_close(step(), expected, rtol=0, atol=0)
     assert weight > 0 and not torch.equal(plain, expected)

@@ -13,6 +13,7 @@ from torch.overrides import _get_current_function_mode_stack
 
 import underfire as uf
 from underfire.errors import InputError, ModelStructureError
+from underfire.presets import surrogate_options
 from underfire.interpreters import Grad, build_interpreter, normalize_maps
 from underfire.smoothing import relu_surrogate, softplus_relus
 
@@ -119,20 +120,23 @@ def test_bad_settings_are_one_line() -> None:
 
 @pytest.mark.parametrize("name", BACKPROP)
 def test_a_presets_relu_surrogate_yields_to_a_chosen_beta(name: str) -> None:
-    """``quick`` sets a ReLU surrogate (GRAD's relative ``h``, LRP's exact derivative) that
-    ``softplus_beta`` would refuse next to it: the preset's yields, in ``build_interpreter`` and in
-    a run config alike; a surrogate the user chose himself is still refused."""
+    """``quick`` sets a ReLU surrogate for the attacked copy (GRAD's relative ``h``, LRP's exact
+    derivative) that ``softplus_beta`` would refuse next to it: the preset's yields, in
+    ``surrogate_options`` and in a run config alike; a surrogate the user chose himself is still
+    refused."""
     from underfire.runs import ExperimentConfig
 
     model = one_hidden()
-    smoothed = build_interpreter(name, model, preset="quick", softplus_beta="3")
-    assert smoothed.softplus_beta == 3.0
+    surrogate = surrogate_options("quick", name, {"softplus_beta": 3.0})
+    assert "relu" not in surrogate and "relu_scale" not in surrogate
     config = ExperimentConfig.from_mapping(
         {"experiment": {"preset": "quick", "interpreters": [name]}, "interpreters": {name: {"softplus_beta": 3}}}
     )
-    options = config.options_for(name)
-    assert options["softplus_beta"] == 3.0 and "relu" not in options and "relu_scale" not in options
-    unsmoothed = build_interpreter(name, model, preset="quick")
+    assert config.options_for(name) == {"softplus_beta": 3.0}
+    assert config.config_for("adv2", name).surrogate_options == surrogate
+    smoothed = build_interpreter(name, model, **config.options_for(name))
+    assert smoothed.softplus_beta == 3.0 and smoothed.with_options(**surrogate).softplus_beta == 3.0
+    unsmoothed = build_interpreter(name, model).with_options(**surrogate_options("quick", name))
     assert (unsmoothed.relu.kind, unsmoothed.relu.relative) != ("h", False)  # the preset did set one
     with pytest.raises(InputError, match="would not apply"):
-        build_interpreter(name, model, preset="quick", softplus_beta=3, relu="sigmoid")
+        build_interpreter(name, model, softplus_beta=3, relu="sigmoid")

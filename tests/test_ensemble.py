@@ -177,11 +177,11 @@ def test_the_detector_term_makes_adv2_keep_the_members_in_agreement() -> None:
     x, labels, _ = uf.ShapesDataset("test").tensors(range(4))
     targets = (labels + 1) % clf.num_classes
     config = AttackConfig(pgd_steps=20, adv_steps=40, lam=[5.0, 10.0], confidence=0.5)
-    detector = EnsembleDetector(clf, DetectorConfig(members=("grad", "cam"), score="l1", preset=None))
+    detector = EnsembleDetector(clf, DetectorConfig(members=("grad", "cam"), score="l1"))
     scores = {}
     for weight in (0.0, 20.0):
         ensemble = Ensemble(clf, members=("grad", "cam"), detector_weight=weight)
-        adversarial = ADV2(clf, ensemble, config)(x, targets).adversarial
+        adversarial = ADV2(clf, config, interpreter=ensemble)(x, targets).adversarial
         assert torch.equal(clf(adversarial).argmax(1), targets)
         scores[weight] = detector.scores(adversarial).mean().item()
     assert scores[20.0] < 0.9 * scores[0.0], scores
@@ -198,7 +198,7 @@ def test_adv2_against_the_ensemble_keeps_every_members_map_closer_than_pgd() -> 
     ensemble = Ensemble(clf, members=("grad", "cam"))
     benign = ensemble(x, labels)
     config = AttackConfig(pgd_steps=20, adv_steps=40, lam=[5.0, 10.0], confidence=0.5)
-    adversarial = ADV2(clf, ensemble, config)(x, targets).adversarial
+    adversarial = ADV2(clf, config, interpreter=ensemble)(x, targets).adversarial
     pgd = PGD(clf, config)(x, targets).adversarial
     assert (adversarial - x).abs().max() <= config.eps + 1e-6
     assert torch.equal(clf(adversarial).argmax(1), targets)
@@ -231,10 +231,15 @@ def test_bad_ensembles_are_one_line() -> None:
 
 
 def test_members_get_the_run_preset_and_the_cli_takes_the_options(tmp_path) -> None:
+    from underfire.presets import surrogate_options
+
     clf = tiny_classifier()
-    quick = build_interpreter("ensemble", clf, preset="quick", members="grad,mask")
-    assert quick.names == ("grad", "mask")
-    assert quick.members[1].config == build_interpreter("mask", clf, preset="quick").config
+    judged = build_interpreter("ensemble", clf, members="grad,mask")
+    assert judged.names == ("grad", "mask") and judged.members[0].relu.relative is False
+    # the attacked copy of a quick ensemble differentiates the members' quick surrogates
+    quick = judged.with_options(**surrogate_options("quick", "ensemble"))
+    assert quick.names == ("grad", "mask") and quick.members[0].relu.relative is True
+    assert quick.members[1].config == build_interpreter("mask", clf).config
     assert isinstance(build_interpreter("mask", clf).config, MaskConfig)
 
     import numpy as np

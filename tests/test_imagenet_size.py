@@ -50,6 +50,6 @@ def test_every_interpreter_and_attack_at_224(spec: str, name: str) -> None:
     assert maps.shape[:2] == (1, 1) and torch.isfinite(maps).all() and 0 <= maps.min() and maps.max() <= 1
     config = AttackConfig(pgd_steps=1, adv_steps=1)
     eps = config.eps + 1e-6
-    for attack in (PGD(classifier, config), ADV2(classifier, explainer, config)):
+    for attack in (PGD(classifier, config), ADV2(classifier, config, interpreter=explainer)):
         result = attack(images, targets, labels=labels)
         assert (result.adversarial - images).abs().max() <= eps and torch.isfinite(result.adversarial).all()

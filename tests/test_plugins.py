@@ -110,7 +110,7 @@ def test_the_plugin_interpreter_explains_and_has_a_live_surrogate(plugin: Path, 
 
 
 def test_the_plugin_interpreter_and_attack_through_attack_and_the_defaults(plugin: Path, tmp_path: Path) -> None:
-    from underfire.attacks import preset
+    from underfire.presets import preset
 
     default = preset("quick", "example_gxi")  # no preset of its own: underfire's defaults
     assert (default.pgd_steps, default.adv_steps) == (60, 200)

@@ -118,10 +118,10 @@ def test_adv2_results_are_unchanged(name: str, monkeypatch: pytest.MonkeyPatch) 
     targets = clf.predict(images).topk(2, dim=1).indices[:, 1]  # the runner-up: reachable
     # a budget large enough that stage-2 iterates qualify, so selection is exercised too
     config = AttackConfig(eps=0.25, alpha=0.02, pgd_steps=4, adv_steps=6, confidence=0.0)
-    fast = ADV2(clf, make(name, clf), config)(images, targets)
+    fast = ADV2(clf, config, interpreter=make(name, clf))(images, targets)
     plain_interpreter = make(name, clf)
     _plain_path(monkeypatch, plain_interpreter)
-    plain = ADV2(clf, plain_interpreter, config)(images, targets)
+    plain = ADV2(clf, config, interpreter=plain_interpreter)(images, targets)
     assert torch.equal(fast.adversarial, plain.adversarial)
     assert torch.equal(fast.last, plain.last)
     assert torch.equal(fast.chosen_step, plain.chosen_step)

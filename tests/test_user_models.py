@@ -230,7 +230,7 @@ def test_every_interpreter_on_a_graph_file_works_or_refuses_in_one_line(
 def _attack(classifier: Classifier, interpreter_name: str, **options: object) -> ADV2:
     interpreter = build_interpreter(interpreter_name, classifier, **options)
     config = AttackConfig(eps=0.1, alpha=0.02, pgd_steps=2, adv_steps=3, lam=LambdaSchedule((1.0,)))
-    return ADV2(classifier, interpreter, config)
+    return ADV2(classifier, config, interpreter=interpreter)
 
 
 @pytest.mark.parametrize(("kind", "interpreter"), [("export", "grad"), ("export", "gradcam"), ("factory", "gradcam")])
@@ -302,7 +302,7 @@ def test_cam_reads_an_exported_program_with_a_gap_head(tmp_path: Path) -> None:
         assert ours.layers.head_name == "4" and ours.layers.feature_name == reference.layers.feature_name
         torch.testing.assert_close(ours(images, classes), reference(images, classes), rtol=1e-5, atol=1e-6)
     result = ADV2(
-        exported, build_interpreter("cam", exported), AttackConfig(eps=0.1, alpha=0.02, pgd_steps=2, adv_steps=3)
+        exported, AttackConfig(eps=0.1, alpha=0.02, pgd_steps=2, adv_steps=3), interpreter=build_interpreter("cam", exported)
     )(images, torch.tensor([1, 2, 0]))
     assert result.adversarial.shape == images.shape
 
@@ -334,7 +334,7 @@ def test_adaptive_lambda_keeps_samples_independent(model_files: dict[str, Path])
     classifier = _load(model_files, "factory")
     interpreter = build_interpreter("grad", classifier)
     config = AttackConfig(eps=0.1, alpha=0.02, pgd_steps=2, adv_steps=6, lam=LambdaSchedule((1.0,)), lam_adaptation=2.0)
-    attack = ADV2(classifier, interpreter, config)
+    attack = ADV2(classifier, config, interpreter=interpreter)
     images, targets = _images(4), torch.tensor([1, 2, 0, 1])
     batched = attack(images, targets)
     for i in range(4):

@@ -1049,9 +1049,6 @@ def detect(
     grid: Annotated[
         Optional[int], typer.Option("--grid", help="Side of the common grid (default: the coarsest member map).")
     ] = None,
-    preset_name: Annotated[
-        str, typer.Option("--preset", help="Preset whose interpreter options the members get.")
-    ] = "quick",
     holdout: Annotated[
         float,
         typer.Option(
@@ -1080,7 +1077,7 @@ def detect(
     if not 0 < fpr < 1:
         raise InputError(f"--fpr must be in (0, 1), got {fpr}")
     members = coerce_value("--ensemble", ensemble, tuple[str, ...])
-    config = DetectorConfig(members=members, score=score, grid=grid, preset=preset_name)  # type: ignore[arg-type]
+    config = DetectorConfig(members=members, score=score, grid=grid)  # type: ignore[arg-type]
     # progress goes to stderr, so --json's stdout stays one JSON document; scoring a run takes minutes
     rows = detect_run(
         run_dir,

@@ -21,7 +21,8 @@ arrays, so a run's stored images can be scored once and summarised many ways.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,13 +43,15 @@ class DetectorConfig:
         members: two or more registered interpreter names (of different classes, to be useful).
         score: the disagreement score (module docstring).
         grid: the common grid's side; ``None``: the coarsest member map's size.
-        preset: the preset whose interpreter options the members get (``None``: their defaults).
+        member_options: options of members (name → options), as ``build_interpreter`` takes them;
+            a run's detector gives every member the run has the run's options, so it explains
+            with the interpreters the run judged.
     """
 
     members: tuple[str, ...] = ("grad", "cam", "rts", "mask")
     score: Score = "iou"
     grid: int | None = None
-    preset: str | None = "quick"
+    member_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         members = tuple(self.members)
@@ -61,6 +64,9 @@ class DetectorConfig:
             raise InputError(f"unknown detector score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.grid is not None and (isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 2):
             raise InputError(f"the detector's grid must be an integer >= 2, got {self.grid!r}")
+        if not isinstance(self.member_options, Mapping) or set(self.member_options) - set(members):
+            raise InputError("the detector's member_options must be a table per member (name → options)")
+        object.__setattr__(self, "member_options", {name: dict(self.member_options[name]) for name in sorted(self.member_options)})
 
 
 class EnsembleDetector:
@@ -70,7 +76,8 @@ class EnsembleDetector:
         self.classifier = classifier
         self.config = config or DetectorConfig()
         self.members: list[Interpreter] = [
-            build_interpreter(name, classifier, preset=self.config.preset) for name in self.config.members
+            build_interpreter(name, classifier, **self.config.member_options.get(name, {}))
+            for name in self.config.members
         ]
 
     def maps(self, images: torch.Tensor, classes: Any = None) -> list[torch.Tensor]:

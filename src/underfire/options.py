@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import types
 import typing
@@ -154,6 +155,8 @@ def coerce_value(where: str, value: Any, hint: Any) -> Any:
         member = args[0] if args else Any
         converted = [coerce_value(f"{where}[{i}]", item, member) for i, item in enumerate(items)]
         return tuple(converted) if origin is not list and hint is not list else converted
+    if origin in (Mapping, dict) or hint is dict:
+        return _table(where, value)
     if isinstance(hint, type) and hasattr(hint, "from_value"):
         return hint.from_value(where, value)
     if hint is bool:
@@ -191,6 +194,18 @@ def _hints(target: Callable[..., Any] | type) -> dict[str, Any]:
         return typing.get_type_hints(target, include_extras=False)
     except Exception:  # an annotation that names something not importable: treat as untyped
         return {}
+
+
+def _table(where: str, value: Any) -> dict[str, Any]:
+    """A table of settings: a mapping, or its JSON text (the command line's ``--set``)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise InputError(f'{where} must be a JSON table such as {{"steps": 8}}, got {value!r}') from None
+    if not isinstance(value, Mapping):
+        raise InputError(f"{where} must be a table of settings, got {value!r}")
+    return dict(value)
 
 
 def _items(where: str, value: Any) -> list[Any]:

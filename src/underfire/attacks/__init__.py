@@ -11,9 +11,9 @@ from typing import Any
 from ..interpreters.base import Interpreter
 from ..models.classifier import Classifier
 from ..registry import Registry
-from .base import Attack, AttackResult
-from .config import AttackConfig, LambdaSchedule, parse_fraction, preset
-from .core import ADV2, PGD, finish, project, quantize
+from .base import Attack, AttackResult, Iterates, best_of_restarts, check_batch, finish, project, quantize
+from .config import AttackConfig, LambdaSchedule, parse_fraction
+from .core import ADV2, PGD, map_distance
 
 #: Interpreter-free attacks (the baselines) first.
 ATTACKS: Registry[Attack] = Registry(
@@ -42,11 +42,14 @@ __all__ = [
     "attack_label",
     "AttackConfig",
     "AttackResult",
+    "Iterates",
     "LambdaSchedule",
+    "best_of_restarts",
     "build_attack",
+    "check_batch",
     "finish",
+    "map_distance",
     "parse_fraction",
-    "preset",
     "project",
     "quantize",
 ]

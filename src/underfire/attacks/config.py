@@ -1,4 +1,4 @@
-"""Attack configuration: budgets, step schedules, λ schedules and the presets.
+"""Attack configuration: budgets, step schedules and λ schedules (the presets: ``underfire.presets``).
 
 Configuration objects are frozen dataclasses validated on construction, so a bad ε or a negative
 step count fails before any work starts (with a one-line ``InputError``).
@@ -9,20 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from ..errors import InputError, UnderfireError
 from ..options import check_seed, coerce_options, dataclass_options, parse_fraction
 
-if TYPE_CHECKING:
-    from ..interpreters.base import Interpreter
-
-__all__ = ["AttackConfig", "LambdaSchedule", "parse_fraction", "preset"]
+__all__ = ["AttackConfig", "LambdaSchedule", "parse_fraction"]
 
 
 @dataclass(frozen=True)
 class LambdaSchedule:
-    """λ over the steps of stage 2 (DESIGN §1.1).
+    """λ over the steps of stage 2.
 
     ``linear``: from ``values[0]`` to ``values[-1]`` (CAM, RTS, MASK: c → 2c).
     ``staged``: ``values[i]`` for the share ``fractions[i]`` of the steps (GRAD's 0.001 → 0.004 →
@@ -88,7 +85,7 @@ class LambdaSchedule:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """Everything that determines a PGD or ADV² run (DESIGN §1.1).
+    """Everything that determines a PGD or ADV² run.
 
     Attributes:
         eps: L∞ budget in [0, 1] pixel units (default 8/255).
@@ -130,6 +127,11 @@ class AttackConfig:
             unlucky trajectory (Madry et al. 2018; Croce & Hein's AutoAttack, 2020); the cost is
             ``restarts`` times the steps. PGD compared with an ADV² (``PGD.configure``) gets the
             same number.
+        surrogate_options: options of the copy of the interpreter that ADV² differentiates,
+            on top of the interpreter's own (e.g. ``{"steps": 8}`` for an 8-node IG attacking the
+            32-node one). The interpreter given to the attack stays the one whose maps are judged
+            (target maps and every measure); only the attack's gradient comes from the copy.
+            Empty (default): the attack differentiates the judged interpreter itself.
     """
 
     eps: float = 8 / 255
@@ -148,6 +150,7 @@ class AttackConfig:
     random_start: bool = False
     seed: int = 0
     restarts: int = 1
+    surrogate_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (0 < self.eps <= 1):
@@ -193,6 +196,11 @@ class AttackConfig:
             or not (math.isfinite(self.soft_iou_weight) and self.soft_iou_weight >= 0)
         ):
             raise InputError(f"soft_iou_weight must be a finite number >= 0 (0 = off), got {self.soft_iou_weight!r}")
+        if not isinstance(self.surrogate_options, Mapping) or not all(
+            isinstance(key, str) for key in self.surrogate_options
+        ):
+            raise InputError(f"surrogate_options must be a table of interpreter options, got {self.surrogate_options!r}")
+        object.__setattr__(self, "surrogate_options", dict(sorted(self.surrogate_options.items())))
 
     def stage_two_alpha(self, step: int) -> float:
         """Step size at ``step`` (0-based) of stage 2: ``adv_alpha`` cosine-decayed to ``adv_alpha_final``."""
@@ -223,16 +231,3 @@ def _pair(what: str, value: Any) -> tuple[float, float]:
     except (TypeError, ValueError, UnderfireError):
         raise InputError(f"{what} must be two numbers (low, high), got {value!r}") from None
     return float(low), float(high)
-
-
-def preset(name: str, interpreter: str | type[Interpreter], **overrides: Any) -> AttackConfig:
-    """The ``quick`` or ``paper`` attack configuration an interpreter declares (its ``presets``,
-    on top of ``underfire.presets.DEFAULT_PRESETS``), with ``overrides`` applied.
-
-    ``interpreter`` is a registered name or an ``Interpreter`` subclass.
-    """
-    from ..interpreters import INTERPRETERS
-
-    cls = INTERPRETERS.get(interpreter) if isinstance(interpreter, str) else interpreter
-    table = cls.preset(name).attack
-    return AttackConfig().with_settings(f"preset {name!r} of {cls.name}", table).with_overrides(**overrides)

@@ -24,14 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import AttackError, InputError
+from ..errors import AttackError
 from ..interpreters.base import Interpreter
 from ..metrics import soft_iou_top_k
 from ..models.classifier import Classifier
-from ..options import MAX_SEED
-from .base import Attack, AttackResult
+from .base import Attack, Iterates, project
 from .config import AttackConfig
-from .targets import check_targets
 
 #: Added to the selection score of ADV² iterates that do not qualify (not c_t with p ≥ confidence),
 #: so any qualifying iterate (score = map distance ≤ 1) ranks before them.
@@ -39,36 +37,6 @@ _UNQUALIFIED = 1000.0
 
 #: objective(x, step) → (loss per sample, selection score per sample (lower is better), eligible)
 Objective = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def project(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
-    """Closest point of the ε-ball around ``origin`` intersected with [0, 1]."""
-    return torch.minimum(torch.maximum(x, origin - eps), origin + eps).clamp(0.0, 1.0)
-
-
-def quantize(x: torch.Tensor, origin: torch.Tensor, eps: float) -> torch.Tensor:
-    """Round to the 8-bit grid, staying inside the ε-ball and [0, 1].
-
-    Rounding to the nearest level can leave the ball by up to half a level when ``origin`` is not
-    itself on the grid; such pixels move one level back toward ``origin`` (the ball is at least one
-    level wide for ε ≥ 1/255, so a grid point always exists inside it).
-    """
-    # work in integer levels so the result is exactly k/255, the value a PNG reads back as
-    levels = torch.round(x.clamp(0, 1) * 255.0)
-    slack = 1e-6
-    levels = torch.where(levels / 255.0 - origin > eps + slack, levels - 1, levels)
-    levels = torch.where(origin - levels / 255.0 > eps + slack, levels + 1, levels)
-    return levels.clamp(0, 255) / 255.0
-
-
-def _check_batch(
-    classifier: Classifier, images: torch.Tensor, targets: Any, labels: Any = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    images = classifier.prepare_images(images)
-    targets = classifier.check_classes(targets, images.shape[0])
-    if labels is not None:
-        check_targets(classifier.check_classes(labels, images.shape[0]), targets)
-    return images, targets
 
 
 def _descend(
@@ -142,11 +110,6 @@ class PGD(Attack):
     description = "targeted L∞ projected gradient descent, the baseline that ignores the map (Madry et al. 2018)"
     uses_interpreter = False
 
-    def __init__(
-        self, classifier: Classifier, config: AttackConfig | None = None, interpreter: Interpreter | None = None
-    ) -> None:
-        super().__init__(classifier, config, interpreter)
-
     @classmethod
     def configure(cls, base: Sequence[AttackConfig], settings: Mapping[str, Any]) -> AttackConfig:
         """PGD spends the largest total step budget (``pgd_steps + adv_steps``) of the
@@ -156,23 +119,17 @@ class PGD(Attack):
         (``[attacks.pgd]``) apply last."""
         chosen = max(base, key=lambda c: c.pgd_steps + c.adv_steps)  # max keeps the first on ties
         runs = max(c.restarts for c in base)
-        budget = replace(chosen, pgd_steps=chosen.pgd_steps + chosen.adv_steps, adv_steps=0, restarts=runs)
+        budget = replace(
+            chosen, pgd_steps=chosen.pgd_steps + chosen.adv_steps, adv_steps=0, restarts=runs, surrogate_options={}
+        )
         return budget.with_settings(f"attacks.{cls.name}", settings)
 
-    def __call__(
-        self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None, *, labels: Any = None
-    ) -> AttackResult:
-        """Attack ``images`` toward ``targets``; ``labels`` (optional) refuses targets = true class.
-        ``target_maps`` is accepted for the common contract and ignored: PGD does not look at maps."""
-        clf = self.classifier
-        images, targets = _check_batch(clf, images, targets, labels)
-
-        def run(config: AttackConfig) -> AttackResult:
-            best, _, best_step, last = self._stage_one(images, targets, config)
-            return finish(clf, images, targets, best, best_step, last, config.eps)
-
-        with clf.frozen():
-            return best_of_restarts(self.config, run)
+    def run(
+        self, images: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor | None, config: AttackConfig
+    ) -> Iterates:
+        """Stage 1 alone; PGD does not look at maps."""
+        best, _, best_step, last = self._stage_one(images, targets, config)
+        return Iterates(best, best_step, last)
 
     def _stage_one(
         self,
@@ -208,10 +165,13 @@ class ADV2(PGD):
 
     Args:
         classifier: the model under attack.
-        interpreter: the interpreter whose map must keep looking benign; its ``surrogate`` supplies
-            the differentiable map (GRAD: smoothed second order; CAM: itself; RTS: itself; MASK:
-            the unrolled inner optimisation) and its ``attack_terms`` any terms of its own.
-        config: budgets and schedules (see ``attacks.config.preset``).
+        config: budgets and schedules (``underfire.presets.preset`` gives a preset's).
+        interpreter: the interpreter whose map must keep looking benign (the judged one: its maps
+            are the default targets). The attack differentiates its copy built with
+            ``config.surrogate_options`` (the interpreter itself when there are none): that
+            copy's ``surrogate`` supplies the differentiable map (GRAD: smoothed second order;
+            CAM: itself; RTS: itself; MASK: the unrolled inner optimisation) and its
+            ``attack_terms`` any terms of its own.
     """
 
     name = "adv2"
@@ -220,36 +180,29 @@ class ADV2(PGD):
     uses_interpreter = True
 
     def __init__(
-        self, classifier: Classifier, interpreter: Interpreter | None = None, config: AttackConfig | None = None
+        self, classifier: Classifier, config: AttackConfig | None = None, *, interpreter: Interpreter | None = None
     ) -> None:
-        Attack.__init__(self, classifier, config, interpreter)
+        super().__init__(classifier, config, interpreter=interpreter)
+        assert self.interpreter is not None
+        options = self.config.surrogate_options
+        #: the copy of the interpreter the attack differentiates (``AttackConfig.surrogate_options``);
+        #: the interpreter itself (the judged one) gives the default target maps
+        self.surrogate: Interpreter = self.interpreter.with_options(**options) if options else self.interpreter
 
     #: ADV² is configured per interpreter (the base rule), not with PGD's shared budget
     configure = classmethod(Attack.configure.__func__)  # type: ignore[attr-defined]
 
-    def __call__(
-        self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None, *, labels: Any = None
-    ) -> AttackResult:
-        """Attack ``images`` toward ``targets`` keeping the map close to ``target_maps``.
-
-        ``target_maps`` default to the benign maps of ``images`` (the paper's headline setting);
-        otherwise they must have the interpreter's map shape (N or 1, 1, h, w).
-        """
-        clf, interpreter = self.classifier, self.interpreter
-        images, targets = _check_batch(clf, images, targets, labels)
-        if target_maps is None:
-            target_maps = interpreter(images, seed=self.config.seed)
-        target_maps = self._check_target_maps(images, target_maps)
+    def prepare(self) -> None:
+        """Refuse, in one line, a surrogate that cannot give the attack a map gradient."""
         if self.config.adv_steps > 0:
-            interpreter.check_attackable()
-        with clf.frozen():
-            return best_of_restarts(self.config, lambda config: self._run(images, targets, target_maps, config))
+            self.surrogate.check_attackable()
 
-    def _run(
-        self, images: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor, config: AttackConfig
-    ) -> AttackResult:
-        """One run of the two stages (inside ``classifier.frozen()``)."""
-        clf, interpreter = self.classifier, self.interpreter
+    def run(
+        self, images: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor | None, config: AttackConfig
+    ) -> Iterates:
+        """The two stages: PGD as the warm start, then the joint objective on the surrogate's map."""
+        assert target_maps is not None
+        interpreter = self.surrogate
 
         def warm_start_extra(x: torch.Tensor) -> torch.Tensor | None:
             terms = interpreter.attack_terms("warm_start", x, targets, target_maps)
@@ -312,31 +265,12 @@ class ADV2(PGD):
             best = torch.where(use[:, None, None, None], stage_two_best, best)
             best_step = torch.where(use, stage_two_step, best_step)
             distances = torch.where(qualified, best_score, distances)
-        return finish(clf, images, targets, best, best_step, last, config.eps, distances)
-
-    def _check_target_maps(self, images: torch.Tensor, target_maps: torch.Tensor) -> torch.Tensor:
-        if not isinstance(target_maps, torch.Tensor):
-            raise InputError(f"target maps must be a tensor, got {type(target_maps).__name__}")
-        expected = self.interpreter.map_shape(images)
-        target_maps = target_maps.detach().to(images.device, torch.float32)
-        if target_maps.dim() == 2:
-            target_maps = target_maps[None, None]
-        n = images.shape[0]
-        if target_maps.dim() != 4 or tuple(target_maps.shape[1:]) != (1, *expected):
-            raise InputError(
-                f"target maps have shape {tuple(target_maps.shape)}, the {self.interpreter.name} "
-                f"interpreter makes maps of shape ({n}, 1, {expected[0]}, {expected[1]})"
-            )
-        if target_maps.shape[0] not in (1, n):
-            raise InputError(f"got {target_maps.shape[0]} target maps for {n} images")
-        if not torch.isfinite(target_maps).all() or target_maps.min() < 0 or target_maps.max() > 1:
-            raise InputError("target maps must be finite and in [0, 1]")
-        return target_maps.expand(n, -1, -1, -1)
+        return Iterates(best, best_step, last, distances)
 
 
 def _check_interpretation_gradient(interpretation: torch.Tensor, x: torch.Tensor, interpreter: Interpreter) -> None:
     """Stop when ℓ_int has no input gradient: the joint objective would then be ℓ_prd alone, an
-    ADV² that is PGD in disguise (DESIGN §3, pitfalls 4 and 6). Costs one backward, once."""
+    ADV² that is PGD in disguise. Costs one backward, once."""
     if interpretation.requires_grad:
         (gradient,) = torch.autograd.grad(interpretation.sum(), x, retain_graph=True, allow_unused=True)
         if gradient is not None and bool((gradient != 0).any()) and bool(torch.isfinite(gradient).all()):
@@ -347,69 +281,4 @@ def _check_interpretation_gradient(interpretation: torch.Tensor, x: torch.Tensor
         f"ADV² against {interpreter.name}: the map distance has no input gradient on {interpreter.classifier.name} "
         "(the interpreter's surrogate does not reach the model), so the attack would be plain PGD; "
         "underfire models --describe SPEC says what each interpreter can do"
-    )
-
-
-def finish(
-    classifier: Classifier,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    best: torch.Tensor,
-    best_step: torch.Tensor,
-    last: torch.Tensor,
-    eps: float,
-    distances: torch.Tensor | None = None,
-) -> AttackResult:
-    """The ``AttackResult`` of the chosen iterates ``best``: put on the 8-bit grid inside the
-    ε-ball, then classified (success and p(c_t) are measured on what a PNG file holds). Any attack
-    ends this way (called inside ``classifier.frozen()``)."""
-    adversarial = quantize(best, images, eps)
-    with torch.no_grad():
-        probabilities = classifier(adversarial).softmax(1)
-    return AttackResult(
-        adversarial=adversarial,
-        targets=targets,
-        success=probabilities.argmax(1) == targets,
-        confidence=probabilities.gather(1, targets[:, None]).squeeze(1),
-        last=last,
-        chosen_step=best_step,
-        map_distance=distances,
-    )
-
-
-def best_of_restarts(config: AttackConfig, run: Callable[[AttackConfig], AttackResult]) -> AttackResult:
-    """``run(config)``, then ``config.restarts − 1`` more runs from seeded random starts; per sample
-    the best result: successful first, then the smallest map distance (ADV²; a result that never
-    qualified has none), then the highest p(c_t)."""
-    result = run(config)
-    for restart in range(1, config.restarts):
-        seed = (config.seed + restart) % (MAX_SEED + 1)
-        result = _better_of(result, run(replace(config, random_start=True, seed=seed)))
-    return result
-
-
-def _better_of(first: AttackResult, second: AttackResult) -> AttackResult:
-    def distance(result: AttackResult) -> torch.Tensor:
-        if result.map_distance is None:
-            return torch.zeros_like(result.confidence)
-        return torch.nan_to_num(result.map_distance, nan=float("inf"))
-
-    same = first.success == second.success
-    closer, level = distance(second) < distance(first), distance(second) == distance(first)
-    take = (second.success & ~first.success) | (same & (closer | (level & (second.confidence > first.confidence))))
-
-    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.where(take.view(-1, *([1] * (a.dim() - 1))), b, a)
-
-    return AttackResult(
-        adversarial=pick(first.adversarial, second.adversarial),
-        targets=first.targets,
-        success=pick(first.success, second.success),
-        confidence=pick(first.confidence, second.confidence),
-        last=pick(first.last, second.last),
-        chosen_step=pick(first.chosen_step, second.chosen_step),
-        # both runs come from one attack: both have map distances (ADV²) or neither (PGD)
-        map_distance=None
-        if first.map_distance is None or second.map_distance is None
-        else pick(first.map_distance, second.map_distance),
     )

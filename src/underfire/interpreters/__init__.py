@@ -34,19 +34,21 @@ def _paper_order(cls: type[Interpreter]) -> tuple[int, str]:
 INTERPRETERS: Registry[Interpreter] = Registry("underfire.interpreters", Interpreter, "interpreter", order=_paper_order)
 
 
-def build_interpreter(name: str, classifier: Classifier, *, preset: str | None = None, **options: Any) -> Interpreter:
-    """Instantiate the interpreter registered as ``name`` for ``classifier``.
+def build_interpreter(name: str, classifier: Classifier, **options: Any) -> Interpreter:
+    """Instantiate the interpreter registered as ``name`` for ``classifier``: the interpreter whose
+    maps are judged (``underfire explain``, a run's benign maps and measures) with these options.
 
     ``options`` (the interpreter's keyword arguments; text such as ``"0.1"`` is converted to the
     declared type) are checked against what it declares: an unknown key or a wrong type is a
     one-line ``InputError``. Constructor arguments that are objects rather than settings (RTS's
-    ``network``, MASK's ``config``) pass through unchanged. With ``preset``, the options that
-    preset declares come first.
+    ``network``, MASK's ``config``) pass through unchanged. Presets never change it: they set the
+    attack's settings and the options of the copy the attack differentiates
+    (``underfire.presets``).
     """
     cls = INTERPRETERS.get(name)
     objects = [p for p in list(inspect.signature(cls.__init__).parameters)[2:] if p not in cls.option_specs()]
     passed = {key: options.pop(key) for key in list(options) if key in objects}
-    return cls(classifier, **passed, **cls.resolve_options(preset, options, f"{name} options"))
+    return cls(classifier, **passed, **cls.check_options(options, f"{name} options"))
 
 
 def describe_interpreter(name: str) -> str:

@@ -81,13 +81,12 @@ class Attribution(Interpreter):
             )
 
     @classmethod
-    def preset_options(cls, name: str, chosen: Mapping[str, Any]) -> Mapping[str, Any]:
+    def preset_surrogate(cls, table: Mapping[str, Any], chosen: Mapping[str, Any]) -> Mapping[str, Any]:
         """A preset's ReLU surrogate (``relu``, ``relu_scale``) yields to a chosen ``softplus_beta``,
         which replaces every ReLU and would otherwise be refused next to it."""
-        options = super().preset_options(name, chosen)
         if chosen.get("softplus_beta") is None:
-            return options
-        return {key: value for key, value in options.items() if key not in ("relu", "relu_scale")}
+            return table
+        return {key: value for key, value in table.items() if key not in ("relu", "relu_scale")}
 
     def relu_mode(self, attack: bool) -> AbstractContextManager[Any]:
         """The ReLUs an attribution runs with: the β-smoothed network when ``softplus_beta`` is

@@ -4,16 +4,18 @@ An interpreter explains a ``Classifier``: images (N, C, H, W) in [0, 1] and clas
 (N, 1, h, w) in [0, 1], "high = important". Calling it validates the inputs, runs the model frozen
 (eval mode, no parameter gradients, every flag restored afterwards), leaves no hook behind and
 returns detached maps. ``surrogate`` is the same map as a differentiable function of the images:
-what the ADV² attack optimises (DESIGN §2). ``surrogate_and_logits`` adds the classifier's logits
+what the ADV² attack optimises. ``surrogate_and_logits`` adds the classifier's logits
 of the same images, which the attack's prediction loss needs: interpreters that run the classifier
 on the clean images anyway (GRAD, CAM, Grad-CAM) override it to hand back the logits of their own
 forward pass instead of paying for a second one. ``attack_terms`` is the one place an
 interpreter adds terms of its own to the ADV² objective (RTS's encoder, MASK's deletion evidence).
 
 Adding an interpreter = one module with one subclass that declares its ``name``, ``description``,
-``paper_class`` and (optionally) ``presets`` next to its code, plus one entry-point line
-(``underfire.interpreters``). Its keyword-only constructor parameters are its options: what a run
-config's ``[interpreters.NAME]`` table and the CLI's ``--option KEY=VALUE`` set.
+``paper_class`` (and, a plugin, optionally ``presets``; the built-ins' are in ``underfire.presets``)
+next to its code, plus one entry-point line (``underfire.interpreters``). Its keyword-only
+constructor parameters are its options: what a run config's ``[interpreters.NAME]`` table and the
+CLI's ``--option KEY=VALUE`` set. Every interpreter remembers the arguments it was built with, so
+``with_options`` can build the copy an attack differentiates (``AttackConfig.surrogate_options``).
 """
 
 from __future__ import annotations
@@ -25,10 +27,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..errors import InputError
 from ..models.classifier import Classifier
 from ..options import OptionSpec, coerce_options, constructor_options
-from ..presets import DEFAULT_PRESETS, Preset
 
 #: The paper's four interpreter classes (Zhang et al. 2020, §2), plus one for anything else.
 PAPER_CLASSES: tuple[str, ...] = ("back-propagation", "representation", "model-guided", "perturbation", "other")
@@ -69,11 +69,18 @@ class Interpreter(ABC):
     description: ClassVar[str] = ""
     #: Which of the paper's classes the method belongs to (``PAPER_CLASSES``).
     paper_class: ClassVar[str] = "other"
-    #: Attack settings and options per preset name; missing names or keys: ``DEFAULT_PRESETS``.
-    presets: ClassVar[Mapping[str, Preset]] = {}
+    #: A plugin's own presets (preset name → ``underfire.presets.Preset``), which win over the
+    #: table in ``underfire.presets``; missing names or keys: ``underfire.presets.DEFAULT``.
+    presets: ClassVar[Mapping[str, Any]] = {}
     #: Whether a target map drawn at the map's size (a shape, a user ``.npy``) means anything for
     #: this interpreter; a composite whose map is several maps side by side says no.
     accepts_drawn_targets: ClassVar[bool] = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Interpreter:
+        # remember the construction so ``with_options`` can build a copy with other options
+        instance = super().__new__(cls)
+        instance._arguments = (args, kwargs)
+        return instance
 
     def __init__(self, classifier: Classifier) -> None:
         self.classifier = classifier
@@ -84,33 +91,26 @@ class Interpreter(ABC):
         return constructor_options(cls)
 
     @classmethod
-    def preset(cls, name: str) -> Preset:
-        """This interpreter's settings under preset ``name``, on top of ``DEFAULT_PRESETS``."""
-        if name not in DEFAULT_PRESETS:
-            raise InputError(f"unknown preset {name!r}; choose one of {', '.join(DEFAULT_PRESETS)}")
-        base, own = DEFAULT_PRESETS[name], cls.presets.get(name, Preset())
-        return Preset({**base.attack, **own.attack}, {**base.options, **own.options})
+    def check_options(cls, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """``options`` checked against ``option_specs`` and converted to the declared types
+        (text such as ``"0.1"`` from a config file or the command line); errors name ``where``."""
+        return coerce_options(where, options, cls.option_specs())
 
     @classmethod
-    def preset_options(cls, name: str, chosen: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The options preset ``name`` contributes when the user chose ``chosen`` (already typed):
-        all of its own by default; an interpreter drops those a user's choice makes moot, so that
-        a preset never turns a valid choice into a conflict."""
-        return cls.preset(name).options
+    def preset_surrogate(cls, table: Mapping[str, Any], chosen: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The surrogate options a preset's ``table`` contributes when the user chose the judged
+        options ``chosen`` (typed): all of them by default; an interpreter drops those a user's
+        choice makes moot, so that a preset never turns a valid choice into a conflict."""
+        return table
 
-    @classmethod
-    def resolve_options(cls, preset: str | None, options: Mapping[str, Any], where: str) -> dict[str, Any]:
-        """The options ``cls`` is built with: preset ``preset``'s (those ``preset_options`` leaves
-        in force next to ``options``), then ``options``, each converted to the type the
-        interpreter declares; errors name ``where``. ``build_interpreter`` and run configs share it."""
-        specs = cls.option_specs()
-        chosen = coerce_options(where, options, specs)
-        if preset is None:
-            return chosen
-        return {
-            **coerce_options(f"preset {preset!r} of {cls.name}", cls.preset_options(preset, chosen), specs),
-            **chosen,
-        }
+    def with_options(self, **changes: Any) -> Interpreter:
+        """A new interpreter of the same kind, built with the same arguments and ``changes`` to
+        its options (checked and converted as ``build_interpreter`` does)."""
+        if not changes:
+            return self
+        args, kwargs = self._arguments
+        changes = self.check_options(changes, f"{self.name} surrogate options")
+        return type(self)(*args, **{**kwargs, **changes})
 
     def source_files(self) -> tuple[str, ...]:
         """Files this interpreter read when it was built (a trained network of its own): a run

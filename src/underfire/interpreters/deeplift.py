@@ -29,10 +29,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..models.classifier import Classifier
-from ..presets import Preset
 from ..smoothing import ReluSurrogate
 from .attribution import Attribution, BaselineKind, BaselineMixin, ReluScale
-from .gradient import GRAD_PRESETS, ROOT_MAP_QUICK
 from .twin import LinearLayer, ReluRecorder, TwinRules, check_traceable, trace_logits
 
 #: Below this |Δz| the secant is replaced by the derivative (captum's threshold is 1e-10 on Δx).
@@ -87,13 +85,6 @@ class DeepLift(BaselineMixin, Attribution):
 
     name: ClassVar[str] = "deeplift"
     description: ClassVar[str] = "DeepLIFT, Rescale rule, against a baseline (Shrikumar et al. 2017)"
-    #: GRAD's schedule (the map is GRAD-like: |·|, max over channels, full resolution), ``quick``
-    #: with ℓ_int on the maps' square roots and twice its stage 2: 1000 steps (docs/tuning.md)
-    presets = {
-        **GRAD_PRESETS,
-        "quick": Preset(attack={**ROOT_MAP_QUICK.attack, "adv_steps": 1000}, options=ROOT_MAP_QUICK.options),
-    }
-
     def __init__(
         self,
         classifier: Classifier,

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from ..errors import InputError, UnderfireError
 from ..metrics import disagreement, to_grid
 from ..models.classifier import Classifier
-from ..presets import Preset
 from .base import AttackStage, AttackTerms, Interpreter
 
 #: The detector scores the attack can differentiate (``metrics.disagreement``).
@@ -57,8 +56,9 @@ class Ensemble(Interpreter):
     Args:
         members: registered interpreter names, e.g. ``("grad", "cam", "rts", "mask")``.
         weights: one positive weight per member for the attack's distance (default: equal).
-        member_preset: build every member with this preset's options (the ensemble's own presets
-            set it, so a ``quick`` run gets ``quick`` members); ``None``: the members' defaults.
+        member_preset: build every member as the surrogate this preset gives it (the ensemble's
+            own presets set it for the copy the attack differentiates, so a ``quick`` attack
+            differentiates ``quick`` members); ``None`` (the judged ensemble): the members' own.
         detector_weight: weight of the detector's disagreement among the members' maps in ℓ_int
             (0: the attack ignores the detector's score).
         detector_score: that disagreement: ``l1`` or ``soft_iou`` (see the module docstring).
@@ -71,13 +71,6 @@ class Ensemble(Interpreter):
     )
     paper_class: ClassVar[str] = "other"
     accepts_drawn_targets: ClassVar[bool] = False
-    #: quick: 500 stage-2 steps at λ 10 → 40 (pilots on 10 images, docs/tuning.md); paper: the
-    #: default schedule; members get the same preset's options
-    presets = {
-        "quick": Preset(attack={"adv_steps": 500, "lam": (10.0, 40.0)}, options={"member_preset": "quick"}),
-        "paper": Preset(options={"member_preset": "paper"}),
-    }
-
     def __init__(
         self,
         classifier: Classifier,
@@ -89,6 +82,7 @@ class Ensemble(Interpreter):
         detector_score: Literal["l1", "soft_iou"] = "l1",
     ) -> None:
         super().__init__(classifier)
+        from ..presets import surrogate_options
         from . import build_interpreter  # the registry module imports this one
 
         names = tuple(members)
@@ -118,7 +112,8 @@ class Ensemble(Interpreter):
         self.members: list[Interpreter] = []
         for name in names:
             try:
-                self.members.append(build_interpreter(name, classifier, preset=member_preset))
+                options = {} if member_preset is None else surrogate_options(member_preset, name)
+                self.members.append(build_interpreter(name, classifier, **options))
             except UnderfireError as error:
                 raise type(error)(f"ensemble member {name!r}: {error}") from None
         top = max(self.weights)

@@ -1,4 +1,4 @@
-"""GRAD and SmoothGrad: back-propagation-guided interpreters (DESIGN §1.2).
+"""GRAD and SmoothGrad: back-propagation-guided interpreters.
 
 * GRAD, the vanilla gradient saliency of Simonyan, Vedaldi & Zisserman (ICLR workshop 2014):
   map = max over colour channels of |∂score_c/∂x|. The score is the class logit z_c by default
@@ -24,45 +24,12 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..models.classifier import Classifier
-from ..presets import QUICK_SCHEDULE, Preset
 from ..smoothing import ReluSurrogate
 from .attribution import Attribution, ReluScale, attribution_maps, check_count, differentiable
 from .base import Interpreter
 
 Score = Literal["logit", "ce"]
 SCORES: tuple[str, ...] = ("logit", "ce")
-
-#: The official code's staged λ for GRAD: 0.001 → 0.004 → 0.01 → 0.05 over 301/201/101/101 steps.
-#: Its ℓ_int is a per-pixel *sum* over a 56×56 map, ours a mean, so λ is multiplied by 3136.
-_GRAD_LAMBDA = (0.001, 0.004, 0.01, 0.05)
-_GRAD_FRACTIONS = (301, 201, 101, 101)
-
-
-def _grad_lambda(factor: float) -> dict[str, Any]:
-    return {"values": [v * factor for v in _GRAD_LAMBDA], "mode": "staged", "fractions": list(_GRAD_FRACTIONS)}
-
-
-#: ``quick``: 500 stage-2 steps at 7.5× the paper's λ, since the map is still converging when the
-#: shorter stage 2 ends, and the ReLU surrogate's width relative to each layer's pre-activation
-#: scale (``relu_scale``), which carries over to models whose ReLUs see large values
-#: (docs/tuning.md); ``paper``: the official 300 + 704 steps with the paper's absolute ``h``.
-#: Both smooth the labels of ℓ_prd (0.1), as the official GRAD code does.
-GRAD_PRESETS = {
-    "paper": Preset(attack={"pgd_steps": 300, "adv_steps": 704, "lam": _grad_lambda(3136), "label_smoothing": 0.1}),
-    "quick": Preset(
-        attack={**QUICK_SCHEDULE, "adv_steps": 500, "lam": _grad_lambda(7.5 * 3136), "label_smoothing": 0.1},
-        options={"relu_scale": "relative"},
-    ),
-}
-
-#: ``quick`` of Gradient × Input, IG and DeepLIFT: GRAD's, with ℓ_int on the maps' square roots
-#: (``map_power`` 0.5). On the built-in DenseNet the squared difference of the maps left them
-#: under 0.6 IoU: their maps are peaked (Gradient × Input's median pixel 0.013, ResNet's 0.032),
-#: so a few bright pixels decided it (docs/tuning.md).
-ROOT_MAP_QUICK = Preset(
-    attack={**GRAD_PRESETS["quick"].attack, "map_power": 0.5}, options=GRAD_PRESETS["quick"].options
-)
-
 
 class Grad(Attribution):
     """Vanilla gradient saliency (Simonyan et al. 2014) with a smoothed second-order surrogate.
@@ -90,7 +57,6 @@ class Grad(Attribution):
     name: ClassVar[str] = "grad"
     description: ClassVar[str] = "vanilla gradient saliency (Simonyan et al. 2014)"
     paper_class: ClassVar[str] = "back-propagation"
-    presets = GRAD_PRESETS
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from .gradient import GRAD_PRESETS, ROOT_MAP_QUICK, Grad
+from .gradient import Grad
 
 
 class InputXGrad(Grad):
@@ -26,7 +26,6 @@ class InputXGrad(Grad):
 
     name: ClassVar[str] = "inputxgrad"
     description: ClassVar[str] = "gradient times input (Shrikumar et al. 2016; Ancona et al. 2018)"
-    presets = {**GRAD_PRESETS, "quick": ROOT_MAP_QUICK}
 
     def _from_gradient(self, x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         return x * gradient

@@ -22,7 +22,6 @@ import torch
 
 from ..errors import InputError
 from ..models.classifier import Classifier
-from ..presets import Preset
 from ..smoothing import ReluSurrogate
 from .attribution import (
     Attribution,
@@ -31,17 +30,10 @@ from .attribution import (
     ReluScale,
     check_count,
 )
-from .gradient import GRAD_PRESETS, ROOT_MAP_QUICK, Score, check_score, score_gradient
+from .gradient import Score, check_score, score_gradient
 
 Quadrature = Literal["gausslegendre", "trapezoid"]
 QUADRATURES: tuple[str, ...] = ("gausslegendre", "trapezoid")
-
-#: ``quick`` attacks 8-node IG (every attack step evaluates the whole path); ``paper`` keeps 32.
-IG_PRESETS = {
-    "quick": Preset(attack=ROOT_MAP_QUICK.attack, options={**ROOT_MAP_QUICK.options, "steps": 8}),
-    "paper": GRAD_PRESETS["paper"],
-}
-
 
 def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
     """Nodes α in [0, 1] and weights summing to 1."""
@@ -71,7 +63,6 @@ class IntegratedGradients(BaselineMixin, Attribution):
 
     name: ClassVar[str] = "ig"
     description: ClassVar[str] = "integrated gradients along a path from a baseline (Sundararajan et al. 2017)"
-    presets = IG_PRESETS
 
     def __init__(
         self,

@@ -35,29 +35,12 @@ import torch
 
 from ..errors import InputError
 from ..models.classifier import Classifier
-from ..presets import Preset
 from ..smoothing import ReluSurrogate
 from .attribution import Attribution, ReluScale, check_positive
-from .gradient import GRAD_PRESETS, ROOT_MAP_QUICK
 from .twin import LinearLayer, TwinRules, check_traceable, stabilize, trace_logits
 
 LrpRule = Literal["composite", "epsilon", "zplus", "alphabeta"]
 LRP_RULES: tuple[str, ...] = ("composite", "epsilon", "zplus", "alphabeta")
-
-#: ``quick``: GRAD's schedule with the exact ReLU derivative (the rules are ratios of activations,
-#: whose input derivative is not zero, so the surrogate only blurs it), 1000 stage-2 steps and
-#: ℓ_int on the maps' square roots plus 0.2 × (1 − their soft top-k IoU): the built-in DenseNet's
-#: z⁺ maps are so peaked (median pixel 0.003) that the squared difference could not hold their
-#: top-k sets (docs/tuning.md). Two runs (``restarts``), each image keeping its better one: a few
-#: DenseNet images end with their top 5 % moved from any single start. ``paper``: GRAD's.
-LRP_PRESETS = {
-    **GRAD_PRESETS,
-    "quick": Preset(
-        attack={**ROOT_MAP_QUICK.attack, "adv_steps": 1000, "soft_iou_weight": 0.2, "restarts": 2},
-        options={"relu": "none"},
-    ),
-}
-
 
 class LrpRules(TwinRules):
     """The relevance rules of one LRP configuration (twins carry relevance, not gradients)."""
@@ -131,7 +114,6 @@ class Lrp(Attribution):
 
     name: ClassVar[str] = "lrp"
     description: ClassVar[str] = "layer-wise relevance propagation, EpsilonPlusFlat composite (Bach et al. 2015)"
-    presets = LRP_PRESETS
 
     def __init__(
         self,

@@ -34,7 +34,6 @@ from ..errors import InputError
 from ..imaging import gaussian_blur, translate, upsample_blurred
 from ..models.classifier import Classifier
 from ..options import OptionSpec, dataclass_options
-from ..presets import Preset
 from .base import AttackStage, AttackTerms, Interpreter, normalize_maps
 
 #: Reference input side and mask side of Fong & Vedaldi (224 px images, 28×28 masks).
@@ -253,7 +252,6 @@ class Mask(Interpreter):
     name: ClassVar[str] = "mask"
     description: ClassVar[str] = "meaningful perturbation mask (Fong & Vedaldi 2017)"
     paper_class: ClassVar[str] = "perturbation"
-    presets = {"paper": Preset(options={"evidence_weight": 0.0})}
 
     def __init__(self, classifier: Classifier, config: MaskConfig | None = None, **fields: object) -> None:
         super().__init__(classifier)

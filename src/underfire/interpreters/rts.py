@@ -56,7 +56,6 @@ from ..errors import CheckpointError, InputError
 from ..models.architectures import ShapesResNet
 from ..models.checkpoint import load_checkpoint, metadata_path, save_checkpoint
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, frozen_module
-from ..presets import QUICK_SCHEDULE, Preset
 from .base import AttackStage, AttackTerms, Interpreter, normalize_maps
 
 __all__ = [
@@ -310,13 +309,6 @@ class Rts(Interpreter):
     name = "rts"
     description = "real-time saliency network (Dabkowski & Gal 2017)"
     paper_class = "model-guided"
-    #: ``quick``: 300 stage-2 steps at 4× the paper's λ, to make up for the shorter stage 2
-    #: (docs/tuning.md); ``paper``: no warm-start term.
-    presets = {
-        "quick": Preset(attack={**QUICK_SCHEDULE, "adv_steps": 300, "lam": (20.0, 40.0)}),
-        "paper": Preset(options={"warm_start_encoder_weight": 0.0}),
-    }
-
     def __init__(
         self,
         classifier: Classifier,

@@ -22,8 +22,10 @@ first model would waste all of that. Every error is one ``InputError`` line nami
     adv_steps = 60
     [overrides.mask]                 # per interpreter (wins over [overrides])
     adv_steps = 30
-    [interpreters.mask]              # an interpreter's options (its constructor's keyword arguments)
-    iterations = 100
+    [overrides.ig]                   # surrogate_options: the copy the attack differentiates (merged
+    surrogate_options = {steps = 16} # onto the preset's); the judged interpreter keeps its options
+    [interpreters.mask]              # an interpreter's options (its constructor's keyword arguments):
+    iterations = 100                 # the interpreter explained, attacked and judged
     [attacks.pgd]                    # an attack's own settings, applied last
     pgd_steps = 100
     [models."torchscript:cnn.pt"]    # what a model file does not say (models.metadata.CARD_KEYS)
@@ -52,14 +54,27 @@ from typing import Any
 import tomllib
 
 from ..attacks import ATTACKS
-from ..attacks.config import AttackConfig, preset
+from ..attacks.config import AttackConfig
 from ..attacks.targets import TARGET_MAP_KINDS, load_user_map
 from ..errors import InputError
 from ..interpreters import INTERPRETERS
 from ..models.metadata import ModelOptions
-from ..options import check_seed, parse_fraction
-from ..presets import PRESET_NAMES
+from ..options import check_seed, coerce_value, parse_fraction
+from ..presets import PRESET_NAMES, preset
 from .resources import UnitResources
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """What one attack of a run does: its configuration, resolved once from the preset, the run's
+    ε and seed, ``[overrides]``, ``[overrides.NAME]`` and ``[attacks.NAME]`` (in that order of
+    precedence, lowest first), and the options of the interpreter it keeps the map of (judged:
+    the same ones ``underfire explain`` would be given). ``interpreter`` is None for an
+    interpreter-free attack (PGD), whose plan serves every interpreter of the run."""
+
+    attack: str
+    interpreter: str | None
+    config: Any
 
 
 @dataclass(frozen=True)
@@ -68,7 +83,8 @@ class ExperimentConfig:
 
     ``overrides`` apply to every interpreter's ``AttackConfig``; ``interpreter_overrides[name]``
     to one interpreter, after them. ``interpreter_options[name]`` are options of one interpreter
-    (on top of its preset's), ``attack_settings[name]`` settings of one attack (applied last).
+    (a preset never changes them: ``underfire.presets``), ``attack_settings[name]`` settings of
+    one attack (applied last). Every plan is resolved once, on construction (``plans``).
     All are read-only mappings of TOML values. ``files``, when given, are the images attacked
     (each labelled with the model's prediction) instead of ``images`` correct ones of ``data``.
     """
@@ -163,11 +179,26 @@ class ExperimentConfig:
                 table if isinstance(table, UnitResources) else UnitResources.from_mapping(f"resources.{name}", table)
             )
         set_("resources", MappingProxyType(demands))
-        for name in self.interpreters:  # every option and attack config is built (and validated) now
-            self.options_for(name)
+        self._resolve()  # every option and attack config is built (and validated) now, once
+
+    def _resolve(self) -> None:
+        """Resolve every interpreter's options and every attack's plan (``plans``)."""
+        options = {
+            name: INTERPRETERS.get(name).check_options(self.interpreter_options.get(name, {}), f"interpreters.{name}")
+            for name in self.interpreters
+        }
+        object.__setattr__(self, "_options", MappingProxyType(options))
+        bases = {name: self._preset_config(name) for name in self.interpreters}
+        plans: dict[tuple[str, str | None], AttackPlan] = {}
         for attack in self.attacks:
-            for interpreter in self.interpreters if ATTACKS.get(attack).uses_interpreter else (None,):
-                self.config_for(attack, interpreter)
+            cls = ATTACKS.get(attack)
+            settings = self.attack_settings.get(attack, {})
+            if cls.uses_interpreter:
+                for name in self.interpreters:
+                    plans[attack, name] = AttackPlan(attack, name, cls.configure([bases[name]], settings))
+            else:
+                plans[attack, None] = AttackPlan(attack, None, cls.configure(list(bases.values()), settings))
+        object.__setattr__(self, "_plans", MappingProxyType(plans))
 
     # ---------------------------------------------------------------------------- reading
     @classmethod
@@ -242,27 +273,41 @@ class ExperimentConfig:
         return json.loads(json.dumps(document, default=str))
 
     # ---------------------------------------------------------------------------- attacks
-    def attack_config(self, interpreter: str) -> AttackConfig:
+    @property
+    def plans(self) -> Mapping[tuple[str, str | None], AttackPlan]:
+        """Every attack's plan, keyed by (attack, interpreter) (interpreter None: an
+        interpreter-free attack's one plan)."""
+        return self._plans  # type: ignore[attr-defined]
+
+    def _preset_config(self, interpreter: str) -> AttackConfig:
         """The preset for ``interpreter`` with ε, the seed and the overrides applied: the base every
-        attack's configuration starts from (``config_for``)."""
+        attack's configuration starts from. ``surrogate_options`` in an overrides table merge
+        onto the preset's, key by key; every other key replaces."""
+        cls = INTERPRETERS.get(interpreter)
         try:
-            config = preset(self.preset, interpreter, eps=self.eps, seed=self.seed)
-            config = config.with_settings("overrides", self.overrides)
-            return config.with_settings(f"overrides.{interpreter}", self.interpreter_overrides.get(interpreter, {}))
+            config = preset(self.preset, cls, self.options_for(interpreter), eps=self.eps, seed=self.seed)
+            for where, table in (
+                ("overrides", self.overrides),
+                (f"overrides.{interpreter}", self.interpreter_overrides.get(interpreter, {})),
+            ):
+                table = dict(table)
+                if "surrogate_options" in table:
+                    given = coerce_value(f"{where}.surrogate_options", table["surrogate_options"], dict)
+                    checked = cls.check_options(given, f"{where}.surrogate_options")
+                    table["surrogate_options"] = {**config.surrogate_options, **checked}
+                config = config.with_settings(where, table)
+            return config
         except (InputError, TypeError) as error:
             raise InputError(f"overrides for {interpreter}: {error}") from None
 
     def config_for(self, attack: str, interpreter: str | None = None) -> Any:
         """Attack ``attack``'s configuration: for ``interpreter`` when the attack uses one, else
         shared by every interpreter of the run (``Attack.configure`` decides how)."""
-        cls = ATTACKS.get(attack)
-        if cls.uses_interpreter:
+        if ATTACKS.get(attack).uses_interpreter:
             if interpreter is None:
                 raise InputError(f"the {attack} attack is configured per interpreter")
-            base = [self.attack_config(interpreter)]
-        else:
-            base = [self.attack_config(name) for name in self.interpreters]
-        return cls.configure(base, self.attack_settings.get(attack, {}))
+            return self.plans[attack, interpreter].config
+        return self.plans[attack, None].config
 
     def input_files(self) -> list[str]:
         """The files the config itself names (target maps, image files); the models' and data
@@ -276,11 +321,9 @@ class ExperimentConfig:
         return replace(options, seed=self.seed)  # random weights (``@random``) follow the run's seed
 
     def options_for(self, interpreter: str) -> dict[str, Any]:
-        """The options ``interpreter`` is built with: its preset's, then ``[interpreters.NAME]``,
-        each converted to the type the interpreter declares."""
-        return INTERPRETERS.get(interpreter).resolve_options(
-            self.preset, self.interpreter_options.get(interpreter, {}), f"interpreters.{interpreter}"
-        )
+        """The options ``interpreter`` is built with (``[interpreters.NAME]``, each converted to the
+        type the interpreter declares): the interpreter explained, attacked and judged."""
+        return dict(self._options[interpreter])  # type: ignore[attr-defined]
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:

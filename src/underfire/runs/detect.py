@@ -14,6 +14,7 @@ costs no explanation again and an interrupted one keeps what it scored; the summ
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,9 +68,10 @@ ANY = "any"
 
 def detector_key(config: DetectorConfig) -> str:
     """The ``detector`` column: what makes two detectors' scores different. The members are built
-    by name and preset, so the library version pins their options and shipped networks."""
+    by name and options, and the library version pins their defaults and shipped networks."""
     grid = "auto" if config.grid is None else str(config.grid)
-    return f"{config.score}:{','.join(config.members)}:grid={grid}:preset={config.preset}:underfire={__version__}"
+    options = json.dumps(config.member_options, sort_keys=True, default=str) if config.member_options else ""
+    return f"{config.score}:{','.join(config.members)}:grid={grid}:{options}:underfire={__version__}"
 
 
 def detect_run(
@@ -97,6 +99,9 @@ def detect_run(
     unknown = sorted(set(models or ()) - set(experiment.models))
     if unknown:
         raise InputError(f"the run has no model {unknown[0]!r}; its models: {', '.join(experiment.models)}")
+    if not config.member_options:  # explain with the interpreters the run judged
+        judged = {name: experiment.options_for(name) for name in config.members if name in experiment.interpreters}
+        config = replace(config, member_options={name: options for name, options in judged.items() if options})
     key = detector_key(config)
     summary_key = key if not holdout else f"{key}:holdout={holdout:g}:seed={seed}"
     summaries: list[Detection] = []

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..attacks.config import preset
 from ..attacks.core import ADV2
 from ..attacks.targets import random_targets
 from ..errors import InputError
@@ -53,6 +52,7 @@ from ..models.checkpoint import library_versions
 from ..models.classifier import Classifier
 from ..models.metadata import ModelOptions
 from ..models.specs import load_model
+from ..presets import preset
 from ..progress import progress_bar
 from .rts import (
     RtsObjective,
@@ -157,7 +157,7 @@ def _adversarial_examples(
     interpreter = Rts(classifier, network=network)
     settings = preset(config.attack_preset, Rts, eps=config.eps)
     settings = settings.with_settings("attack_settings", config.attack_settings).with_overrides(seed=seed)
-    attack = ADV2(classifier, interpreter, settings)
+    attack = ADV2(classifier, settings, interpreter=interpreter)
     result = attack(images, targets)
     with torch.no_grad():
         benign = interpreter.explain(images, labels)

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from underfire.attacks import Attack, AttackResult, finish, project
-from underfire.attacks.targets import check_targets
+from underfire.attacks import Attack, Iterates, project
 from underfire.errors import InputError
 from underfire.interpreters import Interpreter, normalize_maps
 from underfire.smoothing import relu_surrogate
@@ -71,17 +70,11 @@ class TargetedFGSM(Attack):
     config_type = FGSMConfig
     uses_interpreter = False
 
-    def __call__(
-        self, images: torch.Tensor, targets: Any, target_maps: torch.Tensor | None = None, *, labels: Any = None
-    ) -> AttackResult:
-        clf, eps = self.classifier, self.config.eps
-        images = clf.prepare_images(images)
-        targets = clf.check_classes(targets, images.shape[0])
-        if labels is not None:
-            check_targets(clf.check_classes(labels, images.shape[0]), targets)
-        with clf.frozen():
-            x = images.detach().requires_grad_(True)
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(F.cross_entropy(clf(x), targets), x)
-            stepped = project(images - eps * grad.sign(), images, eps)
-            return finish(clf, images, targets, stepped, torch.zeros_like(targets), stepped, eps)
+    def run(self, images: torch.Tensor, targets: torch.Tensor, target_maps: Any, config: FGSMConfig) -> Iterates:
+        # Attack.__call__ has checked the inputs, frozen the model and puts the result on the
+        # 8-bit grid; an attack is its step alone
+        x = images.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(F.cross_entropy(self.classifier(x), targets), x)
+        stepped = project(images - config.eps * grad.sign(), images, config.eps)
+        return Iterates(stepped, torch.zeros_like(targets))
