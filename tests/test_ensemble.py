@@ -1,4 +1,4 @@
-"""The ensemble interpreter (issue 15's adaptive attack on an ensemble defence): its ADV² distance
+"""The ensemble interpreter (the adaptive attack on an ensemble defence): its ADV² distance
 and its gradient are the weighted sum of its members', its map splits back into theirs exactly,
 its attack terms are theirs, and it runs through the attack API and the CLI like any interpreter."""
 

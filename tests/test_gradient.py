@@ -127,7 +127,7 @@ def test_explain_is_exact_even_inside_a_surrogate_context(clf: Classifier, batch
 
 @pytest.mark.parametrize("make", [lambda c: Grad(c), lambda c: SmoothGrad(c, samples=4, noise=0.1)])
 def test_surrogate_interpretation_loss_has_input_gradient(clf: Classifier, batch, make) -> None:
-    """DESIGN §3 pitfalls 4 and 6: the map loss must reach the input, through the attack's iterate."""
+    """A zero second derivative or a detached map would make ADV² plain PGD: the map loss must reach the input, through the attack's iterate."""
     images, classes = batch
     interpreter = make(clf)
     target = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(5))

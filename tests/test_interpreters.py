@@ -1,7 +1,7 @@
 """The interpreter contract, checked uniformly for every registered interpreter.
 
 Each method module has its own exactness tests; this file holds the invariants every interpreter
-must keep (DESIGN §2, §3): shape and range, batched == per-sample, determinism given a seed, no
+must keep: shape and range, batched == per-sample, determinism given a seed, no
 hook left and no module flag or parameter changed (after success and after an exception), and a
 surrogate whose interpretation loss has a non-zero gradient with respect to the input.
 """
@@ -174,7 +174,7 @@ def test_invalid_class_is_refused_without_side_effects(name: str) -> None:
 
 
 def test_surrogate_interpretation_loss_has_input_gradient(name: str) -> None:
-    """The silently-detached bug (DESIGN §3, pitfall 6) cannot happen."""
+    """The silently-detached bug (a map computed on a detached input gives ADV² no gradient) cannot happen."""
     clf = make_classifier()
     interpreter = FACTORIES[name](clf)
     x = images().requires_grad_(True)

@@ -1,4 +1,4 @@
-"""Adversarially trained RTS (issue 15, item 3): the objective, the training loop, resuming, the
+"""Adversarially trained RTS: the objective, the training loop, resuming, the
 shipped networks and the ``variant`` option."""
 
 from __future__ import annotations

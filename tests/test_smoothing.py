@@ -29,7 +29,7 @@ GRID = torch.tensor(
 
 
 def closed_forms(kind: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g'(z) and g''(z) written out by hand (DESIGN §1.2)."""
+    """g'(z) and g''(z) written out by hand."""
     if kind == "h":
         root = torch.sqrt(z * z + TAU)
         first = torch.where(z < 0, 1 + z / root, z / root)

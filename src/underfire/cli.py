@@ -215,7 +215,7 @@ def models(
 ) -> None:
     """List the built-in models with their metadata, or describe one model spec (--describe)."""
     if describe is not None:
-        from .models.describe import describe_model
+        from .describe import describe_model
 
         options = _model_options(weights, metadata)
         facts = describe_model(_load(describe, options))
@@ -352,13 +352,21 @@ def interpreters(
 
 @app.command()
 @user_errors
-def attacks() -> None:
+def attacks(
+    options: Annotated[
+        bool, typer.Option("--options", help="Also list each attack's settings (for underfire attack --set KEY=VALUE).")
+    ] = False,
+) -> None:
     """List the attacks (built-in and plugins)."""
     from .attacks import ATTACKS
+    from .options import dataclass_options
 
     for name, cls in ATTACKS.items():
         kind = "per interpreter" if cls.uses_interpreter else "shared by all interpreters"
         typer.echo(f"{name:<11} {cls.description} [{kind}]")
+        if options:
+            for spec in dataclass_options(cls.config_type).values():
+                typer.echo(f"{'':<13}{spec.describe()}")
 
 
 @app.command()
@@ -451,6 +459,15 @@ def attack(
     model: ModelArg = "shapes-resnet",
     interpreter: InterpreterArg = "cam",
     option: OptionArg = None,
+    setting: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            "-S",
+            help="Attack setting KEY=VALUE, typed and validated (repeatable; underfire attacks --options lists them), "
+            "e.g. adv_steps=300, lam=20,40 or surrogate_options='{\"steps\": 16}'.",
+        ),
+    ] = None,
     attack_name: Annotated[
         str, typer.Option("--attack", "-a", help="An attack name: adv2, pgd, ... (underfire attacks lists them).")
     ] = "adv2",
@@ -500,9 +517,11 @@ def attack(
     from .options import parse_assignments
     from .runs import attack_experiment, run_attack
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = parse_assignments(setting or [], "--set")
     for key, value in (("alpha", alpha), ("pgd_steps", pgd_steps), ("adv_steps", adv_steps), ("restarts", restarts)):
         if value is not None:
+            if key in overrides:
+                raise InputError(f"--{key.replace('_', '-')} and --set {key}=... both set {key}; give one")
             overrides[key] = value
     options: dict[str, Any] = parse_assignments(option or [])
     if relu is not None:
@@ -665,9 +684,7 @@ def demo(
     ),
     images: Annotated[
         Optional[int],
-        typer.Option(
-            help="Images per model (default 12: measured 10.5 minutes on a 2-core CPU with one core busy elsewhere)."
-        ),
+        typer.Option(help="Images per model (default 12)."),
     ] = None,
     preset_name: Annotated[
         str, typer.Option("--preset", help="quick (CPU demo) or paper (the paper's schedules).")

@@ -66,7 +66,9 @@ class DetectorConfig:
             raise InputError(f"the detector's grid must be an integer >= 2, got {self.grid!r}")
         if not isinstance(self.member_options, Mapping) or set(self.member_options) - set(members):
             raise InputError("the detector's member_options must be a table per member (name → options)")
-        object.__setattr__(self, "member_options", {name: dict(self.member_options[name]) for name in sorted(self.member_options)})
+        object.__setattr__(
+            self, "member_options", {name: dict(self.member_options[name]) for name in sorted(self.member_options)}
+        )
 
 
 class EnsembleDetector:

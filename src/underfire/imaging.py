@@ -2,9 +2,8 @@
 
 A separable operator on an (N, C, H, W) batch is ``rows @ x @ cols.T`` with an (H', H) and a
 (W', W) matrix. On the CPU this is far faster than the usual depthwise convolutions, above all in
-the backward pass that MASK runs every iteration (one thread, forward + backward at batch 16,
-``python -m benchmarks.hotspots`` fix 9: the 16×16 → 64×64 mask upsampling + σ = 1.6 px blur
-5.5 → 0.3 ms, the σ = 5 px blur of the 64-px images 9.4 → 1.6 ms). The matrices are built once
+the backward pass that MASK runs every iteration (``python -m benchmarks.hotspots`` times both;
+``benchmarks/README.md`` has the numbers). The matrices are built once
 per size and σ and cached; values equal the convolution's up to float rounding
 (``tests/test_imaging.py``).
 """

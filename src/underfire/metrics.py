@@ -1,4 +1,4 @@
-"""The measures of the paper and its peers (DESIGN §1.6), per sample, on maps in [0, 1].
+"""The measures of the paper and its peers, per sample, on maps in [0, 1].
 
 All functions take batches of maps (N, 1, h, w) and return one value per sample, so results can be
 stored row by row. Maps of different resolutions are compared after bilinear resizing to the

@@ -111,15 +111,16 @@ def coerce_options(where: str, values: Mapping[str, Any], specs: Mapping[str, Op
     return out
 
 
-def parse_assignments(pairs: Sequence[str]) -> dict[str, str]:
-    """``["k=v", ...]`` (the CLI's ``--option``) → ``{"k": "v"}``; values stay text until coerced."""
+def parse_assignments(pairs: Sequence[str], flag: str = "--option") -> dict[str, str]:
+    """``["k=v", ...]`` (the CLI's ``--option`` or ``--set``) → ``{"k": "v"}``; values stay text
+    until coerced."""
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise InputError(f"--option expects KEY=VALUE, got {pair!r}")
+            raise InputError(f"{flag} expects KEY=VALUE, got {pair!r}")
         if key.strip() in out:
-            raise InputError(f"--option {key.strip()!r} is given twice")
+            raise InputError(f"{flag} {key.strip()!r} is given twice")
         out[key.strip()] = value.strip()
     return out
 

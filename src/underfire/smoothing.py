@@ -1,7 +1,7 @@
 """ReLU-gradient surrogates: ReLU's forward value, a smooth function's derivative.
 
 A ReLU network is piecewise linear, so the gradient of a gradient map (what the ADV² attack on
-GRAD needs, DESIGN §1.2) is zero almost everywhere. Zhang et al. (USENIX Security 2020, §3.2) fix
+GRAD needs) is zero almost everywhere. Zhang et al. (USENIX Security 2020, §3.2) fix
 this by back-propagating, during the attack, the derivative of a smooth approximation of ReLU
 while the forward pass stays the exact ReLU. This module offers their ``h`` (τ = 1e-4), the sigmoid
 they compare it with, softplus(β) (Dombrowski et al., NeurIPS 2019, "Explanations can be

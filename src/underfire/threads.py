@@ -2,8 +2,8 @@
 
 Why: torch starts one OpenMP thread per core, and OpenMP threads spin while they wait for each
 other. On a machine that other jobs keep busy, a thread that is descheduled stalls all the others
-at every parallel region: the test suite measured 10–100× slower tensors with two threads on two
-busy cores than with one, and the demo took 89 minutes instead of about 10. So, unless the user
+at every parallel region, so more threads than idle cores can be many times slower than one
+(docs/tuning.md has the measurements). So, unless the user
 says (``OMP_NUM_THREADS`` or ``UNDERFIRE_THREADS``), a command uses the cores that are idle now.
 """
 

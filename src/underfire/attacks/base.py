@@ -97,9 +97,7 @@ class Attack(ABC):
         self.interpreter = interpreter
         config = self.config_type() if config is None else config
         if not isinstance(config, self.config_type):
-            raise InputError(
-                f"the {self.name} attack takes a {self.config_type.__name__}, got {type(config).__name__}"
-            )
+            raise InputError(f"the {self.name} attack takes a {self.config_type.__name__}, got {type(config).__name__}")
         self.config = config
 
     def __call__(
@@ -123,7 +121,9 @@ class Attack(ABC):
         """Checks that need the built attack, once per call before any step (the base has none)."""
 
     @abstractmethod
-    def run(self, images: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor | None, config: Any) -> Iterates:
+    def run(
+        self, images: torch.Tensor, targets: torch.Tensor, target_maps: torch.Tensor | None, config: Any
+    ) -> Iterates:
         """One run of the algorithm under ``config`` (the attack's own, or a restart's copy of it),
         on checked inputs, inside ``classifier.frozen()``."""
 

@@ -199,7 +199,9 @@ class AttackConfig:
         if not isinstance(self.surrogate_options, Mapping) or not all(
             isinstance(key, str) for key in self.surrogate_options
         ):
-            raise InputError(f"surrogate_options must be a table of interpreter options, got {self.surrogate_options!r}")
+            raise InputError(
+                f"surrogate_options must be a table of interpreter options, got {self.surrogate_options!r}"
+            )
         object.__setattr__(self, "surrogate_options", dict(sorted(self.surrogate_options.items())))
 
     def stage_two_alpha(self, step: int) -> float:

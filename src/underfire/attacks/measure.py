@@ -1,4 +1,4 @@
-"""The measures of one attacked batch (DESIGN §1.6), computed on what an attacker's file holds.
+"""The measures of one attacked batch, computed on what an attacker's file holds.
 
 The adversarial maps come from the *full* interpreter run afresh on the adversarial images for
 the target class (MASK from its neutral start, never from the attack's own mask).

@@ -1,4 +1,4 @@
-"""Choosing what the attacker wants: target classes and target maps (DESIGN §1.1).
+"""Choosing what the attacker wants: target classes and target maps.
 
 Target maps, four settings: the benign map of x° (the paper's headline setting: the prediction
 changes, the explanation does not), the map of another correctly classified image of the target

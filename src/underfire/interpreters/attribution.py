@@ -222,7 +222,7 @@ def exact_relu() -> AbstractContextManager[Any]:
 
 
 def differentiable(images: torch.Tensor) -> torch.Tensor:
-    """The images themselves when they carry a graph (never detach them: DESIGN §3 pitfall 6)."""
+    """The images themselves when they carry a graph (never detach them: a detached map gives the attack no map gradient)."""
     return images if images.requires_grad else images.detach().requires_grad_(True)
 
 

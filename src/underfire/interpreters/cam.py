@@ -1,4 +1,4 @@
-"""Representation-guided interpreters: CAM and Grad-CAM (DESIGN §1.3).
+"""Representation-guided interpreters: CAM and Grad-CAM.
 
 * **CAM** (Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016; the
   ADV² paper's Eq. 7): for a network whose last conv feature maps ``a_k`` feed global average

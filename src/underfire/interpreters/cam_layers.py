@@ -1,4 +1,4 @@
-"""Where CAM and Grad-CAM read a model, and the hook that reads it (DESIGN §1.3).
+"""Where CAM and Grad-CAM read a model, and the hook that reads it.
 
 The CAM interpreters own their layer discovery and their feature hook, as zennit's composites own
 theirs: the ``Classifier`` only carries the layer-name hints (``Classifier.cam_layer_names``, from

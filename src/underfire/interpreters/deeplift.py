@@ -85,6 +85,7 @@ class DeepLift(BaselineMixin, Attribution):
 
     name: ClassVar[str] = "deeplift"
     description: ClassVar[str] = "DeepLIFT, Rescale rule, against a baseline (Shrikumar et al. 2017)"
+
     def __init__(
         self,
         classifier: Classifier,

@@ -71,6 +71,7 @@ class Ensemble(Interpreter):
     )
     paper_class: ClassVar[str] = "other"
     accepts_drawn_targets: ClassVar[bool] = False
+
     def __init__(
         self,
         classifier: Classifier,

@@ -31,6 +31,7 @@ from .base import Interpreter
 Score = Literal["logit", "ce"]
 SCORES: tuple[str, ...] = ("logit", "ce")
 
+
 class Grad(Attribution):
     """Vanilla gradient saliency (Simonyan et al. 2014) with a smoothed second-order surrogate.
 

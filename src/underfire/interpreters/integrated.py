@@ -35,6 +35,7 @@ from .gradient import Score, check_score, score_gradient
 Quadrature = Literal["gausslegendre", "trapezoid"]
 QUADRATURES: tuple[str, ...] = ("gausslegendre", "trapezoid")
 
+
 def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
     """Nodes α in [0, 1] and weights summing to 1."""
     if method == "gausslegendre":

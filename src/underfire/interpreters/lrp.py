@@ -42,6 +42,7 @@ from .twin import LinearLayer, TwinRules, check_traceable, stabilize, trace_logi
 LrpRule = Literal["composite", "epsilon", "zplus", "alphabeta"]
 LRP_RULES: tuple[str, ...] = ("composite", "epsilon", "zplus", "alphabeta")
 
+
 class LrpRules(TwinRules):
     """The relevance rules of one LRP configuration (twins carry relevance, not gradients)."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import platform
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,20 +21,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-
-
-def library_versions() -> dict[str, str]:
-    """Versions that determine a result, recorded in every checkpoint and run."""
-    import numpy
-
-    from .. import __version__
-
-    return {
-        "underfire": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def metadata_path(weights_path: str | os.PathLike[str]) -> Path:

@@ -27,9 +27,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Tolerance for the [0, 1] range check: images that went through float arithmetic
 #: (e.g. ``x + delta`` then clamping in another dtype) may overshoot by rounding error.
 RANGE_TOLERANCE = 1e-5
-#: Inputs larger than this (pixels per image) stay NCHW on the CPU: on ResNet-50 at 224×224
-#: channels-last showed no gain (``benchmarks.layout``: equal within 2 %; an earlier ad-hoc run of the
-#: same measurement had it 8–14 % slower), while at 64×64 it makes the built-in models 15–30 % faster.
+#: Inputs larger than this (pixels per image) stay NCHW on the CPU: channels-last speeds up small
+#: images' convolutions, not ImageNet-sized ones (``python -m benchmarks.layout``), and NCHW skips
+#: the layout probe's forward pass.
 CHANNELS_LAST_MAX_PIXELS = 128 * 128
 
 
@@ -129,8 +129,7 @@ class Classifier(nn.Module):
         On a channels-last batch the (1, C, 1, 1) constants broadcast along the innermost, 3-wide
         dimension, which the elementwise kernels do not vectorise. The same constants materialised
         in the image's own layout (cached per image size) make it a plain contiguous loop, with
-        bit-identical values: forward + backward 0.32 → 0.12 ms at 16×3×64×64 on one thread
-        (``python -m benchmarks.hotspots``, fix 8).
+        bit-identical values (``python -m benchmarks.hotspots`` times both).
         """
         mean, std = self.mean, self.std
         if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
@@ -246,9 +245,8 @@ class Classifier(nn.Module):
         """``check_images``, moved to the model's device, in the layout its convolutions run fastest in.
 
         Why: on CPU, oneDNN convolutions run faster on channels-last (NHWC) tensors than on NCHW
-        ones (built-in models at batch 16, one thread: forward 14.0 → 11.0 ms and 16.8 → 11.1 ms,
-        input gradient 48.6 → 36.5 ms and 52.1 → 44.8 ms) — for small inputs only: above
-        ``CHANNELS_LAST_MAX_PIXELS`` (ImageNet sizes) NCHW is as fast or faster. Only the strides
+        ones — for small inputs only: above ``CHANNELS_LAST_MAX_PIXELS`` (ImageNet sizes) NCHW is
+        as fast or faster (``benchmarks/README.md`` has the timings). Only the strides
         change; everything downstream (attack iterates, gradients) inherits the layout.
         """
         return self.to_model_layout(self.check_images(images).to(self.device))

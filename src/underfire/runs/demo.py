@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from .config import ExperimentConfig
 
-#: Images per model by default, so the whole demo (quick preset) fits in about 10 minutes on a
-#: 2-core CPU (measured 2026-12-02: 10 min 31 s wall, one torch thread, the other core busy with
-#: the test suite); MASK dominates (its attack, and explaining every ADV² image for the transfer matrix).
+#: Images per model by default: enough for every table and figure of the report to mean something,
+#: few enough that the demo finishes in minutes on a laptop CPU (docs/tuning.md has its timings).
 DEMO_IMAGES = 12
 
 

@@ -30,12 +30,11 @@ from typing import Any, Literal
 import torch
 
 from .config import ExperimentConfig
-from .plan import PreparedModel, Unit
+from .execute import check_shard, shard_units, units_to_do
+from .memory import check_unsharded_budget, sized_config
+from .pilot import SCALES, ScaledConfig, format_bytes
+from .plan import PreparedModel, Unit, plan_units, prepare_models
 from .worker import UnitWorker
-
-#: The two fractions of each step budget the pilots run at (the lower one twice: its first pass
-#: also pays one-time costs, warm-up and allocation, and the faster of the two is kept).
-SCALES = (0.1, 0.2)
 
 
 @dataclass(frozen=True)
@@ -61,33 +60,6 @@ class RunEstimate:
         )
 
 
-class ScaledConfig:
-    """An experiment config whose attack configurations have their step budgets scaled (scale 0:
-    one step per stage, what a memory pilot needs)."""
-
-    def __init__(self, config: ExperimentConfig, scale: float) -> None:
-        self._config, self._scale = config, scale
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._config, name)
-
-    def config_for(self, attack: str, interpreter: str | None = None) -> Any:
-        config = self._config.config_for(attack, interpreter)
-        if not all(hasattr(config, field) for field in ("pgd_steps", "adv_steps")):
-            return config
-        return dataclasses.replace(
-            config, **{field: _scaled(getattr(config, field), self._scale) for field in ("pgd_steps", "adv_steps")}
-        )
-
-    def fraction(self, unit: Unit) -> float:
-        """The share of the full step budget a unit runs at here (1 for attacks without steps)."""
-        full = self._config.config_for(unit.attack, unit.interpreter)
-        if not all(hasattr(full, field) for field in ("pgd_steps", "adv_steps")):
-            return 1.0
-        used = self.config_for(unit.attack, unit.interpreter)
-        return (used.pgd_steps + used.adv_steps) / max(1, full.pgd_steps + full.adv_steps)
-
-
 def estimate_experiment(
     config: ExperimentConfig,
     run_dir: str | Path,
@@ -104,9 +76,6 @@ def estimate_experiment(
     from ..store import DATABASE_NAME
     from ..store.database import check_database
     from ..store.reader import open_reader
-    from .execute import check_shard, shard_units, units_to_do
-    from .memory import check_unsharded_budget, sized_config
-    from .plan import plan_units, prepare_models
 
     database = Path(run_dir) / DATABASE_NAME
     check_database(database)
@@ -180,20 +149,8 @@ def peak_resident_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def format_bytes(size: int) -> str:
-    """A size as MiB, or GiB from 1 GiB on."""
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
-
-
 def _kind(unit: Unit) -> tuple[str, str, str | None, str | None]:
     return (unit.model, unit.attack, unit.interpreter, unit.target_map)
-
-
-def _scaled(steps: int, scale: float) -> int:
-    """``scale`` of a step budget, at least one step (two for the larger pilot, so the two differ)."""
-    if steps == 0:
-        return 0
-    return min(steps, max(1 if scale <= SCALES[0] else 2, round(steps * scale)))
 
 
 def _clock(seconds: float) -> str:

@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from ..attacks import ATTACKS
 from ..devices import resolve_device
@@ -42,6 +38,7 @@ from ..progress import progress_bar
 from ..store import ImageRecord, ResultStore, remove_temporary_files, run_lock, save_png_atomic
 from ..store.database import DATABASE_NAME, check_database, present_keys
 from ..store.files import check_output_folder, write_bytes_atomic
+from ..versions import software_versions
 from ..visualize import to_uint8
 from .config import ExperimentConfig
 from .executor import Executor, SerialExecutor, UnitFailure
@@ -110,7 +107,7 @@ def run_experiment(
         )
         sources = {model.spec: model.sources for model in models}
         store.claim(
-            config.as_dict(), software_versions(), now, attack_settings(config), attack_setting_defaults(config)
+            config.as_dict(), software_versions(run=True), now, attack_settings(config), attack_setting_defaults(config)
         )
         recorded = store.meta().get("inputs")  # absent: a new run, or one made before inputs were recorded
         if recorded is not None:
@@ -201,19 +198,6 @@ def _per_attack(config: ExperimentConfig, describe: Callable[[object], object]) 
         else:
             settings[attack] = describe(config.config_for(attack))
     return settings
-
-
-def software_versions() -> dict[str, str]:
-    """What produced the numbers (stored in the run's meta)."""
-    from .. import __version__
-
-    return {
-        "underfire": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -33,7 +33,7 @@ import torch
 from ..errors import InputError
 from ..progress import progress_bar
 from .config import ExperimentConfig
-from .estimate import ScaledConfig, format_bytes
+from .pilot import ScaledConfig, format_bytes
 from .plan import PreparedModel, plan_units
 from .worker import UnitWorker
 

@@ -122,9 +122,9 @@ class RunReader:
             return {} if by else 0
         if by is None:
             return int(self.connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-        if by not in ("attack", "model"):
+        if by != "attack":
             raise InputError(f"cannot count {table} by {by!r}")
-        return dict(self.connection.execute(f"SELECT {by}, COUNT(*) FROM {table} GROUP BY {by}").fetchall())
+        return dict(self.connection.execute(f"SELECT attack, COUNT(*) FROM {table} GROUP BY attack").fetchall())
 
     # ------------------------------------------------------------------ aggregates
     def means(self, measures: Sequence[str] = MEASURE_COLUMNS) -> list[dict[str, Any]]:

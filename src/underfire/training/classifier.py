@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
 from ..models.architectures import ARCHITECTURES, build_architecture
-from ..models.checkpoint import library_versions, save_checkpoint
+from ..models.checkpoint import save_checkpoint
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from ..progress import progress_bar, track
+from ..versions import software_versions
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def train_classifier(config: TrainConfig, out: str | Path, progress: bool = True
         "train_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in network.parameters()),
         "config": asdict(config),
-        "versions": library_versions(),
+        "versions": software_versions(),
     }
     path = save_checkpoint(network.state_dict(), out, metadata)
     return TrainResult(path, val_accuracy, test_accuracy, seconds)

@@ -52,14 +52,15 @@ import torch.nn.functional as F
 from .. import imaging
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
-from ..interpreters.rts import SHIPPED_ENCODER, SaliencyNetwork, save_saliency_network, shipped_rts_path
 from ..metrics import object_iou, pointing_game
 from ..models.architectures import ShapesResNet
-from ..models.checkpoint import library_versions, load_checkpoint
+from ..models.checkpoint import load_checkpoint
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from ..models.metadata import ModelOptions
+from ..models.saliency import SHIPPED_ENCODER, SaliencyNetwork, save_saliency_network, shipped_rts_path
 from ..models.specs import load_model
 from ..progress import progress_bar, track
+from ..versions import software_versions
 
 __all__ = [
     "RtsObjective",
@@ -563,7 +564,7 @@ def train_rts(config: RtsTrainConfig, out: str | Path, progress: bool = True, de
         },
         "pointing_game": None if "pointing_game" not in metrics else round(metrics["pointing_game"], 5),
         "train_seconds": round(seconds, 1),
-        "versions": library_versions(),
+        "versions": software_versions(),
         "reference": "Dabkowski & Gal, Real Time Image Saliency for Black Box Classifiers, NeurIPS 2017",
     }
     path = save_saliency_network(network.cpu(), out, metadata)

@@ -48,12 +48,12 @@ from ..errors import InputError
 from ..interpreters.base import normalize_maps
 from ..interpreters.rts import Rts, SaliencyNetwork, save_saliency_network
 from ..metrics import iou_top_k
-from ..models.checkpoint import library_versions
 from ..models.classifier import Classifier
 from ..models.metadata import ModelOptions
 from ..models.specs import load_model
 from ..presets import preset
 from ..progress import progress_bar
+from ..versions import software_versions
 from .rts import (
     RtsObjective,
     _device_generator,
@@ -340,7 +340,7 @@ def train_adversarial_rts(
         },
         "pointing_game": round(after["pointing_game"], 5),
         "train_seconds": round(seconds, 1),
-        "versions": library_versions(),
+        "versions": software_versions(),
     }
     path = save_saliency_network(network.cpu(), out, metadata)
     resume.unlink(missing_ok=True)

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import UnderfireError
-from .classifier import Classifier
+from .errors import UnderfireError
+from .interpreters import INTERPRETERS, build_interpreter
+from .models.classifier import Classifier
 
 __all__ = ["describe_model"]
 
 
 def describe_model(classifier: Classifier) -> dict[str, Any]:
     """A JSON-able description: metadata, inferred facts and each interpreter's support."""
-    from ..interpreters import INTERPRETERS, build_interpreter
-
     size = classifier.input_size or 224
     names = classifier.class_names
     network = classifier.network
