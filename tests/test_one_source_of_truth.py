@@ -143,3 +143,68 @@ def test_a_quick_ig_attack_config_says_its_surrogate() -> None:
     assert preset("paper", "ig").surrogate_options == {}
     stored = json.loads(json.dumps(preset("quick", "ig").surrogate_options))
     assert stored["steps"] == 8
+
+
+def test_rows_and_the_report_say_what_the_attack_differentiated(tmp_path: Path) -> None:
+    """A quick ADV² run on IG: each row's stored attack config names the 8-node surrogate, the
+    judged options stay empty, and the HTML report lists the surrogate next to the settings."""
+    from underfire.report import write_report
+
+    images, _, _ = ShapesDataset("test").tensors([0])
+    path = tmp_path / "one.png"
+    Image.fromarray(to_uint8(images[0])).save(path)
+    config = ExperimentConfig.from_mapping(
+        {
+            "experiment": {
+                "files": [str(path)],
+                "models": ["shapes-resnet"],
+                "interpreters": ["ig"],
+                "attacks": ["adv2"],
+                "transfer": False,
+            },
+            "overrides": {"pgd_steps": 1, "adv_steps": 1},
+        }
+    )
+    run_experiment(config, tmp_path / "run")
+    with sqlite3.connect(tmp_path / "run" / "results.sqlite") as connection:
+        ((stored, options),) = connection.execute("SELECT config, interpreter_options FROM results")
+    assert json.loads(stored)["surrogate_options"] == {"relu_scale": "relative", "steps": 8}
+    assert json.loads(options) == {}
+    page = write_report(tmp_path / "run").read_text()
+    assert "attacked surrogates" in page and "steps=8" in page
+
+
+def test_attack_set_takes_any_attack_setting_typed_and_validated(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["attacks", "--options"])
+    assert result.exit_code == 0
+    assert "adv_steps: int = 1000" in result.stdout and "surrogate_options" in result.stdout
+    images, _, _ = ShapesDataset("test").tensors([0])
+    path = tmp_path / "one.png"
+    Image.fromarray(to_uint8(images[0])).save(path)
+    base = [str(path), "-m", "shapes-resnet", "-i", "cam", "--json"]
+    result = runner.invoke(app, ["attack", *base, "--set", "adv_steps=two", "-o", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "adv_steps" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(
+        app, ["attack", *base, "--set", "adv_steps=2", "--adv-steps", "3", "-o", str(tmp_path / "two")]
+    )
+    assert result.exit_code != 0 and "both set adv_steps" in result.stderr
+    result = runner.invoke(
+        app,
+        [
+            "attack",
+            *base,
+            "--set",
+            "pgd_steps=2",
+            "--set",
+            "adv_steps=3",
+            "--set",
+            "lam=1,2",
+            "-o",
+            str(tmp_path / "ok"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(tmp_path / "ok" / "results.sqlite") as connection:
+        ((stored,),) = connection.execute("SELECT config FROM results")
+    config = json.loads(stored)
+    assert (config["pgd_steps"], config["adv_steps"], config["lam"]["values"]) == (2, 3, [1.0, 2.0])

@@ -120,6 +120,9 @@ class RunData:
     #: target_map, fpr, tpr) drawn from its stored scores
     detections: list[dict[str, Any]] = field(default_factory=list)
     roc: list[dict[str, Any]] = field(default_factory=list)
+    #: (attack, interpreter) → the options of the copy the attack differentiated, where they
+    #: differ from the judged interpreter's (``AttackConfig.surrogate_options``; from the meta)
+    surrogates: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     @property
     def models(self) -> list[str]:
@@ -263,7 +266,24 @@ def load_run(run_dir: Path) -> RunData:
             results=results,
             detections=reader.detections(),
             roc=_roc(reader),
+            surrogates=_surrogates(meta.get("attack_configs")),
         )
+
+
+def _surrogates(settings: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """The attacked surrogates' options per (attack, interpreter), from a run's stored attack
+    settings (``{attack: {interpreter: config}}`` for an interpreter-bound attack)."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    if not isinstance(settings, dict):
+        return found
+    for attack, per in settings.items():
+        if not isinstance(per, dict) or "eps" in per:  # an interpreter-free attack's one config
+            continue
+        for interpreter, config in per.items():
+            options = config.get("surrogate_options") if isinstance(config, dict) else None
+            if options:
+                found[attack, interpreter] = dict(options)
+    return found
 
 
 def summary_rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -244,6 +244,16 @@ def _header(run: RunData) -> str:
     settings = _settings_line(run.config)
     if settings:
         rows.insert(0, ("attack settings", settings))
+    if run.surrogates:
+        attacked = " · ".join(
+            f"{_label(attack)} vs {escape(interpreter)}: "
+            + ", ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in sorted(options.items()))
+            for (attack, interpreter), options in run.surrogates.items()
+        )
+        rows.insert(
+            1 if settings else 0,
+            ("attacked surrogates", attacked + " (maps judged with the interpreters' own options)"),
+        )
     table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
     config = (
         json.dumps(run.config, indent=2, sort_keys=True, default=str)
