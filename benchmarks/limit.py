@@ -56,11 +56,11 @@ from torch import nn
 
 from underfire import Classifier
 from underfire.attacks import ADV2, AttackConfig, LambdaSchedule
-from underfire.presets import preset, surrogate_options
 from underfire.imaging import gaussian_blur, translate, upsample_blurred
 from underfire.interpreters import CAM, Grad, GradCAM, Mask, MaskConfig, Rts, build_interpreter
 from underfire.interpreters.mask import REFERENCE_MASK_PIXELS, total_variation
 from underfire.metrics import DEFAULT_K
+from underfire.presets import preset, surrogate_options
 
 from .common import Row, interleaved, make_row, marginal, max_abs_diff, minmax, untrained_rts
 

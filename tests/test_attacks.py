@@ -12,12 +12,12 @@ from torch import nn
 
 from underfire import Classifier, InputError
 from underfire.attacks import ADV2, PGD, AttackConfig, LambdaSchedule, parse_fraction, project, quantize
-from underfire.presets import preset
 from underfire.attacks.core import _descend, map_distance
 from underfire.attacks.targets import check_targets, load_user_map, random_targets, shape_maps
 from underfire.data import read_image
 from underfire.interpreters import build_interpreter
 from underfire.metrics import soft_iou_top_k
+from underfire.presets import preset
 from underfire.visualize import save_png, to_uint8
 
 SIZE = 32

@@ -13,8 +13,8 @@ from torch.overrides import _get_current_function_mode_stack
 
 import underfire as uf
 from underfire.errors import InputError, ModelStructureError
-from underfire.presets import surrogate_options
 from underfire.interpreters import Grad, build_interpreter, normalize_maps
+from underfire.presets import surrogate_options
 from underfire.smoothing import relu_surrogate, softplus_relus
 
 BACKPROP = ("grad", "smoothgrad", "inputxgrad", "ig", "deeplift", "lrp")

@@ -302,7 +302,9 @@ def test_cam_reads_an_exported_program_with_a_gap_head(tmp_path: Path) -> None:
         assert ours.layers.head_name == "4" and ours.layers.feature_name == reference.layers.feature_name
         torch.testing.assert_close(ours(images, classes), reference(images, classes), rtol=1e-5, atol=1e-6)
     result = ADV2(
-        exported, AttackConfig(eps=0.1, alpha=0.02, pgd_steps=2, adv_steps=3), interpreter=build_interpreter("cam", exported)
+        exported,
+        AttackConfig(eps=0.1, alpha=0.02, pgd_steps=2, adv_steps=3),
+        interpreter=build_interpreter("cam", exported),
     )(images, torch.tensor([1, 2, 0]))
     assert result.adversarial.shape == images.shape
 
