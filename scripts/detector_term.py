@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from underfire.attacks.config import preset
 from underfire.attacks.core import ADV2
 from underfire.attacks.targets import random_targets
 from underfire.data import ShapesDataset
@@ -33,6 +32,7 @@ from underfire.detection import DetectorConfig, EnsembleDetector, detection_rate
 from underfire.interpreters import build_interpreter
 from underfire.metrics import disagreement, iou_top_k
 from underfire.models import load_model
+from underfire.presets import preset
 from underfire.runs.inputs import images_from_dataset
 
 MEMBERS = ("grad", "cam", "rts", "mask")
@@ -61,17 +61,17 @@ def main() -> None:
     images, labels = pool[: args.images], pool_labels[: args.images]
     targets = random_targets(labels, clf.num_classes, 0)
     chunks = [slice(s, s + args.batch) for s in range(0, args.images, args.batch)]
-    detector = EnsembleDetector(clf, DetectorConfig(members=MEMBERS, score="iou", preset="quick"))
+    detector = EnsembleDetector(clf, DetectorConfig(members=MEMBERS, score="iou"))
     benign_scores = torch.cat([detector.scores(pool[s : s + args.batch]) for s in range(0, args.benign, args.batch)])
     p95 = float(np.percentile(benign_scores.numpy(), 95))
     threshold = threshold_at_fpr(benign_scores.numpy(), 0.05)
-    members = dict(zip(MEMBERS, detector.members))  # the detector's own, built with the quick preset
+    members = dict(zip(MEMBERS, detector.members))  # the detector's own: the judged interpreters
     benign_maps = {name: [members[name](images[c], labels[c], seed=0) for c in chunks] for name in MEMBERS}
 
     for term in args.terms.split(","):
         score, _, weight = term.partition(":")
         options = {} if score == "none" else {"detector_score": score, "detector_weight": float(weight)}
-        ensemble = build_interpreter("ensemble", clf, preset="quick", members=MEMBERS, weights=WEIGHTS, **options)
+        ensemble = build_interpreter("ensemble", clf, members=MEMBERS, weights=WEIGHTS, **options)
         config = preset("quick", "ensemble", **({} if args.adv_steps is None else {"adv_steps": args.adv_steps}))
         started = time.time()
         adversarial = []

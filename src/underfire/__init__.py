@@ -3,9 +3,7 @@
 Work in [0, 1] NCHW pixel space; a ``Classifier`` owns normalisation and the model's state.
 """
 
-__version__ = "0.1.0"
-
-from .data import (  # noqa: E402
+from .data import (
     SHAPE_CLASSES,
     ImageFolderDataset,
     ShapesDataset,
@@ -14,7 +12,7 @@ from .data import (  # noqa: E402
     open_dataset,
     read_image,
 )
-from .errors import (  # noqa: E402
+from .errors import (
     AttackError,
     CheckpointError,
     ImageReadError,
@@ -23,18 +21,19 @@ from .errors import (  # noqa: E402
     SpecError,
     UnderfireError,
 )
-from .evaluation import EvaluationResult, evaluate  # noqa: E402
-from .models import (  # noqa: E402
+from .evaluation import EvaluationResult, evaluate
+from .models import (
     BUILTIN_MODELS,
     Classifier,
     ModelOptions,
     load_model,
     parse_model_spec,
 )
-from .report import summary_rows, write_report  # noqa: E402
-from .runs import ExperimentConfig, RunOutcome, demo_config, load_experiment_config, run_experiment  # noqa: E402
-from .store import ResultStore  # noqa: E402
-from .training import TrainConfig, train_classifier  # noqa: E402
+from .report import summary_rows, write_report
+from .runs import ExperimentConfig, RunOutcome, demo_config, load_experiment_config, run_experiment
+from .store import ResultStore
+from .training import TrainConfig, train_classifier
+from .versions import __version__
 
 __all__ = [
     "AttackError",

@@ -29,7 +29,7 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .versions import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
@@ -1131,7 +1131,7 @@ def detect(
 @app.command()
 def version() -> None:
     """Print the underfire version."""
-    from . import __version__
+    from .versions import __version__
 
     typer.echo(__version__)
 

@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["source_commit", "software_versions"]
+__all__ = ["__version__", "source_commit", "software_versions"]
+
+#: The package's version (``underfire.__version__``), moved with behaviour changes.
+__version__ = "0.1.0"
 
 
 def source_commit() -> str | None:
@@ -32,8 +35,6 @@ def source_commit() -> str | None:
 def software_versions(run: bool = False) -> dict[str, str]:
     """underfire's, torch's, numpy's and Python's versions; for a run (``run``) also the platform
     and, from a git checkout, the source commit."""
-    from . import __version__
-
     versions = {
         "underfire": __version__,
         "torch": torch.__version__,

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
 from ..data.images import read_image
 from ..detection import DetectorConfig, EnsembleDetector, detection_rate, roc_auc, threshold_at_fpr
 from ..devices import resolve_device
@@ -33,6 +32,7 @@ from ..progress import progress_bar
 from ..store import ResultStore
 from ..store.lock import run_lock
 from ..store.reader import open_reader
+from ..versions import __version__
 from .config import ExperimentConfig
 
 #: Images explained per detector call.

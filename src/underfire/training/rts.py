@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import imaging
 from ..data.shapes import ShapesDataset
 from ..errors import InputError
+from ..imaging import gaussian_blur as separable_blur
 from ..metrics import object_iou, pointing_game
 from ..models.architectures import ShapesResNet
 from ..models.checkpoint import load_checkpoint
@@ -95,7 +95,7 @@ def smoothness_loss(masks: torch.Tensor) -> torch.Tensor:
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur (±2.5σ kernel, reflect padding) of an (N, C, H, W) batch."""
-    return imaging.gaussian_blur(images, sigma, truncate=2.5)
+    return separable_blur(images, sigma, truncate=2.5)
 
 
 def alternative_images(
