@@ -208,3 +208,14 @@ def test_attack_set_takes_any_attack_setting_typed_and_validated(tmp_path: Path)
         ((stored,),) = connection.execute("SELECT config FROM results")
     config = json.loads(stored)
     assert (config["pgd_steps"], config["adv_steps"], config["lam"]["values"]) == (2, 3, [1.0, 2.0])
+
+
+def test_every_reference_config_is_a_valid_run() -> None:
+    from underfire.runs import load_experiment_config
+
+    folder = Path(__file__).resolve().parents[1] / "docs" / "reference"
+    configs = sorted(folder.glob("*.toml"))
+    assert len(configs) >= 8
+    for path in configs:
+        config = load_experiment_config(path)
+        assert config.plans and config.name == f"reference-{path.stem}", path.name
