@@ -32,7 +32,7 @@ from underfire.models.specs import builtin_weights_path
 from underfire.progress import LogProgress
 from underfire.runs import load_experiment_config
 from underfire.store import DATABASE_NAME, SCHEMA_VERSION
-from underfire.threads import choose_threads, idle_cores
+from underfire.threads import choose_threads, idle_cores, idle_cpus, idle_now
 
 runner = CliRunner()
 
@@ -528,8 +528,22 @@ def test_threads_follow_the_idle_cores_or_the_users_choice() -> None:
         )
         assert choose_threads({"OMP_NUM_THREADS": "1"}) == (1, "OMP_NUM_THREADS=1") and torch.get_num_threads() == 1
         assert choose_threads({"UNDERFIRE_THREADS": "2", "OMP_NUM_THREADS": "1"})[0] == 2
+        threads, why = choose_threads({})
+        assert 1 <= threads <= (os.cpu_count() or 1) and torch.get_num_threads() == threads
+        assert "idle now" in why or not os.path.exists("/proc/stat")
     finally:
         torch.set_num_threads(before)
+
+
+def test_idle_cores_come_from_the_per_cpu_counters_not_the_load_average() -> None:
+    """Two readings of /proc/stat, written by hand: cpu0 spent 90 of 100 ticks idle or waiting for
+    I/O, cpu1 none of its 100; the aggregate line and CPUs outside the set do not count."""
+    before = "cpu  100 0 100 100 0 0 0 0 0 0\ncpu0 50 0 50 50 0 0 0 0 0 0\ncpu1 50 0 50 50 0 0 0 0 0 0\ncpu2 0 0 0 0 0 0 0 0 0 0\nintr 1\n"
+    after = "cpu  200 0 200 300 0 0 0 0 0 0\ncpu0 55 0 55 130 10 0 0 0 0 0\ncpu1 100 0 100 50 0 0 0 0 0 0\ncpu2 0 0 0 900 0 0 0 0 0 0\n"
+    assert idle_cpus(before, after, {0, 1}) == pytest.approx(0.9)
+    assert idle_cpus(before, after, {0, 1, 2}) == pytest.approx(1.9)
+    measured = idle_now({0}, seconds=0.05)
+    assert measured is None or 0.0 <= measured <= 1.0
 
 
 def test_the_report_embeds_only_files_inside_the_run_folder(finished_run: Path, tmp_path: Path) -> None:
