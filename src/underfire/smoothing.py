@@ -124,7 +124,7 @@ class _WriteInto(torch.autograd.Function):
     ``z.copy_(out)`` means the same, but its backward also sends a zero gradient to the old ``z``;
     summed with the real one it reaches the layer before (BatchNorm, in the built-in ResNet) in
     the contiguous layout, and BatchNorm's backward on a channels-last input then takes its slow
-    path: about 16× its time (1.0 s against 63 ms on a 128 × 64 × 32 × 32 batch, one thread).
+    path, many times slower (docs/tuning.md has the timing).
     The backward is the identity, so double back-propagation passes through it unchanged."""
 
     @staticmethod
