@@ -338,10 +338,14 @@ def test_best_iterate_selection() -> None:
     scores = {0: [5, 4, 1, 3, 3, 3, 2], 1: [5, 4, 3, 2, 9, 0.5, 7]}
     eligible = {0: [True] * 7, 1: [True, True, True, True, True, False, True]}
 
-    def objective(x: torch.Tensor, step: int):
+    seen: list[list[int]] = []
+
+    def objective(x: torch.Tensor, step: int, index: torch.Tensor | None):
+        rows = [0, 1] if index is None else index.tolist()
+        seen.append(rows)
         loss = x.flatten(1).sum(1)  # descends: every step lowers x by alpha
-        score = torch.tensor([scores[0][step], scores[1][step]], dtype=torch.float32)
-        ok = torch.tensor([eligible[0][step], eligible[1][step]])
+        score = torch.tensor([scores[i][step] for i in rows], dtype=torch.float32)
+        ok = torch.tensor([eligible[i][step] for i in rows])
         return loss, score, ok
 
     best = origin.clone()
@@ -352,6 +356,18 @@ def test_best_iterate_selection() -> None:
     torch.testing.assert_close(best[0], torch.full((1, 2, 2), 0.5 - 2 * 0.05))
     torch.testing.assert_close(best[1], torch.full((1, 2, 2), 0.5 - 3 * 0.05))
     torch.testing.assert_close(last, torch.full((2, 1, 2, 2), 0.5 - 6 * 0.05))
+    assert seen == [[0, 1]] * 7
+
+    # early stopping, traced by hand: sample 0 meets the goal (best 1 <= 3.5) at step 2 and has not
+    # improved for 2 steps after step 4, so it leaves; sample 1 (best 2 at step 3) leaves after step 5
+    seen.clear()
+    best, best_score, best_step = origin.clone(), torch.full((2,), float("inf")), torch.full((2,), -1)
+    stopping = config.with_overrides(stop_patience=2, stop_tolerance=0.0)
+    last = _descend(origin, origin, 6, stopping, objective, best, best_score, best_step, done_below=3.5)
+    assert best_step.tolist() == [2, 3]  # the same iterates are kept
+    assert seen == [[0, 1]] * 5 + [[1]]  # sample 0 took no step after step 4, sample 1 none after 5
+    torch.testing.assert_close(last[0], torch.full((1, 2, 2), 0.5 - 5 * 0.05))
+    torch.testing.assert_close(last[1], torch.full((1, 2, 2), 0.5 - 6 * 0.05))
 
 
 def test_adv2_selection_prefers_qualifying_iterates_then_the_lowest_cross_entropy() -> None:
@@ -433,7 +449,7 @@ def test_warm_start_encoder_term_steers_stage_one_only_for_interpreters_with_an_
     assert torch.equal(plain.last, pgd.last)
     assert not torch.equal(steered.last, pgd.last)
 
-    def objective(x: torch.Tensor, _step: int):
+    def objective(x: torch.Tensor, _step: int, _index: torch.Tensor | None):
         ce = F.cross_entropy(clf(x), targets, reduction="none")
         encoder = F.cross_entropy(rts.encoder_logits(x), targets, reduction="none")
         return ce + 2.0 * encoder, ce, torch.ones_like(ce, dtype=torch.bool)
@@ -518,3 +534,26 @@ def test_target_maps(tmp_path: Path) -> None:
     Image.new("RGB", (2, 2)).save(tmp_path / "x.png")  # not reachable as a map: wrong format
     with pytest.raises(InputError):
         load_user_map(tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("name", ["cam", "mask"])
+def test_early_stopping_a_batch_equals_each_sample_stopping_alone(name: str) -> None:
+    """Per-sample early stopping: in a batch, a sample leaves at the step it would leave at alone,
+    so batched results equal per-sample ones, for a stateless interpreter (CAM) and one whose
+    surrogate carries per-sample state between steps (MASK: the mask and its Adam moments)."""
+    clf = tiny_classifier()
+    options = {"iterations": 20, "inner_steps": 2, "init_steps": 3} if name == "mask" else {}
+    interpreter = build_interpreter(name, clf, **options)
+    images = batch(4)
+    targets = (clf.predict(images).argmax(1) + 2) % 4
+    config = AttackConfig(eps=0.3, alpha=0.075, pgd_steps=5, adv_steps=15, confidence=0.6, stop_patience=2)
+    together = ADV2(clf, config, interpreter=interpreter)(images, targets)
+    assert bool(together.success.all())
+    for i in range(4):
+        alone = ADV2(clf, config, interpreter=interpreter)(images[i : i + 1], targets[i : i + 1])
+        assert together.chosen_step[i] == alone.chosen_step[0], i
+        torch.testing.assert_close(together.adversarial[i], alone.adversarial[0], rtol=0, atol=1.5 / 255)
+    # off (the default), nobody stops: every sample takes every step
+    plain = ADV2(clf, config.with_overrides(stop_patience=0), interpreter=interpreter)(images, targets)
+    stopped = ~torch.isclose(plain.last, together.last).flatten(1).all(1)
+    assert bool(stopped.any())  # some sample's final iterate is where it stopped, not the last step's

@@ -132,6 +132,14 @@ class AttackConfig:
             32-node one). The interpreter given to the attack stays the one whose maps are judged
             (target maps and every measure); only the attack's gradient comes from the copy.
             Empty (default): the attack differentiates the judged interpreter itself.
+        stop_patience: per-sample early stopping (0, default: off). A sample whose kept iterate
+            meets the goal (PGD: classified as c_t with p ≥ ``confidence``; ADV²'s stage 2: that,
+            and a map distance) and whose score (PGD: its cross-entropy; ADV²: the map
+            distance) has not improved by more than ``stop_tolerance`` for this many steps
+            leaves the batch, so later steps run on the others only. The kept iterate is chosen
+            as without it; what changes is that a finished sample stops paying for steps (and, for
+            an interpreter whose surrogate draws noise per batch, the noise the others see).
+        stop_tolerance: the improvement of the score that resets a sample's patience.
     """
 
     eps: float = 8 / 255
@@ -151,6 +159,8 @@ class AttackConfig:
     seed: int = 0
     restarts: int = 1
     surrogate_options: Mapping[str, Any] = field(default_factory=dict)
+    stop_patience: int = 0
+    stop_tolerance: float = 1e-4
 
     def __post_init__(self) -> None:
         if not (0 < self.eps <= 1):
@@ -203,6 +213,14 @@ class AttackConfig:
                 f"surrogate_options must be a table of interpreter options, got {self.surrogate_options!r}"
             )
         object.__setattr__(self, "surrogate_options", dict(sorted(self.surrogate_options.items())))
+        if isinstance(self.stop_patience, bool) or not isinstance(self.stop_patience, int) or self.stop_patience < 0:
+            raise InputError(f"stop_patience must be an integer >= 0 (0 = off), got {self.stop_patience!r}")
+        if (
+            isinstance(self.stop_tolerance, bool)
+            or not isinstance(self.stop_tolerance, (int, float))
+            or not (math.isfinite(self.stop_tolerance) and self.stop_tolerance >= 0)
+        ):
+            raise InputError(f"stop_tolerance must be a finite number >= 0, got {self.stop_tolerance!r}")
 
     def stage_two_alpha(self, step: int) -> float:
         """Step size at ``step`` (0-based) of stage 2: ``adv_alpha`` cosine-decayed to ``adv_alpha_final``."""

@@ -17,6 +17,7 @@ whole attack runs again from seeded random starts and each sample keeps its best
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -35,8 +36,10 @@ from .config import AttackConfig
 #: so any qualifying iterate (score = map distance ≤ 1) ranks before them.
 _UNQUALIFIED = 1000.0
 
-#: objective(x, step) → (loss per sample, selection score per sample (lower is better), eligible)
-Objective = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+#: objective(x, step, index) → (loss per sample, selection score per sample (lower is better),
+#: eligible); ``index`` holds the batch positions of the samples in ``x`` (None: all of them, in
+#: order), which shrinks as samples stop early (``AttackConfig.stop_patience``)
+Objective = Callable[[torch.Tensor, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _descend(
@@ -50,28 +53,60 @@ def _descend(
     best_step: torch.Tensor,
     step_offset: int = 0,
     step_size: Callable[[int], float] | None = None,
+    done_below: float = -float("inf"),
 ) -> torch.Tensor:
     """``steps`` projected sign-gradient steps from ``start``; updates best/best_score in place.
 
     Every iterate, including the final one, is scored; returns the final iterate. ``step_size``
-    maps the step index to α (default: the constant ``config.alpha``).
+    maps the step index to α (default: the constant ``config.alpha``). With
+    ``config.stop_patience`` > 0 a sample whose best score is at most ``done_below`` (it meets the
+    attack's goal) and has not improved by more than ``config.stop_tolerance`` for that many
+    steps leaves the batch: later steps run on the others only, and its final iterate is where
+    it stopped.
     """
     x = start.detach().clone()
+    patience = config.stop_patience
+    active: torch.Tensor | None = None  # None: every sample, in order
+    if patience:
+        stale = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        reference = torch.full_like(best_score, float("inf"))
     for step in range(steps + 1):
-        x.requires_grad_(True)
-        loss, score, eligible = objective(x, step)
+        current = x if active is None else x[active]
+        current.requires_grad_(True)
+        loss, score, eligible = objective(current, step, active)
         if step < steps:
-            (gradient,) = torch.autograd.grad(loss.sum(), x)
+            (gradient,) = torch.autograd.grad(loss.sum(), current)
         with torch.no_grad():
             score = score.detach()
-            improved = eligible & (score < best_score)
-            best[improved] = x.detach()[improved]
-            best_score[improved] = score[improved]
-            best_step[improved] = step + step_offset
+            at = slice(None) if active is None else active
+            improved = eligible & (score < best_score[at])
+            chosen = torch.arange(x.shape[0], device=x.device)[at][improved]
+            best[chosen] = current.detach()[improved]
+            best_score[chosen] = score[improved]
+            best_step[chosen] = step + step_offset
             if step < steps:
                 alpha = config.alpha if step_size is None else step_size(step)
-                x = project(x.detach() - alpha * gradient.sign(), origin, config.eps)
+                moved = project(current.detach() - alpha * gradient.sign(), origin[at], config.eps)
+                if active is None:
+                    x = moved
+                else:
+                    x[active] = moved
+            if patience and step < steps:
+                better = best_score[at] < reference[at] - config.stop_tolerance
+                reference[at] = torch.where(better, best_score[at], reference[at])
+                stale[at] = torch.where(better, 0, stale[at] + 1)
+                leaving = (best_score[at] <= done_below) & (stale[at] >= patience)
+                if bool(leaving.any()):
+                    every = torch.arange(x.shape[0], device=x.device) if active is None else active
+                    active = every[~leaving]
+                    if active.numel() == 0:
+                        break
     return x.detach()
+
+
+def _batch_part(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a per-sample tensor that the samples still in the loop own (``Objective``)."""
+    return values if index is None else values[index]
 
 
 #: the floor under a powered map: keeps d(m^p)/dm finite at m = 0
@@ -136,10 +171,11 @@ class PGD(Attack):
         images: torch.Tensor,
         targets: torch.Tensor,
         config: AttackConfig,
-        extra: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+        extra: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Targeted PGD; ``extra`` (per-sample loss of x, or None) is added to the descent direction
-        but not to the score, so the kept iterate is still the one the classifier finds closest to c_t."""
+        """Targeted PGD; ``extra`` (per-sample loss of x and the batch positions of its samples, or
+        None) is added to the descent direction but not to the score, so the kept iterate is still
+        the one the classifier finds closest to c_t."""
         clf = self.classifier
         start = images
         if config.random_start:
@@ -147,16 +183,22 @@ class PGD(Attack):
             noise = torch.rand(images.shape, generator=generator, device=images.device) * 2 - 1
             start = project(images + config.eps * noise, images, config.eps)
 
-        def objective(x: torch.Tensor, _step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            loss = _targeted_ce(clf(x), targets)
-            added = None if extra is None else extra(x)
+        def objective(
+            x: torch.Tensor, _step: int, index: torch.Tensor | None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            loss = _targeted_ce(clf(x), _batch_part(targets, index))
+            added = None if extra is None else extra(x, index)
             descent = loss if added is None else loss + added
             return descent, loss, torch.ones_like(loss, dtype=torch.bool)
 
         best = start.detach().clone()
         best_score = torch.full((images.shape[0],), float("inf"), device=images.device)
         best_step = torch.full((images.shape[0],), -1, dtype=torch.long, device=images.device)
-        last = _descend(images, start, config.pgd_steps, config, objective, best, best_score, best_step)
+        # done: classified as c_t with p ≥ confidence, i.e. a cross-entropy of at most −log(confidence)
+        done = -math.log(config.confidence) if config.confidence > 0 else float("inf")
+        last = _descend(
+            images, start, config.pgd_steps, config, objective, best, best_score, best_step, done_below=done
+        )
         return best, best_score, best_step, last
 
 
@@ -204,8 +246,10 @@ class ADV2(PGD):
         assert target_maps is not None
         interpreter = self.surrogate
 
-        def warm_start_extra(x: torch.Tensor) -> torch.Tensor | None:
-            terms = interpreter.attack_terms("warm_start", x, targets, target_maps)
+        def warm_start_extra(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor | None:
+            terms = interpreter.attack_terms(
+                "warm_start", x, _batch_part(targets, index), _batch_part(target_maps, index)
+            )
             return None if terms is None else terms.extra
 
         best, stage_one_loss, best_step, last = self._stage_one(images, targets, config, warm_start_extra)
@@ -219,30 +263,43 @@ class ADV2(PGD):
         # per-sample λ multiplier (config.lam_adaptation)
         multiplier = torch.ones(images.shape[0], device=images.device)
         low, high = config.lam_range
+        held: torch.Tensor | None = None  # the batch positions the surrogate's state holds (None: all)
 
-        def objective(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            nonlocal state, multiplier
+        def objective(
+            x: torch.Tensor, step: int, index: torch.Tensor | None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            nonlocal state, multiplier, held
+            if index is not None and (held is None or held.numel() != index.numel()):
+                # samples stopped early: the state keeps the others' rows only
+                kept = torch.isin(torch.arange(images.shape[0], device=index.device) if held is None else held, index)
+                state, held = interpreter.keep_samples(state, kept), index
+            classes, wanted = _batch_part(targets, index), _batch_part(target_maps, index)
             # one forward for the map and the logits where the interpreter allows it
-            maps, logits, state = interpreter.surrogate_and_logits(x, targets, state)
-            terms = interpreter.attack_terms("joint", x, targets, target_maps, state)
-            distance = map_distance(maps, target_maps, config.map_power, config.soft_iou_weight)
+            maps, logits, state = interpreter.surrogate_and_logits(x, classes, state)
+            terms = interpreter.attack_terms("joint", x, classes, wanted, state)
+            distance = map_distance(maps, wanted, config.map_power, config.soft_iou_weight)
             interpretation = distance
             if terms is not None and terms.interpretation is not None:
                 interpretation = distance + terms.interpretation
             if step == 0:
                 _check_interpretation_gradient(interpretation, x, interpreter)
-            loss = _targeted_ce(logits, targets, config.label_smoothing)
-            weight = lam.at(min(step, config.adv_steps - 1), config.adv_steps) * multiplier
+            loss = _targeted_ce(logits, classes, config.label_smoothing)
+            weight = lam.at(min(step, config.adv_steps - 1), config.adv_steps) * _batch_part(multiplier, index)
             loss = loss + weight * interpretation
             if terms is not None and terms.extra is not None:
                 loss = loss + terms.extra
             with torch.no_grad():
-                probability = logits.softmax(1).gather(1, targets[:, None]).squeeze(1)
-                eligible = (logits.argmax(1) == targets) & (probability >= config.confidence)
-                fallback = _UNQUALIFIED + _targeted_ce(logits, targets)
+                probability = logits.softmax(1).gather(1, classes[:, None]).squeeze(1)
+                eligible = (logits.argmax(1) == classes) & (probability >= config.confidence)
+                fallback = _UNQUALIFIED + _targeted_ce(logits, classes)
                 score = torch.where(eligible, distance.detach(), fallback)
                 factor = torch.where(eligible, config.lam_adaptation, 1 / config.lam_adaptation)
-                multiplier = (multiplier * factor).clamp(low, high)  # stays 1 when adaptation is off
+                # stays 1 when adaptation is off
+                updated = (_batch_part(multiplier, index) * factor).clamp(low, high)
+                if index is None:
+                    multiplier = updated
+                else:
+                    multiplier[index] = updated
             return loss, score, torch.ones_like(eligible)
 
         if config.adv_steps > 0:
@@ -258,6 +315,7 @@ class ADV2(PGD):
                 stage_two_step,
                 step_offset=config.pgd_steps,
                 step_size=config.stage_two_alpha,
+                done_below=_UNQUALIFIED - 1,  # qualified: a map distance, never the fallback's 1000 + CE
             )
             qualified = best_score < _UNQUALIFIED
             closer = ~qualified & (best_score - _UNQUALIFIED < stage_one_loss)

@@ -20,6 +20,7 @@ CLI's ``--option KEY=VALUE`` set. Every interpreter remembers the arguments it w
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,18 @@ AttackStage = Literal["warm_start", "joint"]
 
 #: Added to the max−min range so a constant map normalises to zeros instead of NaN.
 NORMALISE_EPS = 1e-12
+
+
+def keep_rows(value: Any, kept: torch.Tensor) -> Any:
+    """``value`` with the rows ``kept`` of every per-sample tensor in it (``Interpreter.keep_samples``)."""
+    if isinstance(value, torch.Tensor):
+        return value[kept] if value.dim() > 0 and value.shape[0] == kept.shape[0] else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(keep_rows(item, kept) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: keep_rows(getattr(value, f.name), kept) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    return value
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -176,6 +189,13 @@ class Interpreter(ABC):
     def initial_state(self, seed: int, device: torch.device) -> Any:
         """The ``state`` an attack passes to the first ``surrogate`` call (stateless: ``None``)."""
         return None
+
+    def keep_samples(self, state: Any, kept: torch.Tensor) -> Any:
+        """``state`` for the samples ``kept`` (a boolean (N,) mask over the batch it was made for),
+        when the attack stops the others early. The default keeps the rows of every tensor whose
+        first dimension is the batch, inside dataclasses, tuples and lists; everything else (a
+        generator, counters) is shared by the batch and stays as it is."""
+        return keep_rows(state, kept)
 
     def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
         """(h, w) of the maps this interpreter makes for ``images``' size.
