@@ -190,6 +190,12 @@ class Interpreter(ABC):
         """The ``state`` an attack passes to the first ``surrogate`` call (stateless: ``None``)."""
         return None
 
+    def pilot_options(self, scale: float) -> dict[str, Any]:
+        """Options of a copy whose own iterative work (a solve that is not an attack step) is cut
+        to about ``scale`` of this one's, for the timed pilots of ``--estimate``; none by default.
+        The cost of the copy's work must be proportional to ``scale``, as the attack's steps are."""
+        return {}
+
     def keep_samples(self, state: Any, kept: torch.Tensor) -> Any:
         """``state`` for the samples ``kept`` (a boolean (N,) mask over the batch it was made for),
         when the attack stops the others early. The default keeps the rows of every tensor whose

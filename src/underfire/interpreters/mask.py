@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -270,6 +270,18 @@ class Mask(Interpreter):
     def option_specs(cls) -> dict[str, OptionSpec]:
         """MASK's options are the fields of ``MaskConfig``."""
         return dataclass_options(MaskConfig)
+
+    def pilot_options(self, scale: float) -> dict[str, Any]:
+        """MASK's solves cut to ``scale`` of their iterations (the benign and the measured maps, the
+        attack's start and re-solves); re-solves come ``scale`` times as often, so that their total
+        cost, like every other part, is proportional to ``scale``."""
+        config = self.config
+        cut = {"iterations": max(1, round(config.iterations * scale))}
+        if config.init_steps is not None:
+            cut["init_steps"] = max(1, round(config.init_steps * scale))
+        if config.resolve_every:
+            cut["resolve_every"] = max(1, round(config.resolve_every * scale))
+        return cut
 
     def map_shape(self, images: torch.Tensor) -> tuple[int, int]:
         """The mask's cells for this input size (arithmetic: no optimisation is run)."""

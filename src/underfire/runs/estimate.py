@@ -3,10 +3,11 @@
 Why pilots: a unit's cost depends on the model, the interpreter, the attack's step budgets, the
 benign maps a batch computes once and shares, the transfer maps, the machine and what else runs
 on it — no table covers that. So the first batch's units run twice, in the run's own order and in
-memory (nothing is written), with every step budget cut to ``SCALES`` of the configured one (the
-lower one twice, keeping the faster: the first pass also pays one-time costs), each pass on a
-fresh worker (so the shared benign maps are paid as in the run). Per unit, time =
-fixed + per-step part is fitted through the two points and read at the full budget; every batch
+memory (nothing is written), with every step budget, and every interpreter's own solve (MASK's
+iterations: ``Interpreter.pilot_options``), cut to ``SCALES`` of the configured one (the lower one
+twice, keeping the faster: the first pass also pays one-time costs), each pass on a fresh worker
+(so the shared benign maps are paid as in the run). Per unit, time = fixed + scaled part is
+fitted through the two points and read at the full budget; every batch
 is taken to cost what the first does. Attacks whose configuration has no ``pgd_steps`` /
 ``adv_steps`` are timed once at their full budget.
 
@@ -112,7 +113,7 @@ def estimate_run(config: ExperimentConfig, models: Sequence[PreparedModel], todo
     started = time.perf_counter()
     for scale in (SCALES[0], SCALES[1], SCALES[0]):
         scaled = ScaledConfig(config, scale)
-        worker = UnitWorker(scaled, by_model)  # type: ignore[arg-type]
+        worker = UnitWorker(scaled, {spec: pilot_model(model, scale) for spec, model in by_model.items()})  # type: ignore[arg-type]
         for unit in first:
             if gpu is not None:
                 torch.cuda.reset_peak_memory_stats(gpu)
@@ -136,6 +137,13 @@ def estimate_run(config: ExperimentConfig, models: Sequence[PreparedModel], todo
     if gpu is not None:
         return RunEstimate(total, len(todo), pilot, per_unit, max(peaks.values()), "gpu", peaks)
     return RunEstimate(total, len(todo), pilot, per_unit, peak_resident_bytes(), "cpu")
+
+
+def pilot_model(model: PreparedModel, scale: float) -> PreparedModel:
+    """``model`` with interpreters whose own solves are cut to ``scale`` (``Interpreter.pilot_options``:
+    MASK's iterations), so a pilot's every part costs ``scale`` of the unit's, as its steps do."""
+    interpreters = {name: i.with_options(**i.pilot_options(scale)) for name, i in model.interpreters.items()}
+    return dataclasses.replace(model, interpreters=interpreters)
 
 
 def peak_resident_bytes() -> int:

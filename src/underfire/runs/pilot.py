@@ -9,9 +9,10 @@ from typing import Any
 from .config import ExperimentConfig
 from .plan import Unit
 
-#: The two fractions of each step budget the pilots run at (the lower one twice: its first pass
-#: also pays one-time costs, warm-up and allocation, and the faster of the two is kept).
-SCALES = (0.1, 0.2)
+#: The two fractions of each step budget (and of MASK's solves) the pilots run at (the lower one
+#: twice: its first pass also pays one-time costs, warm-up and allocation, and the faster of the
+#: two is kept). Small, so the pilots cost a few percent of the run.
+SCALES = (0.02, 0.05)
 
 
 class ScaledConfig:
