@@ -557,3 +557,24 @@ def test_early_stopping_a_batch_equals_each_sample_stopping_alone(name: str) -> 
     plain = ADV2(clf, config.with_overrides(stop_patience=0), interpreter=interpreter)(images, targets)
     stopped = ~torch.isclose(plain.last, together.last).flatten(1).all(1)
     assert bool(stopped.any())  # some sample's final iterate is where it stopped, not the last step's
+
+
+def test_momentum_follows_the_accumulated_direction_not_the_last_gradient() -> None:
+    """MI-FGSM by hand: ∇ = (1, 1) then (−0.1, 1). Plain sign steps move x₀ down then up again;
+    with μ = 0.9 the direction (0.5, 0.5)·0.9 + (−0.1, 1)/1.1 keeps x₀ going down."""
+    origin = torch.full((1, 1, 1, 2), 0.5)
+    slopes = [torch.tensor([1.0, 1.0]), torch.tensor([-0.1, 1.0]), torch.tensor([0.0, 0.0])]
+
+    def objective(x: torch.Tensor, step: int, index: torch.Tensor | None):
+        loss = (x.flatten(1) * slopes[step]).sum(1)
+        return loss, loss.detach(), torch.ones(1, dtype=torch.bool)
+
+    def final(momentum: float) -> list[float]:
+        config = AttackConfig(eps=0.5, alpha=0.1, pgd_steps=2, adv_steps=0, momentum=momentum)
+        best, score, step = origin.clone(), torch.full((1,), float("inf")), torch.full((1,), -1)
+        return _descend(origin, origin, 2, config, objective, best, score, step).flatten().tolist()
+
+    assert final(0.0) == pytest.approx([0.5, 0.3])
+    assert final(0.9) == pytest.approx([0.3, 0.3])
+    with pytest.raises(InputError, match="momentum"):
+        AttackConfig(momentum=1.0)

@@ -140,6 +140,9 @@ class AttackConfig:
             as without it; what changes is that a finished sample stops paying for steps (and, for
             an interpreter whose surrogate draws noise per batch, the noise the others see).
         stop_tolerance: the improvement of the score that resets a sample's patience.
+        momentum: μ of MI-FGSM's accumulated direction (Dong et al. 2018): each step follows the
+            sign of g ← μ·g + ∇/‖∇‖₁ instead of the sign of the gradient (0, default: plain
+            sign-gradient steps, the paper's).
     """
 
     eps: float = 8 / 255
@@ -161,6 +164,7 @@ class AttackConfig:
     surrogate_options: Mapping[str, Any] = field(default_factory=dict)
     stop_patience: int = 0
     stop_tolerance: float = 1e-4
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0 < self.eps <= 1):
@@ -221,6 +225,12 @@ class AttackConfig:
             or not (math.isfinite(self.stop_tolerance) and self.stop_tolerance >= 0)
         ):
             raise InputError(f"stop_tolerance must be a finite number >= 0, got {self.stop_tolerance!r}")
+        if (
+            isinstance(self.momentum, bool)
+            or not isinstance(self.momentum, (int, float))
+            or not (math.isfinite(self.momentum) and 0 <= self.momentum < 1)
+        ):
+            raise InputError(f"momentum must be a number in [0, 1) (0 = off), got {self.momentum!r}")
 
     def stage_two_alpha(self, step: int) -> float:
         """Step size at ``step`` (0-based) of stage 2: ``adv_alpha`` cosine-decayed to ``adv_alpha_final``."""

@@ -62,11 +62,13 @@ def _descend(
     ``config.stop_patience`` > 0 a sample whose best score is at most ``done_below`` (it meets the
     attack's goal) and has not improved by more than ``config.stop_tolerance`` for that many
     steps leaves the batch: later steps run on the others only, and its final iterate is where
-    it stopped.
+    it stopped. With ``config.momentum`` μ > 0 the step follows the sign of the accumulated
+    direction g ← μ·g + ∇/‖∇‖₁ (per sample) instead of the gradient's (MI-FGSM, Dong et al. 2018).
     """
     x = start.detach().clone()
     patience = config.stop_patience
     active: torch.Tensor | None = None  # None: every sample, in order
+    velocity = torch.zeros_like(x) if config.momentum else None
     if patience:
         stale = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         reference = torch.full_like(best_score, float("inf"))
@@ -86,7 +88,12 @@ def _descend(
             best_step[chosen] = step + step_offset
             if step < steps:
                 alpha = config.alpha if step_size is None else step_size(step)
-                moved = project(current.detach() - alpha * gradient.sign(), origin[at], config.eps)
+                direction = gradient
+                if velocity is not None:
+                    norm = gradient.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * (gradient.dim() - 1)))
+                    velocity[at] = config.momentum * velocity[at] + gradient / norm
+                    direction = velocity[at]
+                moved = project(current.detach() - alpha * direction.sign(), origin[at], config.eps)
                 if active is None:
                     x = moved
                 else:
