@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# the commands the tests run (in-process and as subprocesses) take one thread and, so, the serial
+# executor; the local executor's own test asks for it by name
+os.environ.setdefault("UNDERFIRE_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -583,8 +583,13 @@ def run_command(
         Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/NAME). A re-run resumes it.")
     ] = None,
     executor_name: Annotated[
-        str, typer.Option("--executor", help="serial (this process) or ray (Ray tasks; the ray extra).")
-    ] = "serial",
+        str,
+        typer.Option(
+            "--executor",
+            help="auto (worker processes side by side when several cores are idle, else this process), serial, "
+            "local (worker processes on this machine) or ray (Ray tasks; the ray extra).",
+        ),
+    ] = "auto",
     address: Annotated[
         Optional[str],
         typer.Option(
@@ -595,7 +600,9 @@ def run_command(
     workers: Annotated[
         Optional[int],
         typer.Option(
-            "--workers", help="With --executor ray and no --address: CPUs of the local cluster (default: all)."
+            "--workers",
+            help="With --executor local: worker processes (default: the idle cores); with ray and no --address: "
+            "CPUs of the local cluster (default: all).",
         ),
     ] = None,
     shard: Annotated[
@@ -629,8 +636,8 @@ def run_command(
     if estimate:
         _estimate(experiment, run_dir, device, part, budget)
         return
-    executor = _executor(executor_name, address, workers, experiment)
-    announce = _threads()
+    announce, threads = _threads_and_announce()
+    executor = _executor(executor_name, address, workers, experiment, threads, budget, announce)
     outcome = _run_with_interrupt(
         lambda: run_experiment(
             experiment,
@@ -706,9 +713,12 @@ def demo(
     if estimate:
         _estimate(experiment, out, device, None, budget)
         return
-    announce = _threads()
+    announce, threads = _threads_and_announce()
+    executor = _executor("auto", None, None, experiment, threads, budget, announce)
     outcome = _run_with_interrupt(
-        lambda: run_experiment(experiment, out, progress=True, announce=announce, device=device, max_memory=budget)
+        lambda: run_experiment(
+            experiment, out, progress=True, announce=announce, executor=executor, device=device, max_memory=budget
+        )
     )
     _echo_outcome(outcome)
     from .report import write_report
@@ -754,14 +764,37 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def _executor(name: str, address: str | None, workers: int | None, experiment: Any) -> Any:
-    """The executor of ``--executor``; the Ray one with the config's ``[resources]``."""
-    if name == "serial":
-        if address is not None or workers is not None:
-            raise UnderfireError("--address and --workers go with --executor ray")
-        return None
-    if name != "ray":
-        raise UnderfireError(f"--executor must be serial or ray, got {name!r}")
+def _executor(
+    name: str,
+    address: str | None,
+    workers: int | None,
+    experiment: Any,
+    threads: int = 1,
+    budget: int | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> Any:
+    """The executor of ``--executor``: the Ray one with the config's ``[resources]``; ``auto``:
+    worker processes side by side, one thread each, when several cores are idle now (``threads``,
+    which the user did not fix), no memory budget is set and the run has several batches."""
+    import os
+
+    from .runs.local_executor import LocalExecutor
+
+    if name not in ("auto", "serial", "local", "ray"):
+        raise UnderfireError(f"--executor must be auto, serial, local or ray, got {name!r}")
+    if address is not None and name != "ray":
+        raise UnderfireError("--address goes with --executor ray")
+    if name in ("auto", "serial"):
+        if workers is not None:
+            raise UnderfireError("--workers goes with --executor local or ray")
+        chosen = any(os.environ.get(v, "").strip() for v in ("UNDERFIRE_THREADS", "OMP_NUM_THREADS"))
+        if name == "serial" or threads < 2 or budget is not None or chosen:
+            return None
+        return LocalExecutor(threads, threads=1, announce=announce)
+    if workers is not None:
+        _positive("--workers", workers)
+    if name == "local":
+        return LocalExecutor(workers or max(1, threads), threads=1, announce=announce)
     if workers is not None:
         _positive("--workers", workers)
         if address is not None:
@@ -780,6 +813,11 @@ def _note(line: str) -> None:
 def _threads() -> Callable[[str], None]:
     """Give torch the cores that are idle now (``threads.choose_threads``); returns the run's
     ``announce``: its planned-work line, with the thread count, as a note."""
+    return _threads_and_announce()[0]
+
+
+def _threads_and_announce() -> tuple[Callable[[str], None], int]:
+    """``_threads``' announce, and the thread count it chose."""
     from .threads import choose_threads
 
     threads, why = choose_threads()
@@ -789,7 +827,7 @@ def _threads() -> Callable[[str], None]:
         _note(line if said else f"{line}; {threads} torch {_plural(threads, 'thread')} in this process ({why})")
         said.append(line)
 
-    return announce
+    return announce, threads
 
 
 def _positive(flag: str, value: int) -> None:

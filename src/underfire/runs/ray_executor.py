@@ -21,12 +21,9 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from ..devices import resolve_device
 from ..errors import InputError, UnderfireError
-from .config import ExperimentConfig
-from .executor import ComputeUnit, UnitFailure, UnitResult
-from .fingerprint import tensor_digest
-from .plan import Unit, prepare_models
+from .executor import ComputeUnit, UnitFailure, UnitResult, rebuild_worker, worker_payload
+from .plan import Unit
 from .resources import UnitResources
 from .worker import UnitWorker
 
@@ -103,13 +100,7 @@ class RayExecutor:
                 ray.shutdown()
 
     def _run(self, ray: Any, compute: UnitWorker, units: Sequence[Unit]) -> Iterator[UnitResult]:
-        payload = {
-            "config": compute.config.as_dict(),
-            "cwd": os.getcwd(),
-            "images": {
-                spec: [tensor_digest(image) for image in model.images] for spec, model in compute.models.items()
-            },
-        }
+        payload = worker_payload(compute)
         token = f"{os.getpid()}-{id(compute)}-{hash(str(payload['config']))}"
         reference = ray.put(payload)
         task = ray.remote(_compute_unit)
@@ -137,21 +128,8 @@ def _compute_unit(token: str, payload: list[Any], unit: Unit, threads: int) -> A
     worker = _WORKERS.get(token)
     if worker is None:
         import ray
-        import torch
 
-        torch.set_num_threads(threads)
-        document = ray.get(payload[0])
-        os.chdir(document["cwd"])
-        config = ExperimentConfig.from_mapping(document["config"])
-        models = {
-            model.spec: model for model in prepare_models(config, resolve_device("auto"))
-        }  # the GPU Ray gave it, if any
-        for spec, digests in document["images"].items():
-            if [tensor_digest(image) for image in models[spec].images] != digests:
-                raise InputError(
-                    f"this Ray worker sees other images for {spec!r} than the driver (another data folder or files?)"
-                )
-        worker = _WORKERS[token] = UnitWorker(config, models)
+        worker = _WORKERS[token] = rebuild_worker(ray.get(payload[0]), threads)
     return worker(unit)
 
 
