@@ -617,7 +617,7 @@ def run_command(
         bool,
         typer.Option(
             "--estimate",
-            help="Only estimate the time and peak memory of what is left (pilot runs of the first batch at 10% and 20% of the steps); write nothing.",
+            help="Only estimate the time and peak memory of what is left (pilot runs of the first batch at 2% and 5% of the steps and of MASK's solves); write nothing.",
         ),
     ] = False,
     max_memory: MaxMemoryArg = None,
