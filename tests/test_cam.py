@@ -17,7 +17,7 @@ from test_classifier import mixed_state_model
 from torch import nn
 
 from underfire.errors import InputError, ModelStructureError
-from underfire.interpreters.base import Interpreter
+from underfire.interpreters.base import Interpreter, normalize_maps
 from underfire.interpreters.cam import CAM, GradCAM
 from underfire.interpreters.cam_layers import FeatureCapture
 from underfire.models import (
@@ -79,10 +79,16 @@ def test_cam_equals_hand_computation_raw_and_normalised() -> None:
     # by hand: class 0 raw = [[-0.3, 0.1], [0.3, 0.2]] → min-max → [[0, 2/3], [1, 5/6]]
     np.testing.assert_allclose(cam(x, 0)[0, 0].numpy(), [[0, 2 / 3], [1, 5 / 6]], atol=1e-6)
     np.testing.assert_allclose(cam(x, 1)[0, 0].numpy(), [[0, 0.1], [0.4, 1]], atol=1e-6)
-    assert torch.equal(cam(x, 2), torch.zeros(1, 1, 2, 2))  # constant map → zeros, not NaN
+    # class 2's weights are zero: its map is constant, which says nothing: refused in one line
+    # (normalised, it would be zeros, not NaN)
+    assert torch.equal(normalize_maps(cam.raw(x, 2)), torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ModelStructureError, match="map of class 2 is constant") as error:
+        cam(x, 2)
+    assert "\n" not in str(error.value)
     # default class = the prediction: logits = W·mean(a) + b = [0.775, -2.4125, 5] → class 2
     torch.testing.assert_close(clf(x), torch.tensor([[0.775, -2.4125, 5.0]]))
-    assert torch.equal(cam(x), cam(x, 2))
+    with pytest.raises(ModelStructureError, match="map of class 2 is constant"):
+        cam(x)
 
 
 def test_gradcam_equals_hand_computation() -> None:

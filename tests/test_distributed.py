@@ -279,8 +279,10 @@ def test_resources_are_not_part_of_a_runs_identity(serial: tuple[Path, Path], tm
 def test_bad_executor_flags_are_one_line(serial: tuple[Path, Path], tmp_path: Path) -> None:
     config, _ = serial
     for args, needle in (
-        (["--executor", "dask"], "--executor must be serial or ray"),
-        (["--address", "auto"], "go with --executor ray"),
+        (["--executor", "dask"], "--executor must be auto, serial, local or ray"),
+        (["--address", "auto"], "goes with --executor ray"),
+        (["--workers", "2"], "--workers goes with --executor local or ray"),
+        (["--executor", "local", "--workers", "0"], "--workers must be a positive whole number"),
         (["--shard", "3/2"], "--shard must be I/N"),
         (["--shard", "x"], "--shard must be I/N"),
         (["--executor", "ray", "--workers", "2", "--address", "auto"], "--workers sizes a local cluster"),

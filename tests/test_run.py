@@ -179,7 +179,12 @@ def test_a_run_stores_every_row_and_file(finished: tuple[Path, ExperimentConfig]
     with ResultStore(run_dir) as store:
         meta = store.meta()
         assert json.loads(meta["config"]) == config.as_dict()
-        assert set(json.loads(meta["versions"])) == {"underfire", "torch", "numpy", "python", "platform"}
+        versions = json.loads(meta["versions"])
+        # and the source commit, when the package runs from a git checkout (as the suite does)
+        assert set(versions) - {"commit"} == {"underfire", "torch", "numpy", "python", "platform"}
+        from underfire.versions import source_commit
+
+        assert versions.get("commit") == source_commit()
         rows = store.rows("results")
     for row in rows:
         assert 0 <= row["iou"] <= 1 and 0 <= row["confidence"] <= 1 and row["success"] in (0, 1)

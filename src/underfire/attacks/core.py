@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -241,6 +242,17 @@ class ADV2(PGD):
     #: ADV² is configured per interpreter (the base rule), not with PGD's shared budget
     configure = classmethod(Attack.configure.__func__)  # type: ignore[attr-defined]
 
+    @staticmethod
+    def second_order() -> AbstractContextManager[Any]:
+        """Where stage 2 differentiates a map that is itself a gradient: attention through the
+        plain (math) kernel of ``F.scaled_dot_product_attention``, since the fused kernels (flash,
+        memory-efficient) have no double backward. Models without attention are unaffected."""
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch before 2.3: no kernel choice, the math kernel is the default on CPU
+            return nullcontext()
+        return sdpa_kernel(SDPBackend.MATH)
+
     def prepare(self) -> None:
         """Refuse, in one line, a surrogate that cannot give the attack a map gradient."""
         if self.config.adv_steps > 0:
@@ -311,19 +323,20 @@ class ADV2(PGD):
 
         if config.adv_steps > 0:
             stage_two_best, stage_two_step = best.clone(), best_step.clone()
-            last = _descend(
-                images,
-                best,
-                config.adv_steps,
-                config,
-                objective,
-                stage_two_best,
-                best_score,
-                stage_two_step,
-                step_offset=config.pgd_steps,
-                step_size=config.stage_two_alpha,
-                done_below=_UNQUALIFIED - 1,  # qualified: a map distance, never the fallback's 1000 + CE
-            )
+            with self.second_order():
+                last = _descend(
+                    images,
+                    best,
+                    config.adv_steps,
+                    config,
+                    objective,
+                    stage_two_best,
+                    best_score,
+                    stage_two_step,
+                    step_offset=config.pgd_steps,
+                    step_size=config.stage_two_alpha,
+                    done_below=_UNQUALIFIED - 1,  # qualified: a map distance, never the fallback's 1000 + CE
+                )
             qualified = best_score < _UNQUALIFIED
             closer = ~qualified & (best_score - _UNQUALIFIED < stage_one_loss)
             use = qualified | closer

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from ..errors import ModelStructureError
 from ..models.classifier import Classifier
 from ..options import OptionSpec, coerce_options, constructor_options
 
@@ -39,6 +40,8 @@ AttackStage = Literal["warm_start", "joint"]
 
 #: Added to the max−min range so a constant map normalises to zeros instead of NaN.
 NORMALISE_EPS = 1e-12
+#: A benign map whose max − min is at most this is constant (``Interpreter.check_informative``).
+CONSTANT_MAP_SPREAD = 1e-9
 
 
 def keep_rows(value: Any, kept: torch.Tensor) -> Any:
@@ -88,6 +91,11 @@ class Interpreter(ABC):
     #: Whether a target map drawn at the map's size (a shape, a user ``.npy``) means anything for
     #: this interpreter; a composite whose map is several maps side by side says no.
     accepts_drawn_targets: ClassVar[bool] = True
+    #: Whether a constant benign map can only mean that the class score does not reach what the
+    #: interpreter reads (``check_informative`` then refuses it). An interpreter whose map may be
+    #: empty on purpose (RTS for a class not in the image, MASK when nothing needs deleting)
+    #: says no.
+    refuses_constant_maps: ClassVar[bool] = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Interpreter:
         # remember the construction so ``with_options`` can build a copy with other options
@@ -157,9 +165,30 @@ class Interpreter(ABC):
 
         def benign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
-            return self.explain(x, c, generator=generator)
+            maps = self.explain(x, c, generator=generator)
+            if self.refuses_constant_maps:
+                self.check_informative(maps, c)
+            return maps
 
         return self.run_frozen(images, classes, benign)
+
+    def check_informative(self, maps: torch.Tensor, classes: torch.Tensor) -> None:
+        """Refuse a map that is the same value everywhere: it says nothing, and shown as a map (or
+        compared by an attack) it would pass for a real one. It happens when nothing the
+        interpreter reads depends on the class asked: a zero-initialised head, a layer whose
+        output does not reach the class score (a vision transformer's patch tokens after its last
+        block). ``ModelStructureError``, one line, naming the first such image."""
+        flat = maps.detach().flatten(1)
+        flat = flat.masked_fill(~torch.isfinite(flat), 0.0)
+        constant = (flat.max(1).values - flat.min(1).values) <= CONSTANT_MAP_SPREAD
+        if bool(constant.any()):
+            index = int(constant.nonzero()[0])
+            raise ModelStructureError(
+                f"{self.name}: the map of class {int(classes[index])} is constant on image {index} of the batch "
+                f"({flat[index, 0].item():.3g} everywhere) on {self.classifier.name}: nothing this interpreter reads "
+                "depends on that class score (a head that outputs constants, or a layer the score does not reach: "
+                "choose another layer where the interpreter takes one)"
+            )
 
     def run_frozen(
         self,

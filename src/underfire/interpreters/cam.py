@@ -148,6 +148,9 @@ class GradCAM(_RepresentationInterpreter):
     description = "gradient-weighted CAM (Selvaraju et al. 2017)"
     paper_class = "representation"
     needs_gap_head = False
+    #: ReLU(Σ α a) is 0 everywhere when no position supports the class: an answer; a layer the
+    #: score does not reach is refused where the gradient is taken (``_weighted_map``)
+    refuses_constant_maps = False
 
     def _raw_and_logits(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.layers.head is None:
@@ -195,6 +198,14 @@ def _weighted_map(
     with torch.enable_grad():
         picked = logits.gather(1, classes.view(-1, 1)).sum()  # samples are independent
         (grads,) = torch.autograd.grad(picked, source, create_graph=create_graph)
+    unreached = (grads.detach().flatten(1) == 0).all(1)
+    if bool(unreached.any()):
+        index = int(unreached.nonzero()[0])
+        raise ModelStructureError(
+            f"gradcam: the score of class {int(classes[index])} has no gradient at the feature layer (image {index} "
+            "of the batch), so its map would be 0 everywhere: the score does not reach that layer (after a vision "
+            "transformer's last block only the class token does); choose one it reaches with feature_layer="
+        )
     alpha = grads.mean((2, 3), keepdim=True)
     return torch.relu((alpha * (source if features is None else features)).sum(1, keepdim=True))
 

@@ -252,6 +252,8 @@ class Mask(Interpreter):
     name: ClassVar[str] = "mask"
     description: ClassVar[str] = "meaningful perturbation mask (Fong & Vedaldi 2017)"
     paper_class: ClassVar[str] = "perturbation"
+    #: an empty map is an answer here, not a sign that nothing reaches the class score
+    refuses_constant_maps = False
 
     def __init__(self, classifier: Classifier, config: MaskConfig | None = None, **fields: object) -> None:
         super().__init__(classifier)

@@ -84,6 +84,8 @@ class Rts(Interpreter):
     name = "rts"
     description = "real-time saliency network (Dabkowski & Gal 2017)"
     paper_class = "model-guided"
+    #: an empty mask is RTS's answer for a class that is not in the image
+    refuses_constant_maps = False
 
     def __init__(
         self,
