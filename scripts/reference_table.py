@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from underfire.attacks import ATTACKS
 from underfire.store.reader import open_reader
 
 #: The table's standard size: rows over another number of images say how many.
@@ -27,6 +28,8 @@ IMAGES = 100
 MEASURES = ("success", "iou", "l1", "confidence")
 #: (setting, its paper value): a row names a setting whose value differs.
 PAPER = (("map_power", 1.0), ("soft_iou_weight", 0.0), ("restarts", 1), ("eps", 8 / 255))
+#: Settings of the map term: an attack that does not look at maps (PGD) carries them unused.
+MAP_SETTINGS = ("map_power", "soft_iou_weight", "surrogate_options")
 
 
 def rows_of(run_dir: Path) -> list[dict[str, Any]]:
@@ -41,6 +44,8 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
     table = []
     for (model, interpreter, attack, target_map), members in groups.items():
         config = json.loads(members[0]["config"])
+        if attack in ATTACKS and not ATTACKS.get(attack).uses_interpreter:
+            config = {key: value for key, value in config.items() if key not in MAP_SETTINGS}
         options = json.loads(members[0].get("interpreter_options") or "{}")
         row: dict[str, Any] = {"model": model, "interpreter": interpreter, "attack": attack}
         if target_map != "benign":

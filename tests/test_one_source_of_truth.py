@@ -219,3 +219,37 @@ def test_every_reference_config_is_a_valid_run() -> None:
     for path in configs:
         config = load_experiment_config(path)
         assert config.plans and config.name == f"reference-{path.stem}", path.name
+
+
+def test_the_reference_table_script_reads_rows_from_a_run(tmp_path: Path) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reference_table.py"
+    spec = importlib.util.spec_from_file_location("reference_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = ExperimentConfig.from_mapping(
+        {
+            "experiment": {
+                "name": "tiny-table",
+                "images": 2,
+                "batch_size": 2,
+                "models": ["shapes-resnet"],
+                "interpreters": ["ig"],
+                "transfer": False,
+            },
+            "interpreters": {"ig": {"steps": 4}},
+            "overrides": {"pgd_steps": 1, "adv_steps": 1},
+        }
+    )
+    run_experiment(config, tmp_path / "run")
+    rows = {row["attack"]: row for row in module.rows_of(tmp_path / "run")}
+    assert set(rows) == {"pgd", "adv2"}
+    adv2, pgd = rows["adv2"], rows["pgd"]
+    assert adv2["surrogate"] == {"relu_scale": "relative", "steps": 8} and adv2["options"] == {"steps": 4}
+    assert adv2["map_power"] == 0.5 and "map_power" not in pgd and "surrogate" not in pgd
+    assert adv2["images"] == pgd["images"] == 2 and (adv2["steps"], pgd["steps"]) == (2, 2)
+    assert adv2["run"] == "tiny-table" and 0 <= adv2["iou"] <= 1
+    from underfire.versions import source_commit
+
+    assert adv2["commit"] == source_commit()
