@@ -13,6 +13,7 @@ from typing import Any
 from .errors import UnderfireError
 from .interpreters import INTERPRETERS, build_interpreter
 from .models.classifier import Classifier
+from .smoothing import PIECEWISE_ACTIVATIONS, SMOOTH_ACTIVATIONS
 
 __all__ = ["describe_model"]
 
@@ -52,4 +53,43 @@ def describe_model(classifier: Classifier) -> dict[str, Any]:
             continue
         support[name] = f"explain and attack{where}"
     facts["interpreters"] = support
+    facts["activations"] = activation_handling(network)
     return facts
+
+
+#: Activation modules by class name → what the attack's surrogate does with them.
+_ACTIVATION_MODULES = {
+    "ReLU": "relu",
+    "ReLU6": "relu6",
+    "Hardtanh": "hardtanh",
+    "LeakyReLU": "leaky_relu",
+    "PReLU": "prelu",
+    "Hardswish": "hardswish",
+    "Hardsigmoid": "hardsigmoid",
+    "SiLU": "silu",
+    "GELU": "gelu",
+    "Softplus": "softplus",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "ELU": "elu",
+    "SELU": "selu",
+    "Mish": "mish",
+}
+
+
+def activation_handling(network: Any) -> dict[str, str]:
+    """The activation modules of ``network`` and what an attack's second derivative through each
+    gets: the ReLU-gradient surrogate for the piecewise-linear family, the exact derivative for
+    smooth ones. Functional calls (``F.relu`` in torchvision's DenseNet) are reached the same way
+    but are not modules, so they are not listed."""
+    found: dict[str, str] = {}
+    modules = network.modules() if hasattr(network, "modules") else ()
+    for module in modules:
+        kind = _ACTIVATION_MODULES.get(type(module).__name__)
+        if kind is None or kind in found:
+            continue
+        if kind in PIECEWISE_ACTIVATIONS:
+            found[kind] = "surrogate (second derivative zero almost everywhere; the attack smooths it)"
+        elif kind in SMOOTH_ACTIVATIONS:
+            found[kind] = "smooth: exact derivatives"
+    return found

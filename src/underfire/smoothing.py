@@ -18,7 +18,11 @@ where ``g`` is an antiderivative of the surrogate derivative. The bracket is exa
 value is bit-for-bit ReLU's; its first derivative is ``g'`` and its second ``g''`` — no custom
 ``autograd.Function`` and no hooks. (The form ``g + (relu − g).detach()`` would round.)
 
-``torch.export`` programs are reached too: their graphs call ``torch.ops.aten.relu.default`` and
+The rest of the ReLU family is reached the same way, each written with ReLUs so the surrogate
+smooths every kink: ReLU6 and Hardtanh (``F.relu6``, ``F.hardtanh``, ``nn.ReLU6``), LeakyReLU,
+PReLU, Hardsigmoid and Hardswish (``PIECEWISE_ACTIVATIONS``), their in-place forms included.
+Smooth activations (SiLU, GELU, Softplus, Tanh, Sigmoid, ...: ``SMOOTH_ACTIVATIONS``) keep their
+exact derivatives. ``torch.export`` programs are reached too: their graphs call ``torch.ops.aten.relu.default`` and
 ``relu_.default``, which pass the mode as well. Limits: TorchScript models run their graph in C++,
 bypassing Python-level torch functions, and are not reached (the attack's zero-gradient guard
 stops an ADV² whose interpretation term has no gradient); the mode is thread-local (like every torch function mode); a non-finite
@@ -77,13 +81,15 @@ class ReluSurrogate:
         if not isinstance(self.relative, bool):
             raise InputError(f"relative must be True or False, got {self.relative!r}")
 
-    def antiderivative(self, z: torch.Tensor) -> torch.Tensor:
-        """g(z): a function whose derivative is the surrogate derivative (``none``: ReLU itself)."""
+    def antiderivative(self, z: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+        """g(z − shift): a function whose derivative is the surrogate derivative (``none``: ReLU
+        itself); ``relative`` measures the width in units of ``z``'s own scale (not of z − shift),
+        so a ReLU6's two kinks are smoothed alike."""
         if self.relative and self.kind != "none":
             flat = z.detach().flatten(1) if z.dim() > 1 else z.detach().flatten()[None]
             scale = flat.pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, *([1] * (z.dim() - 1)))
-            return scale * self._absolute(z / scale)
-        return self._absolute(z)
+            return scale * self._absolute((z - shift) / scale)
+        return self._absolute(z - shift if shift else z)
 
     def _absolute(self, z: torch.Tensor) -> torch.Tensor:
         if self.kind == "h":
@@ -151,6 +157,100 @@ _OUT_OF_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu, torch.Tens
 _IN_PLACE: frozenset[Callable[..., Any]] = frozenset({torch.relu_, torch.Tensor.relu_, torch.ops.aten.relu_.default})
 _RELU_FUNCS = _OUT_OF_PLACE | _IN_PLACE | {F.relu}
 
+#: The rest of the ReLU family: piecewise-linear activations (and Hardswish, piecewise quadratic)
+#: whose second derivative is zero almost everywhere, each written with ReLUs (``_family_g``), so
+#: the surrogate smooths every kink. Their in-place forms and the aten overloads an export graph
+#: calls are included.
+_FAMILY: dict[Callable[..., Any], tuple[str, bool]] = {
+    F.relu6: ("relu6", False),
+    F.hardtanh: ("hardtanh", False),
+    F.hardtanh_: ("hardtanh", True),
+    F.leaky_relu: ("leaky_relu", False),
+    F.leaky_relu_: ("leaky_relu", True),
+    F.prelu: ("prelu", False),
+    F.hardswish: ("hardswish", False),
+    F.hardsigmoid: ("hardsigmoid", False),
+    torch.ops.aten.relu6.default: ("relu6", False),
+    torch.ops.aten.hardtanh.default: ("hardtanh", False),
+    torch.ops.aten.hardtanh_.default: ("hardtanh", True),
+    torch.ops.aten.leaky_relu.default: ("leaky_relu", False),
+    torch.ops.aten.leaky_relu_.default: ("leaky_relu", True),
+    torch.ops.aten.prelu.default: ("prelu", False),
+    torch.ops.aten.hardswish.default: ("hardswish", False),
+    torch.ops.aten.hardswish_.default: ("hardswish", True),
+    torch.ops.aten.hardsigmoid.default: ("hardsigmoid", False),
+    torch.ops.aten.hardsigmoid_.default: ("hardsigmoid", True),
+}
+#: Activations that are smooth already: an attack differentiates them exactly (no surrogate).
+SMOOTH_ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "softplus", "tanh", "sigmoid", "elu", "selu", "mish")
+#: The ReLU-family activations the surrogate reaches (``relu`` and ``_FAMILY``).
+PIECEWISE_ACTIVATIONS: tuple[str, ...] = (
+    "relu",
+    "relu6",
+    "hardtanh",
+    "leaky_relu",
+    "prelu",
+    "hardswish",
+    "hardsigmoid",
+)
+
+
+#: Where each family function takes ``inplace`` positionally (``nn.ReLU6``, ``nn.LeakyReLU`` pass it so).
+_INPLACE_POSITION = {"relu6": 1, "hardtanh": 3, "leaky_relu": 2, "hardswish": 1, "hardsigmoid": 1}
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str, default: Any) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def _family_call(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool, tuple[Any, ...]]:
+    """(input, in place?, parameters) of a family call, however its arguments were passed."""
+    z = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    inplace = (
+        bool(_argument(args, kwargs, _INPLACE_POSITION[kind], "inplace", False)) if kind in _INPLACE_POSITION else False
+    )
+    if kind == "hardtanh":
+        return (
+            z,
+            inplace,
+            (float(_argument(args, kwargs, 1, "min_val", -1.0)), float(_argument(args, kwargs, 2, "max_val", 1.0))),
+        )
+    if kind == "leaky_relu":
+        return z, inplace, (float(_argument(args, kwargs, 1, "negative_slope", 0.01)),)
+    if kind == "prelu":
+        return z, inplace, (_argument(args, kwargs, 1, "weight", None),)
+    return z, inplace, ()
+
+
+def _family_value(kind: str, z: torch.Tensor, parameters: tuple[Any, ...]) -> torch.Tensor:
+    """The activation's exact value, out of place (without any torch function mode)."""
+    if kind == "relu6":
+        return F.hardtanh(z, 0.0, 6.0)
+    if kind == "hardtanh":
+        return F.hardtanh(z, *parameters)
+    if kind == "leaky_relu":
+        return F.leaky_relu(z, *parameters)
+    if kind == "prelu":
+        return F.prelu(z, *parameters)
+    return F.hardswish(z) if kind == "hardswish" else F.hardsigmoid(z)
+
+
+def _family_g(kind: str, z: torch.Tensor, parameters: tuple[Any, ...], g: ReluSurrogate) -> torch.Tensor:
+    """The activation ``kind`` with every ReLU in it replaced by the surrogate's g:
+    hardtanh(z; a, b) = a + relu(z − a) − relu(z − b) (ReLU6: a, b = 0, 6); leaky_relu(z; s) =
+    s·z + (1 − s)·relu(z) (PReLU: s per channel); hardsigmoid(z) = relu6(z + 3)/6; hardswish(z) =
+    z·hardsigmoid(z)."""
+    if kind in ("relu6", "hardtanh"):
+        low, high = (0.0, 6.0) if kind == "relu6" else parameters
+        return low + g.antiderivative(z, low) - g.antiderivative(z, high)
+    if kind in ("leaky_relu", "prelu"):
+        slope = parameters[0]
+        if kind == "prelu" and z.dim() > 1 and slope.numel() > 1:
+            slope = slope.view(1, -1, *([1] * (z.dim() - 2)))
+        return slope * z + (1 - slope) * g.antiderivative(z)
+    ramp = (g.antiderivative(z, -3.0) - g.antiderivative(z, 3.0)) / 6  # hardsigmoid
+    return ramp if kind == "hardsigmoid" else z * ramp
+
 
 def is_in_place_relu(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a ReLU call overwrites its argument (``relu_``, or ``F.relu(x, inplace=True)``,
@@ -173,6 +273,8 @@ class _ReluSurrogateMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if func in _FAMILY:
+            return self._family(func, args, kwargs)
         if func not in _RELU_FUNCS:
             return func(*args, **kwargs)
         z = args[0] if args else kwargs.get("input")
@@ -191,6 +293,23 @@ class _ReluSurrogateMode(TorchFunctionMode):
         with torch.no_grad(), torch._C.DisableTorchFunction():
             value = torch.relu(source)
         g = self.surrogate.antiderivative(source)
+        out = value + (g - g.detach())
+        return write_into(z, out) if inplace else out
+
+    def _family(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A ReLU-family activation: its exact value, the surrogate's derivatives."""
+        kind, inplace = _FAMILY[func]
+        z, positional_inplace, parameters = _family_call(kind, args, kwargs)
+        inplace = inplace or positional_inplace
+        # ``none`` goes through the ReLU decomposition too: its exact derivatives, twice
+        # differentiable (torch has no double backward for hardsigmoid itself)
+        if not isinstance(z, torch.Tensor) or not (z.requires_grad and torch.is_grad_enabled()):
+            with torch._C.DisableTorchFunction():
+                return func(*args, **kwargs)
+        source = z.clone() if inplace else z
+        with torch.no_grad(), torch._C.DisableTorchFunction():
+            value = _family_value(kind, source, parameters)
+        g = _family_g(kind, source, parameters, self.surrogate)
         out = value + (g - g.detach())
         return write_into(z, out) if inplace else out
 
