@@ -59,3 +59,61 @@ def test_a_map_that_says_nothing_is_refused_never_a_silent_zero_map() -> None:
         with pytest.raises(ModelStructureError, match=needle) as error:
             build_interpreter(name, clf)(images)
         assert "\n" not in str(error.value)
+
+
+def reference_rollout(clf: Classifier, images: torch.Tensor) -> torch.Tensor:
+    """Rollout written out plainly: each torchvision encoder block run by hand with its attention
+    asked for explicitly, heads averaged, 0.5·A + 0.5·I, rows renormalised, multiplied in order."""
+    net = clf.network
+    with torch.no_grad():
+        x = net._process_input(clf.normalize(images))
+        x = torch.cat([net.class_token.expand(x.shape[0], -1, -1), x], dim=1) + net.encoder.pos_embedding
+        result = torch.eye(x.shape[1]).expand(x.shape[0], -1, -1)
+        for block in net.encoder.layers:
+            y = block.ln_1(x)
+            attended, weights = block.self_attention(y, y, y, need_weights=True, average_attn_weights=False)
+            x = x + attended
+            x = x + block.mlp(block.ln_2(x))
+            mixed = 0.5 * weights.mean(1) + 0.5 * torch.eye(x.shape[1])
+            mixed = mixed / mixed.sum(-1, keepdim=True)
+            result = mixed @ result
+    flow = result[:, 0, 1:]
+    side = int(flow.shape[1] ** 0.5)
+    flow = flow.reshape(-1, 1, side, side)
+    low, high = flow.amin((2, 3), keepdim=True), flow.amax((2, 3), keepdim=True)
+    return (flow - low) / (high - low)
+
+
+def test_rollout_equals_the_plain_reference_and_can_be_attacked() -> None:
+    from underfire.interpreters import AttentionRollout
+
+    clf = tiny_vit()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    explainer = build_interpreter("rollout", clf)
+    assert isinstance(explainer, AttentionRollout)
+    maps = explainer(images)
+    assert maps.shape == (3, 1, 4, 4)
+    torch.testing.assert_close(maps, reference_rollout(clf, images), atol=1e-5, rtol=0)
+    # batched == per sample; no torch function mode left behind; the model's mode unchanged
+    torch.testing.assert_close(torch.cat([explainer(images[i : i + 1]) for i in range(3)]), maps, atol=1e-6, rtol=0)
+    from torch.overrides import _get_current_function_mode_stack
+
+    assert not _get_current_function_mode_stack() and not clf.network.training
+    # the attention stays in the graph: the map has an input gradient, and ADV² runs on it
+    x = images.clone().requires_grad_(True)
+    with clf.frozen():
+        surrogate, _ = explainer.surrogate(x, torch.zeros(3, dtype=torch.long))
+        (gradient,) = torch.autograd.grad((surrogate - maps).pow(2).sum() + surrogate[:, :, 0, 0].sum(), x)
+    assert bool((gradient != 0).any())
+    result = ADV2(clf, AttackConfig(pgd_steps=1, adv_steps=2), interpreter=explainer)(images, torch.tensor([1, 2, 3]))
+    assert result.adversarial.shape == images.shape
+
+
+def test_rollout_refuses_a_model_without_attention_in_one_line() -> None:
+    from underfire.errors import ModelStructureError
+    from underfire.models import load_model
+
+    rollout = build_interpreter("rollout", load_model("shapes-resnet"))
+    with pytest.raises(ModelStructureError, match="computed no attention") as error:
+        rollout.check_attackable()
+    assert "\n" not in str(error.value)

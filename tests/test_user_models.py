@@ -213,7 +213,12 @@ def test_every_interpreter_on_a_graph_file_works_or_refuses_in_one_line(
             assert "\n" not in str(error)
             outcome[name] = "refused"
             continue
-        maps = interpreter(images, torch.tensor([0, 1, 2]))
+        try:
+            maps = interpreter(images, torch.tensor([0, 1, 2]))
+        except ModelStructureError as error:  # what it reads is not there (rollout: no attention)
+            assert "\n" not in str(error)
+            outcome[name] = "refused"
+            continue
         assert maps.shape[:2] == (3, 1) and torch.isfinite(maps).all()
         assert float(maps.min()) >= 0 and float(maps.max()) <= 1
         outcome[name] = "explained"

@@ -22,6 +22,7 @@ from .inputxgrad import InputXGrad
 from .integrated import IntegratedGradients
 from .lrp import Lrp
 from .mask import Mask, MaskConfig
+from .rollout import AttentionRollout
 from .rts import Rts, SaliencyNetwork
 
 
@@ -59,6 +60,7 @@ def describe_interpreter(name: str) -> str:
 
 __all__ = [
     "CAM",
+    "AttentionRollout",
     "INTERPRETERS",
     "PAPER_CLASSES",
     "AttackTerms",
