@@ -49,7 +49,7 @@ FACTORIES: dict[str, Callable[[Classifier], Interpreter]] = {
 
 #: Interpreters for transformers only: their contract is checked on a vision transformer
 #: (tests/test_transformers.py), since these CNNs have no attention to read.
-TRANSFORMER_ONLY = {"rollout"}
+TRANSFORMER_ONLY = {"rollout", "transformer_attribution"}
 
 
 def test_every_registered_interpreter_is_covered() -> None:

@@ -24,8 +24,8 @@ from underfire.runs import ExperimentConfig, run_experiment
 from underfire.visualize import to_uint8
 
 runner = CliRunner()
-#: every registered interpreter that reads a convolutional network (rollout reads attention)
-ALL = [name for name in INTERPRETERS if name != "rollout"]
+#: every registered interpreter that reads a convolutional network (the attention ones do not)
+ALL = [name for name in INTERPRETERS if name not in ("rollout", "transformer_attribution")]
 
 
 def tiny_classifier() -> Classifier:

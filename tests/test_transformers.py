@@ -117,3 +117,55 @@ def test_rollout_refuses_a_model_without_attention_in_one_line() -> None:
     with pytest.raises(ModelStructureError, match="computed no attention") as error:
         rollout.check_attackable()
     assert "\n" not in str(error.value)
+
+
+def reference_transformer_attribution(clf: Classifier, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Chefer et al.'s gradient-weighted flow written out: the blocks run by hand, each attention a
+    leaf of the class score's graph, Ā = mean over heads of (∇A ⊙ A)⁺, R ← R + Ā·R from I."""
+    net = clf.network
+    x = net._process_input(clf.normalize(images))
+    x = torch.cat([net.class_token.expand(x.shape[0], -1, -1), x], dim=1) + net.encoder.pos_embedding
+    weights = []
+    for block in net.encoder.layers:
+        y = block.ln_1(x)
+        mha = block.self_attention
+        heads, (n, length, embed) = mha.num_heads, y.shape
+        q, k, v = (
+            (y @ w.T + b).reshape(n, length, heads, embed // heads).transpose(1, 2)
+            for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3))
+        )
+        w = (q @ k.transpose(-2, -1) / (embed // heads) ** 0.5).softmax(-1)
+        weights.append(w)
+        attended = (w @ v).transpose(1, 2).reshape(n, length, embed) @ mha.out_proj.weight.T + mha.out_proj.bias
+        x = x + attended
+        x = x + block.mlp(block.ln_2(x))
+    logits = net.heads(net.encoder.ln(x)[:, 0])
+    torch.testing.assert_close(logits, clf.network(clf.normalize(images)), atol=1e-5, rtol=0)  # the model's own
+    grads = torch.autograd.grad(logits.gather(1, classes.view(-1, 1)).sum(), weights)
+    result = torch.eye(x.shape[1]).expand(x.shape[0], -1, -1)
+    for w, g in zip(weights, grads):
+        result = result + (g * w).clamp_min(0).mean(1) @ result
+    flow = result[:, 0, 1:].detach()
+    side = int(flow.shape[1] ** 0.5)
+    flow = flow.reshape(-1, 1, side, side)
+    low, high = flow.amin((2, 3), keepdim=True), flow.amax((2, 3), keepdim=True)
+    return (flow - low) / (high - low)
+
+
+def test_transformer_attribution_equals_the_plain_reference_and_can_be_attacked() -> None:
+    clf = tiny_vit()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    classes = torch.tensor([0, 2, 3])
+    explainer = build_interpreter("transformer_attribution", clf)
+    maps = explainer(images, classes)
+    with clf.frozen():
+        expected = reference_transformer_attribution(clf, images.clone().requires_grad_(True), classes)
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(maps, explainer(images, (classes + 1) % 4))  # it depends on the class
+    x = images.clone().requires_grad_(True)
+    with clf.frozen():
+        surrogate, _ = explainer.surrogate(x, classes)
+        (gradient,) = torch.autograd.grad((surrogate - maps.flip(-1)).pow(2).sum(), x)
+    assert bool((gradient != 0).any())
+    result = ADV2(clf, AttackConfig(pgd_steps=1, adv_steps=2), interpreter=explainer)(images, (classes + 1) % 4)
+    assert result.adversarial.shape == images.shape

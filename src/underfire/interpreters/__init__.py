@@ -22,7 +22,7 @@ from .inputxgrad import InputXGrad
 from .integrated import IntegratedGradients
 from .lrp import Lrp
 from .mask import Mask, MaskConfig
-from .rollout import AttentionRollout
+from .rollout import AttentionRollout, TransformerAttribution
 from .rts import Rts, SaliencyNetwork
 
 
@@ -79,6 +79,7 @@ __all__ = [
     "Rts",
     "SaliencyNetwork",
     "SmoothGrad",
+    "TransformerAttribution",
     "build_interpreter",
     "describe_interpreter",
     "find_cam_layers",
