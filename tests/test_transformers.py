@@ -53,7 +53,7 @@ def test_a_map_that_says_nothing_is_refused_never_a_silent_zero_map() -> None:
     clf = tiny_vit()
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     assert bool((build_interpreter("grad", clf)(images) > 0).any())
-    assert bool((build_interpreter("gradcam", clf)(images) > 0).any())
+    assert build_interpreter("gradcam", clf)(images).shape == (2, 1, 4, 4)  # zeros may be its answer
     torch.nn.init.zeros_(clf.network.heads.head.weight)
     for name, needle in (("grad", "is constant"), ("gradcam", "has no gradient at the feature layer")):
         with pytest.raises(ModelStructureError, match=needle) as error:
@@ -168,4 +168,34 @@ def test_transformer_attribution_equals_the_plain_reference_and_can_be_attacked(
         (gradient,) = torch.autograd.grad((surrogate - maps.flip(-1)).pow(2).sum(), x)
     assert bool((gradient != 0).any())
     result = ADV2(clf, AttackConfig(pgd_steps=1, adv_steps=2), interpreter=explainer)(images, (classes + 1) % 4)
+    assert result.adversarial.shape == images.shape
+
+
+def test_gradcam_reads_the_patch_tokens_where_the_class_score_reaches_them() -> None:
+    """Grad-CAM on a ViT: the layer found is the last block's first LayerNorm (after the last
+    block only the class token reaches the head), its patch tokens on their 4×4 grid, the class
+    token dropped; equal to pytorch-grad-cam with its ViT reshape transform at the same layer; and
+    attackable (its map keeps the graph of ∂z_c/∂a through the attention)."""
+    pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam import GradCAM as PeerGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    clf = tiny_vit()
+    explainer = build_interpreter("gradcam", clf)
+    assert explainer.layers.feature_name == "encoder.layers.encoder_layer_1.ln_1"
+    assert explainer.layers.prefix_tokens == 1
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    classes = [1, 3]
+    maps = explainer(images, torch.tensor(classes))
+    assert maps.shape == (2, 1, 4, 4)
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 1:, :].reshape(tokens.size(0), 4, 4, tokens.size(2)).permute(0, 3, 1, 2)
+
+    peer = PeerGradCAM(model=clf, target_layers=[clf.network.encoder.layers[-1].ln_1], reshape_transform=reshape)
+    peer.get_target_width_height = lambda _: (4, 4)  # compare on the token grid, before upsampling
+    expected = peer(input_tensor=images.clone(), targets=[ClassifierOutputTarget(c) for c in classes])
+    assert bool((maps > 0).any())  # a real map to compare, not two blank ones
+    torch.testing.assert_close(maps[:, 0], torch.from_numpy(expected), atol=1e-5, rtol=0)
+    result = ADV2(clf, AttackConfig(pgd_steps=1, adv_steps=2), interpreter=explainer)(images, torch.tensor([2, 0]))
     assert result.adversarial.shape == images.shape

@@ -20,6 +20,7 @@ its ``feature_layer=`` / ``head=`` arguments) as model metadata.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,29 @@ class CamLayers:
     head_name: str | None
     head: nn.Module | None  # nn.Linear, or a module that computes F.linear with its 2-D weight
     post_relu: bool
+    #: a transformer's token output (N, T, C): the number of tokens before the patch tokens (the
+    #: class token), which the map drops; the patch tokens are read on their square grid
+    prefix_tokens: int | None = None
+
+
+def tokens_to_grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(N, T, C) tokens → the patch tokens as a feature map (N, C, g, g), the first ``prefix`` dropped."""
+    patches = tokens[:, prefix:]
+    side = math.isqrt(patches.shape[1])
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+def grid_to_tokens(grid: torch.Tensor, prefix_part: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``tokens_to_grid``, the dropped tokens put back in front."""
+    return torch.cat([prefix_part, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+def _token_grid(output: torch.Tensor, prefix: int = 1) -> bool:
+    """Whether ``output`` is a transformer's tokens: (N, T, C) with T − ``prefix`` a square > 1."""
+    if output.dim() != 3 or output.shape[1] <= prefix + 1:
+        return False
+    side = math.isqrt(output.shape[1] - prefix)
+    return side * side == output.shape[1] - prefix
 
 
 class FeatureCapture:
@@ -100,8 +124,14 @@ class FeatureCapture:
         ``detach=True`` (benign maps) makes the map a fresh leaf, so the graph starts there."""
         captured: list[torch.Tensor] = []
 
+        prefix = self.layers.prefix_tokens
+
         def substitute(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
             source = output.detach().requires_grad_(True) if detach else output
+            if prefix is not None:  # tokens: the map is the patch grid, which the rest then reads
+                grid = tokens_to_grid(source, prefix)
+                captured.append(grid)
+                return grid_to_tokens(grid, source[:, :prefix])
             captured.append(source)
             return source.clone()
 
@@ -182,10 +212,59 @@ def find_cam_layers(
         for name, output in records
         if output.dim() == 4 and output.shape[2] * output.shape[3] > 1 and feature_layer in (None, name)
     ]
-    if not spatial:
-        where = f"module {feature_layer!r} outputs" if feature_layer else "no module outputs"
-        raise ModelStructureError(f"{where} a spatial feature map (N, K, h, w) for Grad-CAM to read")
-    return CamLayers(spatial[-1], modules[spatial[-1]], None, None, post_relu=False)
+    tokens = (
+        None
+        if spatial and feature_layer is not None
+        else _reached_tokens(model, modules, probe, records, feature_layer)
+    )
+    if spatial and tokens is None:
+        return CamLayers(spatial[-1], modules[spatial[-1]], None, None, post_relu=False)
+    if tokens is not None:
+        return CamLayers(tokens, modules[tokens], None, None, post_relu=False, prefix_tokens=1)
+    where = f"module {feature_layer!r} outputs" if feature_layer else "no module outputs"
+    raise ModelStructureError(
+        f"{where} a spatial feature map (N, K, h, w) or patch tokens (N, 1 + g·g, C) that the class score "
+        "reaches, for Grad-CAM to read"
+    )
+
+
+def _reached_tokens(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    probe: torch.Tensor,
+    records: list[tuple[str, torch.Tensor]],
+    feature_layer: str | None = None,
+) -> str | None:
+    """A transformer's token layer for Grad-CAM: the named one, or else the last module (in
+    execution order) with a token output whose patch tokens the logits depend on. After a vision
+    transformer's last block only the class token reaches the head, so the last block's first
+    LayerNorm is what this finds (where pytorch-grad-cam's ViT tutorial reads)."""
+    names = [name for name, output in records if _token_grid(output) and feature_layer in (None, name)]
+    if not names:
+        return None
+    if feature_layer is not None:
+        return names[-1]
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(name: str) -> Callable[..., torch.Tensor]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+            source = output.detach().requires_grad_(True)
+            captured[name] = source
+            return source
+
+        return hook
+
+    for name in reversed(list(dict.fromkeys(names))):
+        handle = modules[name].register_forward_hook(grab(name))
+        try:
+            with torch.enable_grad():
+                total = model(probe).sum()
+            (gradient,) = torch.autograd.grad(total, captured[name], allow_unused=True)
+        finally:
+            handle.remove()
+        if gradient is not None and bool((gradient[:, 1:] != 0).any()):
+            return name
+    return None
 
 
 def _record_outputs(
