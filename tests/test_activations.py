@@ -12,7 +12,7 @@ from torch import nn
 from underfire import Classifier
 from underfire.attacks import ADV2, AttackConfig
 from underfire.interpreters import build_interpreter
-from underfire.smoothing import PIECEWISE_ACTIVATIONS, relu_surrogate
+from underfire.smoothing import relu_surrogate
 
 ACTIVATIONS = {
     "relu6": lambda: nn.ReLU6(),
@@ -91,18 +91,6 @@ def test_an_attack_on_grad_reaches_a_relu6_network() -> None:
     assert bool((gradient != 0).any())
     result = ADV2(clf, AttackConfig(pgd_steps=1, adv_steps=2), interpreter=grad)(images, torch.tensor([1, 2]))
     assert result.adversarial.shape == images.shape
-
-
-def test_the_family_is_declared() -> None:
-    assert set(PIECEWISE_ACTIVATIONS) >= {
-        "relu",
-        "relu6",
-        "hardtanh",
-        "leaky_relu",
-        "prelu",
-        "hardswish",
-        "hardsigmoid",
-    }
 
 
 def test_describe_lists_each_activation_and_what_the_attack_does_with_it() -> None:

@@ -61,6 +61,15 @@ def test_a_map_that_says_nothing_is_refused_never_a_silent_zero_map() -> None:
         assert "\n" not in str(error.value)
 
 
+def class_token_grid(flow: torch.Tensor) -> torch.Tensor:
+    """The class token's row of a (N, T, T) token flow over the patches, on their grid, min-max scaled."""
+    row = flow[:, 0, 1:]
+    side = int(row.shape[1] ** 0.5)
+    grid = row.reshape(-1, 1, side, side)
+    low, high = grid.amin((2, 3), keepdim=True), grid.amax((2, 3), keepdim=True)
+    return (grid - low) / (high - low)
+
+
 def reference_rollout(clf: Classifier, images: torch.Tensor) -> torch.Tensor:
     """Rollout written out plainly: each torchvision encoder block run by hand with its attention
     asked for explicitly, heads averaged, 0.5·A + 0.5·I, rows renormalised, multiplied in order."""
@@ -77,11 +86,7 @@ def reference_rollout(clf: Classifier, images: torch.Tensor) -> torch.Tensor:
             mixed = 0.5 * weights.mean(1) + 0.5 * torch.eye(x.shape[1])
             mixed = mixed / mixed.sum(-1, keepdim=True)
             result = mixed @ result
-    flow = result[:, 0, 1:]
-    side = int(flow.shape[1] ** 0.5)
-    flow = flow.reshape(-1, 1, side, side)
-    low, high = flow.amin((2, 3), keepdim=True), flow.amax((2, 3), keepdim=True)
-    return (flow - low) / (high - low)
+    return class_token_grid(result)
 
 
 def test_rollout_equals_the_plain_reference_and_can_be_attacked() -> None:
@@ -145,11 +150,7 @@ def reference_transformer_attribution(clf: Classifier, images: torch.Tensor, cla
     result = torch.eye(x.shape[1]).expand(x.shape[0], -1, -1)
     for w, g in zip(weights, grads):
         result = result + (g * w).clamp_min(0).mean(1) @ result
-    flow = result[:, 0, 1:].detach()
-    side = int(flow.shape[1] ** 0.5)
-    flow = flow.reshape(-1, 1, side, side)
-    low, high = flow.amin((2, 3), keepdim=True), flow.amax((2, 3), keepdim=True)
-    return (flow - low) / (high - low)
+    return class_token_grid(result.detach())
 
 
 def test_transformer_attribution_equals_the_plain_reference_and_can_be_attacked() -> None:
