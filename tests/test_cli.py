@@ -172,6 +172,8 @@ def test_interpreters_are_listed() -> None:
         "rts",
         "mask",
         "ensemble",
+        "rollout",
+        "transformer_attribution",
     ]
 
 
