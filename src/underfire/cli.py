@@ -796,7 +796,6 @@ def _executor(
     if name == "local":
         return LocalExecutor(workers or max(1, threads), threads=1, announce=announce)
     if workers is not None:
-        _positive("--workers", workers)
         if address is not None:
             raise UnderfireError("--workers sizes a local cluster; an existing one (--address) has its own")
     from .runs.ray_executor import RayExecutor, import_ray

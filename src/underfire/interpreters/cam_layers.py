@@ -244,24 +244,25 @@ def _reached_tokens(
         return None
     if feature_layer is not None:
         return names[-1]
+    # one probe forward keeping every candidate's output in the graph, one backward for them all
     captured: dict[str, torch.Tensor] = {}
 
-    def grab(name: str) -> Callable[..., torch.Tensor]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
-            source = output.detach().requires_grad_(True)
-            captured[name] = source
-            return source
+    def keep(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured[name] = output
 
         return hook
 
-    for name in reversed(list(dict.fromkeys(names))):
-        handle = modules[name].register_forward_hook(grab(name))
-        try:
-            with torch.enable_grad():
-                total = model(probe).sum()
-            (gradient,) = torch.autograd.grad(total, captured[name], allow_unused=True)
-        finally:
+    candidates = list(dict.fromkeys(names))
+    handles = [modules[name].register_forward_hook(keep(name)) for name in candidates]
+    try:
+        with torch.enable_grad():
+            total = model(probe.detach().requires_grad_(True)).sum()
+    finally:
+        for handle in handles:
             handle.remove()
+    gradients = torch.autograd.grad(total, [captured[name] for name in candidates], allow_unused=True)
+    for name, gradient in reversed(list(zip(candidates, gradients))):
         if gradient is not None and bool((gradient[:, 1:] != 0).any()):
             return name
     return None
